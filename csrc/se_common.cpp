@@ -1,0 +1,179 @@
+#include "se_common.h"
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace se_kernels {
+
+namespace {
+
+template <typename Enum, size_t K>
+Enum parse_choice(const char* arg, c10::string_view value,
+                  const std::pair<const char*, Enum> (&choices)[K]) {
+  std::string expected;
+  for (const auto& [name, e] : choices) {
+    if (value == name) return e;
+    expected += expected.empty() ? "" : ", ";
+    expected += std::string("'") + name + "'";
+  }
+  TORCH_CHECK(false, "se_kernels: ", arg, " must be one of ", expected, ", got '",
+              std::string(value), "'");
+}
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "se_kernels: ", name, " must have dtype ",
+              x.scalar_type(), " like x, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "se_kernels: ", name, " must be on ", x.device(),
+              " like x, got ", t.device());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, "se_kernels: ", name, " must have shape ", expected,
+              ", got ", t.sizes());
+}
+
+void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef expected,
+                const at::Tensor& x) {
+  check_shape(t, name, expected);
+  TORCH_CHECK(t.scalar_type() == accumulate_type(x.scalar_type()) && t.device() == x.device(),
+              "se_kernels: ", name, " must be ", accumulate_type(x.scalar_type()), " on ",
+              x.device(), " (as saved by se_forward), got ", t.scalar_type(), " on ", t.device());
+}
+
+}  // namespace
+
+Options parse_options(c10::string_view activation, c10::string_view gate, c10::string_view pool,
+                      c10::string_view out_activation) {
+  static const std::pair<const char*, Activation> kActivations[] = {{"relu", Activation::ReLU},
+                                                                    {"silu", Activation::SiLU}};
+  static const std::pair<const char*, Gate> kGates[] = {{"sigmoid", Gate::Sigmoid},
+                                                        {"hardsigmoid", Gate::HardSigmoid}};
+  static const std::pair<const char*, Pool> kPools[] = {
+      {"avg", Pool::Avg}, {"max", Pool::Max}, {"avgmax", Pool::AvgMax}};
+  static const std::pair<const char*, OutActivation> kOutActivations[] = {
+      {"none", OutActivation::Identity}, {"relu", OutActivation::ReLU}};
+  return Options{parse_choice("activation", activation, kActivations),
+                 parse_choice("gate", gate, kGates), parse_choice("pool", pool, kPools),
+                 parse_choice("out_activation", out_activation, kOutActivations)};
+}
+
+at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_forward_args(const at::Tensor& x, const at::Tensor& w1,
+                        const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const std::optional<at::Tensor>& b2,
+                        const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 4, "se_kernels: x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "se_kernels: x must be float16, bfloat16, float32 or float64, got ", t);
+  const int64_t C = x.size(1);
+  TORCH_CHECK(C >= 1 && x.size(2) >= 1 && x.size(3) >= 1,
+              "se_kernels: x must have C, H and W >= 1, got shape ", x.sizes());
+  TORCH_CHECK(w1.dim() == 2 && w1.size(0) >= 1,
+              "se_kernels: w1 must be 2-D [squeeze_channels >= 1, C], got shape ", w1.sizes());
+  const int64_t S = w1.size(0);
+  check_shape(w1, "w1", {S, C});
+  check_shape(w2, "w2", {C, S});
+  check_same(w1, "w1", x);
+  check_same(w2, "w2", x);
+  if (b1) {
+    check_shape(*b1, "b1", {S});
+    check_same(*b1, "b1", x);
+  }
+  if (b2) {
+    check_shape(*b2, "b2", {C});
+    check_same(*b2, "b2", x);
+  }
+  if (residual) {
+    check_shape(*residual, "residual", x.sizes());
+    check_same(*residual, "residual", x);
+  }
+}
+
+void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                         const std::optional<at::Tensor>& out, const at::Tensor& w1,
+                         const at::Tensor& w2, const at::Tensor& z, const at::Tensor& zmax,
+                         const at::Tensor& a, const at::Tensor& g, const Options& opt) {
+  check_forward_args(x, w1, std::nullopt, w2, std::nullopt, std::nullopt);
+  check_shape(grad_out, "grad_out", x.sizes());
+  check_same(grad_out, "grad_out", x);
+  if (opt.out_relu()) {
+    TORCH_CHECK(out.has_value(), "se_kernels: out is required when out_activation is 'relu'");
+    check_shape(*out, "out", x.sizes());
+    check_same(*out, "out", x);
+  }
+  const int64_t N = x.size(0), C = x.size(1), S = w1.size(0);
+  check_stat(z, "z", {N, C}, x);
+  check_stat(a, "a", {N, S}, x);
+  check_stat(g, "g", {N, C}, x);
+  if (opt.uses_max()) check_stat(zmax, "zmax", {N, C}, x);
+}
+
+Geometry geometry_of(const at::Tensor& x) {
+  const bool channels_last =
+      !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return Geometry{x.size(0), x.size(1), x.size(2) * x.size(3), channels_last};
+}
+
+Excitation excite_forward(const at::Tensor& z, const at::Tensor& w1,
+                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                          const std::optional<at::Tensor>& b2, const Options& opt) {
+  const auto acc = z.scalar_type();
+  const auto w1a = w1.to(acc), w2a = w2.to(acc);
+  at::Tensor a = b1 ? at::addmm(b1->to(acc), z, w1a.t()) : at::mm(z, w1a.t());
+  at::Tensor h = opt.activation == Activation::ReLU ? at::relu(a) : at::silu(a);
+  at::Tensor g = b2 ? at::addmm(b2->to(acc), h, w2a.t()) : at::mm(h, w2a.t());
+  at::Tensor s = opt.gate == Gate::Sigmoid ? at::sigmoid(g) : at::hardsigmoid(g);
+  return {a, g, s};
+}
+
+ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, const at::Tensor& z,
+                                const at::Tensor& a, const at::Tensor& g, const at::Tensor& w1,
+                                const at::Tensor& w2, int64_t P, const Options& opt) {
+  const auto acc = z.scalar_type();
+  const auto w1a = w1.to(acc), w2a = w2.to(acc);
+  ExcitationGrads r;
+  at::Tensor dg;
+  if (opt.gate == Gate::Sigmoid) {
+    r.s = at::sigmoid(g);
+    dg = ds * r.s * (1 - r.s);
+  } else {
+    r.s = at::hardsigmoid(g);
+    // Same open interval as torch's hardsigmoid_backward.
+    dg = at::where(at::logical_and(g > -3, g < 3), ds / 6, at::zeros({}, ds.options()));
+  }
+  at::Tensor h, da;
+  at::Tensor dh = at::mm(dg, w2a);
+  if (opt.activation == Activation::ReLU) {
+    h = at::relu(a);
+    da = at::where(a > 0, dh, at::zeros({}, dh.options()));
+  } else {
+    const auto sig = at::sigmoid(a);
+    h = a * sig;
+    da = dh * sig * (1 + a * (1 - sig));
+  }
+  r.dw2 = at::mm(dg.t(), h).to(w2.scalar_type());
+  r.db2 = dg.sum(0).to(w2.scalar_type());
+  r.dw1 = at::mm(da.t(), z).to(w1.scalar_type());
+  r.db1 = da.sum(0).to(w1.scalar_type());
+  const at::Tensor dz = at::mm(da, w1a);
+  switch (opt.pool) {
+    case Pool::Avg:
+      r.dx_avg = dz / static_cast<double>(P);
+      break;
+    case Pool::Max:
+      r.dx_max = dz / count;
+      break;
+    case Pool::AvgMax:  // z = avg / 2 + max / 2
+      r.dx_avg = dz * (0.5 / static_cast<double>(P));
+      r.dx_max = dz * 0.5 / count;
+      break;
+  }
+  return r;
+}
+
+}  // namespace se_kernels

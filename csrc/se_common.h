@@ -1,0 +1,89 @@
+// Shared by the CPU and CUDA implementations of the se_kernels ops: option parsing,
+// argument checks, the geometry of x, and the excitation MLP on the pooled vectors.
+//
+// The op schemas live in Python (se_kernels/_ops.py) so the ops, their fake kernels and
+// their autograd exist even when this extension is not built; this library only adds
+// device kernels to them with TORCH_LIBRARY_IMPL.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace se_kernels {
+
+enum class Activation { ReLU, SiLU };
+enum class Gate { Sigmoid, HardSigmoid };
+enum class Pool { Avg, Max, AvgMax };
+enum class OutActivation { Identity, ReLU };
+
+struct Options {
+  Activation activation;
+  Gate gate;
+  Pool pool;
+  OutActivation out_activation;
+
+  bool uses_max() const { return pool != Pool::Avg; }
+  bool out_relu() const { return out_activation == OutActivation::ReLU; }
+};
+
+Options parse_options(c10::string_view activation, c10::string_view gate, c10::string_view pool,
+                      c10::string_view out_activation);
+
+// (out, z, zmax, a, g): see se_kernels/_ops.py for what each holds.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (dx, dw1, db1, dw2, db2, dresidual)
+using BackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_forward_args(const at::Tensor& x, const at::Tensor& w1,
+                        const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const std::optional<at::Tensor>& b2,
+                        const std::optional<at::Tensor>& residual);
+
+void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                         const std::optional<at::Tensor>& out, const at::Tensor& w1,
+                         const at::Tensor& w2, const at::Tensor& z, const at::Tensor& zmax,
+                         const at::Tensor& a, const at::Tensor& g, const Options& opt);
+
+// Kernels walk x in one of two dense layouts: NCHW (rows of H*W per channel) or
+// channels-last (rows of C per pixel). Anything else is copied to NCHW first.
+// A tensor that is dense in both (C == 1 or H*W == 1) is walked as NCHW.
+struct Geometry {
+  int64_t N, C, P;  // P = H * W
+  bool channels_last;
+
+  at::MemoryFormat memory_format() const {
+    return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+};
+Geometry geometry_of(const at::Tensor& x);
+
+// Pooled statistics and the MLP run in fp32 (fp64 for fp64 inputs).
+at::ScalarType accumulate_type(at::ScalarType t);
+
+// The excitation MLP on pooled vectors, with ATen matmuls in the accumulation dtype.
+struct Excitation {
+  at::Tensor a;  // [N, S] pre-activation hidden
+  at::Tensor g;  // [N, C] pre-gate logits
+  at::Tensor s;  // [N, C] gate output, the per-channel scale
+};
+Excitation excite_forward(const at::Tensor& z, const at::Tensor& w1,
+                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                          const std::optional<at::Tensor>& b2, const Options& opt);
+
+struct ExcitationGrads {
+  at::Tensor dw1, db1, dw2, db2;  // in the weights' dtype
+  at::Tensor s;                   // [N, C] gate output, recomputed from g
+  at::Tensor dx_avg;              // [N, C] added to every dx[n, c, :]; undefined for max pooling
+  at::Tensor dx_max;              // [N, C] added where x == zmax; undefined for avg pooling
+};
+// ds = sum_p dy * x; count = number of positions where x == zmax (max pooling only).
+ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, const at::Tensor& z,
+                                const at::Tensor& a, const at::Tensor& g, const at::Tensor& w1,
+                                const at::Tensor& w2, int64_t P, const Options& opt);
+
+}  // namespace se_kernels

@@ -1,0 +1,18 @@
+"""Fused Squeeze-and-Excitation kernels for PyTorch."""
+
+__version__ = "0.1.0"
+
+from . import _ops  # noqa: F401 - defines the se_kernels:: ops
+from . import backends  # noqa: F401 - registers the backends
+from .dispatch import BackendUnavailableError, backend_names, explain, select
+from .functional import squeeze_excitation
+from .modules import SqueezeExcitation
+
+__all__ = [
+    "BackendUnavailableError",
+    "SqueezeExcitation",
+    "backend_names",
+    "explain",
+    "select",
+    "squeeze_excitation",
+]

@@ -1,0 +1,138 @@
+"""The se_kernels custom ops: schemas, fake kernels, autograd and FLOP formulas.
+
+Two op families share one schema per direction:
+  se_kernels::se_forward / se_backward                - CPU and CUDA kernels from se_kernels._C
+  se_kernels::se_forward_triton / se_backward_triton  - Triton kernels (se_kernels.backends.triton)
+
+The schemas are defined here rather than in C++ so that the ops, their fake kernels and
+their autograd exist whether or not the compiled extension was built; the extension only
+adds device kernels with TORCH_LIBRARY_IMPL.
+
+se_forward returns (out, z, zmax, a, g); the last four are the O(N*C) vectors the backward
+needs, in fp32 (fp64 for fp64 inputs):
+  z    [N, C]  the pooled vector fed to the MLP
+  zmax [N, C]  the per-channel max of x for pool "max"/"avgmax" (where dz goes); else [0]
+  a    [N, S]  pre-activation hidden units
+  g    [N, C]  pre-gate logits (s = gate(g) is recomputed: it costs less than saving it)
+se_backward returns (dx, dw1, db1, dw2, db2, dresidual); dresidual is grad_out masked by
+the output ReLU when out_activation == "relu" and residual_grad, else [0] (with no output
+ReLU the residual's gradient is grad_out itself, which an op may not return).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "
+    "str activation, str gate, str pool, str out_activation) "
+    "-> (Tensor out, Tensor z, Tensor zmax, Tensor a, Tensor g)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor? out, Tensor w1, Tensor w2, Tensor z, Tensor zmax, "
+    "Tensor a, Tensor g, str activation, str gate, str pool, str out_activation, "
+    "bool residual_grad) "
+    "-> (Tensor dx, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2, Tensor dresidual)"
+)
+
+_lib = torch.library.Library("se_kernels", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's life
+_lib.define("se_forward" + FORWARD_SCHEMA)
+_lib.define("se_backward" + BACKWARD_SCHEMA)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout every kernel reads x in and writes its outputs in (see csrc/se_common.h):
+    channels_last when x is dense channels-last and not also dense NCHW, else NCHW."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _forward_fake(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation):
+    n, c = x.shape[0], x.shape[1]
+    acc = accumulate_dtype(x.dtype)
+    stat = dict(dtype=acc, device=x.device)
+    out = torch.empty_like(x, memory_format=kernel_memory_format(x))
+    zmax = x.new_empty((n, c), **stat) if pool != "avg" else x.new_empty((0,), **stat)
+    return (out, x.new_empty((n, c), **stat), zmax, x.new_empty((n, w1.shape[0]), **stat),
+            x.new_empty((n, c), **stat))
+
+
+def _backward_fake(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
+                   out_activation, residual_grad):
+    fmt = kernel_memory_format(x)
+    dx = torch.empty_like(x, memory_format=fmt)
+    if out_activation == "relu" and residual_grad:
+        dresidual = torch.empty_like(x, memory_format=fmt)
+    else:
+        dresidual = x.new_empty((0,))
+    return (dx, torch.empty_like(w1), w1.new_empty((w1.shape[0],)), torch.empty_like(w2),
+            w2.new_empty((w2.shape[0],)), dresidual)
+
+
+def _forward_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, residual_shape,
+                   activation, gate, pool, out_activation, *args, out_shape=None, **kwargs) -> int:
+    """Pooling adds (and max compares), 2 FLOPs per MAC in the two FCs, the scale multiply,
+    and the residual add. Activations and gates are not counted, as for convolutions."""
+    n, c, h, w = x_shape
+    elems = n * c * h * w
+    pooling = elems * (2 if pool == "avgmax" else 1)
+    fcs = 2 * 2 * n * c * w1_shape[0]
+    return pooling + fcs + elems + (elems if residual_shape is not None else 0)
+
+
+def _backward_flops(grad_out_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
+    """sum_p dy * x (2 per element), both FCs' input and weight gradients, and
+    dx = dy * s + dz / P (2 per element)."""
+    n, c, h, w = x_shape
+    squeeze = args[2][0]  # w1_shape
+    return 2 * n * c * h * w + 2 * 2 * 2 * n * c * squeeze + 2 * n * c * h * w
+
+
+def _op_packet(qualname: str) -> torch._ops.OpOverloadPacket:
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+def register_op_family(forward_name: str, backward_name: str, *, fake: bool = True) -> None:
+    """Give a (forward, backward) op pair of the two schemas above its fake kernels (unless
+    the ops bring their own, as triton_op does), autograd and FLOP formulas."""
+    forward, backward = _op_packet(forward_name), _op_packet(backward_name)
+    if fake:
+        torch.library.register_fake(forward_name, _forward_fake)
+        torch.library.register_fake(backward_name, _backward_fake)
+    register_flop_formula(forward)(_forward_flops)
+    register_flop_formula(backward)(_backward_flops)
+
+    def setup_context(ctx, inputs, output):
+        x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation = inputs
+        out, z, zmax, a, g = output
+        ctx.mark_non_differentiable(z, zmax, a, g)
+        ctx.save_for_backward(x, out if out_activation == "relu" else None, w1, w2, z, zmax, a, g)
+        ctx.options = (activation, gate, pool, out_activation)
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        ctx.has_residual = residual is not None
+
+    def backward_fn(ctx, grad_out, *stat_grads):
+        x, out, w1, w2, z, zmax, a, g = ctx.saved_tensors
+        activation, gate, pool, out_activation = ctx.options
+        residual_grad = ctx.has_residual and ctx.needs_input_grad[5]
+        dx, dw1, db1, dw2, db2, dresidual = backward.default(
+            grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, out_activation,
+            residual_grad)
+        if residual_grad and out_activation != "relu":
+            dresidual = grad_out
+        return (dx, dw1, db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None,
+                dresidual if residual_grad else None, None, None, None, None)
+
+    torch.library.register_autograd(forward_name, backward_fn, setup_context=setup_context)
+
+
+register_op_family("se_kernels::se_forward", "se_kernels::se_backward")
+se_forward = _op_packet("se_kernels::se_forward").default
+se_backward = _op_packet("se_kernels::se_backward").default

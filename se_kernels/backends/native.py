@@ -1,0 +1,76 @@
+"""The "cpu" and "cuda" backends: the C++/CUDA kernels of the se_kernels._C extension,
+reached through the se_kernels::se_forward / se_backward ops."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ops, dispatch
+from ..options import SECall
+
+try:
+    from .. import _C  # noqa: F401 - importing registers the kernels with the ops
+    EXTENSION_ERROR: str | None = None
+except ImportError as error:  # not built, or built against another torch
+    EXTENSION_ERROR = f"{type(error).__name__}: {error}"
+
+try:
+    from .._build_info import BUILD
+except ImportError:
+    BUILD = {"torch": None, "cuda": False, "nvcc": None, "cuda_archs": []}
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def has_kernel(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("se_kernels::se_forward", key)
+
+
+def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
+    """Whether code built for `archs` (sm_XY cubins, compute_XY PTX) runs on a GPU of
+    `capability`: a cubin runs on its major version at an equal or higher minor (an
+    arch-specific sm_XYa only on exactly XY); PTX is JIT-compiled for any newer GPU."""
+    major, minor = capability
+    for arch in archs:
+        kind, _, num = arch.partition("_")
+        specific = num.endswith("a")
+        num = num.rstrip("a")
+        a_major, a_minor = int(num[:-1]), int(num[-1])
+        if kind == "sm" and a_major == major and (a_minor == minor if specific else a_minor <= minor):
+            return True
+        if kind == "compute" and not specific and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+class NativeBackend(dispatch.Backend):
+    def __init__(self, device_type: str):
+        self.name = device_type
+        self.device_type = device_type
+
+    def refusals(self, call: SECall) -> list[str]:
+        reasons = []
+        device = call.x.device
+        if device.type != self.device_type:
+            reasons.append(f"x is on {device.type}; this backend runs {self.device_type} tensors")
+        if EXTENSION_ERROR is not None:
+            reasons.append(f"the compiled extension se_kernels._C is not available ({EXTENSION_ERROR})")
+        elif not has_kernel(self.device_type):
+            reasons.append(f"se_kernels._C was built without {self.device_type} kernels")
+        elif device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if not cuda_arch_covered(capability, BUILD["cuda_archs"]):
+                reasons.append(f"se_kernels._C has no code for sm_{capability[0]}{capability[1]} "
+                               f"(built for {', '.join(BUILD['cuda_archs'])}; rebuild with "
+                               f"TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]})")
+        if call.x.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {call.x.dtype} is not supported")
+        return reasons
+
+    def run(self, call: SECall) -> torch.Tensor:
+        return _ops.se_forward(*call.op_args())[0]
+
+
+dispatch.register(NativeBackend("cuda"))
+dispatch.register(NativeBackend("cpu"))

@@ -1,0 +1,79 @@
+"""SqueezeExcitation: a drop-in for torchvision.ops.SqueezeExcitation on the fused kernels."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .functional import squeeze_excitation
+from .options import POOLS, normalize_out_activation
+
+ACTIVATION_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu"}
+GATE_NAMES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+
+
+def op_name(argument: str, module: nn.Module, names: dict[type, str]) -> str:
+    """The op's name for an activation module, e.g. nn.ReLU() -> "relu"."""
+    for cls, name in names.items():
+        if type(module) is cls:
+            return name
+    expected = " or ".join(f"nn.{cls.__name__}" for cls in names)
+    raise ValueError(f"{argument} must be {expected}, got {type(module).__name__}")
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-Excitation block (Hu et al. 2018), as torchvision.ops.SqueezeExcitation:
+    same constructor, submodules (fc1, fc2 as 1x1 Conv2d with bias) and state_dict.
+
+    forward(x, residual=None) returns out_activation(scale * x + residual), where
+    scale = scale_activation(fc2(activation(fc1(pool(x))))). With no residual and no
+    out_activation it equals torchvision's module.
+
+    Args:
+        input_channels: C.
+        squeeze_channels: S, the hidden width.
+        activation: nn.ReLU or nn.SiLU (class or callable making the module).
+        scale_activation: nn.Sigmoid or nn.Hardsigmoid.
+        pool: "avg" (torchvision), "max" or "avgmax" (timm's add_maxpool).
+        out_activation: None or "relu", applied after the residual add.
+        backend: see se_kernels.dispatch.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        squeeze_channels: int,
+        activation: Callable[..., nn.Module] = nn.ReLU,
+        scale_activation: Callable[..., nn.Module] = nn.Sigmoid,
+        *,
+        pool: str = "avg",
+        out_activation: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if squeeze_channels < 1:
+            raise ValueError(f"squeeze_channels must be >= 1, got {squeeze_channels}")
+        if input_channels < 1:
+            raise ValueError(f"input_channels must be >= 1, got {input_channels}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(map(repr, POOLS))}, got {pool!r}")
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = activation()
+        self.scale_activation = scale_activation()
+        self._activation_name = op_name("activation", self.activation, ACTIVATION_NAMES)
+        self._gate_name = op_name("scale_activation", self.scale_activation, GATE_NAMES)
+        self.pool = pool
+        self.out_activation = normalize_out_activation(out_activation)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return squeeze_excitation(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            activation=self._activation_name, gate=self._gate_name, pool=self.pool,
+            residual=residual, out_activation=self.out_activation, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}, out_activation={self.out_activation!r}, backend={self.backend!r}"
