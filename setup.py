@@ -120,7 +120,8 @@ def extensions():
     import torch
 
     cuda_home = None
-    want_cuda = not _truthy("SE_KERNELS_NO_CUDA")
+    cuda_sources = sorted(map(str, Path("csrc/cuda").glob("*.c*")))
+    want_cuda = bool(cuda_sources) and not _truthy("SE_KERNELS_NO_CUDA")
     if want_cuda:
         cuda_home = find_cuda_home(torch.version.cuda)
         reasons = []
@@ -152,7 +153,6 @@ def extensions():
                 f"for CUDA {nvcc[0]}")
         gencode, embedded = cuda_gencode_flags(
             os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST), nvcc)
-        cuda_sources = sorted(map(str, Path("csrc/cuda").glob("*.c*")))
         info.update(cuda=True, nvcc=f"{nvcc[0]}.{nvcc[1]}", cuda_archs=embedded)
         write_build_info(info)
         return [CUDAExtension(
