@@ -1,6 +1,7 @@
 #include "se_common.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <string>
 
@@ -122,6 +123,9 @@ Geometry geometry_of(const at::Tensor& x) {
 Excitation excite_forward(const at::Tensor& z, const at::Tensor& w1,
                           const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                           const std::optional<at::Tensor>& b2, const Options& opt) {
+  // The ops run below autocast, but these ATen calls would dispatch through it again and
+  // drop the MLP to half precision: keep them in the accumulation dtype.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto acc = z.scalar_type();
   const auto w1a = w1.to(acc), w2a = w2.to(acc);
   at::Tensor a = b1 ? at::addmm(b1->to(acc), z, w1a.t()) : at::mm(z, w1a.t());
@@ -134,6 +138,7 @@ Excitation excite_forward(const at::Tensor& z, const at::Tensor& w1,
 ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, const at::Tensor& z,
                                 const at::Tensor& a, const at::Tensor& g, const at::Tensor& w1,
                                 const at::Tensor& w2, int64_t P, const Options& opt) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as above
   const auto acc = z.scalar_type();
   const auto w1a = w1.to(acc), w2a = w2.to(acc);
   ExcitationGrads r;

@@ -86,12 +86,12 @@ def _forward_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, residual_sha
     return pooling + fcs + elems + (elems if residual_shape is not None else 0)
 
 
-def _backward_flops(grad_out_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
+def _backward_flops(grad_out_shape, x_shape, saved_out_shape, w1_shape, *args, out_shape=None,
+                    **kwargs) -> int:
     """sum_p dy * x (2 per element), both FCs' input and weight gradients, and
     dx = dy * s + dz / P (2 per element)."""
     n, c, h, w = x_shape
-    squeeze = args[2][0]  # w1_shape
-    return 2 * n * c * h * w + 2 * 2 * 2 * n * c * squeeze + 2 * n * c * h * w
+    return 2 * n * c * h * w + 2 * 2 * 2 * n * c * w1_shape[0] + 2 * n * c * h * w
 
 
 def _op_packet(qualname: str) -> torch._ops.OpOverloadPacket:

@@ -44,26 +44,33 @@ def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
     return False
 
 
+@torch.compiler.assume_constant_result
+def build_refusals(device_type: str, device_index: int) -> tuple[str, ...]:
+    """Why the built extension cannot run on this device. Fixed for the life of the
+    process, so torch.compile evaluates it once instead of tracing into it."""
+    if EXTENSION_ERROR is not None:
+        return (f"the compiled extension se_kernels._C is not available ({EXTENSION_ERROR})",)
+    if not has_kernel(device_type):
+        return (f"se_kernels._C was built without {device_type} kernels",)
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device_index)
+        if not cuda_arch_covered((major, minor), BUILD["cuda_archs"]):
+            return (f"se_kernels._C has no code for sm_{major}{minor} (built for "
+                    f"{', '.join(BUILD['cuda_archs'])}; rebuild with "
+                    f"TORCH_CUDA_ARCH_LIST={major}.{minor})",)
+    return ()
+
+
 class NativeBackend(dispatch.Backend):
     def __init__(self, device_type: str):
         self.name = device_type
         self.device_type = device_type
 
     def refusals(self, call: SECall) -> list[str]:
-        reasons = []
         device = call.x.device
         if device.type != self.device_type:
-            reasons.append(f"x is on {device.type}; this backend runs {self.device_type} tensors")
-        if EXTENSION_ERROR is not None:
-            reasons.append(f"the compiled extension se_kernels._C is not available ({EXTENSION_ERROR})")
-        elif not has_kernel(self.device_type):
-            reasons.append(f"se_kernels._C was built without {self.device_type} kernels")
-        elif device.type == "cuda":
-            capability = torch.cuda.get_device_capability(device)
-            if not cuda_arch_covered(capability, BUILD["cuda_archs"]):
-                reasons.append(f"se_kernels._C has no code for sm_{capability[0]}{capability[1]} "
-                               f"(built for {', '.join(BUILD['cuda_archs'])}; rebuild with "
-                               f"TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]})")
+            return [f"x is on {device.type}; this backend runs {self.device_type} tensors"]
+        reasons = list(build_refusals(device.type, device.index or 0))
         if call.x.dtype not in SUPPORTED_DTYPES:
             reasons.append(f"dtype {call.x.dtype} is not supported")
         return reasons

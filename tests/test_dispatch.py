@@ -1,0 +1,71 @@
+"""Backend selection: auto, explicit names, the environment override, explanations."""
+
+import pytest
+import torch
+
+import se_kernels
+from se_kernels import dispatch
+from se_kernels.options import make_call
+
+
+def cpu_call():
+    return make_call(torch.randn(1, 4, 2, 2), torch.randn(1, 4), None, torch.randn(4, 1), None)
+
+
+def test_auto_picks_the_cpu_kernels_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert se_kernels.select(cpu_call()).name == "cpu"
+
+
+def test_every_backend_explains_itself():
+    explanation = se_kernels.explain(cpu_call())
+    assert {"cpu", "cuda", "torch"} <= set(explanation)
+    assert explanation["cpu"] == [] and explanation["torch"] == []
+    assert any("x is on cpu" in reason for reason in explanation["cuda"])
+
+
+def test_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
+    assert se_kernels.select(cpu_call()).name == "torch"
+    assert se_kernels.select(cpu_call(), "cpu").name == "cpu"  # an explicit name wins
+
+
+def test_environment_naming_a_refusing_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda")
+    with pytest.raises(se_kernels.BackendUnavailableError, match="backend 'cuda' cannot run"):
+        se_kernels.select(cpu_call())
+
+
+def test_environment_naming_an_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "tpu")
+    with pytest.raises(ValueError, match="got 'tpu'"):
+        se_kernels.select(cpu_call())
+
+
+def test_auto_falls_back_past_refusing_backends(monkeypatch):
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    cpu = dispatch.get_backend("cpu")
+    monkeypatch.setattr(cpu, "refusals", lambda call: ["pretend the extension is missing"])
+    assert se_kernels.select(cpu_call()).name == "torch"
+
+
+def test_backends_report_a_missing_extension(monkeypatch):
+    from se_kernels.backends import native
+
+    monkeypatch.setattr(native, "EXTENSION_ERROR", "ImportError: pretend")
+    reasons = dispatch.get_backend("cpu").refusals(cpu_call())
+    assert any("se_kernels._C is not available (ImportError: pretend)" in r for r in reasons)
+
+
+def test_cuda_arch_coverage_rules():
+    from se_kernels.backends.native import cuda_arch_covered
+
+    built = ["sm_80", "sm_90", "compute_90"]
+    assert cuda_arch_covered((8, 0), built)
+    assert cuda_arch_covered((8, 6), built)        # sm_80 cubins run on 8.x
+    assert cuda_arch_covered((9, 0), built)
+    assert cuda_arch_covered((10, 0), built)       # through compute_90 PTX
+    assert not cuda_arch_covered((7, 5), built)
+    assert cuda_arch_covered((9, 0), ["sm_90a"])
+    assert not cuda_arch_covered((10, 0), ["sm_90a"])
+    assert not cuda_arch_covered((8, 6), ["sm_90", "compute_90"])
