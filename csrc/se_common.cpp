@@ -135,9 +135,10 @@ Excitation excite_forward(const at::Tensor& z, const at::Tensor& w1,
   return {a, g, s};
 }
 
-ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, const at::Tensor& z,
-                                const at::Tensor& a, const at::Tensor& g, const at::Tensor& w1,
-                                const at::Tensor& w2, int64_t P, const Options& opt) {
+ExcitationGrads excite_backward_acc(const at::Tensor& ds, const at::Tensor& count,
+                                    const at::Tensor& z, const at::Tensor& a, const at::Tensor& g,
+                                    const at::Tensor& w1, const at::Tensor& w2, int64_t P,
+                                    const Options& opt) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as above
   const auto acc = z.scalar_type();
   const auto w1a = w1.to(acc), w2a = w2.to(acc);
@@ -161,10 +162,10 @@ ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, c
     h = a * sig;
     da = dh * sig * (1 + a * (1 - sig));
   }
-  r.dw2 = at::mm(dg.t(), h).to(w2.scalar_type());
-  r.db2 = dg.sum(0).to(w2.scalar_type());
-  r.dw1 = at::mm(da.t(), z).to(w1.scalar_type());
-  r.db1 = da.sum(0).to(w1.scalar_type());
+  r.dw2 = at::mm(dg.t(), h);
+  r.db2 = dg.sum(0);
+  r.dw1 = at::mm(da.t(), z);
+  r.db1 = da.sum(0);
   const at::Tensor dz = at::mm(da, w1a);
   switch (opt.pool) {
     case Pool::Avg:
@@ -178,6 +179,17 @@ ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, c
       r.dx_max = dz * 0.5 / count;
       break;
   }
+  return r;
+}
+
+ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, const at::Tensor& z,
+                                const at::Tensor& a, const at::Tensor& g, const at::Tensor& w1,
+                                const at::Tensor& w2, int64_t P, const Options& opt) {
+  ExcitationGrads r = excite_backward_acc(ds, count, z, a, g, w1, w2, P, opt);
+  r.dw1 = r.dw1.to(w1.scalar_type());
+  r.db1 = r.db1.to(w1.scalar_type());
+  r.dw2 = r.dw2.to(w2.scalar_type());
+  r.db2 = r.db2.to(w2.scalar_type());
   return r;
 }
 

@@ -85,5 +85,11 @@ struct ExcitationGrads {
 ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, const at::Tensor& z,
                                 const at::Tensor& a, const at::Tensor& g, const at::Tensor& w1,
                                 const at::Tensor& w2, int64_t P, const Options& opt);
+// The same with dw1, db1, dw2, db2 left in the accumulation dtype, for callers that sum
+// them over groups of samples before rounding to the weights' dtype.
+ExcitationGrads excite_backward_acc(const at::Tensor& ds, const at::Tensor& count,
+                                    const at::Tensor& z, const at::Tensor& a, const at::Tensor& g,
+                                    const at::Tensor& w1, const at::Tensor& w2, int64_t P,
+                                    const Options& opt);
 
 }  // namespace se_kernels

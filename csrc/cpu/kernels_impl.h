@@ -1,0 +1,445 @@
+// The CPU passes, written once over ATen's Vectorized types. Included by exactly one
+// source per CPU capability, which defines SE_CPU_CAPABILITY (the namespace of its table)
+// and, for AVX2, the compiler flags that select ATen's 256-bit vector implementations.
+//
+// Every pass reads its inputs in their own layout (NCHW or channels-last), accumulates in
+// fp32 (fp64 for fp64), and splits work so that results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+
+#include "kernels.h"
+
+#ifndef SE_CPU_CAPABILITY
+#error "define SE_CPU_CAPABILITY before including kernels_impl.h"
+#endif
+
+namespace se_kernels::cpu::SE_CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Loads and stores kWidth scalars as two vectors of the accumulation type, so fp16/bf16
+// are widened once per load and each pass below is written once for every dtype.
+template <typename scalar_t>
+struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kWidth = 2 * Vec::size();
+  static_assert(std::is_same_v<scalar_t, acc_t> || Vectorized<scalar_t>::size() == kWidth);
+
+  static void load(const scalar_t* p, Vec& lo, Vec& hi) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      lo = Vec::loadu(p);
+      hi = Vec::loadu(p + Vec::size());
+    } else {
+      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    }
+  }
+  static void store(scalar_t* p, const Vec& lo, const Vec& hi) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      lo.store(p);
+      hi.store(p + Vec::size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    }
+  }
+};
+
+// A per-channel [N, C] value as seen from a span of x: an NCHW row holds one channel (the
+// value is broadcast); a channels-last row walks consecutive channels (the value is loaded).
+template <typename acc_t, bool kPerLane>
+struct ChannelValue {
+  using Vec = Vectorized<acc_t>;
+  const acc_t* p = nullptr;  // at the span's first channel; nullptr when a pass has no use for it
+
+  explicit operator bool() const { return p != nullptr; }
+  Vec lo(int64_t i) const { return kPerLane ? Vec::loadu(p + i) : Vec(p[0]); }
+  Vec hi(int64_t i) const { return kPerLane ? Vec::loadu(p + i + Vec::size()) : Vec(p[0]); }
+  acc_t at(int64_t i) const { return kPerLane ? p[i] : p[0]; }
+};
+
+template <typename acc_t>
+acc_t nan_max(acc_t a, acc_t b) {  // torch.amax propagates NaN
+  return (a > b || std::isnan(a)) ? a : b;
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// Calls fn(per_lane_tag, offset, length, channel_offset) for every dense span of x, in
+// parallel. channel_offset indexes [N, C] vectors at the span's first element.
+template <typename F>
+void for_each_span(const Geometry& geo, F&& fn) {
+  constexpr int64_t kGrainElements = 16384;
+  if (!geo.channels_last) {
+    at::parallel_for(0, geo.N * geo.C, std::max<int64_t>(1, kGrainElements / geo.P),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t r = begin; r < end; ++r)
+                         fn(std::false_type{}, r * geo.P, geo.P, r);
+                     });
+  } else {
+    at::parallel_for(0, geo.N * geo.P, std::max<int64_t>(1, kGrainElements / geo.C),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t r = begin; r < end; ++r)
+                         fn(std::true_type{}, r * geo.C, geo.C, (r / geo.P) * geo.C);
+                     });
+  }
+}
+
+// Reduces Terms over the spatial positions of every (n, c), returning [Terms::kQ, N, C].
+//
+// Work items are (rows or channel blocks) x spatial pieces; pieces are combined in a fixed
+// order afterwards. The number of pieces depends only on the shape, so the result is the
+// same for any number of threads, and small batches still spread over every thread.
+template <typename scalar_t, typename Terms>
+at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::TensorOptions& acc) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  constexpr int kQ = Terms::kQ;
+  constexpr int64_t kWidth = L::kWidth;
+  constexpr int64_t kMinItems = 64;         // enough to feed any CPU we expect
+  constexpr int64_t kMinPieceElems = 2048;  // below this a piece costs more than it saves
+  constexpr int64_t kBlockC = 128;          // channels per channels-last item (acc in L1)
+
+  const int64_t N = geo.N, C = geo.C, P = geo.P;
+  const int64_t blocks = geo.channels_last ? ceil_div(C, kBlockC) : C;
+  const int64_t elems_per_pixel = geo.channels_last ? std::min(C, kBlockC) : 1;
+  const int64_t pieces =
+      std::clamp(ceil_div(kMinItems, std::max<int64_t>(1, N * blocks)), int64_t{1},
+                 std::max<int64_t>(1, P * elems_per_pixel / kMinPieceElems));
+  const int64_t piece_len = ceil_div(P, pieces);
+
+  // partial[q][n][c][piece]
+  auto partial = at::empty({kQ, N, C, pieces}, acc);
+  acc_t* part = partial.data_ptr<acc_t>();
+  auto part_at = [&](int q, int64_t n, int64_t c, int64_t k) -> acc_t& {
+    return part[((q * N + n) * C + c) * pieces + k];
+  };
+
+  const int64_t items = N * blocks * pieces;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, piece_len * elems_per_pixel));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item % pieces;
+      const int64_t nb = item / pieces;
+      const int64_t n = nb / blocks, b = nb % blocks;
+      const int64_t p0 = k * piece_len, p1 = std::min(P, p0 + piece_len);
+      if (!geo.channels_last) {
+        // One NCHW row: vector lanes accumulate, then fold into one value per quantity.
+        const int64_t c = b, base = (n * C + c) * P;
+        Vec acc[kQ][2];
+        for (int q = 0; q < kQ; ++q) acc[q][0] = acc[q][1] = Vec(Terms::init(q));
+        int64_t p = p0;
+        for (; p + kWidth <= p1; p += kWidth)
+          terms.template fold<false>(acc, base + p, n * C + c);
+        acc_t total[kQ];
+        for (int q = 0; q < kQ; ++q) total[q] = Terms::reduce_lanes(q, acc[q][0], acc[q][1]);
+        for (; p < p1; ++p) terms.fold_scalar(total, base + p, n * C + c);
+        for (int q = 0; q < kQ; ++q) part_at(q, n, c, k) = total[q];
+      } else {
+        // A channels-last block: per-channel accumulators, walked pixel by pixel.
+        const int64_t c0 = b * kBlockC, c1 = std::min(C, c0 + kBlockC), width = c1 - c0;
+        acc_t total[kQ][kBlockC];
+        for (int q = 0; q < kQ; ++q) std::fill_n(total[q], width, Terms::init(q));
+        const int64_t vec_width = width - width % kWidth;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t base = (n * P + p) * C + c0;
+          for (int64_t i = 0; i < vec_width; i += kWidth) {
+            Vec acc[kQ][2];
+            for (int q = 0; q < kQ; ++q) {
+              acc[q][0] = Vec::loadu(total[q] + i);
+              acc[q][1] = Vec::loadu(total[q] + i + Vec::size());
+            }
+            terms.template fold<true>(acc, base + i, n * C + c0 + i);
+            for (int q = 0; q < kQ; ++q) {
+              acc[q][0].store(total[q] + i);
+              acc[q][1].store(total[q] + i + Vec::size());
+            }
+          }
+          for (int64_t i = vec_width; i < width; ++i) {
+            acc_t one[kQ];
+            for (int q = 0; q < kQ; ++q) one[q] = total[q][i];
+            terms.fold_scalar(one, base + i, n * C + c0 + i);
+            for (int q = 0; q < kQ; ++q) total[q][i] = one[q];
+          }
+        }
+        for (int q = 0; q < kQ; ++q)
+          for (int64_t i = 0; i < width; ++i) part_at(q, n, c0 + i, k) = total[q][i];
+      }
+    }
+  });
+  if (pieces == 1) return partial.view({kQ, N, C});
+
+  auto result = at::empty({kQ, N, C}, acc);
+  acc_t* res = result.data_ptr<acc_t>();
+  at::parallel_for(0, N * C, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc)
+      for (int q = 0; q < kQ; ++q) {
+        acc_t v = Terms::init(q);
+        for (int64_t k = 0; k < pieces; ++k) v = Terms::combine(q, v, part[(q * N * C + nc) * pieces + k]);
+        res[q * N * C + nc] = v;
+      }
+  });
+  return result;
+}
+
+// Terms folded by reduce_spatial. fold<kPerLane> takes kWidth elements at `off`, whose
+// channel is `chan` (NCHW: one channel for all lanes) or starts at `chan` (channels-last).
+
+// Forward pooling: [0] = sum of x and, with kMax, [1] = max of x.
+template <typename scalar_t, bool kMax>
+struct PoolTerms {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  static constexpr int kQ = kMax ? 2 : 1;
+  const scalar_t* x;
+
+  static acc_t init(int q) { return q == 0 ? acc_t(0) : -std::numeric_limits<acc_t>::infinity(); }
+  static acc_t combine(int q, acc_t a, acc_t b) { return q == 0 ? a + b : nan_max(a, b); }
+  static acc_t reduce_lanes(int q, const Vec& lo, const Vec& hi) {
+    if (q == 0) return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
+    return at::vec::vec_reduce_all<acc_t>(
+        [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(lo, hi));
+  }
+
+  template <bool kPerLane>
+  void fold(Vec (&acc)[kQ][2], int64_t off, int64_t /*chan*/) const {
+    Vec v[2];
+    L::load(x + off, v[0], v[1]);
+    for (int h = 0; h < 2; ++h) {
+      acc[0][h] = acc[0][h] + v[h];
+      if constexpr (kMax) acc[kQ - 1][h] = at::vec::maximum(acc[kQ - 1][h], v[h]);
+    }
+  }
+  void fold_scalar(acc_t (&acc)[kQ], int64_t off, int64_t /*chan*/) const {
+    const acc_t v = static_cast<acc_t>(x[off]);
+    acc[0] += v;
+    if constexpr (kMax) acc[kQ - 1] = nan_max(acc[kQ - 1], v);
+  }
+};
+
+// Backward reduction: [0] = ds = sum of dy * x and, with kCount, [1] = how many x equal
+// the channel's max. dy = grad_out, masked by out > 0 when the output went through a ReLU.
+template <typename scalar_t, bool kCount>
+struct GradTerms {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  static constexpr int kQ = kCount ? 2 : 1;
+  const scalar_t* grad_out;
+  const scalar_t* out;  // nullptr: no output ReLU
+  const scalar_t* x;
+  const acc_t* zmax;    // read with kCount
+
+  static acc_t init(int) { return acc_t(0); }
+  static acc_t combine(int, acc_t a, acc_t b) { return a + b; }
+  static acc_t reduce_lanes(int, const Vec& lo, const Vec& hi) {
+    return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
+  }
+
+  template <bool kPerLane>
+  void fold(Vec (&acc)[kQ][2], int64_t off, int64_t chan) const {
+    Vec dy[2], xv[2];
+    L::load(grad_out + off, dy[0], dy[1]);
+    L::load(x + off, xv[0], xv[1]);
+    if (out) {
+      Vec o[2];
+      L::load(out + off, o[0], o[1]);
+      for (int h = 0; h < 2; ++h) dy[h] = Vec::blendv(Vec(0), dy[h], o[h] > Vec(0));
+    }
+    for (int h = 0; h < 2; ++h) acc[0][h] = at::vec::fmadd(dy[h], xv[h], acc[0][h]);
+    if constexpr (kCount) {
+      const ChannelValue<acc_t, kPerLane> m{zmax + chan};
+      acc[1][0] = acc[1][0] + Vec::blendv(Vec(0), Vec(1), xv[0] == m.lo(0));
+      acc[1][1] = acc[1][1] + Vec::blendv(Vec(0), Vec(1), xv[1] == m.hi(0));
+    }
+  }
+  void fold_scalar(acc_t (&acc)[kQ], int64_t off, int64_t chan) const {
+    acc_t dy = static_cast<acc_t>(grad_out[off]);
+    if (out && !(static_cast<acc_t>(out[off]) > 0)) dy = 0;
+    const acc_t xv = static_cast<acc_t>(x[off]);
+    acc[0] += dy * xv;
+    if constexpr (kCount) {
+      if (xv == zmax[chan]) acc[1] += 1;
+    }
+  }
+};
+
+// out = out_act(s * x + residual) over one span.
+template <typename scalar_t, bool kPerLane>
+void scale_span(const scalar_t* x, const scalar_t* residual, scalar_t* out, int64_t len,
+                ChannelValue<at::opmath_type<scalar_t>, kPerLane> s, bool relu) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  int64_t i = 0;
+  for (; i + L::kWidth <= len; i += L::kWidth) {
+    Vec y[2];
+    L::load(x + i, y[0], y[1]);
+    y[0] = y[0] * s.lo(i);
+    y[1] = y[1] * s.hi(i);
+    if (residual) {
+      Vec r[2];
+      L::load(residual + i, r[0], r[1]);
+      y[0] = y[0] + r[0];
+      y[1] = y[1] + r[1];
+    }
+    if (relu) {  // maximum() keeps NaN, as torch.relu does
+      y[0] = at::vec::maximum(y[0], Vec(0));
+      y[1] = at::vec::maximum(y[1], Vec(0));
+    }
+    L::store(out + i, y[0], y[1]);
+  }
+  for (; i < len; ++i) {
+    acc_t y = static_cast<acc_t>(x[i]) * s.at(i);
+    if (residual) y += static_cast<acc_t>(residual[i]);
+    if (relu && y < 0) y = 0;
+    out[i] = static_cast<scalar_t>(y);
+  }
+}
+
+// dx = dy * s + dx_avg + [x == zmax] * dx_max, and dresidual = dy, over one span.
+template <typename scalar_t, bool kPerLane>
+struct GradInputSpan {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  using Chan = ChannelValue<acc_t, kPerLane>;
+  const scalar_t* grad_out;
+  const scalar_t* out;  // nullptr: no output ReLU
+  const scalar_t* x;    // read only for max pooling
+  scalar_t* dx;
+  scalar_t* dresidual;  // nullptr: not wanted
+  Chan s, dx_avg, zmax, dx_max;
+
+  void operator()(int64_t len) const {
+    int64_t i = 0;
+    for (; i + L::kWidth <= len; i += L::kWidth) {
+      Vec dy[2], res[2];
+      L::load(grad_out + i, dy[0], dy[1]);
+      if (out) {
+        Vec o[2];
+        L::load(out + i, o[0], o[1]);
+        for (int h = 0; h < 2; ++h) dy[h] = Vec::blendv(Vec(0), dy[h], o[h] > Vec(0));
+      }
+      res[0] = dy[0] * s.lo(i);
+      res[1] = dy[1] * s.hi(i);
+      if (dx_avg) {
+        res[0] = res[0] + dx_avg.lo(i);
+        res[1] = res[1] + dx_avg.hi(i);
+      }
+      if (dx_max) {
+        Vec xv[2];
+        L::load(x + i, xv[0], xv[1]);
+        res[0] = res[0] + Vec::blendv(Vec(0), dx_max.lo(i), xv[0] == zmax.lo(i));
+        res[1] = res[1] + Vec::blendv(Vec(0), dx_max.hi(i), xv[1] == zmax.hi(i));
+      }
+      L::store(dx + i, res[0], res[1]);
+      if (dresidual) L::store(dresidual + i, dy[0], dy[1]);
+    }
+    for (; i < len; ++i) {
+      acc_t dy = static_cast<acc_t>(grad_out[i]);
+      if (out && !(static_cast<acc_t>(out[i]) > 0)) dy = 0;
+      acc_t v = dy * s.at(i);
+      if (dx_avg) v += dx_avg.at(i);
+      if (dx_max && static_cast<acc_t>(x[i]) == zmax.at(i)) v += dx_max.at(i);
+      dx[i] = static_cast<scalar_t>(v);
+      if (dresidual) dresidual[i] = static_cast<scalar_t>(dy);
+    }
+  }
+};
+
+#define SE_DISPATCH_FLOATING(type, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
+
+at::TensorOptions accumulate_options(const at::Tensor& x) {
+  return x.options().dtype(accumulate_type(x.scalar_type()));
+}
+
+at::Tensor pool(const Geometry& geo, const at::Tensor& x, bool want_max) {
+  at::Tensor sums;
+  SE_DISPATCH_FLOATING(x.scalar_type(), "se_pool_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    sums = want_max ? reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, true>{xp}, accumulate_options(x))
+                    : reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, false>{xp}, accumulate_options(x));
+  });
+  return sums;
+}
+
+void scale(const Geometry& geo, const at::Tensor& x, const at::Tensor& residual,
+           const at::Tensor& s, bool relu, const at::Tensor& out) {
+  SE_DISPATCH_FLOATING(x.scalar_type(), "se_scale_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* sp = s.const_data_ptr<acc_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = data_or_null<scalar_t>(residual);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
+      constexpr bool kPerLane = decltype(per_lane)::value;
+      scale_span<scalar_t, kPerLane>(xp + off, rp ? rp + off : nullptr, op + off, len,
+                                     ChannelValue<acc_t, kPerLane>{sp + chan}, relu);
+    });
+  });
+}
+
+at::Tensor grad_reduce(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& out,
+                       const at::Tensor& x, const at::Tensor& zmax) {
+  at::Tensor sums;
+  SE_DISPATCH_FLOATING(x.scalar_type(), "se_grad_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* op = data_or_null<scalar_t>(out);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* mp = data_or_null<acc_t>(zmax);
+    sums = mp ? reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, true>{gp, op, xp, mp}, accumulate_options(x))
+              : reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, false>{gp, op, xp, mp}, accumulate_options(x));
+  });
+  return sums;
+}
+
+void grad_input(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& out,
+                const at::Tensor& x, const at::Tensor& s, const at::Tensor& dx_avg,
+                const at::Tensor& zmax, const at::Tensor& dx_max, const at::Tensor& dx,
+                const at::Tensor& dresidual) {
+  SE_DISPATCH_FLOATING(x.scalar_type(), "se_grad_input_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* op = data_or_null<scalar_t>(out);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    scalar_t* drp = dresidual.defined() && dresidual.numel() ? dresidual.data_ptr<scalar_t>() : nullptr;
+    const acc_t* per_channel[4] = {s.const_data_ptr<acc_t>(), data_or_null<acc_t>(dx_avg),
+                                   data_or_null<acc_t>(zmax), data_or_null<acc_t>(dx_max)};
+    for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
+      constexpr bool kPerLane = decltype(per_lane)::value;
+      using Chan = ChannelValue<acc_t, kPerLane>;
+      auto at_chan = [&](int i) { return Chan{per_channel[i] ? per_channel[i] + chan : nullptr}; };
+      GradInputSpan<scalar_t, kPerLane>{gp + off, op ? op + off : nullptr, xp + off, dxp + off,
+                                        drp ? drp + off : nullptr, at_chan(0), at_chan(1),
+                                        at_chan(2), at_chan(3)}(len);
+    });
+  });
+}
+
+#undef SE_DISPATCH_FLOATING
+
+}  // namespace
+
+extern const KernelTable kKernels = {&pool, &scale, &grad_reduce, &grad_input};
+
+}  // namespace se_kernels::cpu::SE_CPU_CAPABILITY
