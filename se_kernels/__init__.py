@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from . import _ops  # noqa: F401 - defines the se_kernels:: ops
 from . import backends  # noqa: F401 - registers the backends
+from . import models  # noqa: F401 - SE-ResNet builders (torchvision imported on use)
+from .convert import convert_se_modules
 from .dispatch import BackendUnavailableError, backend_names, explain, select
 from .functional import squeeze_excitation
 from .modules import SqueezeExcitation
@@ -12,7 +14,9 @@ __all__ = [
     "BackendUnavailableError",
     "SqueezeExcitation",
     "backend_names",
+    "convert_se_modules",
     "explain",
+    "models",
     "select",
     "squeeze_excitation",
 ]

@@ -18,6 +18,16 @@ from .options import SECall
 BACKEND_ENV = "SE_KERNELS_BACKEND"
 
 
+def constant_under_compile(fn):
+    """Mark `fn` as torch.compiler.assume_constant_result does: torch.compile calls it once
+    while tracing and bakes in the result, instead of tracing into it. For facts fixed for
+    the life of the process (what was built, what the GPU is). This sets the marker
+    directly because the public decorator imports torch._dynamo, which would add seconds
+    to `import se_kernels`; tests/test_ops.py compiles through it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend refused the call."""
 

@@ -10,6 +10,10 @@ from torch import nn
 from .functional import squeeze_excitation
 from .options import POOLS, normalize_out_activation
 
+# Symbolic tracing (torch.fx) records the fused op as one call instead of tracing into its
+# argument checks, which cannot run on proxies.
+torch.fx.wrap("squeeze_excitation")
+
 ACTIVATION_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu"}
 GATE_NAMES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
 

@@ -44,7 +44,7 @@ def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
     return False
 
 
-@torch.compiler.assume_constant_result
+@dispatch.constant_under_compile
 def build_refusals(device_type: str, device_index: int) -> tuple[str, ...]:
     """Why the built extension cannot run on this device. Fixed for the life of the
     process, so torch.compile evaluates it once instead of tracing into it."""
