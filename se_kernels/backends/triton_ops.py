@@ -1,0 +1,206 @@
+"""The "triton" backend: the ops se_kernels::se_forward_triton / se_backward_triton.
+
+They are torch.library.triton_op ops: their bodies allocate with torch and launch Triton
+kernels through torch.library.wrap_triton, so torch.compile traces the kernels themselves
+(zero graph breaks, inductor schedules them) and the body doubles as the fake kernel. The
+schemas, autograd and FLOP formulas are those of every backend (se_kernels._ops).
+
+Importing this module does not import triton: the kernels (triton_kernels.py) load on the
+first call, and the backend refuses calls with the reason when triton is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .. import _ops, dispatch
+from ..options import ACTIVATIONS, GATES, OUT_ACTIVATIONS, POOLS, SECall
+
+FORWARD_NAME = "se_kernels::se_forward_triton"
+BACKWARD_NAME = "se_kernels::se_backward_triton"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# The backend's checks run in Python on every call, also under torch.compile; answers that
+# cannot change within a process are constants to Dynamo, which then traces no imports.
+_IMPORT_ERROR: list[str | None] = []
+
+
+@dispatch.constant_under_compile
+def triton_import_error() -> str | None:
+    """Why triton cannot be imported, or None when it can (tried once)."""
+    if not _IMPORT_ERROR:
+        try:
+            importlib.import_module("triton")
+            importlib.import_module("triton.language")
+            _IMPORT_ERROR.append(None)
+        except Exception as error:  # noqa: BLE001 - any failure means no Triton backend
+            _IMPORT_ERROR.append(f"{type(error).__name__}: {error}")
+    return _IMPORT_ERROR[0]
+
+
+def kernels():
+    """The kernel module, imported on first use."""
+    from . import triton_kernels
+    return triton_kernels
+
+
+@dispatch.constant_under_compile
+def kernels_interpreted() -> bool:
+    """Whether the kernels were defined for Triton's interpreter (TRITON_INTERPRET=1 when
+    they were first imported)."""
+    return kernels().INTERPRETED
+
+
+@dispatch.constant_under_compile
+def cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@dispatch.constant_under_compile
+def interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"se_kernels: {name} must be one of {', '.join(map(repr, choices))}, "
+                         f"got {value!r}")
+
+
+def _check_tensor(name: str, t: torch.Tensor, shape, like: torch.Tensor,
+                  dtype: torch.dtype | None = None) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"se_kernels: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    dtype = like.dtype if dtype is None else dtype
+    if t.dtype != dtype or t.device != like.device:
+        raise TypeError(f"se_kernels: {name} must be {dtype} on {like.device}, "
+                        f"got {t.dtype} on {t.device}")
+
+
+def _check_options(activation, gate, pool, out_activation) -> None:
+    _check_choice("activation", activation, ACTIVATIONS)
+    _check_choice("gate", gate, GATES)
+    _check_choice("pool", pool, POOLS)
+    _check_choice("out_activation", out_activation, OUT_ACTIVATIONS)
+
+
+def _check_x_and_weights(x, w1, w2) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"se_kernels: x must be 4-D [N, C, H, W], got {x.dim()}-D")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"se_kernels: x must be float16, bfloat16, float32 or float64, "
+                        f"got {x.dtype}")
+    n, c, h, w = x.shape
+    if c < 1 or h < 1 or w < 1:
+        raise ValueError(f"se_kernels: x must have C, H and W >= 1, got shape {list(x.shape)}")
+    if w1.dim() != 2 or w1.shape[0] < 1:
+        raise ValueError(f"se_kernels: w1 must be 2-D [squeeze_channels >= 1, C], "
+                         f"got shape {list(w1.shape)}")
+    s = w1.shape[0]
+    _check_tensor("w1", w1, (s, c), x)
+    _check_tensor("w2", w2, (c, s), x)
+
+
+@torch.library.triton_op(FORWARD_NAME, mutates_args=(), schema=_ops.FORWARD_SCHEMA)
+def se_forward_triton(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation):
+    _check_options(activation, gate, pool, out_activation)
+    _check_x_and_weights(x, w1, w2)
+    s, c = w1.shape
+    for name, t, shape in (("b1", b1, (s,)), ("b2", b2, (c,)), ("residual", residual, x.shape)):
+        if t is not None:
+            _check_tensor(name, t, shape, x)
+    return kernels().forward(x, w1, b1, w2, b2, residual, activation, gate, pool,
+                             out_activation, _ops.kernel_memory_format(x))
+
+
+@torch.library.triton_op(BACKWARD_NAME, mutates_args=(), schema=_ops.BACKWARD_SCHEMA)
+def se_backward_triton(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
+                       out_activation, residual_grad):
+    _check_options(activation, gate, pool, out_activation)
+    _check_x_and_weights(x, w1, w2)
+    _check_tensor("grad_out", grad_out, x.shape, x)
+    if out_activation == "relu":
+        if out is None:
+            raise ValueError("se_kernels: out is required when out_activation is 'relu'")
+        _check_tensor("out", out, x.shape, x)
+    n, c, s = x.shape[0], x.shape[1], w1.shape[0]
+    acc = _ops.accumulate_dtype(x.dtype)
+    for name, t, shape in (("z", z, (n, c)), ("a", a, (n, s)), ("g", g, (n, c))):
+        _check_tensor(name, t, shape, x, acc)
+    if pool != "avg":
+        _check_tensor("zmax", zmax, (n, c), x, acc)
+    return kernels().backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
+                              out_activation, residual_grad, _ops.kernel_memory_format(x))
+
+
+def _keep_opaque_under_interpreter(op) -> None:
+    """Under TRITON_INTERPRET=1 the kernels run on real CPU tensors and cannot be traced, so
+    torch.compile must keep the op as one opaque node (run eagerly at runtime) instead of
+    decomposing it into traced kernel launches, which triton_op does for FunctionalTensorMode.
+    Elsewhere triton_op's own rule stays in charge."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    rules = getattr(op, "_torch_dispatch_fns", None)
+    decompose = None if rules is None else rules.get(FunctionalTensorMode)
+    if decompose is None:  # a torch whose triton_op works differently: leave it alone
+        return
+
+    def functionalize(mode, func, types, args, kwargs):
+        if kernels().INTERPRETED:
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        return decompose(mode, func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, functionalize)
+
+
+_keep_opaque_under_interpreter(se_forward_triton)
+_keep_opaque_under_interpreter(se_backward_triton)
+# triton_op registered the bodies above as the fake kernels.
+_ops.register_op_family(FORWARD_NAME, BACKWARD_NAME, fake=False)
+se_forward = _ops._op_packet(FORWARD_NAME).default
+se_backward = _ops._op_packet(BACKWARD_NAME).default
+
+
+class TritonBackend(dispatch.Backend):
+    name = "triton"
+
+    def refusals(self, call: SECall) -> list[str]:
+        error = triton_import_error()
+        if error is not None:
+            return [f"triton is not available ({error}); install it with `pip install triton`"]
+        reasons = []
+        device = call.x.device
+        if device.type == "cpu":
+            if not interpreter_requested():
+                reasons.append("x is on cpu: Triton runs CPU tensors only through its "
+                               "interpreter, enabled by TRITON_INTERPRET=1 (slow; for tests)")
+            elif not kernels_interpreted():
+                reasons.append("x is on cpu and TRITON_INTERPRET=1, but the Triton kernels were "
+                               "compiled for the GPU: set TRITON_INTERPRET=1 before their "
+                               "first use")
+        elif device.type == "cuda":
+            # (Interpreted kernels run cuda tensors too, through host copies.)
+            if torch.version.hip is None and not kernels_interpreted():
+                capability = cuda_capability(device.index)
+                if capability < (7, 0):
+                    reasons.append(f"Triton needs an NVIDIA GPU of compute capability 7.0 or "
+                                   f"newer, this one is {capability[0]}.{capability[1]}")
+                elif call.x.dtype == torch.bfloat16 and capability < (8, 0):
+                    reasons.append(f"bfloat16 needs compute capability 8.0 or newer, this GPU "
+                                   f"is {capability[0]}.{capability[1]}")
+        else:
+            reasons.append(f"x is on {device.type}; the Triton backend runs cuda tensors "
+                           f"(and cpu tensors under TRITON_INTERPRET=1)")
+        if call.x.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {call.x.dtype} is not supported")
+        return reasons
+
+    def run(self, call: SECall) -> torch.Tensor:
+        return se_forward(*call.op_args())[0]
+
+
+dispatch.register(TritonBackend())
