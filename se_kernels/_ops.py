@@ -41,6 +41,69 @@ _lib.define("se_forward" + FORWARD_SCHEMA)
 _lib.define("se_backward" + BACKWARD_SCHEMA)
 
 
+ACTIVATIONS = ("relu", "silu")
+GATES = ("sigmoid", "hardsigmoid")
+POOLS = ("avg", "max", "avgmax")
+OUT_ACTIVATIONS = ("none", "relu")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_like(name: str, t: torch.Tensor, shape, like: torch.Tensor,
+                dtype: torch.dtype | None = None) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    dtype = like.dtype if dtype is None else dtype
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise TypeError(f"{name} must be on device {like.device} like x, got {t.device}")
+
+
+def check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation) -> None:
+    """The se_forward contract, checked before any kernel runs (the C++ ops check the same
+    in csrc/se_common.cpp for callers that reach them directly)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got {x.dim()}-D with shape {list(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    n, c, h, w = x.shape
+    if c < 1 or h < 1 or w < 1:
+        raise ValueError(f"x must have C, H and W >= 1, got shape {list(x.shape)}")
+    if w1.dim() != 2 or w1.shape[0] < 1:
+        raise ValueError(f"w1 must be 2-D [squeeze_channels >= 1, C], got shape {list(w1.shape)}")
+    s = w1.shape[0]
+    for name, t, shape in (("w1", w1, (s, c)), ("w2", w2, (c, s)), ("b1", b1, (s,)),
+                           ("b2", b2, (c,)), ("residual", residual, x.shape)):
+        if t is not None:
+            _check_like(name, t, shape, x)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("gate", gate, GATES)
+    check_choice("pool", pool, POOLS)
+    check_choice("out_activation", out_activation, OUT_ACTIVATIONS)
+
+
+def check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
+                        out_activation) -> None:
+    """The se_backward contract: se_forward's tensors and the vectors it saved."""
+    check_forward_args(x, w1, None, w2, None, None, activation, gate, pool, out_activation)
+    _check_like("grad_out", grad_out, x.shape, x)
+    if out_activation == "relu":
+        if out is None:
+            raise ValueError("out is required when out_activation is 'relu'")
+        _check_like("out", out, x.shape, x)
+    n, c, s = x.shape[0], x.shape[1], w1.shape[0]
+    acc = accumulate_dtype(x.dtype)
+    for name, t, shape in (("z", z, (n, c)), ("a", a, (n, s)), ("g", g, (n, c)),
+                           ("zmax", zmax if pool != "avg" else None, (n, c))):
+        if t is not None:
+            _check_like(name, t, shape, x, acc)
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -54,6 +117,7 @@ def kernel_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _forward_fake(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation):
+    check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)
     n, c = x.shape[0], x.shape[1]
     acc = accumulate_dtype(x.dtype)
     stat = dict(dtype=acc, device=x.device)
@@ -65,6 +129,8 @@ def _forward_fake(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activ
 
 def _backward_fake(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
                    out_activation, residual_grad):
+    check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
+                        out_activation)
     fmt = kernel_memory_format(x)
     dx = torch.empty_like(x, memory_format=fmt)
     if out_activation == "relu" and residual_grad:

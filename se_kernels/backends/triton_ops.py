@@ -17,7 +17,7 @@ import os
 import torch
 
 from .. import _ops, dispatch
-from ..options import ACTIVATIONS, GATES, OUT_ACTIVATIONS, POOLS, SECall
+from ..options import SECall
 
 FORWARD_NAME = "se_kernels::se_forward_triton"
 BACKWARD_NAME = "se_kernels::se_backward_triton"
@@ -65,54 +65,9 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"se_kernels: {name} must be one of {', '.join(map(repr, choices))}, "
-                         f"got {value!r}")
-
-
-def _check_tensor(name: str, t: torch.Tensor, shape, like: torch.Tensor,
-                  dtype: torch.dtype | None = None) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"se_kernels: {name} must have shape {list(shape)}, got {list(t.shape)}")
-    dtype = like.dtype if dtype is None else dtype
-    if t.dtype != dtype or t.device != like.device:
-        raise TypeError(f"se_kernels: {name} must be {dtype} on {like.device}, "
-                        f"got {t.dtype} on {t.device}")
-
-
-def _check_options(activation, gate, pool, out_activation) -> None:
-    _check_choice("activation", activation, ACTIVATIONS)
-    _check_choice("gate", gate, GATES)
-    _check_choice("pool", pool, POOLS)
-    _check_choice("out_activation", out_activation, OUT_ACTIVATIONS)
-
-
-def _check_x_and_weights(x, w1, w2) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"se_kernels: x must be 4-D [N, C, H, W], got {x.dim()}-D")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"se_kernels: x must be float16, bfloat16, float32 or float64, "
-                        f"got {x.dtype}")
-    n, c, h, w = x.shape
-    if c < 1 or h < 1 or w < 1:
-        raise ValueError(f"se_kernels: x must have C, H and W >= 1, got shape {list(x.shape)}")
-    if w1.dim() != 2 or w1.shape[0] < 1:
-        raise ValueError(f"se_kernels: w1 must be 2-D [squeeze_channels >= 1, C], "
-                         f"got shape {list(w1.shape)}")
-    s = w1.shape[0]
-    _check_tensor("w1", w1, (s, c), x)
-    _check_tensor("w2", w2, (c, s), x)
-
-
 @torch.library.triton_op(FORWARD_NAME, mutates_args=(), schema=_ops.FORWARD_SCHEMA)
 def se_forward_triton(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation):
-    _check_options(activation, gate, pool, out_activation)
-    _check_x_and_weights(x, w1, w2)
-    s, c = w1.shape
-    for name, t, shape in (("b1", b1, (s,)), ("b2", b2, (c,)), ("residual", residual, x.shape)):
-        if t is not None:
-            _check_tensor(name, t, shape, x)
+    _ops.check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)
     return kernels().forward(x, w1, b1, w2, b2, residual, activation, gate, pool,
                              out_activation, _ops.kernel_memory_format(x))
 
@@ -120,19 +75,8 @@ def se_forward_triton(x, w1, b1, w2, b2, residual, activation, gate, pool, out_a
 @torch.library.triton_op(BACKWARD_NAME, mutates_args=(), schema=_ops.BACKWARD_SCHEMA)
 def se_backward_triton(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
                        out_activation, residual_grad):
-    _check_options(activation, gate, pool, out_activation)
-    _check_x_and_weights(x, w1, w2)
-    _check_tensor("grad_out", grad_out, x.shape, x)
-    if out_activation == "relu":
-        if out is None:
-            raise ValueError("se_kernels: out is required when out_activation is 'relu'")
-        _check_tensor("out", out, x.shape, x)
-    n, c, s = x.shape[0], x.shape[1], w1.shape[0]
-    acc = _ops.accumulate_dtype(x.dtype)
-    for name, t, shape in (("z", z, (n, c)), ("a", a, (n, s)), ("g", g, (n, c))):
-        _check_tensor(name, t, shape, x, acc)
-    if pool != "avg":
-        _check_tensor("zmax", zmax, (n, c), x, acc)
+    _ops.check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
+                             out_activation)
     return kernels().backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
                               out_activation, residual_grad, _ops.kernel_memory_format(x))
 
