@@ -1,0 +1,217 @@
+// Ops se_kernels_emu::forward / backward: the CUDA kernels' plan and launch (se_cuda.h) run
+// on the emulator over CPU tensors, for tests/test_cuda_emulation.py.
+//
+// Callers pass x-shaped tensors already dense in the layout to use. Every buffer the kernels
+// see (inputs, outputs, scratch) is copied into or allocated in a larger NaN-filled block:
+// an unwritten output stays NaN, a read past a buffer's end brings NaN into the results,
+// and a write past it is caught by checking the guard regions afterwards. `misalign` moves
+// every buffer one element off 16-byte alignment, which selects the scalar paths.
+#define SE_KERNELS_CUDA_EMULATION
+#include "emulator.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/isnan.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string>
+
+#include "../../csrc/cuda/se_cuda_common.cuh"
+
+namespace se_kernels::cuda::detail {
+namespace {
+DeviceInfo emulated_device{132, 50 * 1024 * 1024};
+}
+DeviceInfo current_device_info() { return emulated_device; }
+}  // namespace se_kernels::cuda::detail
+
+namespace {
+
+using se_kernels::cuda::DType;
+using se_kernels::cuda::PoolKind;
+
+constexpr int64_t kGuard = 64;  // elements of NaN before and after every buffer
+
+struct Guarded {
+  at::Tensor block;  // 1-D, guards included
+  at::Tensor view;   // what the kernels see
+  int64_t begin, numel;
+};
+
+// A NaN-filled buffer of `sizes`, dense NCHW or (channels_last) NHWC-ordered, inside guards.
+Guarded guarded(at::IntArrayRef sizes, bool channels_last, const at::TensorOptions& options,
+                int64_t misalign) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  Guarded g;
+  g.begin = kGuard + misalign;
+  g.numel = numel;
+  g.block = at::full({numel + 2 * kGuard + misalign}, std::numeric_limits<double>::quiet_NaN(),
+                     options);
+  at::Tensor flat = g.block.narrow(0, g.begin, numel);
+  if (channels_last && sizes.size() == 4) {
+    g.view = flat.view({sizes[0], sizes[2], sizes[3], sizes[1]}).permute({0, 3, 1, 2});
+  } else {
+    g.view = flat.view(sizes);
+  }
+  return g;
+}
+
+Guarded guarded_copy(const at::Tensor& t, bool channels_last, int64_t misalign) {
+  Guarded g = guarded(t.sizes(), channels_last, t.options(), misalign);
+  g.view.copy_(t);
+  return g;
+}
+
+void check_guards(const Guarded& g, const char* name) {
+  const bool front = at::isnan(g.block.narrow(0, 0, g.begin)).all().item<bool>();
+  const int64_t end = g.begin + g.numel;
+  const bool back =
+      at::isnan(g.block.narrow(0, end, g.block.numel() - end)).all().item<bool>();
+  TORCH_CHECK(front && back, "emulator: a kernel wrote outside ", name);
+}
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::Half;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kFloat: return DType::Float;
+    case at::kDouble: return DType::Double;
+    default: TORCH_CHECK(false, "emulator: unsupported dtype ", t.scalar_type());
+  }
+  return DType::Float;
+}
+
+se_kernels::cuda::Problem problem_of(const at::Tensor& x, int64_t S, bool channels_last,
+                                     const std::string& activation, const std::string& gate,
+                                     const std::string& pool, const std::string& out_activation) {
+  PoolKind kind = pool == "avg" ? PoolKind::Avg : pool == "max" ? PoolKind::Max : PoolKind::AvgMax;
+  return {dtype_of(x), x.size(0), x.size(1), x.size(2) * x.size(3), S, channels_last,
+          activation == "silu", gate == "hardsigmoid", kind, out_activation == "relu"};
+}
+
+void set_device(int64_t sm_count, int64_t l2_bytes) {
+  se_kernels::cuda::detail::emulated_device = {static_cast<int>(sm_count), l2_bytes};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x_in, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+    const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+    const std::optional<at::Tensor>& residual, std::string activation, std::string gate,
+    std::string pool, std::string out_activation, bool channels_last, int64_t misalign) {
+  const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
+  const auto acc = x_in.options().dtype(x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  std::vector<std::pair<Guarded, const char*>> all;
+  auto in = [&](const at::Tensor& t, bool cl, const char* name) {
+    all.emplace_back(guarded_copy(t, cl, misalign), name);
+    return all.back().first.view;
+  };
+  auto out = [&](at::IntArrayRef sizes, bool cl, const at::TensorOptions& o, const char* name) {
+    all.emplace_back(guarded(sizes, cl, o, misalign), name);
+    return all.back().first.view;
+  };
+  const at::Tensor x = in(x_in, channels_last, "x");
+  const at::Tensor w1g = in(w1, false, "w1"), w2g = in(w2, false, "w2");
+  const at::Tensor b1g = b1 ? in(*b1, false, "b1") : at::Tensor();
+  const at::Tensor b2g = b2 ? in(*b2, false, "b2") : at::Tensor();
+  const at::Tensor rg = residual ? in(*residual, channels_last, "residual") : at::Tensor();
+  at::Tensor o = out(x_in.sizes(), channels_last, x_in.options(), "out");
+  at::Tensor z = out({N, C}, false, acc, "z");
+  at::Tensor zmax = pool != "avg" ? out({N, C}, false, acc, "zmax") : at::empty({0}, acc);
+  at::Tensor a = out({N, S}, false, acc, "a");
+  at::Tensor g = out({N, C}, false, acc, "g");
+
+  se_kernels::cuda::ForwardArgs args{};
+  args.x = x.const_data_ptr();
+  args.w1 = w1g.const_data_ptr();
+  args.b1 = b1g.defined() ? b1g.const_data_ptr() : nullptr;
+  args.w2 = w2g.const_data_ptr();
+  args.b2 = b2g.defined() ? b2g.const_data_ptr() : nullptr;
+  args.residual = rg.defined() ? rg.const_data_ptr() : nullptr;
+  args.out = o.mutable_data_ptr();
+  args.z = z.mutable_data_ptr();
+  args.zmax = pool != "avg" ? zmax.mutable_data_ptr() : nullptr;
+  args.a = a.mutable_data_ptr();
+  args.g = g.mutable_data_ptr();
+  const auto plan = se_kernels::cuda::plan_forward(
+      problem_of(x, S, channels_last, activation, gate, pool, out_activation), args);
+  at::Tensor ws = out({plan.workspace_elems}, false, acc, "workspace");
+  args.workspace = ws.mutable_data_ptr();
+  if (N > 0) se_kernels::cuda::launch_forward(plan, args, nullptr);
+  for (const auto& [buffer, name] : all) check_guards(buffer, name);
+  return {o, z, zmax, a, g};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const std::optional<at::Tensor>& out_in,
+    const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& z, const at::Tensor& zmax,
+    const at::Tensor& a, const at::Tensor& g, std::string activation, std::string gate,
+    std::string pool, std::string out_activation, bool residual_grad, bool channels_last,
+    int64_t misalign) {
+  const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
+  const auto acc = z.options();
+  const bool relu = out_activation == "relu";
+  std::vector<std::pair<Guarded, const char*>> all;
+  auto in = [&](const at::Tensor& t, bool cl, const char* name) {
+    all.emplace_back(guarded_copy(t, cl, misalign), name);
+    return all.back().first.view;
+  };
+  auto out = [&](at::IntArrayRef sizes, bool cl, const at::TensorOptions& o, const char* name) {
+    all.emplace_back(guarded(sizes, cl, o, misalign), name);
+    return all.back().first.view;
+  };
+  const at::Tensor dy = in(grad_out, channels_last, "grad_out");
+  const at::Tensor x = in(x_in, channels_last, "x");
+  const at::Tensor o = relu ? in(*out_in, channels_last, "out") : at::Tensor();
+  const at::Tensor w1g = in(w1, false, "w1"), w2g = in(w2, false, "w2");
+  const at::Tensor zg = in(z, false, "z"), ag = in(a, false, "a"), gg = in(g, false, "g");
+  const at::Tensor zmaxg = pool != "avg" ? in(zmax, false, "zmax") : at::Tensor();
+  at::Tensor dx = out(x_in.sizes(), channels_last, x_in.options(), "dx");
+  at::Tensor dres = relu && residual_grad ? out(x_in.sizes(), channels_last, x_in.options(), "dresidual")
+                                          : at::empty({0}, x_in.options());
+  at::Tensor dw1 = out({S, C}, false, w1.options(), "dw1");
+  at::Tensor db1 = out({S}, false, w1.options(), "db1");
+  at::Tensor dw2 = out({C, S}, false, w2.options(), "dw2");
+  at::Tensor db2 = out({C}, false, w2.options(), "db2");
+
+  se_kernels::cuda::BackwardArgs args{};
+  args.grad_out = dy.const_data_ptr();
+  args.x = x.const_data_ptr();
+  args.out = relu ? o.const_data_ptr() : nullptr;
+  args.w1 = w1g.const_data_ptr();
+  args.w2 = w2g.const_data_ptr();
+  args.z = zg.const_data_ptr();
+  args.zmax = zmaxg.defined() ? zmaxg.const_data_ptr() : nullptr;
+  args.a = ag.const_data_ptr();
+  args.g = gg.const_data_ptr();
+  args.dx = dx.mutable_data_ptr();
+  args.dresidual = dres.numel() ? dres.mutable_data_ptr() : nullptr;
+  args.dw1 = dw1.mutable_data_ptr();
+  args.db1 = db1.mutable_data_ptr();
+  args.dw2 = dw2.mutable_data_ptr();
+  args.db2 = db2.mutable_data_ptr();
+  const auto plan = se_kernels::cuda::plan_backward(
+      problem_of(x, S, channels_last, activation, gate, pool, out_activation), args);
+  at::Tensor ws = out({plan.workspace_elems}, false, acc, "workspace");
+  args.workspace = ws.mutable_data_ptr();
+  se_kernels::cuda::launch_backward(plan, args, nullptr);
+  for (const auto& [buffer, name] : all) check_guards(buffer, name);
+  return {dx, dw1, db1, dw2, db2, dres};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(se_kernels_emu, m) {
+  m.def("set_device(int sm_count, int l2_bytes) -> ()", &set_device);
+  m.def("forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "
+        "str activation, str gate, str pool, str out_activation, bool channels_last, "
+        "int misalign) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        &forward);
+  m.def("backward(Tensor grad_out, Tensor x, Tensor? out, Tensor w1, Tensor w2, Tensor z, "
+        "Tensor zmax, Tensor a, Tensor g, str activation, str gate, str pool, "
+        "str out_activation, bool residual_grad, bool channels_last, int misalign) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        &backward);
+}
