@@ -1,6 +1,9 @@
 """The se-kernels command (also python -m se_kernels).
 
   se-kernels info    version, build, devices, and which backends run here (and why not)
+  se-kernels bench   time SE blocks of real networks (and whole models) against eager and
+                     torch.compile; writes CSV, markdown and a plot (needs se-kernels[bench])
+  se-kernels flops   the SE paper's FLOP and parameter tables, recounted
 """
 
 from __future__ import annotations
@@ -66,16 +69,68 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from .bench import runner
+
+    return runner.main(args, args.argv)
+
+
+def flops(args: argparse.Namespace) -> int:
+    from .bench import flops as flops_tables
+
+    return flops_tables.main(args)
+
+
+def _add_bench_parser(commands) -> None:
+    parser = commands.add_parser(
+        "bench", help="time SE blocks and models against eager and torch.compile",
+        description="Times the SE layers of real networks (and, with --suite model, whole "
+                    "SE-ResNets) for every implementation usable on the device, with the same "
+                    "inputs. With no --suite: a quick suite for the best device present.")
+    parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda[:N]")
+    parser.add_argument("--suite", choices=["resnet50", "mobilenetv3", "efficientnet_b0",
+                                            "regnety_400mf", "cpu", "blocks", "model", "all"],
+                        help="network SE shapes; cpu = resnet50 + mobilenetv3 + efficientnet_b0 "
+                             "at batch 8 fp32 (issue 2 item 8); blocks = all four networks; "
+                             "model = SE-ResNet-50 vs ResNet-50; all = blocks + model")
+    parser.add_argument("--dtype", help="comma list of fp32, bf16, fp16 (default: fp32 on CPU, bf16 on GPU)")
+    parser.add_argument("--layout", help="comma list of nchw, channels_last "
+                                         "(default: nchw on CPU, channels_last on GPU)")
+    parser.add_argument("--modes", help="comma list of fwd, bwd, fwd+bwd")
+    parser.add_argument("--batch", help="comma list of batch sizes for the SE blocks")
+    parser.add_argument("--backends", help="comma list of peers: eager, compile, compile-max and "
+                                           "se_kernels backends (default: all usable here; "
+                                           "eager always runs, as the baseline)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the first and last SE shape of each network, shorter timing (GPU: "
+                             "batch 256 only, no bwd-only mode); the default with no --suite")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="results folder (default: benchmarks/results)")
+    parser.add_argument("--compare", metavar="OLD.csv", help="print the change against an earlier run's CSV")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--model-batch", type=int, help="model suite batch size")
+    parser.add_argument("--image-size", type=int, help="model suite image size")
+    parser.add_argument("--model-compile", action="store_true",
+                        help="model suite: also time torch.compile'd models")
+    parser.set_defaults(func=bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="se-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, build and the backends usable here").set_defaults(func=info)
+    _add_bench_parser(commands)
+    flops_parser = commands.add_parser("flops", help="the SE paper's FLOP/parameter tables, recounted")
+    flops_parser.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
+    flops_parser.set_defaults(func=flops)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # bench records the command
     return args.func(args)
 
 

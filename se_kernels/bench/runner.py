@@ -1,0 +1,240 @@
+"""se-kernels bench: turns the command line into suites, runs them, writes the results."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import report
+from .shapes import NETWORKS, evenly_spaced, network_shapes
+
+SUITES = {
+    **{name: (name,) for name in NETWORKS},
+    # Issue 2, item 8: the CPU backend against eager and compiled torchvision SE.
+    "cpu": ("resnet50", "mobilenetv3", "efficientnet_b0"),
+    "blocks": NETWORKS,
+    "model": (),
+    "all": NETWORKS,
+}
+WITH_MODEL = ("model", "all")
+QUICK_SHAPES_PER_NETWORK = 2  # the first and the last distinct SE shape of each network
+
+# Per device: (batches, dtypes, layouts, modes) for a full suite, then for --quick.
+DEFAULTS = {
+    "cpu": ((8,), ("fp32",), ("nchw",), ("fwd", "fwd+bwd")),
+    "cuda": ((1, 32, 256), ("bf16",), ("channels_last",), ("fwd", "bwd", "fwd+bwd")),
+}
+QUICK_DEFAULTS = {
+    "cpu": ((8,), ("fp32",), ("nchw",), ("fwd", "fwd+bwd")),
+    "cuda": ((256,), ("bf16",), ("channels_last",), ("fwd", "fwd+bwd")),
+}
+# Model suite: (batch, image size) for a full and a quick run.
+MODEL_DEFAULTS = {"cpu": ((8, 224), (2, 128)), "cuda": ((256, 224), (128, 224))}
+
+
+def require(*modules: str, why: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"{why} needs {', '.join(missing)}, not installed: "
+                         "pip install 'se-kernels[bench]'")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def split(text: str | None, allowed: tuple[str, ...] | None, flag: str) -> list[str] | None:
+    if text is None:
+        return None
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if allowed is not None and v not in allowed]
+    if bad or not values:
+        raise SystemExit(f"{flag} takes a comma-separated list of {', '.join(allowed or ())}; "
+                         f"got {text!r}")
+    return values
+
+
+def _busy_note(device: torch.device) -> str | None:
+    """A warning when other work competes for the CPU that runs (or feeds) the benchmark."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load <= 0.75 * cores:
+        return None
+    hint = (f"; with {torch.get_num_threads()} torch threads each parallel op waits for the "
+            "slowest thread's time slice: --threads 1 is steadier" if device.type == "cpu"
+            and torch.get_num_threads() > 1 else "")
+    return (f"the machine was busy (1-minute load average {load:.1f} on {cores} cores): "
+            f"timings are noisy{hint}")
+
+
+@dataclass
+class Plan:
+    suite: str
+    quick: bool
+    cases: list
+    requested: list[str]  # peers named by --backends (empty: all usable)
+    model: dict | None  # model.run keyword arguments, or None without the model suite
+
+
+def make_plan(args, device: torch.device) -> Plan:
+    """Everything the flags decide, checked before anything runs."""
+    from se_kernels import dispatch
+
+    from . import block, model, peers
+
+    kind = device.type
+    suite = args.suite or ("cpu" if kind == "cpu" else "blocks")
+    quick = args.quick or args.suite is None
+    batches, dtypes, layouts, modes = (QUICK_DEFAULTS if quick else DEFAULTS)[kind]
+    dtypes = split(args.dtype, tuple(block.DTYPES), "--dtype") or dtypes
+    layouts = split(args.layout, tuple(block.LAYOUTS), "--layout") or layouts
+    modes = split(args.modes, block.MODES, "--modes") or modes
+    if args.batch:
+        try:
+            batches = [int(b) for b in split(args.batch, None, "--batch")]
+        except ValueError:
+            raise SystemExit(f"--batch takes comma-separated integers, got {args.batch!r}") from None
+        if min(batches) < 1:
+            raise SystemExit(f"--batch sizes must be >= 1, got {args.batch!r}")
+    requested = split(args.backends, (*peers.BASELINES, *dispatch.backend_names()),
+                      "--backends") or []
+    if args.compare and not Path(args.compare).is_file():
+        raise SystemExit(f"--compare: no such file {args.compare!r}")
+
+    shapes = []
+    for network in SUITES[suite]:
+        found = network_shapes(network)
+        shapes += evenly_spaced(found, QUICK_SHAPES_PER_NETWORK) if quick else found
+    cases = block.cases(shapes, list(batches), list(dtypes), list(layouts), list(modes))
+
+    model_kwargs = None
+    if suite in WITH_MODEL:
+        require("timm", why="the model suite")
+        (batch, image), (quick_batch, quick_image) = MODEL_DEFAULTS[kind]
+        batch = args.model_batch or (quick_batch if quick else batch)
+        if batch < 2:
+            raise SystemExit("--model-batch must be >= 2: a training step's BatchNorm needs "
+                             "more than one value per channel")
+        model_kwargs = dict(
+            batch=batch, image=args.image_size or (quick_image if quick else image),
+            tasks=list(model.TASKS), quick=quick, compile_models=args.model_compile,
+            backends=[b for b in requested if b not in peers.BASELINES] or None)
+    return Plan(suite, quick, cases, requested, model_kwargs)
+
+
+def block_notes(kind: str, copy_gbps: float) -> list[str]:
+    return [
+        f"copy bandwidth (copy_ of a large tensor into another, read + write): {copy_gbps:.1f} GB/s",
+        "timing: " + ("CUDA events (triton.testing.do_bench where available), L2 flushed "
+                      "before every call; median and p20/p80 of per-call times"
+                      if kind == "cuda" else
+                      "torch.utils.benchmark Timer in blocks of >= 2 ms, all peers interleaved "
+                      "in rounds; median and p20/p80 of the per-call times of the blocks"),
+        "GB/s on floor bytes: fwd reads x and writes out once, bwd reads dout and x and writes "
+        "dx once (plus the weights and their gradients); % copy: of the copy bandwidth",
+        "x eager / x compile: speed-up over eager torchvision SE / its torch.compile (mode "
+        "default); compile-max is mode max-autotune-no-cudagraphs; compile s is the first "
+        "call, Dynamo and Inductor included (Inductor caches on disk across runs)",
+        "peak MiB: " + ("torch.cuda.max_memory_allocated during one call, above what was "
+                        "allocated before it" if kind == "cuda" else "not measured on CPU"),
+        "check: each peer's output (and gradients) against eager's on the same inputs",
+    ]
+
+
+def main(args, argv: list[str]) -> int:
+    from . import block, model
+
+    require("tqdm", "matplotlib", "torchvision", why="se-kernels bench")
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    plan = make_plan(args, device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = report.output_stem(out_dir, device)
+    name = report.device_name(device)
+    busy = _busy_note(device)
+    if busy:
+        report.print_err(f"warning: {busy}")
+    report.print_err(f"se-kernels bench: suite {plan.suite}{' (quick)' if plan.quick else ''} "
+                     f"on {name}: {len(plan.cases)} block cases"
+                     + (", model suite" if plan.model else ""))
+
+    notes, block_rows, model_rows = [], [], []
+    if plan.cases:
+        from .timing import copy_bandwidth_gbps
+
+        copy_gbps = copy_bandwidth_gbps(device, quick=plan.quick)
+        block_rows, refused = block.run(plan.cases, plan.requested, device, quick=plan.quick,
+                                        copy_gbps=copy_gbps)
+        notes += block_notes(device.type, copy_gbps)
+        notes += [f"backend {backend!r} not run: {'; '.join(sorted(reasons))}"
+                  for backend, reasons in refused.items()]
+    if plan.model:
+        model_rows = model.run(device, **plan.model)
+        notes.append("models: " + ("CUDA events (triton.testing.do_bench where available) per "
+                                   "step, after a warm-up step" if device.type == "cuda" else
+                                   "each step timed by the host clock, the models interleaved "
+                                   "in rounds after a warm-up step")
+                     + "; train = forward, cross-entropy, backward, SGD step; infer = forward "
+                       "under inference_mode")
+    busy = busy or _busy_note(device)
+    if busy:
+        notes.append(busy)
+
+    outputs = []
+    md = [report.header("SE benchmark", device, argv, notes)]
+    if block_rows:
+        report.write_csv(block_rows, stem.with_suffix(".csv"), report.BLOCK_COLUMNS)
+        report.plot_blocks(block_rows, stem.with_suffix(".png"), name)
+        outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
+        md += ["## SE blocks", "", report.block_table(block_rows, markdown=True), "",
+               f"![speed-up over eager]({stem.with_suffix('.png').name})"]
+    if model_rows:
+        model_stem = stem.with_name(stem.name + "-model")
+        report.write_csv(model_rows, model_stem.with_suffix(".csv"), model.MODEL_COLUMNS)
+        report.plot_models(model_rows, model_stem.with_suffix(".png"), name)
+        outputs += [model_stem.with_suffix(".csv"), model_stem.with_suffix(".png")]
+        md += ["## Models", "",
+               "SE/plain: train rows give time(SE) / time(plain), the paper's 209/190 ms = "
+               f"{model.PAPER_TRAIN_TIME_RATIO:.2f}; infer rows give throughput(SE) / "
+               "throughput(plain), timm's 0.864 eager / 0.779 compiled (column reference).", "",
+               report.model_table(model_rows, markdown=True), "",
+               f"![SE / plain]({model_stem.with_suffix('.png').name})"]
+
+    comparison = None
+    if args.compare:
+        old_rows = report.read_csv(Path(args.compare))
+        new_rows = model_rows if old_rows and "task" in old_rows[0] else block_rows
+        comparison = report.compare(old_rows, new_rows, markdown=False)
+        md += ["", f"## Change against {Path(args.compare).name}", "",
+               report.compare(old_rows, new_rows, markdown=True)]
+
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    outputs.insert(0, stem.with_suffix(".md"))
+
+    print("\n".join(md[0].splitlines()[2:]))
+    if block_rows:
+        print("\n" + report.block_table(block_rows, markdown=False))
+    if model_rows:
+        print("\n" + report.model_table(model_rows, markdown=False))
+    if comparison is not None:
+        print(f"\nchange against {args.compare}:\n{comparison}")
+    print("\nwrote " + ", ".join(str(p) for p in outputs))
+    return 0

@@ -1,0 +1,128 @@
+"""SE layer shapes of real networks, read from torchvision's model definitions.
+
+Each network is built once (on the CPU: RegNet's width schedule cannot be built on the meta
+device), moved to the meta device and run on a 1x3x224x224 meta image with forward hooks, so
+the shapes are exactly those of torchvision at 224x224 and cost no arithmetic:
+
+  resnet50         torchvision.models.resnet50: the output of every Bottleneck, where
+                   SE-ResNet puts its SE (after the last BN of the residual branch), with
+                   squeeze = C // 16 (the paper's r = 16), ReLU and sigmoid.
+  mobilenetv3      torchvision.models.mobilenet_v3_large: every ops.SqueezeExcitation (ReLU,
+                   hardsigmoid, squeeze = make_divisible(C / 4, 8)).
+  efficientnet_b0  torchvision.models.efficientnet_b0: every SE (SiLU, sigmoid, squeeze =
+                   max(1, block input channels // 4), applied to the expanded channels).
+  regnety_400mf    torchvision.models.regnet_y_400mf: every SE (ReLU, sigmoid, squeeze =
+                   round(0.25 * block input width)).
+
+Layers of one network with the same (C, S, H, W) are listed once, with their count.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NETWORKS = ("resnet50", "mobilenetv3", "efficientnet_b0", "regnety_400mf")
+IMAGE_SIZE = 224
+RESNET_REDUCTION = 16
+
+_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}
+_GATES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+
+
+@dataclass(frozen=True)
+class SEShape:
+    """One SE layer of a network at batch 1: x is [N, channels, height, width]."""
+
+    network: str
+    layer: str  # module path of the first layer of the network with this shape
+    channels: int
+    squeeze: int
+    height: int
+    width: int
+    activation: str  # between the FCs: "relu" | "silu"
+    gate: str  # on the scale: "sigmoid" | "hardsigmoid"
+    count: int = 1  # layers of the network with this shape
+
+    @property
+    def label(self) -> str:
+        return f"{self.network} C{self.channels} S{self.squeeze} {self.height}x{self.width}"
+
+    def activation_module(self) -> type[nn.Module]:
+        return {v: k for k, v in _ACTIVATIONS.items()}[self.activation]
+
+    def gate_module(self) -> type[nn.Module]:
+        return {v: k for k, v in _GATES.items()}[self.gate]
+
+
+def _torchvision():
+    try:
+        import torchvision
+    except ImportError as error:
+        raise SystemExit("se-kernels bench needs torchvision for the network shapes: "
+                         "pip install 'se-kernels[bench]'") from error
+    return torchvision
+
+
+def _trace(model: nn.Module, wanted: type[nn.Module], *,
+           at_output: bool = False) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(module path, module, shape of its input, or of its output if at_output) of every
+    `wanted` module, in execution order."""
+    model = model.to("meta").eval()
+    seen: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, wanted):
+            def hook(mod, inputs, output, name=name):
+                tensor = output if at_output else inputs[0]
+                seen.append((name, mod, tuple(tensor.shape)))
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta"))
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def _dedupe(network: str, layers: list[SEShape]) -> list[SEShape]:
+    counts: dict[tuple, int] = {}
+    first: dict[tuple, SEShape] = {}
+    for shape in layers:
+        key = (shape.channels, shape.squeeze, shape.height, shape.width, shape.activation, shape.gate)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, shape)
+    return [SEShape(**{**first[key].__dict__, "count": counts[key]}) for key in first]
+
+
+@functools.lru_cache(maxsize=None)
+def network_shapes(network: str) -> tuple[SEShape, ...]:
+    """The distinct SE shapes of `network` (one of NETWORKS), in network order."""
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    tv = _torchvision()
+    layers = []
+    if network == "resnet50":
+        from torchvision.models.resnet import Bottleneck
+
+        for name, _, (_, c, h, w) in _trace(tv.models.resnet50(), Bottleneck, at_output=True):
+            layers.append(SEShape(network, name, c, c // RESNET_REDUCTION, h, w, "relu", "sigmoid"))
+    else:
+        builder = {"mobilenetv3": tv.models.mobilenet_v3_large,
+                   "efficientnet_b0": tv.models.efficientnet_b0,
+                   "regnety_400mf": tv.models.regnet_y_400mf}[network]
+        for name, module, (_, c, h, w) in _trace(builder(), tv.ops.SqueezeExcitation):
+            layers.append(SEShape(network, name, c, module.fc1.out_channels, h, w,
+                                  _ACTIVATIONS[type(module.activation)],
+                                  _GATES[type(module.scale_activation)]))
+    return tuple(_dedupe(network, layers))
+
+
+def evenly_spaced(shapes: tuple[SEShape, ...], k: int) -> tuple[SEShape, ...]:
+    """k shapes spread over the network, first and last included (all if there are <= k)."""
+    if len(shapes) <= k:
+        return shapes
+    picks = sorted({round(i * (len(shapes) - 1) / (k - 1)) for i in range(k)})
+    return tuple(shapes[i] for i in picks)

@@ -1,0 +1,232 @@
+"""se-kernels bench / flops: shapes read from torchvision, floor bytes, FLOP and parameter
+counts, and a tiny CPU suite end to end (CSV, markdown, PNG, --compare). Nothing here
+asserts a speed: only that what was measured is there, positive and finite."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision", reason="torchvision is a test extra: pip install .[test]")
+
+from se_kernels.bench import block, flops, report, shapes  # noqa: E402
+from se_kernels.cli import main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread while timing: on a busy 2-core machine two threads wait on each
+    other's time slices (and `--threads` changes the process's setting: restore it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resnet50_shapes_are_the_four_stages_at_r16():
+    found = [(s.channels, s.squeeze, s.height, s.width, s.count, s.activation, s.gate)
+             for s in shapes.network_shapes("resnet50")]
+    assert found == [(256, 16, 56, 56, 3, "relu", "sigmoid"), (512, 32, 28, 28, 4, "relu", "sigmoid"),
+                     (1024, 64, 14, 14, 6, "relu", "sigmoid"), (2048, 128, 7, 7, 3, "relu", "sigmoid")]
+
+
+@pytest.mark.parametrize("network, layers, activation, gate", [
+    ("mobilenetv3", 8, "relu", "hardsigmoid"),
+    ("efficientnet_b0", 16, "silu", "sigmoid"),
+    ("regnety_400mf", 16, "relu", "sigmoid"),
+])
+def test_network_shapes_follow_torchvision(network, layers, activation, gate):
+    from torchvision.models._utils import _make_divisible
+
+    found = shapes.network_shapes(network)
+    assert sum(s.count for s in found) == layers
+    assert len({(s.channels, s.squeeze, s.height, s.width) for s in found}) == len(found)
+    for s in found:
+        assert (s.activation, s.gate) == (activation, gate)
+        assert s.height * 224 // s.height == 224 and 224 % s.height == 0
+        if network == "mobilenetv3":
+            assert s.squeeze == _make_divisible(s.channels // 4, 8)
+    if network == "efficientnet_b0":  # stage 1: 32 channels at 112x112, squeeze 32 // 4
+        assert (found[0].channels, found[0].squeeze, found[0].height) == (32, 8, 112)
+
+
+def test_quick_picks_first_and_last_shape():
+    found = shapes.network_shapes("efficientnet_b0")
+    assert shapes.evenly_spaced(found, 2) == (found[0], found[-1])
+    assert shapes.evenly_spaced(found[:1], 2) == found[:1]
+
+
+def test_floor_bytes_count_each_tensor_once():
+    stage = shapes.network_shapes("resnet50")[0]  # 256 x 56 x 56, S = 16
+    act = 8 * 256 * 56 * 56 * 2  # bf16
+    weights = (2 * 256 * 16 + 256 + 16) * 2
+    fwd = block.floor_bytes(block.Case(stage, 8, "bf16", "nchw", "fwd"))
+    bwd = block.floor_bytes(block.Case(stage, 8, "bf16", "nchw", "bwd"))
+    both = block.floor_bytes(block.Case(stage, 8, "bf16", "nchw", "fwd+bwd"))
+    assert (fwd, bwd, both) == (2 * act + weights, 3 * act + 2 * weights, 5 * act + 3 * weights)
+
+
+def test_percentile_interpolates():
+    from se_kernels.bench.timing import percentile
+
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 20) == pytest.approx(1.8)
+    assert math.isnan(percentile([], 50))
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    assert math.isfinite(number) and number > 0, value
+    return number
+
+
+def test_bench_cli_end_to_end(tmp_path, capsys):
+    """A tiny CPU suite: 2 MobileNetV3 shapes x (fwd, fwd+bwd) x (eager, cpu, torch), with
+    --compare against an old CSV that holds one of its rows."""
+    old = tmp_path / "old.csv"
+    with old.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=report.BLOCK_COLUMNS)
+        writer.writeheader()
+        writer.writerow({"network": "mobilenetv3", "channels": 72, "squeeze": 24, "height": 28,
+                         "width": 28, "batch": 1, "dtype": "fp32", "layout": "nchw",
+                         "mode": "fwd", "peer": "eager", "median_us": 1e9})
+    out = tmp_path / "results"
+    argv = ["bench", "--device", "cpu", "--suite", "mobilenetv3", "--quick", "--batch", "1",
+            "--modes", "fwd,fwd+bwd", "--backends", "cpu,torch", "--threads", "1", "--out", str(out),
+            "--compare", str(old)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+
+    csvs = list(out.glob("*.csv"))
+    assert len(csvs) == 1 and csvs[0].name.startswith("cpu-")
+    stem = csvs[0].with_suffix("")
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = report.read_csv(csvs[0])
+    assert list(rows[0]) == report.BLOCK_COLUMNS
+    assert len(rows) == 2 * 2 * 3
+    assert {r["peer"] for r in rows} == {"eager", "cpu", "torch"}
+    assert {(r["channels"], r["mode"]) for r in rows} == {
+        ("72", "fwd"), ("72", "fwd+bwd"), ("960", "fwd"), ("960", "fwd+bwd")}
+    for r in rows:
+        for column in ("median_us", "p20_us", "p80_us", "floor_bytes", "gbps", "pct_copy_bw",
+                       "x_eager"):
+            _positive(r[column])
+        assert float(r["p20_us"]) <= float(r["median_us"]) <= float(r["p80_us"])
+        assert r["check"] == "ok", r
+        assert r["peak_mib"] == "" and r["x_compile"] == ""  # not measured, never invented
+        assert float(r["max_rel_err"]) < 1e-4
+    assert all(float(r["x_eager"]) == 1.0 for r in rows if r["peer"] == "eager")
+
+    markdown = stem.with_suffix(".md").read_text()
+    assert "- command: `se-kernels bench --device cpu --suite mobilenetv3" in markdown
+    for needle in ("torch " + torch.__version__, "se_kernels ", "copy bandwidth", "| shape |",
+                   f"]({stem.name}.png)", "## Change against old.csv"):
+        assert needle in markdown, needle
+    assert "old us" in printed and "x faster" in printed
+    assert "matched 1 of 12 new rows; 0 rows of the old file are not in this run" in printed
+    assert "eager: geometric mean x faster" in printed
+
+
+def test_compare_reports_ratio_old_over_new():
+    new = [{"network": "n", "channels": 8, "squeeze": 2, "height": 4, "width": 4, "batch": 1,
+            "dtype": "fp32", "layout": "nchw", "mode": "fwd", "peer": p, "median_us": t}
+           for p, t in (("eager", 10.0), ("cpu", 4.0))]
+    old = [{**r, "median_us": str(r["median_us"] * 2)} for r in new][:1]
+    text = report.compare(old, new, markdown=True)
+    assert "| n | 8 | 2 | 4 | 4 | 1 | fp32 | nchw | fwd | eager | 20.0 | 10.0 | 2.00 |" in text
+    assert "eager: geometric mean x faster 2.00 over 1 rows" in text
+    assert "matched 1 of 2 new rows" in text
+
+
+def test_missing_extra_is_a_clear_error(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"needs matplotlib.*pip install 'se-kernels\[bench\]'"):
+        main(["bench", "--device", "cpu", "--out", str(tmp_path)])
+
+
+def test_bad_flags_name_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match="--dtype"):
+        main(["bench", "--device", "cpu", "--dtype", "fp8", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--backends"):
+        main(["bench", "--device", "cpu", "--backends", "cdua", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow  # ~10-20 s: Inductor compiles a forward and a backward graph
+def test_compiled_peer_replays_its_backward():
+    """bwd mode replays the backward on one graph: torch.compile's donated buffers must be
+    off for that, and the result must still match eager."""
+    shape = shapes.network_shapes("mobilenetv3")[-1]  # 960 x 7 x 7
+    refused = {}
+    rows = block.run_case(block.Case(shape, 1, "fp32", "nchw", "bwd"), ["compile"],
+                          torch.device("cpu"), quick=True, copy_gbps=1.0, refused=refused)
+    assert [r["peer"] for r in rows] == ["eager", "compile"] and not refused
+    compiled = rows[1]
+    assert compiled["check"] == "ok" and compiled["compile_s"] > 0
+    assert compiled["x_compile"] == 1.0 and compiled["median_us"] > 0
+
+
+def test_flop_and_parameter_counts_match_the_formulas():
+    import torchvision
+
+    from se_kernels.models import se_resnet50
+
+    plain = flops.count(torchvision.models.resnet50)
+    v1 = flops.count(torchvision.models.resnet50, v1_strides=True)
+    se = flops.count(se_resnet50)
+    assert plain["params"] == 25_557_032 and round(plain["flops"] / 2e9, 2) == 4.09
+    # The paper's 3.86 GMACs: v1 strides, plus one op per residual-add element.
+    assert round(v1["flops"] / 2e9 + v1["residual_adds"] / 1e9, 2) == 3.86
+    stages = flops.se_stages(torchvision.models.resnet50())
+    assert stages == [(3, 256), (4, 512), (6, 1024), (3, 2048)]
+    weights = 2 / 16 * sum(n * c * c for n, c in stages)
+    biases = sum(n * (c + c // 16) for n, c in stages)
+    assert se["params"] == plain["params"] + weights + biases
+    assert math.ceil(se["params"] / 1e5) / 10 == flops.PAPER_TABLE10_PARAMS_M[16]
+    # The SE op's registered formula: pooling, 2 FLOPs per FC multiply-add, scale, residual.
+    hw = {256: 56 * 56, 512: 28 * 28, 1024: 14 * 14, 2048: 7 * 7}
+    expected = sum(n * (3 * c * hw[c] + 4 * c * (c // 16)) for n, c in stages)
+    assert se["by_op"]["se_kernels.se_forward"] == expected
+    assert se["by_op"]["aten.convolution"] == plain["by_op"]["aten.convolution"]
+
+
+def test_model_suite_tiny_training_step():
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    from se_kernels.bench import model
+
+    rows = model.run(torch.device("cpu"), batch=2, image=32, tasks=["train"], quick=True,
+                     backends=["cpu"], compile_models=False)
+    assert [(r["family"], r["model"], r["backend"]) for r in rows] == [
+        ("torchvision", "resnet50", ""), ("torchvision", "se_resnet50", "cpu"),
+        ("timm", "resnet50", ""), ("timm", "seresnet50", ""),
+        ("timm", "seresnet50+convert", "auto")]
+    for r in rows:
+        assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
+        if r["se"]:
+            assert r["time_vs_plain"] > 0 and r["reference_ratio"] == pytest.approx(209 / 190)
+
+
+def test_flops_cli_prints_and_writes_both_tables(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    from se_kernels.models import se_resnet50
+
+    # Table 2 on ResNet-50 and SE-ResNet-50 only (101/152 take longer, same code).
+    monkeypatch.setattr(flops, "_builders", lambda: {"resnet50": torchvision.models.resnet50,
+                                                     "se_resnet50": se_resnet50})
+    target = tmp_path / "flops.md"
+    assert main(["flops", "--markdown", str(target)]) == 0
+    printed = capsys.readouterr().out
+    written = target.read_text()
+    assert "## Table 2" in written and "## Table 10" in written
+    # ResNet-50 v1.5 / v1 strides / v1 + residual adds / paper, then SE-ResNet-50's row.
+    assert "| resnet50 | 25.56 | 25.6 | 4.09 | 3.86 | 3.86 | 3.86 | - |" in written
+    assert "| se_resnet50 | 28.09 | 28.1 | 4.10 | 3.87 | 3.87 | 3.87 | 21.59 |" in written
+    for r, paper in flops.PAPER_TABLE10_PARAMS_M.items():
+        assert f"| {r} |" in written and f"| {paper:.1f} | {paper:.1f} |" in written
+    assert "sum N_s*C_s^2 = 20,119,552" in printed
