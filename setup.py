@@ -120,9 +120,13 @@ def cpu_avx2_library(torch) -> list:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [("se_kernels_cpu_avx2", {
         "sources": ["csrc/cpu/kernels_avx2.cpp"],
+        # build_clib tracks neither includes nor flags: rebuild when the kernels' headers or
+        # this file (which holds the flags) change.
+        "obj_deps": {"": ["csrc/cpu/kernels_impl.h", "csrc/cpu/kernels.h", "csrc/se_common.h",
+                          "setup.py"]},
         "include_dirs": include_paths(),
         "macros": [("CPU_CAPABILITY", "AVX2"), ("CPU_CAPABILITY_AVX2", None)],
-        "cflags": ["-O3", "-std=c++20", "-fPIC", "-mavx2", "-mfma", "-mf16c",
+        "cflags": ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
                    f"-D_GLIBCXX_USE_CXX11_ABI={abi}"],
     })]
 
@@ -161,7 +165,10 @@ def extensions():
     sources = ["csrc/module.cpp", "csrc/se_common.cpp", "csrc/cpu/se_cpu.cpp",
                "csrc/cpu/kernels_default.cpp"]
     libraries = cpu_avx2_library(torch)
-    cxx_flags = ["-O3"] + (["-DSE_KERNELS_CPU_AVX2"] if libraries else [])
+    # at::parallel_for is an inline OpenMP region: without -fopenmp it runs on one thread.
+    # The OpenMP runtime linked is torch's own (its libgomp.so.1 is loaded first).
+    cxx_flags = ["-O3", "-fopenmp"] + (["-DSE_KERNELS_CPU_AVX2"] if libraries else [])
+    link_flags = ["-fopenmp"]
     info = {"torch": torch.__version__, "cuda": False, "nvcc": None, "cuda_archs": []}
     if want_cuda:
         nvcc = nvcc_version(cuda_home)
@@ -180,10 +187,12 @@ def extensions():
             "se_kernels._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DSE_KERNELS_WITH_CUDA"],
                                 "nvcc": ["-O3", "-DSE_KERNELS_WITH_CUDA", *gencode]},
+            extra_link_args=link_flags,
         )], BuildExtension
     write_build_info(info)
     return (libraries,
-            [CppExtension("se_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})],
+            [CppExtension("se_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                          extra_link_args=link_flags)],
             BuildExtension)
 
 

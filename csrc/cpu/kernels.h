@@ -1,32 +1,61 @@
-// The CPU passes over x, compiled once per CPU capability (kernels_default.cpp with the
-// baseline flags, kernels_avx2.cpp with AVX2/FMA/F16C) and chosen at run time, as ATen
-// does for its own kernels: the same source, vectorized for the machine it runs on.
+// The CPU kernels, compiled once per CPU capability (kernels_default.cpp with the baseline
+// flags, kernels_avx2.cpp with AVX2/FMA/F16C) and chosen at run time, as ATen does for its
+// own kernels: the same source, vectorized for the machine it runs on.
 //
-// Each pass works on a group of samples described by a Geometry; tensors are dense in the
-// geometry's layout. Per-channel vectors ([N, C]) are contiguous in the accumulation dtype.
+// Each call handles one group of samples (see se_cpu.cpp): pointers are at the group's
+// first sample; x-shaped tensors are dense in the geometry's layout; [N, C] and [N, S]
+// vectors are contiguous rows in the accumulation dtype (fp32, or fp64 for fp64).
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 
 #include "../se_common.h"
 
 namespace se_kernels::cpu {
 
+struct ForwardArgs {
+  Geometry geo;
+  Options opt;
+  c10::ScalarType dtype;  // of x, residual, out and the weights
+  int64_t S;
+  const void* x;
+  const void* residual;  // nullptr: none
+  void* out;
+  const void* w1;  // [S, C]
+  const void* b1;  // [S] or nullptr
+  const void* w2;  // [C, S]
+  const void* b2;  // [C] or nullptr
+  void* z;         // [N, C] written: the pooled vector fed to the MLP
+  void* zmax;      // [N, C] written for max pooling; nullptr for avg
+  void* a;         // [N, S] written: pre-activation hidden units
+  void* g;         // [N, C] written: pre-gate logits
+};
+
+struct BackwardArgs {
+  Geometry geo;
+  Options opt;
+  c10::ScalarType dtype;
+  int64_t S;
+  const void* grad_out;
+  const void* out;  // read for the output ReLU's mask; nullptr without one
+  const void* x;
+  const void* w1;
+  const void* w2;
+  const void* z;
+  const void* zmax;  // nullptr for avg pooling
+  const void* a;
+  const void* g;
+  void* dx;
+  void* dresidual;  // nullptr: not wanted
+  void* dw1;        // [S, C], [S], [C, S], [C] in the accumulation dtype:
+  void* db1;        // this group's gradients are added to them
+  void* dw2;
+  void* db2;
+};
+
 struct KernelTable {
-  // [1 or 2, N, C]: sum of x over H*W, and (want_max) its max.
-  at::Tensor (*pool)(const Geometry& geo, const at::Tensor& x, bool want_max);
-  // out = out_act(s * x + residual); residual may be undefined.
-  void (*scale)(const Geometry& geo, const at::Tensor& x, const at::Tensor& residual,
-                const at::Tensor& s, bool relu, const at::Tensor& out);
-  // [1 or 2, N, C]: ds = sum of dy * x, and (zmax defined) how many x equal zmax.
-  // dy = grad_out, masked by out > 0 when out is defined (output ReLU).
-  at::Tensor (*grad_reduce)(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& out,
-                            const at::Tensor& x, const at::Tensor& zmax);
-  // dx = dy * s + dx_avg + [x == zmax] * dx_max; dresidual = dy where defined.
-  void (*grad_input)(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& out,
-                     const at::Tensor& x, const at::Tensor& s, const at::Tensor& dx_avg,
-                     const at::Tensor& zmax, const at::Tensor& dx_max, const at::Tensor& dx,
-                     const at::Tensor& dresidual);
+  void (*forward)(const ForwardArgs&);
+  void (*backward)(const BackwardArgs&);
 };
 
 namespace DEFAULT {

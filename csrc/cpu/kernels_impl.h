@@ -15,6 +15,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -54,6 +55,16 @@ struct Lanes {
       at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
     }
   }
+  // Vec::size() scalars as one vector (half a load above).
+  static Vec load_one(const scalar_t* p) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return Vec::loadu(p);
+    } else {
+      Vec v;
+      at::vec::load_to_float<scalar_t>(p, v);
+      return v;
+    }
+  }
 };
 
 // A per-channel [N, C] value as seen from a span of x: an NCHW row holds one channel (the
@@ -72,11 +83,6 @@ struct ChannelValue {
 template <typename acc_t>
 acc_t nan_max(acc_t a, acc_t b) {  // torch.amax propagates NaN
   return (a > b || std::isnan(a)) ? a : b;
-}
-
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() ? t.const_data_ptr<T>() : nullptr;
 }
 
 // Calls fn(per_lane_tag, offset, length, channel_offset) for every dense span of x, in
@@ -140,14 +146,24 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
       const int64_t p0 = k * piece_len, p1 = std::min(P, p0 + piece_len);
       if (!geo.channels_last) {
         // One NCHW row: vector lanes accumulate, then fold into one value per quantity.
+        // Two sets of accumulators alternate so consecutive adds do not wait on each other.
         const int64_t c = b, base = (n * C + c) * P;
-        Vec acc[kQ][2];
-        for (int q = 0; q < kQ; ++q) acc[q][0] = acc[q][1] = Vec(Terms::init(q));
+        Vec acc[2][kQ][2];
+        for (auto& set : acc)
+          for (int q = 0; q < kQ; ++q) set[q][0] = set[q][1] = Vec(Terms::init(q));
         int64_t p = p0;
-        for (; p + kWidth <= p1; p += kWidth)
-          terms.template fold<false>(acc, base + p, n * C + c);
+        for (; p + 2 * kWidth <= p1; p += 2 * kWidth) {
+          terms.template fold<false>(acc[0], base + p, n * C + c);
+          terms.template fold<false>(acc[1], base + p + kWidth, n * C + c);
+        }
+        if (p + kWidth <= p1) {
+          terms.template fold<false>(acc[0], base + p, n * C + c);
+          p += kWidth;
+        }
         acc_t total[kQ];
-        for (int q = 0; q < kQ; ++q) total[q] = Terms::reduce_lanes(q, acc[q][0], acc[q][1]);
+        for (int q = 0; q < kQ; ++q)
+          total[q] = Terms::reduce_lanes(q, Terms::combine(q, acc[0][q][0], acc[1][q][0]),
+                                         Terms::combine(q, acc[0][q][1], acc[1][q][1]));
         for (; p < p1; ++p) terms.fold_scalar(total, base + p, n * C + c);
         for (int q = 0; q < kQ; ++q) part_at(q, n, c, k) = total[q];
       } else {
@@ -211,6 +227,7 @@ struct PoolTerms {
 
   static acc_t init(int q) { return q == 0 ? acc_t(0) : -std::numeric_limits<acc_t>::infinity(); }
   static acc_t combine(int q, acc_t a, acc_t b) { return q == 0 ? a + b : nan_max(a, b); }
+  static Vec combine(int q, const Vec& a, const Vec& b) { return q == 0 ? a + b : at::vec::maximum(a, b); }
   static acc_t reduce_lanes(int q, const Vec& lo, const Vec& hi) {
     if (q == 0) return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
     return at::vec::vec_reduce_all<acc_t>(
@@ -248,6 +265,7 @@ struct GradTerms {
 
   static acc_t init(int) { return acc_t(0); }
   static acc_t combine(int, acc_t a, acc_t b) { return a + b; }
+  static Vec combine(int, const Vec& a, const Vec& b) { return a + b; }
   static acc_t reduce_lanes(int, const Vec& lo, const Vec& hi) {
     return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
   }
@@ -364,82 +382,290 @@ struct GradInputSpan {
   }
 };
 
-#define SE_DISPATCH_FLOATING(type, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, __VA_ARGS__)
+// ---- The excitation MLP on [N, C] / [N, S] vectors --------------------------------------
+//
+// Three small products cover the forward and backward; each output element is owned by one
+// thread and summed in a fixed order (deterministic for any thread count), and each weight
+// matrix is read once per call for all samples of the group.
 
-at::TensorOptions accumulate_options(const at::Tensor& x) {
-  return x.options().dtype(accumulate_type(x.scalar_type()));
-}
+template <typename scalar_t>
+struct Mlp {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  static constexpr int64_t kWidth = L::kWidth;
+  // Samples per sweep over the weights: one accumulator each, which with the weights and
+  // the broadcast input fits the 16 vector registers of AVX2.
+  static constexpr int64_t kSamples = 8;
 
-at::Tensor pool(const Geometry& geo, const at::Tensor& x, bool want_max) {
-  at::Tensor sums;
-  SE_DISPATCH_FLOATING(x.scalar_type(), "se_pool_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    sums = want_max ? reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, true>{xp}, accumulate_options(x))
-                    : reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, false>{xp}, accumulate_options(x));
-  });
-  return sums;
-}
+  static int64_t grain(int64_t work_per_item) {
+    return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+  }
 
-void scale(const Geometry& geo, const at::Tensor& x, const at::Tensor& residual,
-           const at::Tensor& s, bool relu, const at::Tensor& out) {
-  SE_DISPATCH_FLOATING(x.scalar_type(), "se_scale_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* sp = s.const_data_ptr<acc_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = data_or_null<scalar_t>(residual);
-    scalar_t* op = out.data_ptr<scalar_t>();
-    for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
-      constexpr bool kPerLane = decltype(per_lane)::value;
-      scale_span<scalar_t, kPerLane>(xp + off, rp ? rp + off : nullptr, op + off, len,
-                                     ChannelValue<acc_t, kPerLane>{sp + chan}, relu);
+  // y[n, r] = bias[r] + sum_k w[r, k] x[n, k]   (w [rows, cols], x [N, cols], y [N, rows])
+  static void linear_rows(const scalar_t* w, const scalar_t* bias, int64_t rows, int64_t cols,
+                          const acc_t* x, int64_t N, acc_t* y) {
+    at::parallel_for(0, rows, grain(cols * N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* wr = w + r * cols;
+        const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
+        for (int64_t n0 = 0; n0 < N; n0 += kSamples) {
+          const int64_t nb = std::min(kSamples, N - n0);
+          Vec acc[kSamples];
+          for (int64_t i = 0; i < nb; ++i) acc[i] = Vec(0);
+          int64_t k = 0;
+          for (; k + kWidth <= cols; k += kWidth) {
+            Vec wv[2];
+            L::load(wr + k, wv[0], wv[1]);
+            for (int64_t i = 0; i < nb; ++i) {
+              const acc_t* xn = x + (n0 + i) * cols + k;
+              acc[i] = at::vec::fmadd(wv[0], Vec::loadu(xn), acc[i]);
+              acc[i] = at::vec::fmadd(wv[1], Vec::loadu(xn + Vec::size()), acc[i]);
+            }
+          }
+          for (int64_t i = 0; i < nb; ++i) {
+            acc_t total = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), acc[i]);
+            const acc_t* xn = x + (n0 + i) * cols;
+            for (int64_t kk = k; kk < cols; ++kk) total += static_cast<acc_t>(wr[kk]) * xn[kk];
+            y[(n0 + i) * rows + r] = total + b;
+          }
+        }
+      }
     });
-  });
-}
+  }
 
-at::Tensor grad_reduce(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& out,
-                       const at::Tensor& x, const at::Tensor& zmax) {
-  at::Tensor sums;
-  SE_DISPATCH_FLOATING(x.scalar_type(), "se_grad_reduce_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* op = data_or_null<scalar_t>(out);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* mp = data_or_null<acc_t>(zmax);
-    sums = mp ? reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, true>{gp, op, xp, mp}, accumulate_options(x))
-              : reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, false>{gp, op, xp, mp}, accumulate_options(x));
-  });
-  return sums;
-}
-
-void grad_input(const Geometry& geo, const at::Tensor& grad_out, const at::Tensor& out,
-                const at::Tensor& x, const at::Tensor& s, const at::Tensor& dx_avg,
-                const at::Tensor& zmax, const at::Tensor& dx_max, const at::Tensor& dx,
-                const at::Tensor& dresidual) {
-  SE_DISPATCH_FLOATING(x.scalar_type(), "se_grad_input_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* op = data_or_null<scalar_t>(out);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
-    scalar_t* drp = dresidual.defined() && dresidual.numel() ? dresidual.data_ptr<scalar_t>() : nullptr;
-    const acc_t* per_channel[4] = {s.const_data_ptr<acc_t>(), data_or_null<acc_t>(dx_avg),
-                                   data_or_null<acc_t>(zmax), data_or_null<acc_t>(dx_max)};
-    for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
-      constexpr bool kPerLane = decltype(per_lane)::value;
-      using Chan = ChannelValue<acc_t, kPerLane>;
-      auto at_chan = [&](int i) { return Chan{per_channel[i] ? per_channel[i] + chan : nullptr}; };
-      GradInputSpan<scalar_t, kPerLane>{gp + off, op ? op + off : nullptr, xp + off, dxp + off,
-                                        drp ? drp + off : nullptr, at_chan(0), at_chan(1),
-                                        at_chan(2), at_chan(3)}(len);
+  // y[n, k] = sum_r x[n, r] w[r, k]   (w [rows, cols], x [N, rows], y [N, cols]); each
+  // thread owns strips of Vec::size() output columns.
+  static void linear_cols(const scalar_t* w, int64_t rows, int64_t cols, const acc_t* x,
+                          int64_t N, acc_t* y) {
+    constexpr int64_t kStrip = Vec::size();
+    const int64_t strips = ceil_div(cols, kStrip);
+    at::parallel_for(0, strips, grain(rows * kStrip * N), [&](int64_t begin, int64_t end) {
+      for (int64_t strip = begin; strip < end; ++strip) {
+        const int64_t k0 = strip * kStrip, width = std::min(kStrip, cols - k0);
+        for (int64_t n0 = 0; n0 < N; n0 += kSamples) {
+          const int64_t nb = std::min(kSamples, N - n0);
+          if (width == kStrip) {
+            Vec acc[kSamples];
+            for (int64_t i = 0; i < nb; ++i) acc[i] = Vec(0);
+            for (int64_t r = 0; r < rows; ++r) {
+              const Vec wv = L::load_one(w + r * cols + k0);
+              for (int64_t i = 0; i < nb; ++i)
+                acc[i] = at::vec::fmadd(Vec(x[(n0 + i) * rows + r]), wv, acc[i]);
+            }
+            for (int64_t i = 0; i < nb; ++i) acc[i].store(y + (n0 + i) * cols + k0);
+          } else {
+            for (int64_t i = 0; i < nb; ++i)
+              for (int64_t k = k0; k < k0 + width; ++k) {
+                acc_t total = 0;
+                for (int64_t r = 0; r < rows; ++r)
+                  total += x[(n0 + i) * rows + r] * static_cast<acc_t>(w[r * cols + k]);
+                y[(n0 + i) * cols + k] = total;
+              }
+          }
+        }
+      }
     });
+  }
+
+  // dw[r, k] += sum_n u[n, r] v[n, k]; db[r] += sum_n u[n, r]   (u [N, rows], v [N, cols])
+  static void add_outer(const acc_t* u, int64_t rows, const acc_t* v, int64_t cols, int64_t N,
+                        acc_t* dw, acc_t* db) {
+    at::parallel_for(0, rows, grain(cols * N), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        acc_t* d = dw + r * cols;
+        int64_t k = 0;
+        // Four independent accumulators per step hide the FMA latency of the sum over n.
+        constexpr int64_t kUnroll = 4;
+        for (; k + kUnroll * Vec::size() <= cols; k += kUnroll * Vec::size()) {
+          Vec acc[kUnroll];
+          for (int64_t j = 0; j < kUnroll; ++j) acc[j] = Vec::loadu(d + k + j * Vec::size());
+          for (int64_t n = 0; n < N; ++n) {
+            const Vec un(u[n * rows + r]);
+            const acc_t* vn = v + n * cols + k;
+            for (int64_t j = 0; j < kUnroll; ++j)
+              acc[j] = at::vec::fmadd(un, Vec::loadu(vn + j * Vec::size()), acc[j]);
+          }
+          for (int64_t j = 0; j < kUnroll; ++j) acc[j].store(d + k + j * Vec::size());
+        }
+        for (; k + Vec::size() <= cols; k += Vec::size()) {
+          Vec acc = Vec::loadu(d + k);
+          for (int64_t n = 0; n < N; ++n)
+            acc = at::vec::fmadd(Vec(u[n * rows + r]), Vec::loadu(v + n * cols + k), acc);
+          acc.store(d + k);
+        }
+        for (; k < cols; ++k)
+          for (int64_t n = 0; n < N; ++n) d[k] += u[n * rows + r] * v[n * cols + k];
+        acc_t bias = db[r];
+        for (int64_t n = 0; n < N; ++n) bias += u[n * rows + r];
+        db[r] = bias;
+      }
+    });
+  }
+
+  // out[i] = f(in_1[i], ...) over count elements, Vec-wide with a partial last vector.
+  template <typename F>
+  static void map(int64_t count, F&& f) {
+    for (int64_t i = 0; i < count; i += Vec::size()) f(i, std::min<int64_t>(Vec::size(), count - i));
+  }
+
+  static Vec sigmoid(const Vec& v) { return Vec(1) / (Vec(1) + v.neg().exp()); }
+
+  // s = gate(g), and optionally dg = ds * gate'(g), over count elements.
+  static void gate(Gate kind, int64_t count, const acc_t* g, acc_t* s, const acc_t* ds, acc_t* dg) {
+    map(count, [&](int64_t i, int64_t n) {
+      const Vec gv = Vec::loadu(g + i, n);
+      Vec sv, dgate;
+      if (kind == Gate::Sigmoid) {
+        sv = sigmoid(gv);
+        dgate = sv * (Vec(1) - sv);
+      } else {  // hardsigmoid; its derivative is 1/6 on the open interval, as in torch
+        sv = at::vec::clamp(gv / Vec(6) + Vec(0.5), Vec(0), Vec(1));
+        dgate = Vec::blendv(Vec(0), Vec(acc_t(1) / 6), (gv > Vec(-3)) & (gv < Vec(3)));
+      }
+      sv.store(s + i, n);
+      if (dg) (Vec::loadu(ds + i, n) * dgate).store(dg + i, n);
+    });
+  }
+
+  // h = act(a), and optionally da = dh * act'(a), over count elements.
+  static void activation(Activation kind, int64_t count, const acc_t* a, acc_t* h, const acc_t* dh,
+                         acc_t* da) {
+    map(count, [&](int64_t i, int64_t n) {
+      const Vec av = Vec::loadu(a + i, n);
+      if (kind == Activation::ReLU) {
+        at::vec::clamp_min(av, Vec(0)).store(h + i, n);
+        if (da) Vec::blendv(Vec(0), Vec::loadu(dh + i, n), av > Vec(0)).store(da + i, n);
+      } else {
+        const Vec sig = sigmoid(av);
+        (av * sig).store(h + i, n);
+        if (da) (Vec::loadu(dh + i, n) * sig * (Vec(1) + av * (Vec(1) - sig))).store(da + i, n);
+      }
+    });
+  }
+};
+
+template <typename scalar_t>
+void forward_group(const ForwardArgs& p) {
+  using M = Mlp<scalar_t>;
+  using acc_t = typename M::acc_t;
+  const Geometry& geo = p.geo;
+  const int64_t N = geo.N, C = geo.C, S = p.S;
+  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto* x = static_cast<const scalar_t*>(p.x);
+  auto* z = static_cast<acc_t*>(p.z);
+  auto* zmax = static_cast<acc_t*>(p.zmax);
+
+  // Squeeze: z = avg, max or their mean, from one pass over x.
+  const acc_t inv_p = acc_t(1) / static_cast<acc_t>(geo.P);
+  if (p.opt.uses_max()) {
+    const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, true>{x}, acc);
+    const acc_t* sum = sums.const_data_ptr<acc_t>();
+    const acc_t* max = sum + N * C;
+    const bool mean = p.opt.pool == Pool::AvgMax;
+    for (int64_t i = 0; i < N * C; ++i) {
+      zmax[i] = max[i];
+      z[i] = mean ? acc_t(0.5) * (sum[i] * inv_p) + acc_t(0.5) * max[i] : max[i];
+    }
+  } else {
+    const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, false>{x}, acc);
+    const acc_t* sum = sums.const_data_ptr<acc_t>();
+    for (int64_t i = 0; i < N * C; ++i) z[i] = sum[i] * inv_p;
+  }
+
+  // Excite: a = W1 z + b1, h = act(a), g = W2 h + b2, s = gate(g).
+  auto* a = static_cast<acc_t*>(p.a);
+  auto* g = static_cast<acc_t*>(p.g);
+  std::vector<acc_t> h(N * S), s(N * C);
+  M::linear_rows(static_cast<const scalar_t*>(p.w1), static_cast<const scalar_t*>(p.b1), S, C, z, N, a);
+  M::activation(p.opt.activation, N * S, a, h.data(), nullptr, nullptr);
+  M::linear_rows(static_cast<const scalar_t*>(p.w2), static_cast<const scalar_t*>(p.b2), C, S, h.data(), N, g);
+  M::gate(p.opt.gate, N * C, g, s.data(), nullptr, nullptr);
+
+  // Scale: out = out_act(s * x + residual).
+  const auto* residual = static_cast<const scalar_t*>(p.residual);
+  auto* out = static_cast<scalar_t*>(p.out);
+  const bool relu = p.opt.out_relu();
+  for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
+    constexpr bool kPerLane = decltype(per_lane)::value;
+    scale_span<scalar_t, kPerLane>(x + off, residual ? residual + off : nullptr, out + off, len,
+                                   ChannelValue<acc_t, kPerLane>{s.data() + chan}, relu);
   });
 }
 
-#undef SE_DISPATCH_FLOATING
+template <typename scalar_t>
+void backward_group(const BackwardArgs& p) {
+  using M = Mlp<scalar_t>;
+  using acc_t = typename M::acc_t;
+  const Geometry& geo = p.geo;
+  const int64_t N = geo.N, C = geo.C, S = p.S;
+  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto* grad_out = static_cast<const scalar_t*>(p.grad_out);
+  const auto* out = static_cast<const scalar_t*>(p.out);
+  const auto* x = static_cast<const scalar_t*>(p.x);
+  const auto* zmax = static_cast<const acc_t*>(p.zmax);
+
+  // ds = sum_p dy * x (and the max positions' count), from one pass over grad_out and x.
+  const at::Tensor sums =
+      zmax ? reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, true>{grad_out, out, x, zmax}, acc)
+           : reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, false>{grad_out, out, x, zmax}, acc);
+  const acc_t* ds = sums.const_data_ptr<acc_t>();
+  const acc_t* count = zmax ? ds + N * C : nullptr;
+
+  // The MLP backward: dg = ds * gate'(g); dW2 += dg^T h; dh = dg W2; da = dh * act'(a);
+  // dW1 += da^T z; dz = da W1.
+  const auto* a = static_cast<const acc_t*>(p.a);
+  const auto* z = static_cast<const acc_t*>(p.z);
+  std::vector<acc_t> s(N * C), dg(N * C), h(N * S), dh(N * S), da(N * S), dz(N * C);
+  M::gate(p.opt.gate, N * C, static_cast<const acc_t*>(p.g), s.data(), ds, dg.data());
+  M::activation(p.opt.activation, N * S, a, h.data(), nullptr, nullptr);
+  M::add_outer(dg.data(), C, h.data(), S, N, static_cast<acc_t*>(p.dw2), static_cast<acc_t*>(p.db2));
+  M::linear_cols(static_cast<const scalar_t*>(p.w2), C, S, dg.data(), N, dh.data());
+  M::activation(p.opt.activation, N * S, a, h.data(), dh.data(), da.data());
+  M::add_outer(da.data(), S, z, C, N, static_cast<acc_t*>(p.dw1), static_cast<acc_t*>(p.db1));
+  M::linear_cols(static_cast<const scalar_t*>(p.w1), S, C, da.data(), N, dz.data());
+
+  // dz reaches x through the pooling: dz / P everywhere (avg), dz / count at the max.
+  std::vector<acc_t> dx_avg, dx_max;
+  const acc_t avg_share = p.opt.pool == Pool::Avg ? acc_t(1) : p.opt.pool == Pool::AvgMax ? acc_t(0.5) : acc_t(0);
+  const acc_t max_share = acc_t(1) - avg_share;
+  if (avg_share != 0) {
+    dx_avg.resize(N * C);
+    const acc_t scale = avg_share / static_cast<acc_t>(geo.P);
+    for (int64_t i = 0; i < N * C; ++i) dx_avg[i] = dz[i] * scale;
+  }
+  if (max_share != 0) {
+    dx_max.resize(N * C);
+    for (int64_t i = 0; i < N * C; ++i) dx_max[i] = dz[i] * max_share / count[i];
+  }
+
+  // dx = dy * s + dx_avg + [x == zmax] * dx_max, and dresidual = dy, in one pass.
+  auto* dx = static_cast<scalar_t*>(p.dx);
+  auto* dresidual = static_cast<scalar_t*>(p.dresidual);
+  const acc_t* per_channel[4] = {s.data(), dx_avg.empty() ? nullptr : dx_avg.data(), zmax,
+                                 dx_max.empty() ? nullptr : dx_max.data()};
+  for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
+    constexpr bool kPerLane = decltype(per_lane)::value;
+    using Chan = ChannelValue<acc_t, kPerLane>;
+    auto at_chan = [&](int i) { return Chan{per_channel[i] ? per_channel[i] + chan : nullptr}; };
+    GradInputSpan<scalar_t, kPerLane>{grad_out + off, out ? out + off : nullptr, x + off, dx + off,
+                                      dresidual ? dresidual + off : nullptr, at_chan(0),
+                                      at_chan(1), at_chan(2), at_chan(3)}(len);
+  });
+}
+
+void forward(const ForwardArgs& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "se_forward_cpu",
+                                  [&] { forward_group<scalar_t>(p); });
+}
+
+void backward(const BackwardArgs& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "se_backward_cpu",
+                                  [&] { backward_group<scalar_t>(p); });
+}
 
 }  // namespace
 
-extern const KernelTable kKernels = {&pool, &scale, &grad_reduce, &grad_input};
+extern const KernelTable kKernels = {&forward, &backward};
 
 }  // namespace se_kernels::cpu::SE_CPU_CAPABILITY

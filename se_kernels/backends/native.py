@@ -46,13 +46,14 @@ def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
 
 @dispatch.constant_under_compile
 def build_refusals(device_type: str, device_index: int) -> tuple[str, ...]:
-    """Why the built extension cannot run on this device. Fixed for the life of the
-    process, so torch.compile evaluates it once instead of tracing into it."""
-    if EXTENSION_ERROR is not None:
-        return (f"the compiled extension se_kernels._C is not available ({EXTENSION_ERROR})",)
+    """Why no compiled kernel can run on this device. The kernels come from se_kernels._C or
+    from a library built with CMakeLists.txt and loaded with torch.ops.load_library; the
+    answer is fixed once they are loaded, so torch.compile evaluates it instead of tracing."""
     if not has_kernel(device_type):
+        if EXTENSION_ERROR is not None:
+            return (f"the compiled extension se_kernels._C is not available ({EXTENSION_ERROR})",)
         return (f"se_kernels._C was built without {device_type} kernels",)
-    if device_type == "cuda":
+    if device_type == "cuda" and EXTENSION_ERROR is None:  # a CMake build records no archs
         major, minor = torch.cuda.get_device_capability(device_index)
         if not cuda_arch_covered((major, minor), BUILD["cuda_archs"]):
             return (f"se_kernels._C has no code for sm_{major}{minor} (built for "
