@@ -1,7 +1,6 @@
 #include "se_common.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <string>
 
@@ -118,79 +117,6 @@ Geometry geometry_of(const at::Tensor& x) {
   const bool channels_last =
       !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   return Geometry{x.size(0), x.size(1), x.size(2) * x.size(3), channels_last};
-}
-
-Excitation excite_forward(const at::Tensor& z, const at::Tensor& w1,
-                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                          const std::optional<at::Tensor>& b2, const Options& opt) {
-  // The ops run below autocast, but these ATen calls would dispatch through it again and
-  // drop the MLP to half precision: keep them in the accumulation dtype.
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const auto acc = z.scalar_type();
-  const auto w1a = w1.to(acc), w2a = w2.to(acc);
-  at::Tensor a = b1 ? at::addmm(b1->to(acc), z, w1a.t()) : at::mm(z, w1a.t());
-  at::Tensor h = opt.activation == Activation::ReLU ? at::relu(a) : at::silu(a);
-  at::Tensor g = b2 ? at::addmm(b2->to(acc), h, w2a.t()) : at::mm(h, w2a.t());
-  at::Tensor s = opt.gate == Gate::Sigmoid ? at::sigmoid(g) : at::hardsigmoid(g);
-  return {a, g, s};
-}
-
-ExcitationGrads excite_backward_acc(const at::Tensor& ds, const at::Tensor& count,
-                                    const at::Tensor& z, const at::Tensor& a, const at::Tensor& g,
-                                    const at::Tensor& w1, const at::Tensor& w2, int64_t P,
-                                    const Options& opt) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as above
-  const auto acc = z.scalar_type();
-  const auto w1a = w1.to(acc), w2a = w2.to(acc);
-  ExcitationGrads r;
-  at::Tensor dg;
-  if (opt.gate == Gate::Sigmoid) {
-    r.s = at::sigmoid(g);
-    dg = ds * r.s * (1 - r.s);
-  } else {
-    r.s = at::hardsigmoid(g);
-    // Same open interval as torch's hardsigmoid_backward.
-    dg = at::where(at::logical_and(g > -3, g < 3), ds / 6, at::zeros({}, ds.options()));
-  }
-  at::Tensor h, da;
-  at::Tensor dh = at::mm(dg, w2a);
-  if (opt.activation == Activation::ReLU) {
-    h = at::relu(a);
-    da = at::where(a > 0, dh, at::zeros({}, dh.options()));
-  } else {
-    const auto sig = at::sigmoid(a);
-    h = a * sig;
-    da = dh * sig * (1 + a * (1 - sig));
-  }
-  r.dw2 = at::mm(dg.t(), h);
-  r.db2 = dg.sum(0);
-  r.dw1 = at::mm(da.t(), z);
-  r.db1 = da.sum(0);
-  const at::Tensor dz = at::mm(da, w1a);
-  switch (opt.pool) {
-    case Pool::Avg:
-      r.dx_avg = dz / static_cast<double>(P);
-      break;
-    case Pool::Max:
-      r.dx_max = dz / count;
-      break;
-    case Pool::AvgMax:  // z = avg / 2 + max / 2
-      r.dx_avg = dz * (0.5 / static_cast<double>(P));
-      r.dx_max = dz * 0.5 / count;
-      break;
-  }
-  return r;
-}
-
-ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, const at::Tensor& z,
-                                const at::Tensor& a, const at::Tensor& g, const at::Tensor& w1,
-                                const at::Tensor& w2, int64_t P, const Options& opt) {
-  ExcitationGrads r = excite_backward_acc(ds, count, z, a, g, w1, w2, P, opt);
-  r.dw1 = r.dw1.to(w1.scalar_type());
-  r.db1 = r.db1.to(w1.scalar_type());
-  r.dw2 = r.dw2.to(w2.scalar_type());
-  r.db2 = r.db2.to(w2.scalar_type());
-  return r;
 }
 
 }  // namespace se_kernels

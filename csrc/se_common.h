@@ -1,5 +1,5 @@
 // Shared by the CPU and CUDA implementations of the se_kernels ops: option parsing,
-// argument checks, the geometry of x, and the excitation MLP on the pooled vectors.
+// argument checks and the geometry of x.
 //
 // The op schemas live in Python (se_kernels/_ops.py) so the ops, their fake kernels and
 // their autograd exist even when this extension is not built; this library only adds
@@ -64,32 +64,5 @@ Geometry geometry_of(const at::Tensor& x);
 
 // Pooled statistics and the MLP run in fp32 (fp64 for fp64 inputs).
 at::ScalarType accumulate_type(at::ScalarType t);
-
-// The excitation MLP on pooled vectors, with ATen matmuls in the accumulation dtype.
-struct Excitation {
-  at::Tensor a;  // [N, S] pre-activation hidden
-  at::Tensor g;  // [N, C] pre-gate logits
-  at::Tensor s;  // [N, C] gate output, the per-channel scale
-};
-Excitation excite_forward(const at::Tensor& z, const at::Tensor& w1,
-                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                          const std::optional<at::Tensor>& b2, const Options& opt);
-
-struct ExcitationGrads {
-  at::Tensor dw1, db1, dw2, db2;  // in the weights' dtype
-  at::Tensor s;                   // [N, C] gate output, recomputed from g
-  at::Tensor dx_avg;              // [N, C] added to every dx[n, c, :]; undefined for max pooling
-  at::Tensor dx_max;              // [N, C] added where x == zmax; undefined for avg pooling
-};
-// ds = sum_p dy * x; count = number of positions where x == zmax (max pooling only).
-ExcitationGrads excite_backward(const at::Tensor& ds, const at::Tensor& count, const at::Tensor& z,
-                                const at::Tensor& a, const at::Tensor& g, const at::Tensor& w1,
-                                const at::Tensor& w2, int64_t P, const Options& opt);
-// The same with dw1, db1, dw2, db2 left in the accumulation dtype, for callers that sum
-// them over groups of samples before rounding to the weights' dtype.
-ExcitationGrads excite_backward_acc(const at::Tensor& ds, const at::Tensor& count,
-                                    const at::Tensor& z, const at::Tensor& a, const at::Tensor& g,
-                                    const at::Tensor& w1, const at::Tensor& w2, int64_t P,
-                                    const Options& opt);
 
 }  // namespace se_kernels

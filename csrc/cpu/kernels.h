@@ -47,10 +47,11 @@ struct BackwardArgs {
   const void* g;
   void* dx;
   void* dresidual;  // nullptr: not wanted
-  void* dw1;        // [S, C], [S], [C, S], [C] in the accumulation dtype:
-  void* db1;        // this group's gradients are added to them
+  void* dw1;        // [S, C], [S], [C, S], [C] in the accumulation dtype: this group's
+  void* db1;        // gradients are added to them (accumulate) or written (the first group)
   void* dw2;
   void* db2;
+  bool accumulate;
 };
 
 struct KernelTable {

@@ -468,9 +468,10 @@ struct Mlp {
     });
   }
 
-  // dw[r, k] += sum_n u[n, r] v[n, k]; db[r] += sum_n u[n, r]   (u [N, rows], v [N, cols])
+  // dw[r, k] (+)= sum_n u[n, r] v[n, k]; db[r] (+)= sum_n u[n, r]   (u [N, rows],
+  // v [N, cols]); with accumulate false the sums overwrite dw and db (no zero-fill pass).
   static void add_outer(const acc_t* u, int64_t rows, const acc_t* v, int64_t cols, int64_t N,
-                        acc_t* dw, acc_t* db) {
+                        bool accumulate, acc_t* dw, acc_t* db) {
     at::parallel_for(0, rows, grain(cols * N), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         acc_t* d = dw + r * cols;
@@ -479,7 +480,8 @@ struct Mlp {
         constexpr int64_t kUnroll = 4;
         for (; k + kUnroll * Vec::size() <= cols; k += kUnroll * Vec::size()) {
           Vec acc[kUnroll];
-          for (int64_t j = 0; j < kUnroll; ++j) acc[j] = Vec::loadu(d + k + j * Vec::size());
+          for (int64_t j = 0; j < kUnroll; ++j)
+            acc[j] = accumulate ? Vec::loadu(d + k + j * Vec::size()) : Vec(0);
           for (int64_t n = 0; n < N; ++n) {
             const Vec un(u[n * rows + r]);
             const acc_t* vn = v + n * cols + k;
@@ -489,14 +491,17 @@ struct Mlp {
           for (int64_t j = 0; j < kUnroll; ++j) acc[j].store(d + k + j * Vec::size());
         }
         for (; k + Vec::size() <= cols; k += Vec::size()) {
-          Vec acc = Vec::loadu(d + k);
+          Vec acc = accumulate ? Vec::loadu(d + k) : Vec(0);
           for (int64_t n = 0; n < N; ++n)
             acc = at::vec::fmadd(Vec(u[n * rows + r]), Vec::loadu(v + n * cols + k), acc);
           acc.store(d + k);
         }
-        for (; k < cols; ++k)
-          for (int64_t n = 0; n < N; ++n) d[k] += u[n * rows + r] * v[n * cols + k];
-        acc_t bias = db[r];
+        for (; k < cols; ++k) {
+          acc_t sum = accumulate ? d[k] : acc_t(0);
+          for (int64_t n = 0; n < N; ++n) sum += u[n * rows + r] * v[n * cols + k];
+          d[k] = sum;
+        }
+        acc_t bias = accumulate ? db[r] : acc_t(0);
         for (int64_t n = 0; n < N; ++n) bias += u[n * rows + r];
         db[r] = bias;
       }
@@ -619,10 +624,12 @@ void backward_group(const BackwardArgs& p) {
   std::vector<acc_t> s(N * C), dg(N * C), h(N * S), dh(N * S), da(N * S), dz(N * C);
   M::gate(p.opt.gate, N * C, static_cast<const acc_t*>(p.g), s.data(), ds, dg.data());
   M::activation(p.opt.activation, N * S, a, h.data(), nullptr, nullptr);
-  M::add_outer(dg.data(), C, h.data(), S, N, static_cast<acc_t*>(p.dw2), static_cast<acc_t*>(p.db2));
+  M::add_outer(dg.data(), C, h.data(), S, N, p.accumulate, static_cast<acc_t*>(p.dw2),
+               static_cast<acc_t*>(p.db2));
   M::linear_cols(static_cast<const scalar_t*>(p.w2), C, S, dg.data(), N, dh.data());
   M::activation(p.opt.activation, N * S, a, h.data(), dh.data(), da.data());
-  M::add_outer(da.data(), S, z, C, N, static_cast<acc_t*>(p.dw1), static_cast<acc_t*>(p.db1));
+  M::add_outer(da.data(), S, z, C, N, p.accumulate, static_cast<acc_t*>(p.dw1),
+               static_cast<acc_t*>(p.db1));
   M::linear_cols(static_cast<const scalar_t*>(p.w1), S, C, da.data(), N, dz.data());
 
   // dz reaches x through the pooling: dz / P everywhere (avg), dz / count at the max.

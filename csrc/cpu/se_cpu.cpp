@@ -118,8 +118,10 @@ BackwardResult se_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
                              ? at::empty(x.sizes(), x.options().memory_format(fmt))
                              : at::empty({0}, x.options());
   const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
-  at::Tensor dw1 = at::zeros({S, C}, acc), db1 = at::zeros({S}, acc);
-  at::Tensor dw2 = at::zeros({C, S}, acc), db2 = at::zeros({C}, acc);
+  // Written by the first group and added to by the others; zeros for an empty batch.
+  auto weight_grad = [&](at::IntArrayRef size) { return N > 0 ? at::empty(size, acc) : at::zeros(size, acc); };
+  at::Tensor dw1 = weight_grad({S, C}), db1 = weight_grad({S});
+  at::Tensor dw2 = weight_grad({C, S}), db2 = weight_grad({C});
 
   const int64_t read_per_sample = C * geo.P * x.element_size() * (out.defined() ? 3 : 2);
   const int64_t group = samples_per_group(N, read_per_sample, 2 * dw1.numel() * dw1.element_size());
@@ -145,6 +147,7 @@ BackwardResult se_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
     args.db1 = db1.data_ptr();
     args.dw2 = dw2.data_ptr();
     args.db2 = db2.data_ptr();
+    args.accumulate = n0 > 0;
     cpu::kernels().backward(args);
   }
   return {dx, dw1.to(w1.scalar_type()), db1.to(w1.scalar_type()), dw2.to(w2.scalar_type()),
