@@ -119,4 +119,68 @@ Geometry geometry_of(const at::Tensor& x) {
   return Geometry{x.size(0), x.size(1), x.size(2) * x.size(3), channels_last};
 }
 
+namespace {
+at::Tensor dense(const std::optional<at::Tensor>& t, at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
+  return t ? t->contiguous(fmt) : at::Tensor();
+}
+}  // namespace
+
+ForwardTensors prepare_forward(const at::Tensor& x, const at::Tensor& w1,
+                               const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                               const std::optional<at::Tensor>& b2,
+                               const std::optional<at::Tensor>& residual,
+                               c10::string_view activation, c10::string_view gate,
+                               c10::string_view pool, c10::string_view out_activation) {
+  ForwardTensors t;
+  t.opt = parse_options(activation, gate, pool, out_activation);
+  check_forward_args(x, w1, b1, w2, b2, residual);
+  t.geo = geometry_of(x);
+  t.S = w1.size(0);
+  const auto fmt = t.geo.memory_format();
+  // Dense inputs are read in place, in either layout; anything else is made dense first.
+  t.x = x.contiguous(fmt);
+  t.residual = dense(residual, fmt);
+  t.w1 = w1.contiguous();
+  t.w2 = w2.contiguous();
+  t.b1 = dense(b1);
+  t.b2 = dense(b2);
+  const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
+  const int64_t N = t.geo.N, C = t.geo.C;
+  t.out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  t.z = at::empty({N, C}, acc);
+  t.zmax = t.opt.uses_max() ? at::empty({N, C}, acc) : at::empty({0}, acc);
+  t.a = at::empty({N, t.S}, acc);
+  t.g = at::empty({N, C}, acc);
+  return t;
+}
+
+BackwardTensors prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                 const std::optional<at::Tensor>& out, const at::Tensor& w1,
+                                 const at::Tensor& w2, const at::Tensor& z, const at::Tensor& zmax,
+                                 const at::Tensor& a, const at::Tensor& g,
+                                 c10::string_view activation, c10::string_view gate,
+                                 c10::string_view pool, c10::string_view out_activation,
+                                 bool residual_grad) {
+  BackwardTensors t;
+  t.opt = parse_options(activation, gate, pool, out_activation);
+  check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, t.opt);
+  t.geo = geometry_of(x);
+  t.S = w1.size(0);
+  const auto fmt = t.geo.memory_format();
+  t.x = x.contiguous(fmt);
+  t.grad_out = grad_out.contiguous(fmt);  // autograd may hand in any strides, even expanded
+  t.out = t.opt.out_relu() ? out->contiguous(fmt) : at::Tensor();
+  t.w1 = w1.contiguous();
+  t.w2 = w2.contiguous();
+  t.z = z.contiguous();
+  t.zmax = t.opt.uses_max() ? zmax.contiguous() : at::Tensor();
+  t.a = a.contiguous();
+  t.g = g.contiguous();
+  t.dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  t.dresidual = t.opt.out_relu() && residual_grad
+                    ? at::empty(x.sizes(), x.options().memory_format(fmt))
+                    : at::empty({0}, x.options());
+  return t;
+}
+
 }  // namespace se_kernels

@@ -65,4 +65,39 @@ Geometry geometry_of(const at::Tensor& x);
 // Pooled statistics and the MLP run in fp32 (fp64 for fp64 inputs).
 at::ScalarType accumulate_type(at::ScalarType t);
 
+// What every device implementation of se_forward starts from: the options parsed, the
+// arguments checked, the inputs dense in the kernels' layout (undefined where absent), and
+// the op's outputs allocated (zmax is [0] for avg pooling).
+struct ForwardTensors {
+  Options opt;
+  Geometry geo;
+  int64_t S;
+  at::Tensor x, residual, w1, b1, w2, b2;
+  at::Tensor out, z, zmax, a, g;
+};
+ForwardTensors prepare_forward(const at::Tensor& x, const at::Tensor& w1,
+                               const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                               const std::optional<at::Tensor>& b2,
+                               const std::optional<at::Tensor>& residual,
+                               c10::string_view activation, c10::string_view gate,
+                               c10::string_view pool, c10::string_view out_activation);
+
+// The same for se_backward: out is defined only with an output ReLU, zmax only for max
+// pooling; dresidual is allocated when the residual's gradient is the masked dy, else [0].
+// The weight gradients are left to each implementation (their dtype of accumulation varies).
+struct BackwardTensors {
+  Options opt;
+  Geometry geo;
+  int64_t S;
+  at::Tensor grad_out, x, out, w1, w2, z, zmax, a, g;
+  at::Tensor dx, dresidual;
+};
+BackwardTensors prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                 const std::optional<at::Tensor>& out, const at::Tensor& w1,
+                                 const at::Tensor& w2, const at::Tensor& z, const at::Tensor& zmax,
+                                 const at::Tensor& a, const at::Tensor& g,
+                                 c10::string_view activation, c10::string_view gate,
+                                 c10::string_view pool, c10::string_view out_activation,
+                                 bool residual_grad);
+
 }  // namespace se_kernels

@@ -20,15 +20,8 @@ BUILDERS = {50: (se_resnet50, torchvision.models.resnet50, [3, 4, 6, 3]),
             152: (se_resnet152, torchvision.models.resnet152, [3, 8, 36, 3])}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: with the 2 cores shared (CI, other jobs), OpenMP barriers in the
-    many small parallel regions of fp64 convolutions each wait out a scheduler slice,
-    e.g. 40 s instead of 1 s for EfficientNet-B0's backward; one thread costs at most 2x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Whole models in fp64: one thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count_parameters(model: nn.Module) -> int:

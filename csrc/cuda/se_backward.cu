@@ -359,14 +359,7 @@ Plan plan_backward(const Problem& problem, const BackwardArgs& args) {
   const int64_t esize = element_size(problem.dtype);
   const int64_t streams = 2 + (problem.out_relu ? 1 : 0);
   plan.group = group_size(problem.N, problem.C * problem.P * esize * streams);
-  int64_t partial = 0;
-  for (const int64_t n : {std::min(plan.group, problem.N), problem.N % plan.group}) {
-    if (n == 0) continue;
-    const PassPlan pass =
-        plan_pass(n, problem.C, problem.P, problem.channels_last, plan.width, plan.sm_count);
-    partial = std::max(partial, partial_elems(pass, n, problem.C, 2));
-  }
-  plan.workspace_elems = backward_workspace(problem, partial).total;
+  plan.workspace_elems = backward_workspace(problem, group_partial_elems(problem, plan)).total;
   return plan;
 }
 

@@ -216,6 +216,19 @@ inline int64_t partial_elems(const PassPlan& p, int64_t n, int64_t C, int kQ) {
   return p.pieces > 1 ? int64_t(kQ) * p.pieces * n * C : 0;
 }
 
+// Scratch for the partials of a reduce pass (2 values each) over any group of `plan`: a
+// full group or the last, smaller one, which may split its rows more.
+inline int64_t group_partial_elems(const Problem& problem, const Plan& plan) {
+  int64_t elems = 0;
+  for (const int64_t n : {min64(plan.group, problem.N), problem.N % plan.group}) {
+    if (n == 0) continue;
+    const PassPlan pass =
+        plan_pass(n, problem.C, problem.P, problem.channels_last, plan.width, plan.sm_count);
+    elems = std::max(elems, partial_elems(pass, n, problem.C, 2));
+  }
+  return elems;
+}
+
 // ---- device properties, queried once per device -------------------------------------
 
 struct DeviceInfo {

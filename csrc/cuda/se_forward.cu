@@ -286,15 +286,7 @@ Plan plan_forward(const Problem& problem, const ForwardArgs& args) {
   });
   const int64_t esize = element_size(problem.dtype);
   plan.group = group_size(problem.N, problem.C * problem.P * esize);
-  // Partials for a full group and for the last, smaller one (which may split rows more).
-  int64_t partial = 0;
-  for (const int64_t n : {std::min(plan.group, problem.N), problem.N % plan.group}) {
-    if (n == 0) continue;
-    const PassPlan pass =
-        plan_pass(n, problem.C, problem.P, problem.channels_last, plan.width, plan.sm_count);
-    partial = std::max(partial, partial_elems(pass, n, problem.C, 2));
-  }
-  plan.workspace_elems = forward_workspace(plan, partial).total;
+  plan.workspace_elems = forward_workspace(plan, group_partial_elems(problem, plan)).total;
   return plan;
 }
 
