@@ -4,6 +4,9 @@ comparison against the fp64 reference (the "torch" backend run in float64)."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, replace
 
 import pytest
@@ -14,6 +17,14 @@ import se_kernels
 from se_kernels.options import make_call
 
 GRAD_NAMES = ("x", "w1", "b1", "w2", "b2", "residual")
+
+
+def run_python(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """This Python on `args`, from a neutral directory: from the repository root, `python -c`
+    or `-m` would import the source tree, which lacks the extension a non-editable install
+    built, instead of the installed package."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir(), timeout=timeout)
 LAYOUTS = ("nchw", "channels_last", "strided")
 
 

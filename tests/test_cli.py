@@ -1,12 +1,11 @@
 """The se-kernels command."""
 
-import subprocess
-import sys
+from helpers import run_python
 
 
 def test_info_reports_backends_and_build():
-    result = subprocess.run([sys.executable, "-m", "se_kernels", "info"], capture_output=True,
-                            text=True, check=True)
+    result = run_python("-m", "se_kernels", "info")
+    assert result.returncode == 0, result.stderr
     text = result.stdout
     assert text.startswith("se_kernels ")
     assert "extension se_kernels._C: built against torch" in text
@@ -16,6 +15,6 @@ def test_info_reports_backends_and_build():
 
 
 def test_unknown_command_fails_with_usage():
-    result = subprocess.run([sys.executable, "-m", "se_kernels", "frobnicate"], capture_output=True, text=True)
+    result = run_python("-m", "se_kernels", "frobnicate")
     assert result.returncode == 2
     assert "invalid choice: 'frobnicate'" in result.stderr

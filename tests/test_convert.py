@@ -5,14 +5,13 @@ import copy
 import functools
 import logging
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import se_kernels
+from helpers import run_python
 from se_kernels.convert import (TIMM_EFFICIENTNET_SE, TIMM_LEGACY_SE, TIMM_SE, TORCHVISION_SE,
                                 ConvertedSqueezeExcitation, convert_se_modules, find_se_modules)
 
@@ -363,5 +362,5 @@ def test_converted_model_traces_with_fx():
 def test_import_does_not_load_timm_or_torchvision():
     code = ("import sys, se_kernels; loaded = sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('timm', 'torchvision')); print(loaded); assert not loaded")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = run_python("-c", code)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -2,14 +2,12 @@
 tables (baseline and AVX2), determinism across thread counts."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import se_kernels
-from helpers import Case, check_against_reference, grad_output, make_inputs, run_se
+from helpers import Case, check_against_reference, grad_output, make_inputs, run_python, run_se
 
 # 2 MiB per sample against the ops' 4 MiB groups: these batches run in two or more
 # groups, and the backward sums the weight gradients over groups.
@@ -58,7 +56,8 @@ def test_baseline_kernels_match_avx2_kernels():
         env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
         if not capability:
             env.pop("ATEN_CPU_CAPABILITY")
-        subprocess.run([sys.executable, "-c", script, path], env=env, check=True)
+        result = run_python("-c", script, path, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(torch.load(path))
         os.remove(path)
     # Equal up to summation order (the vector widths differ).

@@ -9,8 +9,6 @@ import ast
 import dataclasses
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,8 @@ import se_kernels
 from se_kernels.backends import triton_ops
 from se_kernels.options import make_call
 
-from helpers import Case, backend_device, check_against_reference, make_inputs, require_backend
+from helpers import (Case, backend_device, check_against_reference, make_inputs, require_backend,
+                     run_python)
 
 DEVICE = backend_device("triton")
 cuda = pytest.mark.cuda
@@ -197,8 +196,7 @@ def _run_python(code: str, env_changes: dict[str, str | None]) -> str:
             env.pop(key, None)
         else:
             env[key] = value
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = run_python("-c", code, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
