@@ -169,7 +169,8 @@ def extensions():
     # The OpenMP runtime linked is torch's own (its libgomp.so.1 is loaded first).
     cxx_flags = ["-O3", "-fopenmp"] + (["-DSE_KERNELS_CPU_AVX2"] if libraries else [])
     link_flags = ["-fopenmp"]
-    info = {"torch": torch.__version__, "cuda": False, "nvcc": None, "cuda_archs": []}
+    info = {"torch": torch.__version__, "cpu_avx2": bool(libraries), "cuda": False, "nvcc": None,
+            "cuda_archs": []}
     if want_cuda:
         nvcc = nvcc_version(cuda_home)
         torch_major = int(torch.version.cuda.split(".")[0])

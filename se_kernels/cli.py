@@ -40,8 +40,11 @@ def info(args: argparse.Namespace) -> int:
         build = native.BUILD
         cuda = (f"CUDA kernels for {', '.join(build['cuda_archs'])} (nvcc {build['nvcc']})"
                 if build["cuda"] else "no CUDA kernels")
+        # The AVX2 kernels run where ATen itself uses AVX2 or better (ATEN_CPU_CAPABILITY).
+        cpu_table = ("AVX2" if build.get("cpu_avx2") and
+                     torch.backends.cpu.get_cpu_capability() != "DEFAULT" else "baseline")
         lines.append(f"extension se_kernels._C: built against torch {build['torch']}, "
-                     f"CPU kernels, {cuda}")
+                     f"CPU kernels ({cpu_table} here), {cuda}")
         if build["torch"] and build["torch"] != torch.__version__:
             lines.append(f"  warning: built against torch {build['torch']}, running "
                          f"{torch.__version__}: rebuild if it fails to load")

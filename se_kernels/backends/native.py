@@ -17,7 +17,7 @@ except ImportError as error:  # not built, or built against another torch
 try:
     from .._build_info import BUILD
 except ImportError:
-    BUILD = {"torch": None, "cuda": False, "nvcc": None, "cuda_archs": []}
+    BUILD = {"torch": None, "cpu_avx2": False, "cuda": False, "nvcc": None, "cuda_archs": []}
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
