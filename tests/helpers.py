@@ -232,3 +232,18 @@ def require_backend(backend: str, device) -> None:
     if reasons and backend == "triton" and any("triton" in r and "install" in r for r in reasons):
         pytest.skip(f"triton backend: {'; '.join(reasons)}")
     assert not reasons, f"backend {backend!r} refuses a plain call on {device}: {reasons}"
+
+
+def randomize_norms(model: torch.nn.Module, seed: int) -> None:
+    """Random BN affine parameters and running statistics. timm zero-initialises the last BN
+    of each residual branch, which would feed the SE modules zeros and make the comparison
+    vacuous; random statistics also make eval mode differ from an identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)

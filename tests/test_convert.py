@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import se_kernels
-from helpers import run_python
+from helpers import randomize_norms, run_python
 from se_kernels.convert import (TIMM_EFFICIENTNET_SE, TIMM_LEGACY_SE, TIMM_SE, TORCHVISION_SE,
                                 ConvertedSqueezeExcitation, convert_se_modules, find_se_modules)
 
@@ -39,21 +39,6 @@ MODEL_IDS = [f"{library}-{name}" for library, name, _, _ in MODELS]
 
 def qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
-def randomize_norms(model: nn.Module, seed: int) -> None:
-    """Random BN affine parameters and running statistics. timm zero-initialises the last BN
-    of each residual branch, which would feed the SE modules zeros and make the comparison
-    vacuous; random statistics also make eval mode differ from an identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
 
 
 @functools.lru_cache(maxsize=None)

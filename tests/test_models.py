@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import se_kernels
+from helpers import randomize_norms
 from se_kernels.models import SEBottleneck, se_resnet50, se_resnet101, se_resnet152
 
 torchvision = pytest.importorskip("torchvision", reason="torchvision is a test extra: pip install .[test]")
@@ -26,19 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_norms(model: nn.Module, seed: int) -> None:
-    """Random BN affine parameters and running statistics, so eval-mode BN is no identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
 
 
 def test_se_resnet50_parameter_count():
