@@ -73,6 +73,25 @@ void check_guards(const Guarded& g, const char* name) {
   TORCH_CHECK(front && back, "emulator: a kernel wrote outside ", name);
 }
 
+// Every buffer one op call hands the kernels, kept so their guards can be checked after it.
+struct GuardedBuffers {
+  int64_t misalign;
+  std::vector<std::pair<Guarded, const char*>> all;
+
+  at::Tensor in(const at::Tensor& t, bool channels_last, const char* name) {
+    all.emplace_back(guarded_copy(t, channels_last, misalign), name);
+    return all.back().first.view;
+  }
+  at::Tensor out(at::IntArrayRef sizes, bool channels_last, const at::TensorOptions& options,
+                 const char* name) {
+    all.emplace_back(guarded(sizes, channels_last, options, misalign), name);
+    return all.back().first.view;
+  }
+  void check() const {
+    for (const auto& [buffer, name] : all) check_guards(buffer, name);
+  }
+};
+
 DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kHalf: return DType::Half;
@@ -103,25 +122,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     std::string pool, std::string out_activation, bool channels_last, int64_t misalign) {
   const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
   const auto acc = x_in.options().dtype(x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  std::vector<std::pair<Guarded, const char*>> all;
-  auto in = [&](const at::Tensor& t, bool cl, const char* name) {
-    all.emplace_back(guarded_copy(t, cl, misalign), name);
-    return all.back().first.view;
-  };
-  auto out = [&](at::IntArrayRef sizes, bool cl, const at::TensorOptions& o, const char* name) {
-    all.emplace_back(guarded(sizes, cl, o, misalign), name);
-    return all.back().first.view;
-  };
-  const at::Tensor x = in(x_in, channels_last, "x");
-  const at::Tensor w1g = in(w1, false, "w1"), w2g = in(w2, false, "w2");
-  const at::Tensor b1g = b1 ? in(*b1, false, "b1") : at::Tensor();
-  const at::Tensor b2g = b2 ? in(*b2, false, "b2") : at::Tensor();
-  const at::Tensor rg = residual ? in(*residual, channels_last, "residual") : at::Tensor();
-  at::Tensor o = out(x_in.sizes(), channels_last, x_in.options(), "out");
-  at::Tensor z = out({N, C}, false, acc, "z");
-  at::Tensor zmax = pool != "avg" ? out({N, C}, false, acc, "zmax") : at::empty({0}, acc);
-  at::Tensor a = out({N, S}, false, acc, "a");
-  at::Tensor g = out({N, C}, false, acc, "g");
+  GuardedBuffers buffers{misalign};
+  const at::Tensor x = buffers.in(x_in, channels_last, "x");
+  const at::Tensor w1g = buffers.in(w1, false, "w1"), w2g = buffers.in(w2, false, "w2");
+  const at::Tensor b1g = b1 ? buffers.in(*b1, false, "b1") : at::Tensor();
+  const at::Tensor b2g = b2 ? buffers.in(*b2, false, "b2") : at::Tensor();
+  const at::Tensor rg =
+      residual ? buffers.in(*residual, channels_last, "residual") : at::Tensor();
+  at::Tensor o = buffers.out(x_in.sizes(), channels_last, x_in.options(), "out");
+  at::Tensor z = buffers.out({N, C}, false, acc, "z");
+  at::Tensor zmax = pool != "avg" ? buffers.out({N, C}, false, acc, "zmax") : at::empty({0}, acc);
+  at::Tensor a = buffers.out({N, S}, false, acc, "a");
+  at::Tensor g = buffers.out({N, C}, false, acc, "g");
 
   se_kernels::cuda::ForwardArgs args{};
   args.x = x.const_data_ptr();
@@ -137,10 +149,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   args.g = g.mutable_data_ptr();
   const auto plan = se_kernels::cuda::plan_forward(
       problem_of(x, S, channels_last, activation, gate, pool, out_activation), args);
-  at::Tensor ws = out({plan.workspace_elems}, false, acc, "workspace");
+  at::Tensor ws = buffers.out({plan.workspace_elems}, false, acc, "workspace");
   args.workspace = ws.mutable_data_ptr();
   if (N > 0) se_kernels::cuda::launch_forward(plan, args, nullptr);
-  for (const auto& [buffer, name] : all) check_guards(buffer, name);
+  buffers.check();
   return {o, z, zmax, a, g};
 }
 
@@ -153,28 +165,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
   const auto acc = z.options();
   const bool relu = out_activation == "relu";
-  std::vector<std::pair<Guarded, const char*>> all;
-  auto in = [&](const at::Tensor& t, bool cl, const char* name) {
-    all.emplace_back(guarded_copy(t, cl, misalign), name);
-    return all.back().first.view;
-  };
-  auto out = [&](at::IntArrayRef sizes, bool cl, const at::TensorOptions& o, const char* name) {
-    all.emplace_back(guarded(sizes, cl, o, misalign), name);
-    return all.back().first.view;
-  };
-  const at::Tensor dy = in(grad_out, channels_last, "grad_out");
-  const at::Tensor x = in(x_in, channels_last, "x");
-  const at::Tensor o = relu ? in(*out_in, channels_last, "out") : at::Tensor();
-  const at::Tensor w1g = in(w1, false, "w1"), w2g = in(w2, false, "w2");
-  const at::Tensor zg = in(z, false, "z"), ag = in(a, false, "a"), gg = in(g, false, "g");
-  const at::Tensor zmaxg = pool != "avg" ? in(zmax, false, "zmax") : at::Tensor();
-  at::Tensor dx = out(x_in.sizes(), channels_last, x_in.options(), "dx");
-  at::Tensor dres = relu && residual_grad ? out(x_in.sizes(), channels_last, x_in.options(), "dresidual")
-                                          : at::empty({0}, x_in.options());
-  at::Tensor dw1 = out({S, C}, false, w1.options(), "dw1");
-  at::Tensor db1 = out({S}, false, w1.options(), "db1");
-  at::Tensor dw2 = out({C, S}, false, w2.options(), "dw2");
-  at::Tensor db2 = out({C}, false, w2.options(), "db2");
+  GuardedBuffers buffers{misalign};
+  const at::Tensor dy = buffers.in(grad_out, channels_last, "grad_out");
+  const at::Tensor x = buffers.in(x_in, channels_last, "x");
+  const at::Tensor o = relu ? buffers.in(*out_in, channels_last, "out") : at::Tensor();
+  const at::Tensor w1g = buffers.in(w1, false, "w1"), w2g = buffers.in(w2, false, "w2");
+  const at::Tensor zg = buffers.in(z, false, "z"), ag = buffers.in(a, false, "a");
+  const at::Tensor gg = buffers.in(g, false, "g");
+  const at::Tensor zmaxg = pool != "avg" ? buffers.in(zmax, false, "zmax") : at::Tensor();
+  at::Tensor dx = buffers.out(x_in.sizes(), channels_last, x_in.options(), "dx");
+  at::Tensor dres = relu && residual_grad
+                        ? buffers.out(x_in.sizes(), channels_last, x_in.options(), "dresidual")
+                        : at::empty({0}, x_in.options());
+  at::Tensor dw1 = buffers.out({S, C}, false, w1.options(), "dw1");
+  at::Tensor db1 = buffers.out({S}, false, w1.options(), "db1");
+  at::Tensor dw2 = buffers.out({C, S}, false, w2.options(), "dw2");
+  at::Tensor db2 = buffers.out({C}, false, w2.options(), "db2");
 
   se_kernels::cuda::BackwardArgs args{};
   args.grad_out = dy.const_data_ptr();
@@ -194,10 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   args.db2 = db2.mutable_data_ptr();
   const auto plan = se_kernels::cuda::plan_backward(
       problem_of(x, S, channels_last, activation, gate, pool, out_activation), args);
-  at::Tensor ws = out({plan.workspace_elems}, false, acc, "workspace");
+  at::Tensor ws = buffers.out({plan.workspace_elems}, false, acc, "workspace");
   args.workspace = ws.mutable_data_ptr();
   se_kernels::cuda::launch_backward(plan, args, nullptr);
-  for (const auto& [buffer, name] : all) check_guards(buffer, name);
+  buffers.check();
   return {dx, dw1, db1, dw2, db2, dres};
 }
 
