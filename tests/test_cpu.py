@@ -1,5 +1,5 @@
-"""CPU-backend specifics: samples processed in several cache-sized groups, both kernel
-tables (baseline and AVX2), determinism across thread counts."""
+"""CPU-backend specifics: samples processed in several cache-sized groups, the MLP's
+register tiles, both kernel tables (baseline and AVX2), determinism across thread counts."""
 
 import os
 
@@ -23,8 +23,33 @@ def test_batches_split_into_groups_match_reference(case):
     check_against_reference(case, "cpu", "cpu")
 
 
-def test_results_do_not_depend_on_thread_count():
-    case = Case(n=2, c=48, h=40, w=40, s=6, pool="avgmax", residual=True, out_activation="relu")
+# The MLP's products work on register tiles chosen by batch (1, 2, 3 or more samples) with
+# partial tiles for the last rows, samples and vectors of columns and a scalar tail past
+# the last full vector: C and S here are neither multiples of the tiles nor of the vector
+# width, N leaves a partial sample tile, and the large shape runs a full batch-1 tile.
+MLP_TILE_CASES = [
+    Case(n=1, c=67, h=2, w=3, s=19),
+    Case(n=2, c=67, h=3, w=1, s=19, activation="silu", gate="hardsigmoid"),
+    Case(n=5, c=67, h=2, w=2, s=19, pool="avgmax"),
+    Case(n=7, c=203, h=1, w=1, s=50, residual=True, out_activation="relu"),
+    Case(n=4, c=41, h=3, w=3, s=7, dtype=torch.float64),
+    Case(n=3, c=67, h=2, w=3, s=19, dtype=torch.bfloat16, layout="channels_last"),
+    Case(n=1, c=1024, h=2, w=2, s=64, bias=False),
+]
+
+
+@pytest.mark.parametrize("case", MLP_TILE_CASES, ids=str)
+def test_mlp_tiles_and_tails_match_reference(case):
+    check_against_reference(case, "cpu", "cpu")
+
+
+@pytest.mark.parametrize("case", [
+    Case(n=2, c=48, h=40, w=40, s=6, pool="avgmax", residual=True, out_activation="relu"),
+    # An MLP large enough to be split over threads (about 10^5 multiply-adds per product).
+    Case(n=5, c=300, h=2, w=3, s=75),
+    Case(n=1, c=960, h=1, w=1, s=240, activation="silu"),
+], ids=str)
+def test_results_do_not_depend_on_thread_count(case):
     inputs, grad = make_inputs(case, "cpu"), grad_output(case, "cpu")
     threads = torch.get_num_threads()
     try:

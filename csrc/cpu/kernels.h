@@ -4,7 +4,8 @@
 //
 // Each call handles one group of samples (see se_cpu.cpp): pointers are at the group's
 // first sample; x-shaped tensors are dense in the geometry's layout; [N, C] and [N, S]
-// vectors are contiguous rows in the accumulation dtype (fp32, or fp64 for fp64).
+// vectors, the weights and the biases are contiguous rows in the accumulation dtype (fp32,
+// or fp64 for fp64).
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -16,7 +17,7 @@ namespace se_kernels::cpu {
 struct ForwardArgs {
   Geometry geo;
   Options opt;
-  c10::ScalarType dtype;  // of x, residual, out and the weights
+  c10::ScalarType dtype;  // of x, residual and out
   int64_t S;
   const void* x;
   const void* residual;  // nullptr: none

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "mlp_impl.h"
 
 #ifndef SE_CPU_CAPABILITY
 #error "define SE_CPU_CAPABILITY before including kernels_impl.h"
@@ -382,178 +383,10 @@ struct GradInputSpan {
   }
 };
 
-// ---- The excitation MLP on [N, C] / [N, S] vectors --------------------------------------
-//
-// Three small products cover the forward and backward; each output element is owned by one
-// thread and summed in a fixed order (deterministic for any thread count), and each weight
-// matrix is read once per call for all samples of the group.
-
-template <typename scalar_t>
-struct Mlp {
-  using L = Lanes<scalar_t>;
-  using acc_t = typename L::acc_t;
-  using Vec = typename L::Vec;
-  static constexpr int64_t kWidth = L::kWidth;
-  // Samples per sweep over the weights: one accumulator each, which with the weights and
-  // the broadcast input fits the 16 vector registers of AVX2.
-  static constexpr int64_t kSamples = 8;
-
-  static int64_t grain(int64_t work_per_item) {
-    return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
-  }
-
-  // y[n, r] = bias[r] + sum_k w[r, k] x[n, k]   (w [rows, cols], x [N, cols], y [N, rows])
-  static void linear_rows(const scalar_t* w, const scalar_t* bias, int64_t rows, int64_t cols,
-                          const acc_t* x, int64_t N, acc_t* y) {
-    at::parallel_for(0, rows, grain(cols * N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* wr = w + r * cols;
-        const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);
-        for (int64_t n0 = 0; n0 < N; n0 += kSamples) {
-          const int64_t nb = std::min(kSamples, N - n0);
-          Vec acc[kSamples];
-          for (int64_t i = 0; i < nb; ++i) acc[i] = Vec(0);
-          int64_t k = 0;
-          for (; k + kWidth <= cols; k += kWidth) {
-            Vec wv[2];
-            L::load(wr + k, wv[0], wv[1]);
-            for (int64_t i = 0; i < nb; ++i) {
-              const acc_t* xn = x + (n0 + i) * cols + k;
-              acc[i] = at::vec::fmadd(wv[0], Vec::loadu(xn), acc[i]);
-              acc[i] = at::vec::fmadd(wv[1], Vec::loadu(xn + Vec::size()), acc[i]);
-            }
-          }
-          for (int64_t i = 0; i < nb; ++i) {
-            acc_t total = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), acc[i]);
-            const acc_t* xn = x + (n0 + i) * cols;
-            for (int64_t kk = k; kk < cols; ++kk) total += static_cast<acc_t>(wr[kk]) * xn[kk];
-            y[(n0 + i) * rows + r] = total + b;
-          }
-        }
-      }
-    });
-  }
-
-  // y[n, k] = sum_r x[n, r] w[r, k]   (w [rows, cols], x [N, rows], y [N, cols]); each
-  // thread owns strips of Vec::size() output columns.
-  static void linear_cols(const scalar_t* w, int64_t rows, int64_t cols, const acc_t* x,
-                          int64_t N, acc_t* y) {
-    constexpr int64_t kStrip = Vec::size();
-    const int64_t strips = ceil_div(cols, kStrip);
-    at::parallel_for(0, strips, grain(rows * kStrip * N), [&](int64_t begin, int64_t end) {
-      for (int64_t strip = begin; strip < end; ++strip) {
-        const int64_t k0 = strip * kStrip, width = std::min(kStrip, cols - k0);
-        for (int64_t n0 = 0; n0 < N; n0 += kSamples) {
-          const int64_t nb = std::min(kSamples, N - n0);
-          if (width == kStrip) {
-            Vec acc[kSamples];
-            for (int64_t i = 0; i < nb; ++i) acc[i] = Vec(0);
-            for (int64_t r = 0; r < rows; ++r) {
-              const Vec wv = L::load_one(w + r * cols + k0);
-              for (int64_t i = 0; i < nb; ++i)
-                acc[i] = at::vec::fmadd(Vec(x[(n0 + i) * rows + r]), wv, acc[i]);
-            }
-            for (int64_t i = 0; i < nb; ++i) acc[i].store(y + (n0 + i) * cols + k0);
-          } else {
-            for (int64_t i = 0; i < nb; ++i)
-              for (int64_t k = k0; k < k0 + width; ++k) {
-                acc_t total = 0;
-                for (int64_t r = 0; r < rows; ++r)
-                  total += x[(n0 + i) * rows + r] * static_cast<acc_t>(w[r * cols + k]);
-                y[(n0 + i) * cols + k] = total;
-              }
-          }
-        }
-      }
-    });
-  }
-
-  // dw[r, k] (+)= sum_n u[n, r] v[n, k]; db[r] (+)= sum_n u[n, r]   (u [N, rows],
-  // v [N, cols]); with accumulate false the sums overwrite dw and db (no zero-fill pass).
-  static void add_outer(const acc_t* u, int64_t rows, const acc_t* v, int64_t cols, int64_t N,
-                        bool accumulate, acc_t* dw, acc_t* db) {
-    at::parallel_for(0, rows, grain(cols * N), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        acc_t* d = dw + r * cols;
-        int64_t k = 0;
-        // Four independent accumulators per step hide the FMA latency of the sum over n.
-        constexpr int64_t kUnroll = 4;
-        for (; k + kUnroll * Vec::size() <= cols; k += kUnroll * Vec::size()) {
-          Vec acc[kUnroll];
-          for (int64_t j = 0; j < kUnroll; ++j)
-            acc[j] = accumulate ? Vec::loadu(d + k + j * Vec::size()) : Vec(0);
-          for (int64_t n = 0; n < N; ++n) {
-            const Vec un(u[n * rows + r]);
-            const acc_t* vn = v + n * cols + k;
-            for (int64_t j = 0; j < kUnroll; ++j)
-              acc[j] = at::vec::fmadd(un, Vec::loadu(vn + j * Vec::size()), acc[j]);
-          }
-          for (int64_t j = 0; j < kUnroll; ++j) acc[j].store(d + k + j * Vec::size());
-        }
-        for (; k + Vec::size() <= cols; k += Vec::size()) {
-          Vec acc = accumulate ? Vec::loadu(d + k) : Vec(0);
-          for (int64_t n = 0; n < N; ++n)
-            acc = at::vec::fmadd(Vec(u[n * rows + r]), Vec::loadu(v + n * cols + k), acc);
-          acc.store(d + k);
-        }
-        for (; k < cols; ++k) {
-          acc_t sum = accumulate ? d[k] : acc_t(0);
-          for (int64_t n = 0; n < N; ++n) sum += u[n * rows + r] * v[n * cols + k];
-          d[k] = sum;
-        }
-        acc_t bias = accumulate ? db[r] : acc_t(0);
-        for (int64_t n = 0; n < N; ++n) bias += u[n * rows + r];
-        db[r] = bias;
-      }
-    });
-  }
-
-  // out[i] = f(in_1[i], ...) over count elements, Vec-wide with a partial last vector.
-  template <typename F>
-  static void map(int64_t count, F&& f) {
-    for (int64_t i = 0; i < count; i += Vec::size()) f(i, std::min<int64_t>(Vec::size(), count - i));
-  }
-
-  static Vec sigmoid(const Vec& v) { return Vec(1) / (Vec(1) + v.neg().exp()); }
-
-  // s = gate(g), and optionally dg = ds * gate'(g), over count elements.
-  static void gate(Gate kind, int64_t count, const acc_t* g, acc_t* s, const acc_t* ds, acc_t* dg) {
-    map(count, [&](int64_t i, int64_t n) {
-      const Vec gv = Vec::loadu(g + i, n);
-      Vec sv, dgate;
-      if (kind == Gate::Sigmoid) {
-        sv = sigmoid(gv);
-        dgate = sv * (Vec(1) - sv);
-      } else {  // hardsigmoid; its derivative is 1/6 on the open interval, as in torch
-        sv = at::vec::clamp(gv / Vec(6) + Vec(0.5), Vec(0), Vec(1));
-        dgate = Vec::blendv(Vec(0), Vec(acc_t(1) / 6), (gv > Vec(-3)) & (gv < Vec(3)));
-      }
-      sv.store(s + i, n);
-      if (dg) (Vec::loadu(ds + i, n) * dgate).store(dg + i, n);
-    });
-  }
-
-  // h = act(a), and optionally da = dh * act'(a), over count elements.
-  static void activation(Activation kind, int64_t count, const acc_t* a, acc_t* h, const acc_t* dh,
-                         acc_t* da) {
-    map(count, [&](int64_t i, int64_t n) {
-      const Vec av = Vec::loadu(a + i, n);
-      if (kind == Activation::ReLU) {
-        at::vec::clamp_min(av, Vec(0)).store(h + i, n);
-        if (da) Vec::blendv(Vec(0), Vec::loadu(dh + i, n), av > Vec(0)).store(da + i, n);
-      } else {
-        const Vec sig = sigmoid(av);
-        (av * sig).store(h + i, n);
-        if (da) (Vec::loadu(dh + i, n) * sig * (Vec(1) + av * (Vec(1) - sig))).store(da + i, n);
-      }
-    });
-  }
-};
-
 template <typename scalar_t>
 void forward_group(const ForwardArgs& p) {
-  using M = Mlp<scalar_t>;
-  using acc_t = typename M::acc_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = Mlp<acc_t>;
   const Geometry& geo = p.geo;
   const int64_t N = geo.N, C = geo.C, S = p.S;
   const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -582,9 +415,11 @@ void forward_group(const ForwardArgs& p) {
   auto* a = static_cast<acc_t*>(p.a);
   auto* g = static_cast<acc_t*>(p.g);
   std::vector<acc_t> h(N * S), s(N * C);
-  M::linear_rows(static_cast<const scalar_t*>(p.w1), static_cast<const scalar_t*>(p.b1), S, C, z, N, a);
+  const auto* w1 = static_cast<const acc_t*>(p.w1);
+  const auto* w2 = static_cast<const acc_t*>(p.w2);
+  M::dot_rows(z, N, w1, S, C, static_cast<const acc_t*>(p.b1), a);
   M::activation(p.opt.activation, N * S, a, h.data(), nullptr, nullptr);
-  M::linear_rows(static_cast<const scalar_t*>(p.w2), static_cast<const scalar_t*>(p.b2), C, S, h.data(), N, g);
+  M::dot_rows(h.data(), N, w2, C, S, static_cast<const acc_t*>(p.b2), g);
   M::gate(p.opt.gate, N * C, g, s.data(), nullptr, nullptr);
 
   // Scale: out = out_act(s * x + residual).
@@ -600,8 +435,8 @@ void forward_group(const ForwardArgs& p) {
 
 template <typename scalar_t>
 void backward_group(const BackwardArgs& p) {
-  using M = Mlp<scalar_t>;
-  using acc_t = typename M::acc_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = Mlp<acc_t>;
   const Geometry& geo = p.geo;
   const int64_t N = geo.N, C = geo.C, S = p.S;
   const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -624,13 +459,17 @@ void backward_group(const BackwardArgs& p) {
   std::vector<acc_t> s(N * C), dg(N * C), h(N * S), dh(N * S), da(N * S), dz(N * C);
   M::gate(p.opt.gate, N * C, static_cast<const acc_t*>(p.g), s.data(), ds, dg.data());
   M::activation(p.opt.activation, N * S, a, h.data(), nullptr, nullptr);
-  M::add_outer(dg.data(), C, h.data(), S, N, p.accumulate, static_cast<acc_t*>(p.dw2),
-               static_cast<acc_t*>(p.db2));
-  M::linear_cols(static_cast<const scalar_t*>(p.w2), C, S, dg.data(), N, dh.data());
+  const auto* w1 = static_cast<const acc_t*>(p.w1);
+  const auto* w2 = static_cast<const acc_t*>(p.w2);
+  auto* dw1 = static_cast<acc_t*>(p.dw1);
+  auto* dw2 = static_cast<acc_t*>(p.dw2);
+  M::sum_rows(dg.data(), 1, C, C, N, h.data(), S, dw2, p.accumulate);  // dW2 [C, S] = dg^T h
+  M::column_sums(dg.data(), N, C, static_cast<acc_t*>(p.db2), p.accumulate);
+  M::sum_rows(dg.data(), C, 1, N, C, w2, S, dh.data(), false);          // dh [N, S] = dg W2
   M::activation(p.opt.activation, N * S, a, h.data(), dh.data(), da.data());
-  M::add_outer(da.data(), S, z, C, N, p.accumulate, static_cast<acc_t*>(p.dw1),
-               static_cast<acc_t*>(p.db1));
-  M::linear_cols(static_cast<const scalar_t*>(p.w1), S, C, da.data(), N, dz.data());
+  M::sum_rows(da.data(), 1, S, S, N, z, C, dw1, p.accumulate);         // dW1 [S, C] = da^T z
+  M::column_sums(da.data(), N, S, static_cast<acc_t*>(p.db1), p.accumulate);
+  M::sum_rows(da.data(), S, 1, N, S, w1, C, dz.data(), false);          // dz [N, C] = da W1
 
   // dz reaches x through the pooling: dz / P everywhere (avg), dz / count at the max.
   std::vector<acc_t> dx_avg, dx_max;

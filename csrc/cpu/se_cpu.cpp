@@ -61,8 +61,12 @@ ForwardResult se_forward_cpu(const at::Tensor& x, const at::Tensor& w1,
                                      out_activation);
   const Geometry& geo = t.geo;
   const int64_t N = geo.N;
+  const auto acc = t.z.scalar_type();
+  const at::Tensor w1_acc = t.w1.to(acc), w2_acc = t.w2.to(acc);
+  const at::Tensor b1_acc = t.b1.defined() ? t.b1.to(acc) : at::Tensor();
+  const at::Tensor b2_acc = t.b2.defined() ? t.b2.to(acc) : at::Tensor();
   const int64_t group = samples_per_group(N, geo.C * geo.P * t.x.element_size(),
-                                          2 * t.w1.numel() * t.z.element_size());
+                                          2 * w1_acc.numel() * w1_acc.element_size());
   for (int64_t n0 = 0; n0 < N; n0 += group) {
     cpu::ForwardArgs args{};
     args.geo = Geometry{std::min(group, N - n0), geo.C, geo.P, geo.channels_last};
@@ -72,10 +76,10 @@ ForwardResult se_forward_cpu(const at::Tensor& x, const at::Tensor& w1,
     args.x = at_sample(t.x, n0);
     args.residual = at_sample(t.residual, n0);
     args.out = at_sample(t.out, n0);
-    args.w1 = t.w1.const_data_ptr();
-    args.b1 = at_sample(t.b1, 0);
-    args.w2 = t.w2.const_data_ptr();
-    args.b2 = at_sample(t.b2, 0);
+    args.w1 = w1_acc.const_data_ptr();
+    args.b1 = at_sample(b1_acc, 0);
+    args.w2 = w2_acc.const_data_ptr();
+    args.b2 = at_sample(b2_acc, 0);
     args.z = at_sample(t.z, n0);
     args.zmax = t.opt.uses_max() ? at_sample(t.zmax, n0) : nullptr;
     args.a = at_sample(t.a, n0);
@@ -98,8 +102,10 @@ BackwardResult se_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
   const int64_t N = geo.N, C = geo.C, S = t.S;
   // Summed in the accumulation dtype: written by the first group and added to by the
   // others (zeros for an empty batch), rounded to the weights' dtype at the end.
-  const auto acc = t.x.options().dtype(accumulate_type(t.x.scalar_type()));
+  const auto acc_type = accumulate_type(t.x.scalar_type());
+  const auto acc = t.x.options().dtype(acc_type);
   auto weight_grad = [&](at::IntArrayRef size) { return N > 0 ? at::empty(size, acc) : at::zeros(size, acc); };
+  const at::Tensor w1_acc = t.w1.to(acc_type), w2_acc = t.w2.to(acc_type);
   at::Tensor dw1 = weight_grad({S, C}), db1 = weight_grad({S});
   at::Tensor dw2 = weight_grad({C, S}), db2 = weight_grad({C});
 
@@ -114,8 +120,8 @@ BackwardResult se_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
     args.grad_out = at_sample(t.grad_out, n0);
     args.out = at_sample(t.out, n0);
     args.x = at_sample(t.x, n0);
-    args.w1 = t.w1.const_data_ptr();
-    args.w2 = t.w2.const_data_ptr();
+    args.w1 = w1_acc.const_data_ptr();
+    args.w2 = w2_acc.const_data_ptr();
     args.z = at_sample(t.z, n0);
     args.zmax = at_sample(t.zmax, n0);
     args.a = at_sample(t.a, n0);
