@@ -93,16 +93,16 @@ def _add_bench_parser(commands) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda[:N]")
     parser.add_argument("--suite", choices=["resnet50", "mobilenetv3", "efficientnet_b0",
                                             "regnety_400mf", "cpu", "blocks", "model", "all"],
-                        help="network SE shapes; cpu = resnet50 + mobilenetv3 + efficientnet_b0 "
-                             "at batch 8 fp32 (issue 2 item 8); blocks = all four networks; "
+                        help="network SE shapes; cpu = all four networks at batch 1, 8 and 32, "
+                             "fp32, on 1 and 2 threads; blocks = all four networks; "
                              "model = SE-ResNet-50 vs ResNet-50; all = blocks + model")
     parser.add_argument("--dtype", help="comma list of fp32, bf16, fp16 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--layout", help="comma list of nchw, channels_last "
                                          "(default: nchw on CPU, channels_last on GPU)")
     parser.add_argument("--modes", help="comma list of fwd, bwd, fwd+bwd")
     parser.add_argument("--batch", help="comma list of batch sizes for the SE blocks")
-    parser.add_argument("--backends", help="comma list of peers: eager, compile, compile-max and "
-                                           "se_kernels backends (default: all usable here; "
+    parser.add_argument("--backends", help="comma list of peers: eager, compile, compile-max, auto "
+                                           "and se_kernels backends (default: all usable here; "
                                            "eager always runs, as the baseline)")
     parser.add_argument("--quick", action="store_true",
                         help="the first and last SE shape of each network, shorter timing (GPU: "
@@ -110,8 +110,9 @@ def _add_bench_parser(commands) -> None:
     parser.add_argument("--out", default="benchmarks/results",
                         help="results folder (default: benchmarks/results)")
     parser.add_argument("--compare", metavar="OLD.csv", help="print the change against an earlier run's CSV")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--threads",
+                        help="comma list of CPU thread counts for torch, the block cases run "
+                             "once per count (default: 1,2 for --suite cpu, else torch's own choice)")
     parser.add_argument("--model-batch", type=int, help="model suite batch size")
     parser.add_argument("--image-size", type=int, help="model suite image size")
     parser.add_argument("--model-compile", action="store_true",

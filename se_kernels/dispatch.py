@@ -63,6 +63,13 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+def candidates(call: SECall) -> list[str]:
+    """The backends auto chooses among for x's device, in a fixed order."""
+    if call.x.device.type == "cuda":
+        return ["triton", "cuda", "torch"]
+    return ["cpu", "torch"]
+
+
 def preference(call: SECall) -> list[str]:
     """Backends to try for `call`, fastest first."""
     if call.x.device.type == "cuda":

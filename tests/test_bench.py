@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("torchvision", reason="torchvision is a test extra: pip install .[test]")
 
+from se_kernels import dispatch  # noqa: E402
 from se_kernels.bench import block, flops, report, shapes  # noqa: E402
 from se_kernels.cli import main  # noqa: E402
 
@@ -230,3 +231,93 @@ def test_flops_cli_prints_and_writes_both_tables(tmp_path, capsys, monkeypatch):
     for r, paper in flops.PAPER_TABLE10_PARAMS_M.items():
         assert f"| {r} |" in written and f"| {paper:.1f} | {paper:.1f} |" in written
     assert "sum N_s*C_s^2 = 20,119,552" in printed
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward doubles the gradient (a wrong backward)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+class _FaultyBackend(dispatch.Backend):
+    """A backend that is wrong on purpose: its output, its gradients, or it raises."""
+
+    def __init__(self, fault: str):
+        self.name = f"faulty-{fault}"
+        self.fault = fault
+
+    def refusals(self, call):
+        return []
+
+    def run(self, call):
+        from se_kernels.backends.torch_ref import reference_forward
+
+        out = reference_forward(call)
+        if self.fault == "output":
+            return out * 1.01
+        if self.fault == "gradient":
+            return _ScaleGradient.apply(out)
+        raise RuntimeError("the faulty backend broke")
+
+
+@pytest.mark.parametrize("fault, refused_modes, message", [
+    ("output", {"fwd", "fwd+bwd"}, "MISMATCH out differs from eager"),
+    ("gradient", {"fwd+bwd"}, "MISMATCH dx differs from eager"),
+    ("raises", {"fwd", "fwd+bwd"}, "ERROR RuntimeError: the faulty backend broke"),
+])
+def test_bench_refuses_a_wrong_peer(tmp_path, capsys, monkeypatch, fault, refused_modes, message):
+    """A peer whose output or gradients disagree with eager's, or that fails, is not timed,
+    gets no speed-up, shows the error in its row, and makes the run fail; the honest
+    peers of the same cases are timed as usual."""
+    faulty = _FaultyBackend(fault)
+    monkeypatch.setitem(dispatch._REGISTRY, faulty.name, faulty)
+    out = tmp_path / "results"
+    argv = ["bench", "--device", "cpu", "--suite", "mobilenetv3", "--quick", "--batch", "1",
+            "--modes", "fwd,fwd+bwd", "--backends", f"{faulty.name},cpu", "--threads", "1",
+            "--out", str(out)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    rows = report.read_csv(next(out.glob("*.csv")))
+    assert {r["peer"] for r in rows} == {"eager", faulty.name, "cpu"}
+    for r in rows:
+        refused = r["peer"] == faulty.name and r["mode"] in refused_modes
+        if refused:
+            assert r["check"].startswith(message), r["check"]
+            for column in ("median_us", "p20_us", "p80_us", "gbps", "x_eager"):
+                assert r[column] == "", (column, r[column])
+        else:
+            assert r["check"] == "ok", r
+            _positive(r["median_us"])
+            _positive(r["x_eager"])
+    refused_rows = sum(r["check"] != "ok" for r in rows)
+    assert refused_rows == 2 * len(refused_modes)
+    assert f"error: {refused_rows} peer results were refused (not timed)" in captured.err
+    assert message in captured.err
+    markdown = next(out.glob("*.md")).read_text()
+    assert message in markdown and "## Speed-up over eager" in markdown
+
+
+def test_speedup_summary_gives_geomean_and_worst_case():
+    def row(peer, batch, threads, x, check="ok", wall=math.nan):
+        return {"network": "n", "channels": 8, "squeeze": 2, "height": 4, "width": 4,
+                "batch": batch, "threads": threads, "dtype": "fp32", "layout": "nchw",
+                "mode": "fwd", "peer": peer, "runs": "torch" if peer == "auto" else peer,
+                "x_eager": x, "x_eager_wall": wall, "check": check}
+
+    rows = [row("eager", 1, 1, 1.0), row("auto", 1, 1, 2.0), row("auto", 1, 2, 0.5),
+            row("auto", 8, 1, math.nan, check="MISMATCH out differs"), row("auto", 8, 2, 4.0)]
+    text = report.speedup_summary(rows, "x_eager", markdown=True)
+    lines = text.splitlines()
+    assert lines[0] == ("| peer | mode | threads | N | cases | geomean x eager | worst x eager "
+                        "| worst case | refused |")
+    assert "| auto | fwd | 1 | 1 | 1 | 2.00 | 2.00 | n C8 S2 4x4 N1 1T auto (torch) | 0 |" in lines
+    assert "| auto | fwd | 1 | 8 | 1 | - | - | - | 1 |" in lines
+    # Over everything: the geometric mean of 2, 0.5 and 4 is 4**(1/3); the refused row counts.
+    assert f"| auto | fwd | all | all | 4 | {report.number(4 ** (1 / 3))} | 0.500 | n C8 S2 4x4 N1 2T auto (torch) | 1 |" in lines
+    assert all("| eager |" not in line for line in lines)

@@ -7,8 +7,10 @@ A case is one SE shape of a network at one batch, dtype, layout and mode:
 Gradients are taken with torch.autograd.grad, so no peer pays for accumulating into .grad.
 
 Each case draws fresh random inputs (never zeros) and, when one set would fit in the cache,
-cycles through enough sets to make twice its size. Every peer is checked against eager
-before it is timed; the error is reported next to its time.
+cycles through enough sets to make twice its size. Every peer's output (and, with a
+backward, its gradients) is checked against eager's before it is timed: a peer that
+disagrees, or fails, is not timed and gets no speed-up; its row shows the error instead, and
+the run ends with a non-zero exit (see runner.main).
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import torch
 
 from . import peers as peers_mod
 from .shapes import SEShape
-from .timing import Step, cuda_peak_mib, rotation, synchronize, time_steps
+from .timing import Step, Timing, cuda_peak_mib, rotation, synchronize, time_steps, time_steps_wall
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-# Relative error against eager above which a row is flagged: fp32 peers differ only in
-# summation order; half-precision eager rounds its pooled vector to the input dtype.
+# Relative error against eager above which a peer's answer is refused: fp32 peers differ
+# only in summation order; half-precision eager rounds its pooled vector to the input dtype.
 CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 2e-2}
 
 
@@ -41,10 +43,12 @@ class Case:
     dtype: str
     layout: str
     mode: str
+    threads: int | None = None  # CPU threads for torch; None keeps the process's setting
 
     @property
     def label(self) -> str:
-        return f"{self.shape.label} N{self.batch} {self.dtype} {self.layout} {self.mode}"
+        threads = f" {self.threads}T" if self.threads else ""
+        return f"{self.shape.label} N{self.batch} {self.dtype} {self.layout} {self.mode}{threads}"
 
 
 def floor_bytes(case: Case) -> int:
@@ -99,18 +103,43 @@ def make_step(module, params: list[torch.Tensor], inputs, mode: str) -> Step:
     return step
 
 
-def relative_error(results: tuple, reference: tuple) -> float:
-    """max over the returned tensors of ||a - b|| / ||b||, in fp64."""
-    worst = 0.0
-    for a, b in zip(results, reference):
-        a, b = a.double(), b.double()
-        worst = max(worst, ((a - b).norm() / b.norm().clamp_min(1e-30)).item())
-    return worst
+RESULT_NAMES = {"fwd": ("out",), "fwd+bwd": ("out", "dx", "dw1", "db1", "dw2", "db2"),
+                "bwd": ("dx", "dw1", "db1", "dw2", "db2")}
+
+
+def disagreement(results: tuple, reference: tuple, mode: str, dtype: str) -> tuple[float, str | None]:
+    """(worst relative error ||a - b|| / ||b|| in fp64 over the returned tensors, None) when
+    every tensor agrees with eager's within CHECK_TOLERANCE; else (error, what is wrong)."""
+    names = RESULT_NAMES[mode]
+    if len(results) != len(reference):
+        return math.inf, f"returned {len(results)} tensors, eager {len(reference)}"
+    worst, problem = 0.0, None
+    for name, a, b in zip(names, results, reference):
+        if a is None or tuple(a.shape) != tuple(b.shape):
+            return math.inf, f"{name}: shape {None if a is None else list(a.shape)}, eager {list(b.shape)}"
+        error = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        if not math.isfinite(error):
+            error = math.inf
+        if error > CHECK_TOLERANCE[dtype] and problem is None:
+            problem = f"{name} differs from eager by {error:.2g} (relative; tolerance {CHECK_TOLERANCE[dtype]:g})"
+        worst = max(worst, error)
+    return worst, problem
+
+
+def runs_backend(name: str, x: torch.Tensor, eager) -> str:
+    """The se_kernels backend a peer runs (dispatch's choice for auto); '' for baselines."""
+    if name in peers_mod.BASELINES:
+        return ""
+    if name == peers_mod.AUTO:
+        return peers_mod.auto_choice(x, eager)
+    return name
 
 
 def run_case(case: Case, requested: list[str], device: torch.device, *, quick: bool,
              copy_gbps: float, refused: dict[str, set[str]]) -> list[dict]:
     torch._dynamo.reset()  # fresh compiled code per case, never a dynamic-shape recompile
+    if case.threads is not None and device.type == "cpu":
+        torch.set_num_threads(case.threads)
     torch.manual_seed(0)
     eager = peers_mod.eager_module(case.shape, device, DTYPES[case.dtype])
     inputs = make_inputs(case, device)
@@ -123,6 +152,7 @@ def run_case(case: Case, requested: list[str], device: torch.device, *, quick: b
     steps: dict[str, Step] = {}
     compile_s: dict[str, float] = {}
     errors: dict[str, float] = {}
+    failures: dict[str, str] = {}
     peaks: dict[str, float] = {}
     reference = None
     for name in names:
@@ -131,54 +161,71 @@ def run_case(case: Case, requested: list[str], device: torch.device, *, quick: b
             if reasons:
                 refused.setdefault(name, set()).update(reasons)
                 continue
-        module = peers_mod.build_peer(name, eager, case.shape)
-        params = list(eager.parameters() if name in peers_mod.BASELINES else module.parameters())
-        context = (peers_mod.replayable_backward(name) if case.mode == "bwd"
-                   else contextlib.nullcontext())
-        with context:
-            synchronize(device)
-            start = time.perf_counter()
-            step = make_step(module, params, inputs, case.mode)
-            first = step()
-            synchronize(device)
-            if name in peers_mod.COMPILE_MODES:
-                compile_s[name] = time.perf_counter() - start
+        try:
+            module = peers_mod.build_peer(name, eager, case.shape)
+            params = list(eager.parameters() if name in peers_mod.BASELINES else module.parameters())
+            context = (peers_mod.replayable_backward(name) if case.mode == "bwd"
+                       else contextlib.nullcontext())
+            with context:
+                synchronize(device)
+                start = time.perf_counter()
+                step = make_step(module, params, inputs, case.mode)
+                first = step()
+                synchronize(device)
+                if name in peers_mod.COMPILE_MODES:
+                    compile_s[name] = time.perf_counter() - start
+        except Exception as error:  # noqa: BLE001 - reported in the row, and fails the run
+            if name == peers_mod.EAGER:
+                raise
+            errors[name], failures[name] = math.nan, f"ERROR {type(error).__name__}: {error}"
+            continue
         if reference is None:
             reference = first
-        errors[name] = relative_error(first, reference)
+        errors[name], problem = disagreement(first, reference, case.mode, case.dtype)
         del first
+        if problem is not None:
+            failures[name] = f"MISMATCH {problem}"
+            continue  # a wrong answer is not timed
         if device.type == "cuda":
             peaks[name] = cuda_peak_mib(step, device)
         steps[name] = step
 
     timings = time_steps(steps, device, quick=quick)
+    walls = time_steps_wall(steps, device, quick=quick)
     floor = floor_bytes(case)
     eager_us = timings[peers_mod.EAGER].median_us
+    eager_wall_us = walls.get(peers_mod.EAGER, math.nan)
     compile_us = timings["compile"].median_us if "compile" in timings else math.nan
     rows = []
     s = case.shape
-    for name, timing in timings.items():
+    for name in [n for n in names if n in timings or n in failures]:
+        timing = timings.get(name, Timing(math.nan, math.nan, math.nan, 0))
         gbps = floor / (timing.median_us * 1e-6) / 1e9
+        wall_us = walls.get(name, math.nan)
         rows.append({
             "network": s.network, "layer": s.layer, "count": s.count, "batch": case.batch,
             "channels": s.channels, "squeeze": s.squeeze, "height": s.height, "width": s.width,
             "activation": s.activation, "gate": s.gate, "dtype": case.dtype,
-            "layout": case.layout, "mode": case.mode, "peer": name,
+            "layout": case.layout, "mode": case.mode, "threads": torch.get_num_threads(),
+            "peer": name, "runs": runs_backend(name, x0, eager),
             "median_us": timing.median_us, "p20_us": timing.p20_us, "p80_us": timing.p80_us,
             "samples": timing.samples, "floor_bytes": floor, "gbps": gbps,
             "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps > 0 else math.nan,
             "x_eager": eager_us / timing.median_us, "x_compile": compile_us / timing.median_us,
+            "wall_us": wall_us, "x_eager_wall": eager_wall_us / wall_us,
             "peak_mib": peaks.get(name, math.nan), "compile_s": compile_s.get(name, math.nan),
-            "max_rel_err": errors[name],
-            "check": "ok" if errors[name] <= CHECK_TOLERANCE[case.dtype] else "MISMATCH",
+            "max_rel_err": errors[name], "check": failures.get(name, "ok"),
             "input_sets": len(inputs),
         })
     return rows
 
 
 def cases(shapes: list[SEShape], batches: list[int], dtypes: list[str], layouts: list[str],
-          modes: list[str]) -> list[Case]:
-    return [Case(*combo) for combo in itertools.product(shapes, batches, dtypes, layouts, modes)]
+          modes: list[str], threads: list[int | None] = (None,)) -> list[Case]:
+    """Every combination, thread count outermost (a run changes it as seldom as it can)."""
+    return [Case(shape, batch, dtype, layout, mode, n)
+            for n, shape, batch, dtype, layout, mode
+            in itertools.product(threads, shapes, batches, dtypes, layouts, modes)]
 
 
 def run(all_cases: list[Case], requested: list[str], device: torch.device, *, quick: bool,
@@ -188,11 +235,16 @@ def run(all_cases: list[Case], requested: list[str], device: torch.device, *, qu
 
     rows: list[dict] = []
     refused: dict[str, set[str]] = {}
-    with tqdm(all_cases, desc="SE blocks", unit="case", file=sys.stderr, dynamic_ncols=True) as bar:
-        for case in bar:
-            bar.set_postfix_str(case.label, refresh=True)
-            rows.extend(run_case(case, requested, device, quick=quick, copy_gbps=copy_gbps,
-                                 refused=refused))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    threads = torch.get_num_threads()
+    try:
+        with tqdm(all_cases, desc="SE blocks", unit="case", file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for case in bar:
+                bar.set_postfix_str(case.label, refresh=True)
+                rows.extend(run_case(case, requested, device, quick=quick, copy_gbps=copy_gbps,
+                                     refused=refused))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        torch.set_num_threads(threads)
     return rows, refused

@@ -6,6 +6,8 @@
                search without CUDA graphs, which in an isolated block would add a copy of
                every fresh input into the graph's static buffer; our kernels run without
                graphs too)
+  auto         se_kernels.SqueezeExcitation(backend="auto"): what a converted model runs,
+               whichever backend dispatch picks for the block
   <backend>    se_kernels.SqueezeExcitation(backend=<backend>) for each se_kernels backend
                ("cuda", "triton", "cpu", "torch", ...) willing to run the block here
 """
@@ -24,6 +26,7 @@ from se_kernels.options import make_call
 from .shapes import SEShape
 
 EAGER = "eager"
+AUTO = "auto"
 COMPILE_MODES = {"compile": "default", "compile-max": "max-autotune-no-cudagraphs"}
 BASELINES = (EAGER, *COMPILE_MODES)
 
@@ -36,22 +39,33 @@ def eager_module(shape: SEShape, device: torch.device, dtype: torch.dtype) -> nn
     return module.to(device=device, dtype=dtype)
 
 
-def backend_refusals(name: str, x: torch.Tensor, eager: nn.Module) -> list[str]:
-    """Why se_kernels backend `name` would not run this block (empty: it would)."""
-    call = make_call(x, eager.fc1.weight, eager.fc1.bias, eager.fc2.weight, eager.fc2.bias,
+def _call(x: torch.Tensor, eager: nn.Module):
+    return make_call(x, eager.fc1.weight, eager.fc1.bias, eager.fc2.weight, eager.fc2.bias,
                      activation="silu" if isinstance(eager.activation, nn.SiLU) else "relu",
                      gate="hardsigmoid" if isinstance(eager.scale_activation, nn.Hardsigmoid)
                      else "sigmoid")
-    return dispatch.explain(call).get(name, [f"no se_kernels backend is named {name!r}"])
+
+
+def backend_refusals(name: str, x: torch.Tensor, eager: nn.Module) -> list[str]:
+    """Why se_kernels backend `name` would not run this block (empty: it would); auto runs
+    every block."""
+    if name == AUTO:
+        return []
+    return dispatch.explain(_call(x, eager)).get(name, [f"no se_kernels backend is named {name!r}"])
+
+
+def auto_choice(x: torch.Tensor, eager: nn.Module) -> str:
+    """The backend backend="auto" runs this block on."""
+    return dispatch.select(_call(x, eager)).name
 
 
 def default_backends(x: torch.Tensor, eager: nn.Module) -> list[str]:
-    """Our backends that dispatch would consider for x's device and that would run it, in
-    dispatch's order (Triton on CPU tensors is its interpreter, a testing tool: only when
-    named)."""
-    call = make_call(x, eager.fc1.weight, eager.fc1.bias, eager.fc2.weight, eager.fc2.bias)
-    return [name for name in dispatch.preference(call)
-            if name in dispatch.backend_names() and not backend_refusals(name, x, eager)]
+    """auto, then our backends that dispatch would consider for x's device and that would
+    run it, in dispatch's order (Triton on CPU tensors is its interpreter, a testing tool:
+    only when named)."""
+    call = _call(x, eager)
+    return [AUTO] + [name for name in dispatch.candidates(call)
+                     if name in dispatch.backend_names() and not backend_refusals(name, x, eager)]
 
 
 def build_peer(name: str, eager: nn.Module, shape: SEShape) -> nn.Module:

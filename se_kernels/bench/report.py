@@ -17,12 +17,12 @@ import torch
 
 BLOCK_COLUMNS = [
     "network", "layer", "count", "batch", "channels", "squeeze", "height", "width",
-    "activation", "gate", "dtype", "layout", "mode", "peer", "median_us", "p20_us", "p80_us",
-    "samples", "floor_bytes", "gbps", "pct_copy_bw", "x_eager", "x_compile", "peak_mib",
-    "compile_s", "max_rel_err", "check", "input_sets",
+    "activation", "gate", "dtype", "layout", "mode", "threads", "peer", "runs", "median_us",
+    "p20_us", "p80_us", "samples", "floor_bytes", "gbps", "pct_copy_bw", "x_eager", "x_compile",
+    "wall_us", "x_eager_wall", "peak_mib", "compile_s", "max_rel_err", "check", "input_sets",
 ]
 CASE_KEY = ("network", "channels", "squeeze", "height", "width", "batch", "dtype", "layout",
-            "mode", "peer")
+            "mode", "threads", "peer")
 
 
 # -- formatting -----------------------------------------------------------------------------
@@ -60,16 +60,67 @@ def shape_label(row: dict) -> str:
             f"{row['height']}x{row['width']}")
 
 
+def peer_label(row: dict) -> str:
+    """The peer, with the backend auto picked: 'auto (cpu)'."""
+    runs = row.get("runs")
+    return f"{row['peer']} ({runs})" if runs and runs != row["peer"] else row["peer"]
+
+
+def _measured(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def block_table(rows: list[dict], *, markdown: bool) -> str:
-    headers = ["shape", "N", "dtype", "layout", "mode", "peer", "median us", "p20-p80 us",
-               "GB/s", "% copy", "x eager", "x compile", "peak MiB", "compile s", "check"]
+    """One line per case and peer; the wall-clock columns only where they were measured
+    (GPU), the check column holds the error of a peer that was refused."""
+    walls = any(_measured(r.get("wall_us")) for r in rows)
+    headers = ["shape", "N", "threads", "dtype", "layout", "mode", "peer", "median us",
+               "p20-p80 us", "GB/s", "% copy", "x eager", "x compile",
+               *(["wall us", "x eager wall"] if walls else []), "peak MiB", "compile s", "check"]
     body = []
     for r in rows:
-        body.append([shape_label(r), str(r["batch"]), r["dtype"], r["layout"], r["mode"],
-                     r["peer"], number(r["median_us"]),
+        body.append([shape_label(r), str(r["batch"]), str(r.get("threads", "")), r["dtype"],
+                     r["layout"], r["mode"], peer_label(r), number(r["median_us"]),
                      f"{number(r['p20_us'])}-{number(r['p80_us'])}", number(r["gbps"]),
                      number(r["pct_copy_bw"], 2), number(r["x_eager"]), number(r["x_compile"]),
+                     *([number(r.get("wall_us")), number(r.get("x_eager_wall"))] if walls else []),
                      number(r["peak_mib"]), number(r["compile_s"], 2), r["check"]])
+    return table(headers, body, markdown=markdown)
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
+
+
+def speedup_summary(rows: list[dict], column: str, *, markdown: bool) -> str:
+    """Per peer (eager excluded), mode, thread count and batch, then per peer and mode over
+    all of them: the geometric mean and the worst of `column` (x_eager, or x_eager_wall) with
+    the case it happened on, and how many of the peer's rows were refused (a wrong answer or
+    an error: not timed)."""
+    def ordered(key) -> list:
+        return list(dict.fromkeys(key(r) for r in rows if r["peer"] != "eager"))
+
+    body = []
+    for peer in ordered(lambda r: r["peer"]):
+        for mode in ordered(lambda r: r["mode"]):
+            mine = [r for r in rows if r["peer"] == peer and r["mode"] == mode]
+            groups = [((str(t), str(n)), [r for r in mine if (r.get("threads"), r["batch"]) == (t, n)])
+                      for t, n in ordered(lambda r: (r.get("threads"), r["batch"]))]
+            overall = [(("all", "all"), mine)] if len(groups) > 1 else []
+            for (threads, batch), members in [*groups, *overall]:
+                if not members:
+                    continue
+                timed = [r for r in members if _measured(r.get(column))]
+                worst = min(timed, key=lambda r: r[column]) if timed else None
+                refused = sum(r.get("check") != "ok" for r in members)
+                body.append([peer, mode, threads, batch, str(len(members)),
+                             number(geomean([r[column] for r in timed])),
+                             number(worst[column]) if worst else "-",
+                             f"{shape_label(worst)} N{worst['batch']} {worst.get('threads', '')}T "
+                             f"{peer_label(worst)}" if worst else "-", str(refused)])
+    name = column.replace("_", " ")
+    headers = ["peer", "mode", "threads", "N", "cases", f"geomean {name}", f"worst {name}",
+               "worst case", "refused"]
     return table(headers, body, markdown=markdown)
 
 
@@ -156,12 +207,13 @@ def plot_blocks(rows: list[dict], path: Path, title: str) -> None:
                              figsize=(max(8, 0.45 * per_panel * max(len(peers), 1)), 5 * len(modes)))
     for ax, mode in zip(axes[:, 0], modes):
         mode_rows = [r for r in rows if r["mode"] == mode]
-        cases = list(dict.fromkeys(
-            (shape_label(r), r["batch"], r["dtype"], r["layout"]) for r in mode_rows))
+        def case_of(r):
+            return shape_label(r), r["batch"], r.get("threads", ""), r["dtype"], r["layout"]
+
+        cases = list(dict.fromkeys(case_of(r) for r in mode_rows))
         width = 0.8 / max(len(peers), 1)
         for i, peer in enumerate(peers):
-            by_case = {(shape_label(r), r["batch"], r["dtype"], r["layout"]): r["x_eager"]
-                       for r in mode_rows if r["peer"] == peer}
+            by_case = {case_of(r): r["x_eager"] for r in mode_rows if r["peer"] == peer}
             values = [by_case.get(c, math.nan) for c in cases]
             ax.bar([j + (i - (len(peers) - 1) / 2) * width for j in range(len(cases))], values,
                    width, label=peer)
@@ -172,7 +224,7 @@ def plot_blocks(rows: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel("speed-up over eager")
         ax.set_title(f"{title}: {mode}")
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([f"{c[0]}\nN{c[1]} {c[2]} {c[3]}" for c in cases], rotation=60,
+        ax.set_xticklabels([f"{c[0]}\nN{c[1]} {c[2]}T {c[3]} {c[4]}" for c in cases], rotation=60,
                            ha="right", fontsize=7)
         ax.legend(fontsize=8, ncol=len(peers))
     fig.tight_layout()
@@ -193,10 +245,14 @@ def compare(old_rows: list[dict], new_rows: list[dict], *, markdown: bool) -> st
     key_columns, value = (MODEL_KEY, "median_ms") if is_model else (CASE_KEY, "median_us")
     unit = "ms" if is_model else "us"
 
+    if old_rows and not is_model and "threads" not in old_rows[0]:
+        key_columns = tuple(k for k in key_columns if k != "threads")  # an older file
+
     def key(row: dict) -> tuple[str, ...]:
         return tuple(str(row.get(k, "")) for k in key_columns)
 
     old = {key(r): float(r[value]) for r in old_rows if r.get(value) not in ("", None)}
+    new_rows = [r for r in new_rows if _measured(r.get(value))]
     headers = [*key_columns, f"old {unit}", f"new {unit}", "x faster"]
     body, per_peer = [], {}
     for r in new_rows:
@@ -209,8 +265,7 @@ def compare(old_rows: list[dict], new_rows: list[dict], *, markdown: bool) -> st
     matched = len(body)
     lines = [table(headers, body, markdown=markdown), ""]
     for peer, ratios in per_peer.items():
-        geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        lines.append(f"{peer}: geometric mean x faster {number(geomean)} over {len(ratios)} rows")
+        lines.append(f"{peer}: geometric mean x faster {number(geomean(ratios))} over {len(ratios)} rows")
     lines.append(f"matched {matched} of {len(new_rows)} new rows; "
                  f"{len(old) - matched} rows of the old file are not in this run")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,8 @@ from .shapes import NETWORKS, evenly_spaced, network_shapes
 
 SUITES = {
     **{name: (name,) for name in NETWORKS},
-    # Issue 2, item 8: the CPU backend against eager and compiled torchvision SE.
-    "cpu": ("resnet50", "mobilenetv3", "efficientnet_b0"),
+    # The CPU backends against eager and compiled torchvision SE, every network.
+    "cpu": NETWORKS,
     "blocks": NETWORKS,
     "model": (),
     "all": NETWORKS,
@@ -23,14 +24,16 @@ SUITES = {
 WITH_MODEL = ("model", "all")
 QUICK_SHAPES_PER_NETWORK = 2  # the first and the last distinct SE shape of each network
 
-# Per device: (batches, dtypes, layouts, modes) for a full suite, then for --quick.
+# Per device: (batches, dtypes, layouts, modes, torch threads) for a full suite, then for
+# --quick. CPU: batch 1 (inference), 8 and 32, on one and two threads; threads None keeps
+# torch's own choice.
 DEFAULTS = {
-    "cpu": ((8,), ("fp32",), ("nchw",), ("fwd", "fwd+bwd")),
-    "cuda": ((1, 32, 256), ("bf16",), ("channels_last",), ("fwd", "bwd", "fwd+bwd")),
+    "cpu": ((1, 8, 32), ("fp32",), ("nchw",), ("fwd", "fwd+bwd"), (1, 2)),
+    "cuda": ((1, 32, 256), ("bf16",), ("channels_last",), ("fwd", "bwd", "fwd+bwd"), (None,)),
 }
 QUICK_DEFAULTS = {
-    "cpu": ((8,), ("fp32",), ("nchw",), ("fwd", "fwd+bwd")),
-    "cuda": ((256,), ("bf16",), ("channels_last",), ("fwd", "fwd+bwd")),
+    "cpu": ((8,), ("fp32",), ("nchw",), ("fwd", "fwd+bwd"), (None,)),
+    "cuda": ((256,), ("bf16",), ("channels_last",), ("fwd", "fwd+bwd"), (None,)),
 }
 # Model suite: (batch, image size) for a full and a quick run.
 MODEL_DEFAULTS = {"cpu": ((8, 224), (2, 128)), "cuda": ((256, 224), (128, 224))}
@@ -65,6 +68,16 @@ def split(text: str | None, allowed: tuple[str, ...] | None, flag: str) -> list[
     return values
 
 
+def load_note() -> str:
+    """The machine's load averages (1, 5, 15 minutes) over its cores, from /proc/loadavg."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average: not available"
+    return (f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on "
+            f"{os.cpu_count() or 1} cores")
+
+
 def _busy_note(device: torch.device) -> str | None:
     """A warning when other work competes for the CPU that runs (or feeds) the benchmark."""
     try:
@@ -87,6 +100,7 @@ class Plan:
     quick: bool
     cases: list
     requested: list[str]  # peers named by --backends (empty: all usable)
+    threads: list[int]  # CPU threads for torch, one pass of the block cases each (empty: as is)
     model: dict | None  # model.run keyword arguments, or None without the model suite
 
 
@@ -99,7 +113,7 @@ def make_plan(args, device: torch.device) -> Plan:
     kind = device.type
     suite = args.suite or ("cpu" if kind == "cpu" else "blocks")
     quick = args.quick or args.suite is None
-    batches, dtypes, layouts, modes = (QUICK_DEFAULTS if quick else DEFAULTS)[kind]
+    batches, dtypes, layouts, modes, threads = (QUICK_DEFAULTS if quick else DEFAULTS)[kind]
     dtypes = split(args.dtype, tuple(block.DTYPES), "--dtype") or dtypes
     layouts = split(args.layout, tuple(block.LAYOUTS), "--layout") or layouts
     modes = split(args.modes, block.MODES, "--modes") or modes
@@ -110,7 +124,16 @@ def make_plan(args, device: torch.device) -> Plan:
             raise SystemExit(f"--batch takes comma-separated integers, got {args.batch!r}") from None
         if min(batches) < 1:
             raise SystemExit(f"--batch sizes must be >= 1, got {args.batch!r}")
-    requested = split(args.backends, (*peers.BASELINES, *dispatch.backend_names()),
+    if args.threads:
+        try:
+            threads = [int(t) for t in split(args.threads, None, "--threads")]
+        except ValueError:
+            raise SystemExit(f"--threads takes comma-separated integers, got {args.threads!r}") from None
+        if min(threads) < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads!r}")
+    if kind != "cpu":
+        threads = (None,)
+    requested = split(args.backends, (*peers.BASELINES, peers.AUTO, *dispatch.backend_names()),
                       "--backends") or []
     if args.compare and not Path(args.compare).is_file():
         raise SystemExit(f"--compare: no such file {args.compare!r}")
@@ -119,7 +142,8 @@ def make_plan(args, device: torch.device) -> Plan:
     for network in SUITES[suite]:
         found = network_shapes(network)
         shapes += evenly_spaced(found, QUICK_SHAPES_PER_NETWORK) if quick else found
-    cases = block.cases(shapes, list(batches), list(dtypes), list(layouts), list(modes))
+    cases = block.cases(shapes, list(batches), list(dtypes), list(layouts), list(modes),
+                        list(threads))
 
     model_kwargs = None
     if suite in WITH_MODEL:
@@ -133,7 +157,8 @@ def make_plan(args, device: torch.device) -> Plan:
             batch=batch, image=args.image_size or (quick_image if quick else image),
             tasks=list(model.TASKS), quick=quick, compile_models=args.model_compile,
             backends=[b for b in requested if b not in peers.BASELINES] or None)
-    return Plan(suite, quick, cases, requested, model_kwargs)
+    return Plan(suite, quick, cases, requested, [t for t in threads if t is not None],
+                model_kwargs)
 
 
 def block_notes(kind: str, copy_gbps: float) -> list[str]:
@@ -160,11 +185,10 @@ def main(args, argv: list[str]) -> int:
 
     require("tqdm", "matplotlib", "torchvision", why="se-kernels bench")
     device = resolve_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     plan = make_plan(args, device)
+    if len(plan.threads) == 1:  # the model suite's too
+        torch.set_num_threads(plan.threads[0])
+    load_at_start = load_note()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = report.output_stem(out_dir, device)
@@ -197,6 +221,10 @@ def main(args, argv: list[str]) -> int:
     busy = busy or _busy_note(device)
     if busy:
         notes.append(busy)
+    notes.append(f"machine load: at the start {load_at_start}; at the end {load_note()}")
+    if device.type == "cpu":
+        notes.append("torch threads: " + ", ".join(map(str, plan.threads or [torch.get_num_threads()])))
+    refusals = [r for r in block_rows if r["check"] != "ok"]
 
     outputs = []
     md = [report.header("SE benchmark", device, argv, notes)]
@@ -204,7 +232,8 @@ def main(args, argv: list[str]) -> int:
         report.write_csv(block_rows, stem.with_suffix(".csv"), report.BLOCK_COLUMNS)
         report.plot_blocks(block_rows, stem.with_suffix(".png"), name)
         outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
-        md += ["## SE blocks", "", report.block_table(block_rows, markdown=True), "",
+        md += ["## Speed-up over eager", "", *summaries(block_rows, markdown=True),
+               "## SE blocks", "", report.block_table(block_rows, markdown=True), "",
                f"![speed-up over eager]({stem.with_suffix('.png').name})"]
     if model_rows:
         model_stem = stem.with_name(stem.name + "-model")
@@ -232,9 +261,27 @@ def main(args, argv: list[str]) -> int:
     print("\n".join(md[0].splitlines()[2:]))
     if block_rows:
         print("\n" + report.block_table(block_rows, markdown=False))
+        print("\n" + "\n".join(summaries(block_rows, markdown=False)))
     if model_rows:
         print("\n" + report.model_table(model_rows, markdown=False))
     if comparison is not None:
         print(f"\nchange against {args.compare}:\n{comparison}")
     print("\nwrote " + ", ".join(str(p) for p in outputs))
+    if refusals:
+        report.print_err(f"error: {len(refusals)} peer results were refused (not timed):")
+        for r in refusals:
+            report.print_err(f"  {report.shape_label(r)} N{r['batch']} {r['dtype']} {r['layout']} "
+                             f"{r['mode']} {r['threads']}T {report.peer_label(r)}: {r['check']}")
+        return 1
     return 0
+
+
+def summaries(rows: list[dict], *, markdown: bool) -> list[str]:
+    """The speed-up summary over eager from the per-call timers and, on the GPU, from the
+    back-to-back wall clock (host overhead included)."""
+    columns = ["x_eager"] + (["x_eager_wall"] if any(
+        isinstance(r.get("wall_us"), float) and math.isfinite(r["wall_us"]) for r in rows) else [])
+    out = []
+    for column in columns:
+        out += [report.speedup_summary(rows, column, markdown=markdown), ""]
+    return out

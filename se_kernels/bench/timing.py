@@ -155,6 +155,20 @@ def _time_cuda_events(step: Step, *, warmup_ms: float, rep_ms: float) -> Timing:
     return Timing.from_us([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
 
 
+def time_cuda_wall(step: Step, *, reps: int) -> float:
+    """Microseconds per call of `reps` calls issued back to back, by the host clock, with one
+    synchronize at the end: what a loop of small calls sees when launching them costs more
+    than running them (the per-call host overhead), which CUDA events around each call,
+    behind a cache flush that keeps the GPU busy, do not show."""
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e6
+
+
 def cuda_peak_mib(step: Step, device: torch.device) -> float:
     """Memory one call allocates at its peak beyond what was allocated before it."""
     torch.cuda.synchronize(device)
@@ -174,6 +188,20 @@ def time_steps(steps: dict[str, Step], device: torch.device, *, quick: bool) -> 
                 for name, step in steps.items()}
     rounds, min_run_time = (3, 0.05) if quick else (5, 0.2)
     return time_cpu_interleaved(steps, rounds=rounds, min_run_time=min_run_time)
+
+
+def time_steps_wall(steps: dict[str, Step], device: torch.device, *, quick: bool) -> dict[str, float]:
+    """On the GPU, each step's back-to-back wall time per call (time_cuda_wall), the median
+    of a few interleaved rounds; on the CPU nothing (its timers already are wall clocks)."""
+    if device.type != "cuda":
+        return {}
+    rounds, reps = (3, 20) if quick else (5, 50)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        names = list(steps)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(time_cuda_wall(steps[name], reps=reps))
+    return {name: percentile(values, 50) for name, values in times.items()}
 
 
 def copy_bandwidth_gbps(device: torch.device, *, quick: bool) -> float:
