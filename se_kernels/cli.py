@@ -64,9 +64,10 @@ def info(args: argparse.Namespace) -> int:
 
     for device in devices:
         call = _probe_call(device, torch.float32)
-        chosen = se_kernels.select(call).name
-        lines.append(f"backends for {device} tensors (auto picks {chosen!r}):")
-        for name, reasons in se_kernels.explain(call).items():
+        explanation = se_kernels.explain(call)
+        lines.append(f"backends for {device} tensors (auto picks {explanation.auto!r} for a "
+                     f"{'x'.join(map(str, call.x.shape))} call: {explanation.why}):")
+        for name, reasons in explanation.items():
             lines.append(f"  {name:7s} " + ("usable" if not reasons else "no: " + "; ".join(reasons)))
     print("\n".join(lines))
     return 0

@@ -1,15 +1,17 @@
 """Chooses the backend that runs each SE call, and explains the choice.
 
 Every backend states why it refuses a call (an empty list means it will run it). With
-backend="auto" the first willing backend in the device's preference order runs; an
-explicit name, or the SE_KERNELS_BACKEND environment variable when backend="auto",
-must be willing or the call fails with the backend's reasons.
+backend="auto" the first willing backend in the call's preference order runs; the order
+comes from a fixed rule on the call's shape class (see `ranking`), never from timing the
+call. An explicit name, or the SE_KERNELS_BACKEND environment variable when
+backend="auto", must be willing or the call fails with the backend's reasons.
 """
 
 from __future__ import annotations
 
 import abc
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -70,21 +72,87 @@ def candidates(call: SECall) -> list[str]:
     return ["cpu", "torch"]
 
 
-def preference(call: SECall) -> list[str]:
-    """Backends to try for `call`, fastest first."""
+@dataclass(frozen=True)
+class ShapeClass:
+    """CPU calls on which the fused kernel measured slower than the torch composition:
+    batch, H*W and C*S (the MLP's weights) within inclusive bounds, for inference (no
+    gradient wanted), training, or both (training None)."""
+
+    name: str
+    batch: tuple[int, int]
+    pixels: tuple[int, int]
+    weights: tuple[int, int]
+    training: bool | None = None
+
+    def matches(self, call: SECall, training: bool) -> bool:
+        n, c, h, w = call.x.shape
+        return (self.batch[0] <= n <= self.batch[1] and self.pixels[0] <= h * w <= self.pixels[1]
+                and self.weights[0] <= c * call.w1.shape[0] <= self.weights[1]
+                and self.training in (None, training))
+
+
+# Where auto runs the torch composition instead of the fused CPU kernel, from the block
+# benchmark's table named in CPU_RULE_SOURCE (README.md, "Backends and dispatch").
+CPU_COMPOSITION_CLASSES: tuple[ShapeClass, ...] = ()
+CPU_RULE_SOURCE = "benchmarks/results/cpu-amd-epyc-2026-11-30.md"
+
+
+def _wants_gradient(call: SECall) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (call.x, call.w1, call.b1, call.w2, call.b2,
+                                                    call.residual))
+
+
+def ranking(call: SECall) -> tuple[list[str], str]:
+    """auto's order of backends for `call`, fastest first, and the rule that set it."""
     if call.x.device.type == "cuda":
         # Neither GPU backend has been timed on a GPU yet (benchmarks/gpu_check.sh does
         # it), so Triton goes first: its kernels' semantics are the interpreter's, which CI
         # checks against the reference; the CUDA kernels are checked only by an emulator.
         # Replace with the measured per-shape-class order once there are GPU results.
-        return ["triton", "cuda", "torch"]
+        return ["triton", "cuda", "torch"], (
+            "CUDA tensors: triton, then cuda, then torch (no GPU timing has set an order yet)")
     # Triton on CPU tensors is the interpreter, a testing tool: only when asked for by name.
-    return ["cpu", "torch"]
+    training = _wants_gradient(call)
+    for shape_class in CPU_COMPOSITION_CLASSES:
+        if shape_class.matches(call, training):
+            return ["torch", "cpu"], (
+                f"CPU shape class {shape_class.name!r}: the torch composition, faster there "
+                f"than the fused kernel in {CPU_RULE_SOURCE}")
+    return ["cpu", "torch"], (
+        "CPU: the fused kernel, at least as fast as eager PyTorch on every SE shape of "
+        f"{CPU_RULE_SOURCE} outside the composition's shape classes")
 
 
-def explain(call: SECall) -> dict[str, list[str]]:
-    """Every registered backend's reasons for refusing `call` (empty: it would run it)."""
-    return {name: backend.refusals(call) for name, backend in _REGISTRY.items()}
+def preference(call: SECall) -> list[str]:
+    """Backends to try for `call`, fastest first."""
+    return ranking(call)[0]
+
+
+class Explanation(dict):
+    """explain()'s answer: a dict of every registered backend's reasons for refusing the
+    call (an empty list: it would run it), with what backend="auto" picks (`auto`, None when
+    nothing can run it) and why (`why`)."""
+
+    def __init__(self, refusals: dict[str, list[str]], auto: str | None, why: str):
+        super().__init__(refusals)
+        self.auto = auto
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"Explanation(auto={self.auto!r}, why={self.why!r}, refusals={dict.__repr__(self)})"
+
+
+def explain(call: SECall) -> Explanation:
+    """Every registered backend's reasons for refusing `call`, and auto's choice with its
+    reason."""
+    refusals = {name: backend.refusals(call) for name, backend in _REGISTRY.items()}
+    order, why = ranking(call)
+    order = [name for name in order if name in refusals]
+    auto = next((name for name in order if not refusals[name]), None)
+    passed = order[:order.index(auto)] if auto else order
+    return Explanation(refusals, auto, "; ".join(
+        [why, *(f"{name!r} refuses: {'; '.join(refusals[name])}" for name in passed)]))
 
 
 def select(call: SECall, backend: str = "auto") -> Backend:

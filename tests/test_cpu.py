@@ -45,9 +45,9 @@ def test_mlp_tiles_and_tails_match_reference(case):
 
 @pytest.mark.parametrize("case", [
     Case(n=2, c=48, h=40, w=40, s=6, pool="avgmax", residual=True, out_activation="relu"),
-    # An MLP large enough to be split over threads (about 10^5 multiply-adds per product).
-    Case(n=5, c=300, h=2, w=3, s=75),
-    Case(n=1, c=960, h=1, w=1, s=240, activation="silu"),
+    # MLPs large enough to be split over threads (over 2^18 multiply-adds per product).
+    Case(n=3, c=1024, h=2, w=1, s=128),
+    Case(n=1, c=2048, h=1, w=1, s=256, activation="silu"),
 ], ids=str)
 def test_results_do_not_depend_on_thread_count(case):
     inputs, grad = make_inputs(case, "cpu"), grad_output(case, "cpu")

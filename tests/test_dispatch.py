@@ -79,3 +79,56 @@ def test_cuda_arch_coverage_rules():
     assert cuda_arch_covered((9, 0), ["sm_90a"])
     assert not cuda_arch_covered((10, 0), ["sm_90a"])
     assert not cuda_arch_covered((8, 6), ["sm_90", "compute_90"])
+
+
+def test_explain_names_autos_choice_and_its_rule(monkeypatch):
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    explanation = se_kernels.explain(cpu_call())
+    assert explanation.auto == "cpu" == se_kernels.select(cpu_call()).name
+    assert "fused kernel" in explanation.why and dispatch.CPU_RULE_SOURCE in explanation.why
+    assert "auto='cpu'" in repr(explanation)
+
+
+def test_explain_names_a_refusing_backend_that_auto_passed_over(monkeypatch):
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(dispatch.get_backend("cpu"), "refusals", lambda call: ["pretend"])
+    explanation = se_kernels.explain(cpu_call())
+    assert explanation.auto == "torch"
+    assert "'cpu' refuses: pretend" in explanation.why
+
+
+def _call_of(n, c, h, w, s, requires_grad=False):
+    x = torch.randn(n, c, h, w, requires_grad=requires_grad)
+    return make_call(x, torch.randn(s, c), None, torch.randn(c, s), None)
+
+
+def test_cpu_shape_classes_send_auto_to_the_composition(monkeypatch):
+    """A call inside a shape class runs the torch composition, and explain names the class;
+    the class's bounds, and whether it is for inference or training, are respected."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    rule = dispatch.ShapeClass("tiny batch-1 inference", batch=(1, 1), pixels=(1, 64),
+                               weights=(1, 4096), training=False)
+    monkeypatch.setattr(dispatch, "CPU_COMPOSITION_CLASSES", (rule,))
+    inside = _call_of(1, 16, 4, 4, 4)
+    assert se_kernels.select(inside).name == "torch"
+    explanation = se_kernels.explain(inside)
+    assert explanation.auto == "torch" and "'tiny batch-1 inference'" in explanation.why
+    for outside in (_call_of(2, 16, 4, 4, 4), _call_of(1, 16, 9, 9, 4),
+                    _call_of(1, 128, 4, 4, 64), _call_of(1, 16, 4, 4, 4, requires_grad=True)):
+        assert se_kernels.select(outside).name == "cpu", outside.x.shape
+    with torch.no_grad():  # no gradient wanted: inference, whatever the tensors say
+        assert se_kernels.select(_call_of(1, 16, 4, 4, 4, requires_grad=True)).name == "torch"
+
+
+def test_every_measured_cpu_shape_class_is_reachable(monkeypatch):
+    """Each class in the shipped rule picks the composition for a call at its corner."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    for rule in dispatch.CPU_COMPOSITION_CLASSES:
+        c = 8
+        s = max(1, rule.weights[0] // c)
+        while c * s < rule.weights[0]:
+            c += 1
+        call = _call_of(rule.batch[0], c, 1, rule.pixels[0], s, requires_grad=bool(rule.training))
+        with torch.set_grad_enabled(rule.training is not False):
+            assert rule.matches(call, rule.training is not False), rule
+            assert se_kernels.select(call).name == "torch", rule

@@ -90,7 +90,7 @@ acc_t nan_max(acc_t a, acc_t b) {  // torch.amax propagates NaN
 // parallel. channel_offset indexes [N, C] vectors at the span's first element.
 template <typename F>
 void for_each_span(const Geometry& geo, F&& fn) {
-  constexpr int64_t kGrainElements = 16384;
+  constexpr int64_t kGrainElements = at::internal::GRAIN_SIZE;  // as ATen's element-wise ops
   if (!geo.channels_last) {
     at::parallel_for(0, geo.N * geo.C, std::max<int64_t>(1, kGrainElements / geo.P),
                      [&](int64_t begin, int64_t end) {
@@ -203,7 +203,8 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
 
   auto result = at::empty({kQ, N, C}, acc);
   acc_t* res = result.data_ptr<acc_t>();
-  at::parallel_for(0, N * C, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * C, std::max<int64_t>(1, at::internal::GRAIN_SIZE / pieces),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc)
       for (int q = 0; q < kQ; ++q) {
         acc_t v = Terms::init(q);

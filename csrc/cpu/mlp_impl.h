@@ -34,10 +34,11 @@ struct Mlp {
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t kLanes = Vec::size();
 
-  // Parallel chunks of at least this many multiply-adds: below it a thread's start-up costs
-  // more than the work it takes over.
+  // Parallel chunks of at least 2^18 multiply-adds (10-20 us on one core): a parallel
+  // region costs a few microseconds on an idle machine and a scheduler time slice on a
+  // busy one, so the small MLPs of batch 1 stay on the calling thread.
   static int64_t grain(int64_t macs_per_item) {
-    return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, macs_per_item));
+    return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, macs_per_item));
   }
 
   // ---- dot_rows -------------------------------------------------------------------------
