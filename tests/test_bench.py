@@ -156,6 +156,10 @@ def test_bad_flags_name_the_flag(tmp_path):
         main(["bench", "--device", "cpu", "--dtype", "fp8", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--backends"):
         main(["bench", "--device", "cpu", "--backends", "cdua", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--threads values must be >= 1"):
+        main(["bench", "--device", "cpu", "--threads", "1,0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--batch takes comma-separated integers"):
+        main(["bench", "--device", "cpu", "--batch", "one", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow  # ~10-20 s: Inductor compiles a forward and a backward graph

@@ -119,16 +119,3 @@ def test_cpu_shape_classes_send_auto_to_the_composition(monkeypatch):
     with torch.no_grad():  # no gradient wanted: inference, whatever the tensors say
         assert se_kernels.select(_call_of(1, 16, 4, 4, 4, requires_grad=True)).name == "torch"
 
-
-def test_every_measured_cpu_shape_class_is_reachable(monkeypatch):
-    """Each class in the shipped rule picks the composition for a call at its corner."""
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
-    for rule in dispatch.CPU_COMPOSITION_CLASSES:
-        c = 8
-        s = max(1, rule.weights[0] // c)
-        while c * s < rule.weights[0]:
-            c += 1
-        call = _call_of(rule.batch[0], c, 1, rule.pixels[0], s, requires_grad=bool(rule.training))
-        with torch.set_grad_enabled(rule.training is not False):
-            assert rule.matches(call, rule.training is not False), rule
-            assert se_kernels.select(call).name == "torch", rule

@@ -78,6 +78,19 @@ def load_note() -> str:
             f"{os.cpu_count() or 1} cores")
 
 
+def positive_ints(text: str | None, flag: str) -> list[int] | None:
+    """A comma-separated list of integers >= 1; None when the flag was not given."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in split(text, None, flag)]
+    except ValueError:
+        raise SystemExit(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise SystemExit(f"{flag} values must be >= 1, got {text!r}")
+    return values
+
+
 def _busy_note(device: torch.device) -> str | None:
     """A warning when other work competes for the CPU that runs (or feeds) the benchmark."""
     try:
@@ -117,20 +130,8 @@ def make_plan(args, device: torch.device) -> Plan:
     dtypes = split(args.dtype, tuple(block.DTYPES), "--dtype") or dtypes
     layouts = split(args.layout, tuple(block.LAYOUTS), "--layout") or layouts
     modes = split(args.modes, block.MODES, "--modes") or modes
-    if args.batch:
-        try:
-            batches = [int(b) for b in split(args.batch, None, "--batch")]
-        except ValueError:
-            raise SystemExit(f"--batch takes comma-separated integers, got {args.batch!r}") from None
-        if min(batches) < 1:
-            raise SystemExit(f"--batch sizes must be >= 1, got {args.batch!r}")
-    if args.threads:
-        try:
-            threads = [int(t) for t in split(args.threads, None, "--threads")]
-        except ValueError:
-            raise SystemExit(f"--threads takes comma-separated integers, got {args.threads!r}") from None
-        if min(threads) < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads!r}")
+    batches = positive_ints(args.batch, "--batch") or batches
+    threads = positive_ints(args.threads, "--threads") or threads
     if kind != "cpu":
         threads = (None,)
     requested = split(args.backends, (*peers.BASELINES, peers.AUTO, *dispatch.backend_names()),
