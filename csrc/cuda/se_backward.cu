@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads)
         if (t < nt) acc[t] += inp[t * K + k] * wv;
     }
   }
-  __shared__ A red[kWarps][kTile][32];
+  SE_SHARED(A, red, [kWarps][kTile][32]);
 #pragma unroll
   for (int t = 0; t < kTile; ++t) red[warp][t][lane] = acc[t];
   __syncthreads();
@@ -266,12 +266,13 @@ void run_outer(const acc_t<T>* u, const acc_t<T>* v, int64_t N, int64_t R, int64
 }
 
 // Workspace layout (accumulation dtype): dg, s, count, dx_avg, dx_max [N, C]; da, h [N, S];
-// reduce partials. count/dx_max only for max pooling, dx_avg only for avg pooling.
+// reduce partials. count/dx_max only for max pooling, dx_avg only for avg pooling. Buffers
+// are kWorkspaceGap apart: nothing on the GPU, guards on the emulator.
 struct BackwardWorkspace {
   int64_t dg, s, count, dx_avg, dx_max, da, h, partial, total;
 };
 BackwardWorkspace backward_workspace(const Problem& pb, int64_t partial_elems) {
-  const int64_t nc = pb.N * pb.C, ns = pb.N * pb.S;
+  const int64_t nc = pb.N * pb.C + kWorkspaceGap, ns = pb.N * pb.S + kWorkspaceGap;
   const bool uses_max = pb.pool != PoolKind::Avg, uses_avg = pb.pool != PoolKind::Max;
   BackwardWorkspace w;
   w.dg = 0;
@@ -314,6 +315,15 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   A* h = ws + layout.h;
   A* partial = ws + layout.partial;
   auto at = [](auto* p, int64_t off) { return p != nullptr ? p + off : nullptr; };
+  const int64_t nc_bytes = N * C * sizeof(A), ns_bytes = N * S * sizeof(A);
+  workspace_region("dg", dg, nc_bytes);
+  workspace_region("s", s, nc_bytes);
+  workspace_region("count", count, count ? nc_bytes : 0);
+  workspace_region("dx_avg", dx_avg, dx_avg ? nc_bytes : 0);
+  workspace_region("dx_max", dx_max, dx_max ? nc_bytes : 0);
+  workspace_region("da", da, ns_bytes);
+  workspace_region("h", h, ns_bytes);
+  workspace_region("partial", partial, (plan.workspace_elems - layout.partial) * sizeof(A));
 
   for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
     const int64_t n = std::min(plan.group, N - n0);

@@ -256,17 +256,27 @@ int pass_width(int64_t row, std::initializer_list<const void*> ptrs) {
 // ---- launching ----------------------------------------------------------------------
 
 #ifndef SE_KERNELS_CUDA_EMULATION
+// The CPU emulation in tests/cuda_emulator replaces these: it gives every CTA its own shared
+// memory, leaves NaN gaps between the buffers of a workspace, and runs launches as host code.
+#define SE_SHARED(T, name, dims) __shared__ T name dims
+constexpr int64_t kWorkspaceGap = 0;
+inline void workspace_region(const char*, const void*, int64_t) {}
+#endif
+
 // kernel<<<ctas, threads, 0, stream>>>(args...), then the launch check. Every launch goes
-// through here; the CPU emulation in tests/cuda_emulator defines its own `launch` that runs
-// the same kernels as host code.
+// through here, on the GPU and on the emulator.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int64_t ctas, int threads, cudaStream_t stream,
             const Args&... args) {
   TORCH_INTERNAL_ASSERT(ctas > 0 && ctas <= INT_MAX && threads > 0 && threads <= kThreads);
+#ifdef SE_KERNELS_CUDA_EMULATION
+  (void)stream;
+  emulated_launch(kernel, ctas, threads, args...);
+#else
   kernel<<<static_cast<unsigned>(ctas), threads, 0, stream>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 #endif
+}
 
 // ---- the streaming kernels ----------------------------------------------------------
 
@@ -372,7 +382,7 @@ __global__ void __launch_bounds__(kThreads)
   // Combine the tp pixel lanes of each (quantity, channel) in lane order, the sums spread
   // over the CTA's threads; each leaves its result in its lane-0 slot. Layout
   // [q][i][thread]: threads of a warp touch consecutive words.
-  __shared__ A red[kQ * W * kThreads];
+  SE_SHARED(A, red, [kQ * W * kThreads]);
 #pragma unroll
   for (int q = 0; q < kQ; ++q)
 #pragma unroll

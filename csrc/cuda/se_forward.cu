@@ -215,7 +215,8 @@ struct GateEpilogue {
   }
 };
 
-// Workspace layout (accumulation dtype): s [N, C], h [N, S], pool partials.
+// Workspace layout (accumulation dtype): s [N, C], h [N, S], pool partials (kWorkspaceGap
+// apart: nothing on the GPU, guards on the emulator).
 struct ForwardWorkspace {
   int64_t s, h, partial, total;
 };
@@ -223,8 +224,8 @@ ForwardWorkspace forward_workspace(const Plan& plan, int64_t partial_elems) {
   const Problem& pb = plan.problem;
   ForwardWorkspace w;
   w.s = 0;
-  w.h = w.s + pb.N * pb.C;
-  w.partial = w.h + pb.N * pb.S;
+  w.h = w.s + pb.N * pb.C + kWorkspaceGap;
+  w.partial = w.h + pb.N * pb.S + kWorkspaceGap;
   w.total = w.partial + partial_elems;
   return w;
 }
@@ -250,6 +251,9 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   A* s = ws + layout.s;
   A* h = ws + layout.h;
   A* partial = ws + layout.partial;
+  workspace_region("s", s, N * C * sizeof(A));
+  workspace_region("h", h, N * S * sizeof(A));
+  workspace_region("partial", partial, (plan.workspace_elems - layout.partial) * sizeof(A));
 
   for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
     const int64_t n = std::min(plan.group, N - n0);
