@@ -288,6 +288,7 @@ def test_planted_twins_pass(emu, mode):
     set_mode(emu, mode, 1)
     warps = x[:256].view(8, 32).sum(dim=1, keepdim=True).expand(8, 32).reshape(-1)
     assert torch.equal(emu.planted("warp_sum")[:256], warps)
+    assert torch.equal(emu.planted("warp_sum_down")[:256:32], warps[::32])
     assert torch.equal(emu.planted("neighbour_read")[:256], x[:256].roll(-1))
     assert torch.equal(emu.planted("vector_copy")[:1024], x[:1024])
     assert emu.planted("last_cta_sum")[0].item() == x.sum().item()

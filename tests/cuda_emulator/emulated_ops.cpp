@@ -169,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x_in, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& residual, std::string activation, std::string gate,
-    std::string pool, std::string out_activation, bool channels_last, std::vector<std::string> misalign) {
+    std::string pool, std::string out_activation, bool channels_last,
+    std::vector<std::string> misalign) {
   const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
   const auto acc = x_in.options().dtype(x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   GuardedBuffers buffers(std::move(misalign));

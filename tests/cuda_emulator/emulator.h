@@ -407,7 +407,8 @@ inline void run_grid(int64_t ctas, int threads, void (*body)(void*), void* arg) 
       start_cta(*resident.back(), make_uint3(static_cast<unsigned>(order[next++]), 0, 0),
                 threads);
     }
-    const size_t k = mode.ctas == Order::Random ? rng() % resident.size() : turn++ % resident.size();
+    const size_t k =
+        mode.ctas == Order::Random ? rng() % resident.size() : turn++ % resident.size();
     Cta& c = *resident[k];
     Fiber* f = pick_fiber(c);
     TORCH_INTERNAL_ASSERT(f != nullptr);
@@ -427,7 +428,8 @@ inline void run_grid(int64_t ctas, int threads, void (*body)(void*), void* arg) 
       std::string states;
       for (const Fiber& t : c.fibers)
         if (t.state != State::Done)
-          states += "\n  " + where(t) + (t.state == State::Barrier ? " at __syncthreads() " : " at a shuffle ") +
+          states += "\n  " + where(t) +
+                    (t.state == State::Barrier ? " at __syncthreads() " : " at a shuffle ") +
                     t.file + ":" + std::to_string(t.line);
       TORCH_CHECK(false, "emulator: CTA ", c.index.x, " cannot proceed:", states);
     }
@@ -446,26 +448,49 @@ inline void sync_threads(const char* file, int line) {
   yield();
 }
 
+// A warp shuffle: returns `value` of lane `src` (this lane's own when `src` is -1, which the
+// shuffles return for a source outside the lane's width-sized group).
 template <typename V>
-V shfl_xor(const char* file, int line, unsigned mask, V value, int offset, int width = 32) {
+V shuffle(const char* file, int line, unsigned mask, V value, int src) {
   static_assert(sizeof(V) <= sizeof(uint64_t));
   Fiber& f = me();
   const int lane = static_cast<int>(f.index.x % 32);
   TORCH_CHECK(mask >> lane & 1u, "emulator: ", where(f), " calls the shuffle at ", file, ":",
               line, " but is not in its mask 0x", std::hex, mask);
-  int src = lane ^ offset;
-  if (src / width != lane / width) src = lane;  // a later group: own value, as on the GPU
   f.state = State::Shuffle;
   f.file = file;
   f.line = line;
   f.mask = mask;
-  f.src_lane = src;
+  f.src_lane = src < 0 ? lane : src;
   f.value = 0;
   memcpy(&f.value, &value, sizeof(V));
   yield();
   V out;
   memcpy(&out, &f.result, sizeof(V));
   return out;
+}
+
+inline int lane_of_me() { return static_cast<int>(me().index.x % 32); }
+
+template <typename V>
+V shfl_xor(const char* file, int line, unsigned mask, V value, int lane_mask, int width = 32) {
+  const int lane = lane_of_me(), src = lane ^ lane_mask;
+  return shuffle(file, line, mask, value, src / width == lane / width ? src : -1);
+}
+template <typename V>
+V shfl_down(const char* file, int line, unsigned mask, V value, int delta, int width = 32) {
+  const int lane = lane_of_me(), src = lane + delta;
+  return shuffle(file, line, mask, value, src / width == lane / width ? src : -1);
+}
+template <typename V>
+V shfl_up(const char* file, int line, unsigned mask, V value, int delta, int width = 32) {
+  const int lane = lane_of_me(), src = lane - delta;
+  return shuffle(file, line, mask, value, src >= (lane / width) * width ? src : -1);
+}
+template <typename V>
+V shfl_idx(const char* file, int line, unsigned mask, V value, int src_lane, int width = 32) {
+  const int lane = lane_of_me();
+  return shuffle(file, line, mask, value, (lane / width) * width + src_lane % width);
 }
 
 inline void* shared_array(size_t bytes, const char* file, int line) {
@@ -549,6 +574,9 @@ inline void check_vector_access(const void* p, const char* what) {
 #define gridDim (::se_emu::launch_state.grid_dim)
 #define __syncthreads() ::se_emu::sync_threads(__FILE__, __LINE__)
 #define __shfl_xor_sync(...) ::se_emu::shfl_xor(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_down_sync(...) ::se_emu::shfl_down(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_up_sync(...) ::se_emu::shfl_up(__FILE__, __LINE__, __VA_ARGS__)
+#define __shfl_sync(...) ::se_emu::shfl_idx(__FILE__, __LINE__, __VA_ARGS__)
 #define SE_SHARED(T, name, dims)       \
   T(&name) dims = *static_cast<T(*) dims>( \
       ::se_emu::shared_array(sizeof(T dims), __FILE__, __LINE__))

@@ -14,7 +14,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <limits>
+#include <map>
 #include <string>
 
 #include "../../csrc/cuda/se_cuda_common.cuh"
@@ -25,12 +27,14 @@ using se_kernels::cuda::detail::launch;
 constexpr int kThreads = se_kernels::cuda::detail::kThreads;
 constexpr int64_t kElems = 4096;
 
-// A warp sum by butterfly; with `exit_early` lane 31 leaves before the full-mask shuffles.
-__global__ void warp_sum(const float* in, float* out, bool exit_early) {
+// A warp sum by butterfly (every lane gets it) or by shifting down (lane 0 gets it); with
+// `exit_early` lane 31 leaves before the full-mask shuffles.
+__global__ void warp_sum(const float* in, float* out, bool exit_early, bool down) {
   const int t = threadIdx.x;
   float v = in[t];
   if (exit_early && t % 32 == 31) return;
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = 16; offset > 0; offset /= 2)
+    v += down ? __shfl_down_sync(0xffffffffu, v, offset) : __shfl_xor_sync(0xffffffffu, v, offset);
   out[t] = v;
 }
 
@@ -149,24 +153,39 @@ at::Tensor planted(const std::string& name) {
     ~Clear() { se_emu::clear_buffers(); }
   } clear;
   const int64_t ctas = kElems / kThreads;
-  if (name == "warp_sum") launch(warp_sum, 1, kThreads, nullptr, x, y, false);
-  else if (name == "warp_sum_lane_exits") launch(warp_sum, 1, kThreads, nullptr, x, y, true);
-  else if (name == "half_warp_reads_other_half") launch(half_warp_reads_other_half, 1, kThreads, nullptr, x, y);
-  else if (name == "divergent_barrier") launch(divergent_barrier, 1, kThreads, nullptr, x, y);
-  else if (name == "neighbour_read") launch(neighbour_read, 1, kThreads, nullptr, x, y, true);
-  else if (name == "neighbour_read_no_barrier") launch(neighbour_read, 1, kThreads, nullptr, x, y, false);
-  else if (name == "racing_writes") launch(racing_writes, 1, kThreads, nullptr, x, y);
-  else if (name == "shared_from_another_cta") launch(shared_from_another_cta, ctas, kThreads, nullptr, x, y);
-  else if (name == "shared_overflow") launch(shared_overflow, 1, kThreads, nullptr, x, y);
-  else if (name == "vector_copy") launch(vector_copy, 1, kThreads, nullptr, x, y, 0, kThreads);
-  else if (name == "vector_copy_misaligned") launch(vector_copy, 1, kThreads, nullptr, x, y, 1, kThreads - 1);
-  else if (name == "vector_copy_past_end") launch(vector_copy, 1, kThreads, nullptr, x + kElems - 4 * kThreads, y, 4, kThreads);
-  else if (name == "ldg_of_own_output") launch(ldg_of_own_output, 1, kThreads, nullptr, x, y);
-  else if (name == "too_many_threads") launch(warp_sum, 1, 2 * kThreads, nullptr, x, y, false);
-  else if (name == "last_cta_sum" || name == "last_cta_sum_no_fence")
-    launch(last_cta_sum, ctas, kThreads, nullptr, x, partial.mutable_data_ptr<float>(), ticket, y,
-           name == "last_cta_sum");
-  else TORCH_CHECK(false, "emulator: no planted kernel named '", name, "'");
+  float* part = partial.mutable_data_ptr<float>();
+  const std::map<std::string, std::function<void()>> kernels = {
+      {"warp_sum", [&] { launch(warp_sum, 1, kThreads, nullptr, x, y, false, false); }},
+      {"warp_sum_down", [&] { launch(warp_sum, 1, kThreads, nullptr, x, y, false, true); }},
+      {"warp_sum_lane_exits", [&] { launch(warp_sum, 1, kThreads, nullptr, x, y, true, false); }},
+      {"half_warp_reads_other_half",
+       [&] { launch(half_warp_reads_other_half, 1, kThreads, nullptr, x, y); }},
+      {"divergent_barrier", [&] { launch(divergent_barrier, 1, kThreads, nullptr, x, y); }},
+      {"neighbour_read", [&] { launch(neighbour_read, 1, kThreads, nullptr, x, y, true); }},
+      {"neighbour_read_no_barrier",
+       [&] { launch(neighbour_read, 1, kThreads, nullptr, x, y, false); }},
+      {"racing_writes", [&] { launch(racing_writes, 1, kThreads, nullptr, x, y); }},
+      {"shared_from_another_cta",
+       [&] { launch(shared_from_another_cta, ctas, kThreads, nullptr, x, y); }},
+      {"shared_overflow", [&] { launch(shared_overflow, 1, kThreads, nullptr, x, y); }},
+      {"vector_copy", [&] { launch(vector_copy, 1, kThreads, nullptr, x, y, 0, kThreads); }},
+      {"vector_copy_misaligned",
+       [&] { launch(vector_copy, 1, kThreads, nullptr, x, y, 1, kThreads - 1); }},
+      {"vector_copy_past_end",  // the last thread's pack starts at the end of `in`
+       [&] {
+         launch(vector_copy, 1, kThreads, nullptr, x + kElems - 4 * kThreads, y, 4, kThreads);
+       }},
+      {"ldg_of_own_output", [&] { launch(ldg_of_own_output, 1, kThreads, nullptr, x, y); }},
+      {"too_many_threads",
+       [&] { launch(warp_sum, 1, 2 * kThreads, nullptr, x, y, false, false); }},
+      {"last_cta_sum",
+       [&] { launch(last_cta_sum, ctas, kThreads, nullptr, x, part, ticket, y, true); }},
+      {"last_cta_sum_no_fence",
+       [&] { launch(last_cta_sum, ctas, kThreads, nullptr, x, part, ticket, y, false); }},
+  };
+  const auto kernel = kernels.find(name);
+  TORCH_CHECK(kernel != kernels.end(), "emulator: no planted kernel named '", name, "'");
+  kernel->second();
   return out;
 }
 
