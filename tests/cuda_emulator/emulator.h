@@ -22,12 +22,14 @@
 //     is a source lane outside the mask;
 //   - 16-byte __ldg/__stwb accesses must be 16-byte aligned and lie inside one registered
 //     buffer (add_buffer), checked before the access: a clear error, not a host segfault;
-//   - an __ldg (non-coherent cache) read of bytes that the same launch writes is an error;
+//   - an __ldg (non-coherent cache) read of bytes that the same launch changes is an error
+//     (checked against the registered buffers' contents when the launch started);
 //   - launch() refuses more threads than production kernels are sized for (kThreads);
 //   - a global atomic needs a __threadfence() earlier in the issuing thread (the emulator
 //     cannot see plain stores, so it checks that the publishing thread fenced at all).
 // What this cannot show: timing, the non-coherent cache itself, store reordering between
-// CTAs, and device numerics; compute-sanitizer on a GPU covers those.
+// CTAs, and device numerics; a GPU run (tests/test_cuda.py, with compute-sanitizer's
+// memcheck, racecheck, synccheck and initcheck) is the evidence for those.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
