@@ -299,7 +299,7 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
     return model
 
 
-def restore(module: ConvertedSqueezeExcitation) -> nn.Module:
+def restore_module(module: ConvertedSqueezeExcitation) -> nn.Module:
     """The original SE module of `module`, holding `module`'s current children (so the
     same parameter tensors) and in its training mode. The served classes keep all their
     parameters and buffers in those children, so nothing else can have changed."""
@@ -336,7 +336,7 @@ def restore_se_modules(model: nn.Module) -> nn.Module:
         if not isinstance(module, ConvertedSqueezeExcitation):
             return None
         if id(module) not in restored:
-            restored[id(module)] = restore(module)
+            restored[id(module)] = restore_module(module)
         return restored[id(module)]
 
     def walk(parent: nn.Module) -> None:

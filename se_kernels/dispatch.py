@@ -3,7 +3,8 @@
 Every backend states why it refuses a call (an empty list means it will run it). With
 backend="auto" the first willing backend in the device's preference order runs; an
 explicit name, or the SE_KERNELS_BACKEND environment variable when backend="auto",
-must be willing or the call fails with the backend's reasons.
+must be willing or the call fails with the backend's reasons. While torch.onnx.export
+traces a model, every call runs the "torch" backend, whose operators ONNX has.
 """
 
 from __future__ import annotations
