@@ -117,6 +117,11 @@ def test_onnx_export_of_a_layer_pinned_to_a_backend(how, monkeypatch, tmp_path):
                       dynamo=True)
 
 
+# The checks of the arguments compare traced sizes; squeeze_excitation keeps that quiet.
+NO_TRACER_WARNINGS = pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
+
+
+@NO_TRACER_WARNINGS
 @pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
 @pytest.mark.parametrize("epilogue", ["plain", "residual-relu"])
 def test_onnx_export_with_the_torchscript_exporter(pool, epilogue, tmp_path):
@@ -168,6 +173,7 @@ def test_onnx_export_of_se_resnet(depth, tmp_path):
                       se_count=blocks, dynamo=True)
 
 
+@NO_TRACER_WARNINGS
 def test_onnx_export_of_a_converted_model_with_the_torchscript_exporter(tmp_path):
     model = convert_se_modules(build("torchvision", "mobilenet_v3_large"))
     check_onnx_export(model, (image(),), tmp_path / "model.onnx", se_count=8, dynamo=False)
