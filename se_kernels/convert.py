@@ -101,7 +101,9 @@ class ConvertedSqueezeExcitation(nn.Module):
 
     It holds the original's submodules under their original names: the FCs (whose weights
     the op reads), and the pool/activation/gate modules, kept only so that the module tree
-    and state_dict match the original's.
+    and state_dict match the original's. It also keeps the original module itself, outside
+    the module tree (no parameters or state_dict entries of its own), for
+    restore_se_modules to put back.
     """
 
     def __init__(self, original: nn.Module, spec: SESpec, backend: str = "auto") -> None:
@@ -109,6 +111,8 @@ class ConvertedSqueezeExcitation(nn.Module):
         for name, child in original.named_children():
             self.add_module(name, child)
         self.train(original.training)
+        # Not a submodule: nn.Module.__setattr__ would register it and list its children twice.
+        object.__setattr__(self, "original", original)
         self.source = qualified_name(type(original))
         self.spec = spec
         self.backend = backend
@@ -292,6 +296,68 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
     else:
         walk(model, "")
     _log_summary(reports, already_fused)
+    return model
+
+
+def restore_module(module: ConvertedSqueezeExcitation) -> nn.Module:
+    """The original SE module of `module`, holding `module`'s current children (so the
+    same parameter tensors) and in its training mode. The served classes keep all their
+    parameters and buffers in those children, so nothing else can have changed."""
+    original = module.__dict__.get("original")
+    if original is None:
+        raise ValueError(f"cannot restore {module.source}: this ConvertedSqueezeExcitation "
+                         f"holds no original module (it was not made by convert_se_modules)")
+    original._modules.clear()
+    original._modules.update(module._modules)
+    original.training = module.training
+    return original
+
+
+def restore_se_modules(model: nn.Module) -> nn.Module:
+    """Undo convert_se_modules, in place: put back the original torchvision/timm SE module
+    of every ConvertedSqueezeExcitation in `model`.
+
+    The restored modules are of their original classes and hold the converted modules'
+    submodules, so the parameters are the very same tensors (trained values included) and
+    `state_dict()` is unchanged. The result runs where se_kernels is not installed, e.g.
+    after `torch.save(model)`. se_kernels' own modules (SqueezeExcitation, the SE-ResNet
+    blocks) have no original to go back to and stay as they are.
+
+    Args:
+        model: any nn.Module; if it is itself a converted SE module, the original is returned.
+
+    Returns:
+        The model (the same object, unless the model itself is a converted SE module).
+    """
+    restored: dict[int, nn.Module] = {}  # id(converted) -> original; shared modules stay shared
+    visited: set[int] = set()
+
+    def original_of(module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, ConvertedSqueezeExcitation):
+            return None
+        if id(module) not in restored:
+            restored[id(module)] = restore_module(module)
+        return restored[id(module)]
+
+    def walk(parent: nn.Module) -> None:
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            original = original_of(child)
+            if original is not None:
+                parent._modules[name] = original
+            else:
+                walk(child)
+
+    root = original_of(model)
+    if root is not None:
+        return root
+    walk(model)
+    if restored:
+        logger.info("restore_se_modules: restored %d SE modules", len(restored))
     return model
 
 

@@ -3,13 +3,15 @@
 Every backend states why it refuses a call (an empty list means it will run it). With
 backend="auto" the first willing backend in the device's preference order runs; an
 explicit name, or the SE_KERNELS_BACKEND environment variable when backend="auto",
-must be willing or the call fails with the backend's reasons.
+must be willing or the call fails with the backend's reasons. While torch.onnx.export
+traces a model, every call runs the "torch" backend, whose operators ONNX has.
 """
 
 from __future__ import annotations
 
 import abc
 import os
+import sys
 
 import torch
 
@@ -80,7 +82,19 @@ def explain(call: SECall) -> dict[str, list[str]]:
     return {name: backend.refusals(call) for name, backend in _REGISTRY.items()}
 
 
+def exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export is tracing the model, with either exporter (dynamo=True or
+    False). torch.onnx is imported by then, so a process that never imported it is not
+    exporting, and `import se_kernels` need not import it."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def select(call: SECall, backend: str = "auto") -> Backend:
+    if exporting_to_onnx():
+        # ONNX has no fused SE op: the model is exported as the reference composition,
+        # which is made of standard ONNX operators, whatever backend the call names.
+        return _REGISTRY["torch"]
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV) or "auto"
     if backend != "auto":
