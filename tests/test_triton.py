@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import se_kernels
-from se_kernels.backends import triton_ops
+from se_kernels.backends.triton import heuristics
+from se_kernels.backends.triton import ops as triton_ops
 from se_kernels.options import make_call
 
 from helpers import (Case, backend_device, check_against_reference, make_inputs, require_backend,
@@ -28,7 +29,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.fixture
 def kernels():
     require_backend("triton", DEVICE)
-    return triton_ops.kernels()
+    return triton_ops.driver()
 
 
 def forward_args(case: Case, device) -> tuple:
@@ -175,7 +176,7 @@ def test_launches_on_the_inputs_device(kernels, monkeypatch, direction):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
-    monkeypatch.setattr(kernels, "device_profile", lambda device: kernels.INTERPRETER_PROFILE)
+    monkeypatch.setattr(kernels, "device_profile", lambda device: heuristics.INTERPRETER_PROFILE)
     monkeypatch.setattr(kernels, "_launch",
                         lambda kernel, programs, *args, **meta: launched_on.append(current[0]))
     case = Case(n=2, c=6, h=3, w=4, s=2, residual=True, out_activation="relu", pool="avgmax")
@@ -269,7 +270,7 @@ def test_import_is_lazy_and_survives_missing_triton():
         "x = torch.randn(1, 4, 2, 2)\n"
         "call = make_call(x, torch.randn(2, 4), None, torch.randn(4, 2), None)\n"
         "print(se_kernels.explain(call)['triton'])\n"
-        "print('se_kernels.backends.triton_kernels' in sys.modules)\n"
+        "print('se_kernels.backends.triton.kernels' in sys.modules)\n"
         "y = se_kernels.squeeze_excitation(x, torch.randn(2, 4), None, torch.randn(4, 2), None)\n"
         "print(tuple(y.shape))\n"
     )
@@ -284,7 +285,7 @@ def test_import_is_lazy_and_survives_missing_triton():
 # ---------------------------------------------------------------------------------------
 
 def _gpu(kernels):
-    return kernels.GPU_PROFILE
+    return heuristics.GPU_PROFILE
 
 
 def _is_pow2(v: int) -> bool:
@@ -301,7 +302,7 @@ RESNET50_STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 def test_pass_config_invariants(kernels, n, c, hw, channels_last, elem_size):
     profile = _gpu(kernels)
     p = hw * hw
-    cfg = kernels.pass_config(n, c, p, channels_last, elem_size, profile)
+    cfg = heuristics.pass_config(n, c, p, channels_last, elem_size, profile)
     assert _is_pow2(cfg.block_c) and _is_pow2(cfg.block_p) and cfg.num_warps in (1, 2, 4, 8)
     tile = cfg.block_c * cfg.block_p
     assert tile * elem_size <= profile.tile_bytes
@@ -322,30 +323,30 @@ def test_pass_config_invariants(kernels, n, c, hw, channels_last, elem_size):
 def test_pass_config_choices(kernels):
     gpu = _gpu(kernels)
     # NCHW 56x56: 256-pixel blocks pad 3136 by 6%; 1024 would pad it by 31%.
-    cfg = kernels.pass_config(32, 256, 3136, False, 2, gpu)
+    cfg = heuristics.pass_config(32, 256, 3136, False, 2, gpu)
     assert (cfg.block_p, cfg.block_c, cfg.num_warps) == (256, 16, 8)
     # NCHW 7x7: the whole row, rounded up to 64 pixels, and no split at N=32.
-    cfg = kernels.pass_config(32, 2048, 49, False, 2, gpu)
+    cfg = heuristics.pass_config(32, 2048, 49, False, 2, gpu)
     assert (cfg.block_p, cfg.block_c, cfg.splits) == (64, 64, 1)
     # channels-last: C is the contiguous axis, whole up to 1024 channels.
-    cfg = kernels.pass_config(32, 2048, 49, True, 2, gpu)
+    cfg = heuristics.pass_config(32, 2048, 49, True, 2, gpu)
     assert (cfg.block_c, cfg.block_p) == (1024, 4)
-    cfg = kernels.pass_config(32, 672, 196, True, 4, gpu)
+    cfg = heuristics.pass_config(32, 672, 196, True, 4, gpu)
     assert (cfg.block_c, cfg.block_p, cfg.num_warps) == (1024, 2, 4)
     # N=1 inference: H*W is split so the grid still fills the GPU.
-    cfg = kernels.pass_config(1, 256, 3136, True, 2, gpu)
+    cfg = heuristics.pass_config(1, 256, 3136, True, 2, gpu)
     assert cfg.splits > 1
     # Big batches need no split.
-    assert kernels.pass_config(256, 256, 3136, False, 2, gpu).splits == 1
+    assert heuristics.pass_config(256, 256, 3136, False, 2, gpu).splits == 1
 
 
 def test_configs_are_cached(kernels):
     """A shape seen before costs a dictionary lookup: no search, no benchmark."""
     gpu = _gpu(kernels)
-    kernels.pass_config.cache_clear()
-    first = kernels.pass_config(8, 64, 100, True, 2, gpu)
-    assert kernels.pass_config(8, 64, 100, True, 2, gpu) is first
-    assert kernels.pass_config.cache_info().hits == 1
+    heuristics.pass_config.cache_clear()
+    first = heuristics.pass_config(8, 64, 100, True, 2, gpu)
+    assert heuristics.pass_config(8, 64, 100, True, 2, gpu) is first
+    assert heuristics.pass_config.cache_info().hits == 1
 
 
 @pytest.mark.parametrize("n,c,s", [(1, 2048, 128), (32, 256, 16), (32, 2048, 128),
@@ -356,20 +357,20 @@ def test_mlp_configs(kernels, n, c, s, acc_size):
     budget = gpu.mlp_tile * 4 // acc_size
     target = gpu.programs_per_sm * gpu.sm_count
     for rows, m, k in ((n, s, c), (n, c, s)):  # squeeze FC, excite FC (and their backward)
-        cfg = kernels.mlp_config(rows, m, k, acc_size, gpu)
+        cfg = heuristics.mlp_config(rows, m, k, acc_size, gpu)
         assert all(map(_is_pow2, (cfg.block_n, cfg.block_m, cfg.block_k)))
         assert cfg.block_n * cfg.block_m * cfg.block_k <= budget
         assert cfg.block_n <= max(1, 2 * rows) and cfg.block_m < 2 * m
         programs = math.ceil(rows / cfg.block_n) * math.ceil(m / cfg.block_m)
         assert programs >= target or cfg.block_n == cfg.block_m == 1  # fills the GPU
-    wg = kernels.weight_grad_config(n, c, s, acc_size, gpu)
+    wg = heuristics.weight_grad_config(n, c, s, acc_size, gpu)
     assert wg.block_n * wg.block_m * wg.block_k <= budget
     assert wg.block_n <= 16
 
 
 def test_mlp_tiles_stay_square(kernels):
     """Big batches: samples and features are blocked alike (L2 traffic ~ 1/bn + 1/bm)."""
-    cfg = kernels.mlp_config(256, 128, 2048, 4, _gpu(kernels))
+    cfg = heuristics.mlp_config(256, 128, 2048, 4, _gpu(kernels))
     assert cfg.block_n >= 4 and cfg.block_m >= 4 and cfg.block_k == 128
 
 
@@ -394,14 +395,14 @@ SMALL_TILE_CASES = [
 def tiny_tiles(kernels, monkeypatch):
     """Every launch uses tiny tiles: several channel blocks, loops over H*W, H*W split into
     pieces, several sample and feature blocks in the MLP kernels."""
-    tiny = kernels.DeviceProfile(**TINY)
+    tiny = heuristics.DeviceProfile(**TINY)
     monkeypatch.setattr(kernels, "device_profile", lambda device: tiny)
     return tiny
 
 
 @pytest.mark.parametrize("case", SMALL_TILE_CASES, ids=str)
 def test_small_tiles(kernels, tiny_tiles, case):
-    cfg = kernels.pass_config(case.n, case.c, case.h * case.w, case.layout == "channels_last",
+    cfg = heuristics.pass_config(case.n, case.c, case.h * case.w, case.layout == "channels_last",
                               case.dtype.itemsize, tiny_tiles)
     assert cfg.splits > 1 and cfg.p_per_split > cfg.block_p  # the paths this test is for
     check_against_reference(case, DEVICE, "triton")
@@ -442,7 +443,7 @@ _PTX_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 def _record_launches(module, case: Case) -> list:
     launches = []
     module._launch = lambda kernel, programs, *args, **meta: launches.append((kernel, args, meta))
-    module.device_profile = lambda device: module.GPU_PROFILE
+    module.device_profile = lambda device: heuristics.GPU_PROFILE
     fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     args = forward_args(case, "cpu")
     out, z, zmax, a, g = module.forward(*args, fmt)
@@ -477,7 +478,7 @@ def compile_kernels_ahead_of_time(capability: int) -> list[str]:
     """Compiles every kernel launch of two SE calls (forward and backward, together every
     kernel and most constexpr branches) for an NVIDIA GPU of `capability`. Needs a process
     where the kernels are not interpreted."""
-    module = triton_ops.kernels()
+    module = triton_ops.driver()
     assert not module.INTERPRETED, "run without TRITON_INTERPRET"
     launches = []
     for case in (
@@ -518,9 +519,9 @@ def trace_gpu_graph() -> str:
     from torch._functorch.aot_autograd import aot_function
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    module = triton_ops.kernels()
+    module = triton_ops.driver()
     assert not module.INTERPRETED, "run without TRITON_INTERPRET"
-    module.device_profile = lambda device: module.GPU_PROFILE  # no device to ask
+    module.device_profile = lambda device: heuristics.GPU_PROFILE  # no device to ask
     options = ("silu", "sigmoid", "avgmax", "relu")
 
     def step(x, w1, b1, w2, b2, r, dy):

@@ -5,25 +5,25 @@ kernels through torch.library.wrap_triton, so torch.compile traces the kernels t
 (zero graph breaks, inductor schedules them) and the body doubles as the fake kernel. The
 schemas, autograd and FLOP formulas are those of every backend (se_kernels._ops).
 
-Importing this module does not import triton: the kernels (triton_kernels.py) load on the
-first call, and the backend refuses calls with the reason when triton is missing.
+Importing this module does not import triton: the drivers and kernels (driver.py,
+kernels.py) load on the first call, and the backend refuses calls with the reason when
+triton is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 
 import torch
 from torch import Tensor
 
-from .. import _ops, dispatch
-from ..options import SECall
+from ... import _ops, dispatch
+from ...options import SECall
+from .interpreter import interpreter_requested, keep_opaque_under_interpreter, kernels_interpreted
 
 FORWARD_NAME = "se_kernels::se_forward_triton"
 BACKWARD_NAME = "se_kernels::se_backward_triton"
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # The backend's checks run in Python on every call, also under torch.compile; answers that
@@ -44,27 +44,10 @@ def triton_import_error() -> str | None:
     return _IMPORT_ERROR[0]
 
 
-def kernels():
-    """The kernel module, imported on first use."""
-    from . import triton_kernels
-    return triton_kernels
-
-
-@dispatch.constant_under_compile
-def kernels_interpreted() -> bool:
-    """Whether the kernels were defined for Triton's interpreter (TRITON_INTERPRET=1 when
-    they were first imported)."""
-    return kernels().INTERPRETED
-
-
-@dispatch.constant_under_compile
-def cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-@dispatch.constant_under_compile
-def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+def driver():
+    """The drivers (and with them the kernels), imported on first use."""
+    from . import driver
+    return driver
 
 
 def launch_device(x: Tensor) -> contextlib.AbstractContextManager:
@@ -86,7 +69,7 @@ def se_forward_triton(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _ops.check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)
     with launch_device(x):
-        return kernels().forward(x, w1, b1, w2, b2, residual, activation, gate, pool,
+        return driver().forward(x, w1, b1, w2, b2, residual, activation, gate, pool,
                                  out_activation, _ops.kernel_memory_format(x))
 
 
@@ -99,33 +82,13 @@ def se_backward_triton(
     _ops.check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
                              out_activation)
     with launch_device(x):
-        return kernels().backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate,
+        return driver().backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate,
                                   pool, out_activation, residual_grad,
                                   _ops.kernel_memory_format(x))
 
 
-def _keep_opaque_under_interpreter(op) -> None:
-    """Under TRITON_INTERPRET=1 the kernels run on real CPU tensors and cannot be traced, so
-    torch.compile must keep the op as one opaque node (run eagerly at runtime) instead of
-    decomposing it into traced kernel launches, which triton_op does for FunctionalTensorMode.
-    Elsewhere triton_op's own rule stays in charge."""
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    rules = getattr(op, "_torch_dispatch_fns", None)
-    decompose = None if rules is None else rules.get(FunctionalTensorMode)
-    if decompose is None:  # a torch whose triton_op works differently: leave it alone
-        return
-
-    def functionalize(mode, func, types, args, kwargs):
-        if kernels().INTERPRETED:
-            return mode.__torch_dispatch__(func, types, args, kwargs)
-        return decompose(mode, func, types, args, kwargs)
-
-    op.register_torch_dispatch(FunctionalTensorMode, functionalize)
-
-
-_keep_opaque_under_interpreter(se_forward_triton)
-_keep_opaque_under_interpreter(se_backward_triton)
+keep_opaque_under_interpreter(se_forward_triton)
+keep_opaque_under_interpreter(se_backward_triton)
 # triton_op registered the bodies above as the fake kernels.
 _ops.register_op_family(FORWARD_NAME, BACKWARD_NAME, fake=False)
 se_forward = _ops._op_packet(FORWARD_NAME).default
@@ -134,37 +97,34 @@ se_backward = _ops._op_packet(BACKWARD_NAME).default
 
 class TritonBackend(dispatch.Backend):
     name = "triton"
+    SUPPORTED_DEVICES = ("cuda", "cpu")
+    CUDA_MINIMUM_COMPUTE_CAPABILITY = (7, 0)
+    CUDA_DTYPE_MINIMUM_CAPABILITY = {torch.bfloat16: (8, 0)}
 
-    def refusals(self, call: SECall) -> list[str]:
+    def devices_text(self) -> str:
+        return "cuda tensors (and cpu tensors under TRITON_INTERPRET=1)"
+
+    def unavailable(self) -> list[str]:
         error = triton_import_error()
         if error is not None:
             return [f"triton is not available ({error}); install it with `pip install triton`"]
-        reasons = []
-        device = call.x.device
-        if device.type == "cpu":
-            if not interpreter_requested():
-                reasons.append("x is on cpu: Triton runs CPU tensors only through its "
-                               "interpreter, enabled by TRITON_INTERPRET=1 (slow; for tests)")
-            elif not kernels_interpreted():
-                reasons.append("x is on cpu and TRITON_INTERPRET=1, but the Triton kernels were "
-                               "compiled for the GPU: set TRITON_INTERPRET=1 before their "
-                               "first use")
-        elif device.type == "cuda":
-            # (Interpreted kernels run cuda tensors too, through host copies.)
-            if torch.version.hip is None and not kernels_interpreted():
-                capability = cuda_capability(device.index)
-                if capability < (7, 0):
-                    reasons.append(f"Triton needs an NVIDIA GPU of compute capability 7.0 or "
-                                   f"newer, this one is {capability[0]}.{capability[1]}")
-                elif call.x.dtype == torch.bfloat16 and capability < (8, 0):
-                    reasons.append(f"bfloat16 needs compute capability 8.0 or newer, this GPU "
-                                   f"is {capability[0]}.{capability[1]}")
-        else:
-            reasons.append(f"x is on {device.type}; the Triton backend runs cuda tensors "
-                           f"(and cpu tensors under TRITON_INTERPRET=1)")
-        if call.x.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {call.x.dtype} is not supported")
-        return reasons
+        return []
+
+    def checks_cuda_capability(self, call: SECall) -> bool:
+        # Interpreted kernels run cuda tensors too, through host copies; AMD GPUs have
+        # no NVIDIA compute capability.
+        return torch.version.hip is None and not kernels_interpreted()
+
+    def call_refusals(self, call: SECall) -> list[str]:
+        if call.x.device.type != "cpu":
+            return []
+        if not interpreter_requested():
+            return ["x is on cpu: Triton runs CPU tensors only through its interpreter, "
+                    "enabled by TRITON_INTERPRET=1 (slow; for tests)"]
+        if not kernels_interpreted():
+            return ["x is on cpu and TRITON_INTERPRET=1, but the Triton kernels were compiled "
+                    "for the GPU: set TRITON_INTERPRET=1 before their first use"]
+        return []
 
     def run(self, call: SECall) -> torch.Tensor:
         return se_forward(*call.op_args())[0]
