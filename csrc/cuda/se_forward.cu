@@ -9,10 +9,8 @@
 // to half the L2, that second read comes from L2 rather than DRAM, so x costs one DRAM
 // read per forward (the floor of DESIGN.md §2).
 //
-// Not done (a note for a GPU session): on sm_90, a thread-block cluster could hold a
-// sample's slab in distributed shared memory between the two passes (x read once, no L2
-// reliance), and L2 eviction hints (ld.global.L2::evict_last in pass 1, evict_first
-// stores in pass 4) could keep the group resident more reliably. Both need measurements.
+// Alternatives not taken until measured on a GPU (DESIGN.md §3.1): thread-block clusters
+// on sm_90 and L2 eviction hints.
 #include <cstdlib>
 #include <mutex>
 

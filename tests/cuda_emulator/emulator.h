@@ -7,7 +7,7 @@
 // which is exact for kernels in which all threads of a CTA reach the same barriers (the
 // scheduler checks that and fails otherwise). __shared__ becomes `static`: CTAs run one at a
 // time. What this cannot show: timing, memory-model races, and anything of the real
-// hardware (a GPU session runs tests/test_cuda.py and compute-sanitizer for those).
+// hardware (tests/test_cuda.py and compute-sanitizer check those on a GPU).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
