@@ -302,6 +302,16 @@ def _weight_block(w_ptr, m, m_mask, k, k_mask, stride_m, stride_k):
 
 
 @triton.jit
+def _store_fc(out_ptr, acc, bias_ptr, n, n_mask, m, m_mask, M, HAS_BIAS: tl.constexpr):
+    """An FC's [N, M] output block: out[n, m] = sum_k acc[n, m, k] + bias[m]."""
+    y = tl.sum(acc, 2)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + m, mask=m_mask, other=0.0).to(out_ptr.dtype.element_ty)[None, :]
+    out, out_mask = _vector_block(n, n_mask, m, m_mask, M)
+    tl.store(out_ptr + out, y, mask=out_mask)
+
+
+@triton.jit
 def _combine_pool(sum_ptr, max_ptr, idx, mask, nc, splits, P, POOL: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """z (0 where masked) and the channel max from the pooling pieces, in piece order."""
@@ -345,11 +355,7 @@ def _squeeze_fc_kernel(
                 tl.store(zmax_ptr + idx, peak, mask=mask)
         w = _weight_block(w1_ptr, s, s_mask, c, c_mask, C, 1).to(acc_t)  # W1[s, c]
         acc += z[:, None, :] * w[None, :, :]
-    a = tl.sum(acc, 2)
-    if HAS_BIAS:
-        a += tl.load(b1_ptr + s, mask=s_mask, other=0.0).to(acc_t)[None, :]
-    out, out_mask = _vector_block(n, n_mask, s, s_mask, S)
-    tl.store(a_ptr + out, a, mask=out_mask)
+    _store_fc(a_ptr, acc, b1_ptr, n, n_mask, s, s_mask, S, HAS_BIAS)
 
 
 @triton.jit
@@ -368,11 +374,7 @@ def _excite_fc_kernel(
         h = _activation(tl.load(a_ptr + idx, mask=mask, other=0.0), ACT)  # act(0) == 0
         w = _weight_block(w2_ptr, c, c_mask, s, s_mask, S, 1).to(acc_t)  # W2[c, s]
         acc += h[:, None, :] * w[None, :, :]
-    g = tl.sum(acc, 2)
-    if HAS_BIAS:
-        g += tl.load(b2_ptr + c, mask=c_mask, other=0.0).to(acc_t)[None, :]
-    out, out_mask = _vector_block(n, n_mask, c, c_mask, C)
-    tl.store(g_ptr + out, g, mask=out_mask)
+    _store_fc(g_ptr, acc, b2_ptr, n, n_mask, c, c_mask, C, HAS_BIAS)
 
 
 @triton.jit
