@@ -46,8 +46,8 @@ std::vector<int64_t> cuda_launches(int64_t N, int64_t C, int64_t P, int64_t S,
     int64_t count = 0;
     for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
       const int64_t n = std::min(plan.group, N - n0);
-      const cuda::detail::PassPlan pass = cuda::detail::plan_pass(n, C, P, channels_last, plan.width,
-                                                      plan.sm_count);
+      const cuda::detail::PassPlan pass =
+          cuda::detail::plan_pass(n, C, P, channels_last, plan.width, plan.sm_count);
       count += (pass.pieces > 1 ? 2 : 1) + 2 + 1;
     }
     return count;

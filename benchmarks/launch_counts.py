@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from se_kernels.vocabulary import AVG, NONE, RELU, SIGMOID
+
 SHAPES = [  # (label, C, S, H*W): SE layers of ResNet-50 and MobileNetV3-Large
     ("resnet50 C256 56x56", 256, 16, 56 * 56),
     ("resnet50 C2048 7x7", 2048, 128, 7 * 7),
@@ -35,12 +37,12 @@ def record(n: int, c: int, s: int, p: int, channels_last: bool) -> tuple[list, l
         (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, programs))
     driver.device_profile = lambda device: heuristics.GPU_PROFILE
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
     with FakeTensorMode():
-        x = torch.empty(n, c, p, 1, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
-        w1 = torch.empty(s, c, device="cuda", dtype=torch.bfloat16)
-        w2 = torch.empty(c, s, device="cuda", dtype=torch.bfloat16)
-        b1, b2 = torch.empty(s, device="cuda", dtype=torch.bfloat16), torch.empty(c, device="cuda", dtype=torch.bfloat16)
-        options = ("relu", "sigmoid", "avg", "none")
+        x = torch.empty(n, c, p, 1, **bf16).contiguous(memory_format=fmt)
+        w1, w2 = torch.empty(s, c, **bf16), torch.empty(c, s, **bf16)
+        b1, b2 = torch.empty(s, **bf16), torch.empty(c, **bf16)
+        options = (RELU, SIGMOID, AVG, NONE)
         out, z, zmax, a, g = driver.forward(x, w1, b1, w2, b2, None, *options, fmt)
         forward = list(launches)
         launches.clear()
@@ -66,7 +68,8 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter has its own launch profile")
     print("Triton, bf16, pool avg, no residual: launches and programs per launch\n")
-    print("| SE layer | N | layout | forward: programs per launch | backward: programs per launch |")
+    print("| SE layer | N | layout | forward: programs per launch | "
+          "backward: programs per launch |")
     print("|---|---|---|---|---|")
     for label, c, s, p in SHAPES:
         for n in BATCHES:
@@ -83,8 +86,7 @@ def main() -> None:
     for label, c, s, p in SHAPES:
         for n in BATCHES:
             for channels_last in (False, True):
-                fwd, bwd, fgroup, bgroup, pieces = launches(n, c, p, s, 2, channels_last, "avg",
-                                                            False)
+                fwd, bwd, fgroup, bgroup, pieces = launches(n, c, p, s, 2, channels_last, AVG, False)
                 print(f"| {label} | {n} | {'channels_last' if channels_last else 'NCHW'} | "
                       f"{fgroup}, {bgroup} | {pieces} | {fwd} | {bwd} |")
 

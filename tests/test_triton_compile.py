@@ -14,7 +14,7 @@ from se_kernels.backends.triton import heuristics
 from se_kernels.backends.triton import ops as triton_ops
 
 from helpers import Case
-from triton_support import forward_args, run_python_with, pythonpath_with_tests
+from triton_support import forward_args, pythonpath_with_tests, run_python_with
 
 
 _PTX_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",

@@ -19,6 +19,7 @@ try:
 except ImportError:
     BUILD = {"torch": None, "cpu_avx2": False, "cuda": False, "nvcc": None, "cuda_archs": []}
 
+
 def has_kernel(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     return torch._C._dispatch_has_kernel_for_dispatch_key("se_kernels::se_forward", key)

@@ -70,7 +70,7 @@ def se_forward_triton(
     _ops.check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)
     with launch_device(x):
         return driver().forward(x, w1, b1, w2, b2, residual, activation, gate, pool,
-                                 out_activation, _ops.kernel_memory_format(x))
+                                out_activation, _ops.kernel_memory_format(x))
 
 
 @torch.library.triton_op(BACKWARD_NAME, mutates_args=(), schema=_ops.BACKWARD_SCHEMA)
@@ -83,8 +83,8 @@ def se_backward_triton(
                              out_activation)
     with launch_device(x):
         return driver().backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate,
-                                  pool, out_activation, residual_grad,
-                                  _ops.kernel_memory_format(x))
+                                 pool, out_activation, residual_grad,
+                                 _ops.kernel_memory_format(x))
 
 
 keep_opaque_under_interpreter(se_forward_triton)
