@@ -64,31 +64,40 @@ def cuda_schedule():
     return torch.ops.se_schedule.cuda_launches
 
 
+def print_table(title: str, columns: list[str], row) -> None:
+    """A markdown table, one row per shape, batch and layout; row(n, c, s, p, channels_last)
+    gives the cells after those three."""
+    print(f"{title}\n")
+    print("| " + " | ".join(["SE layer", "N", "layout", *columns]) + " |")
+    print("|" + "---|" * (3 + len(columns)))
+    for label, c, s, p in SHAPES:
+        for n in BATCHES:
+            for channels_last in (False, True):
+                layout = "channels_last" if channels_last else "NCHW"
+                cells = [label, n, layout, *row(n, c, s, p, channels_last)]
+                print("| " + " | ".join(map(str, cells)) + " |")
+    print()
+
+
+def triton_row(n: int, c: int, s: int, p: int, channels_last: bool) -> list[str]:
+    grid = lambda launches: " + ".join(str(programs) for _, programs in launches)  # noqa: E731
+    return [f"{len(launches)}: {grid(launches)}" for launches in record(n, c, s, p, channels_last)]
+
+
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter has its own launch profile")
-    print("Triton, bf16, pool avg, no residual: launches and programs per launch\n")
-    print("| SE layer | N | layout | forward: programs per launch | "
-          "backward: programs per launch |")
-    print("|---|---|---|---|---|")
-    for label, c, s, p in SHAPES:
-        for n in BATCHES:
-            for channels_last in (False, True):
-                forward, backward = record(n, c, s, p, channels_last)
-                grid = lambda launches: " + ".join(str(programs) for _, programs in launches)
-                print(f"| {label} | {n} | {'channels_last' if channels_last else 'NCHW'} | "
-                      f"{len(forward)}: {grid(forward)} | {len(backward)}: {grid(backward)} |")
+    print_table("Triton, bf16, pool avg, no residual: launches and programs per launch",
+                ["forward: programs per launch", "backward: programs per launch"], triton_row)
     launches = cuda_schedule()
-    print("\nCUDA, bf16, pool avg, no output ReLU, 132 SMs and 50 MiB of L2 (H100 SXM)\n")
-    print("| SE layer | N | layout | samples per L2 group (fwd, bwd) | pieces per row | "
-          "forward launches | backward launches |")
-    print("|---|---|---|---|---|---|---|")
-    for label, c, s, p in SHAPES:
-        for n in BATCHES:
-            for channels_last in (False, True):
-                fwd, bwd, fgroup, bgroup, pieces = launches(n, c, p, s, 2, channels_last, AVG, False)
-                print(f"| {label} | {n} | {'channels_last' if channels_last else 'NCHW'} | "
-                      f"{fgroup}, {bgroup} | {pieces} | {fwd} | {bwd} |")
+
+    def cuda_row(n, c, s, p, channels_last):
+        fwd, bwd, fgroup, bgroup, pieces = launches(n, c, p, s, 2, channels_last, AVG, False)
+        return [f"{fgroup}, {bgroup}", pieces, fwd, bwd]
+
+    print_table("CUDA, bf16, pool avg, no output ReLU, 132 SMs and 50 MiB of L2 (H100 SXM)",
+                ["samples per L2 group (fwd, bwd)", "pieces per row", "forward launches",
+                 "backward launches"], cuda_row)
 
 
 if __name__ == "__main__":
