@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .vocabulary import ARGUMENTS, AVG, AVGMAX, OUT_RELU, check_choice
+from .vocabulary import AVG, AVGMAX, NAMES, OUT_RELU, check_choice
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "
@@ -80,7 +80,7 @@ def check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_
                            ("b2", b2, (c,)), ("residual", residual, x.shape)):
         if t is not None:
             _check_like(name, t, shape, x)
-    for argument, value in zip(ARGUMENTS, (activation, gate, pool, out_activation)):
+    for argument, value in zip(NAMES, (activation, gate, pool, out_activation)):
         check_choice(argument, value)
 
 

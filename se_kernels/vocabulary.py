@@ -23,12 +23,9 @@ class Option(enum.IntEnum):
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
+        """The names in code order (codes are 0, 1, ...)."""
+        assert [int(member) for member in cls] == list(range(len(cls)))
         return tuple(member.spelling for member in cls)
-
-    @classmethod
-    def code(cls, name: str) -> int:
-        """The kernels' code for a valid name, e.g. Pool.code("avgmax") == 2."""
-        return int(cls[name.upper()])
 
 
 class Activation(Option):
@@ -66,13 +63,20 @@ GATES = Gate.names()
 POOLS = Pool.names()
 OUT_ACTIVATIONS = OutActivation.names()
 
-# The argument each option kind is passed as, in the schemas' order.
-ARGUMENTS: dict[str, type[Option]] = {
-    "activation": Activation, "gate": Gate, "pool": Pool, "out_activation": OutActivation}
+# Each option argument's names, in the schemas' order. Calls read these plain tuples
+# (torch.compile traces them as constants), not the enums.
+NAMES: dict[str, tuple[str, ...]] = {
+    "activation": ACTIVATIONS, "gate": GATES, "pool": POOLS, "out_activation": OUT_ACTIVATIONS}
+
+
+def code(argument: str, name: str) -> int:
+    """The kernels' code for a valid name, e.g. code("pool", "avgmax") == Pool.AVGMAX == 2."""
+    return NAMES[argument].index(name)
+
 
 def check_choice(argument: str, value) -> None:
     """ValueError naming the argument unless `value` is one of its names."""
-    choices = ARGUMENTS[argument].names()
+    choices = NAMES[argument]
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{argument} must be one of {', '.join(map(repr, choices))}, "
                          f"got {value!r}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._ops import accumulate_dtype
-from ...vocabulary import AVG, MAX, OUT_RELU, Activation, Gate, Pool
+from ...vocabulary import AVG, MAX, OUT_RELU, code
 from . import interpreter
 from .heuristics import device_profile, mlp_config, pass_config, weight_grad_config
 from .kernels import (_excite_fc_backward_kernel, _excite_fc_kernel, _grad_input_kernel,
@@ -93,14 +93,14 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
     _launch(_squeeze_fc_kernel, math.ceil(n / fc1.block_n) * math.ceil(s / fc1.block_m),
             sums, maxes, z, zmax if use_max else x, a, w1, x if b1 is None else b1,
             n, c, s, view.p, cfg.splits, n * c,
-            POOL=Pool.code(pool), HAS_BIAS=b1 is not None,
+            POOL=code("pool", pool), HAS_BIAS=b1 is not None,
             BLOCK_N=fc1.block_n, BLOCK_S=fc1.block_m, BLOCK_C=fc1.block_k,
             num_warps=fc1.num_warps)
 
     fc2 = mlp_config(n, c, s, acc.itemsize, profile)
     _launch(_excite_fc_kernel, math.ceil(n / fc2.block_n) * math.ceil(c / fc2.block_m),
             a, g, w2, x if b2 is None else b2, n, c, s,
-            ACT=Activation.code(activation), HAS_BIAS=b2 is not None,
+            ACT=code("activation", activation), HAS_BIAS=b2 is not None,
             BLOCK_N=fc2.block_n, BLOCK_C=fc2.block_m, BLOCK_S=fc2.block_k,
             num_warps=fc2.num_warps)
 
@@ -108,7 +108,7 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
     _launch(_scale_kernel, view.groups * c_blocks * p_blocks,
             x, x if residual is None else residual, out, g,
             view.channels, view.p, view.stride_n, view.stride_c, view.stride_p,
-            GATE=Gate.code(gate), HAS_RESIDUAL=residual is not None,
+            GATE=code("gate", gate), HAS_RESIDUAL=residual is not None,
             OUT_RELU=out_activation == OUT_RELU,
             BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, WIDE=view.wide, num_warps=cfg.num_warps)
     return out, z, zmax, a, g
@@ -151,14 +151,14 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     bwd2 = mlp_config(n, s, c, acc.itemsize, profile)
     _launch(_excite_fc_backward_kernel, math.ceil(n / bwd2.block_n) * math.ceil(s / bwd2.block_m),
             ds, g, a, w2, dg, da, n, c, s, cfg.splits, n * c,
-            ACT=Activation.code(activation), GATE=Gate.code(gate),
+            ACT=code("activation", activation), GATE=code("gate", gate),
             BLOCK_N=bwd2.block_n, BLOCK_S=bwd2.block_m, BLOCK_C=bwd2.block_k,
             num_warps=bwd2.num_warps)
 
     wg = weight_grad_config(n, c, s, acc.itemsize, profile)
     _launch(_weight_grad_kernel, 2 * math.ceil(c / wg.block_m) * math.ceil(s / wg.block_k),
             dg, a, da, z, dw1, db1, dw2, db2, n, c, s,
-            ACT=Activation.code(activation),
+            ACT=code("activation", activation),
             BLOCK_N=wg.block_n, BLOCK_C=wg.block_m, BLOCK_S=wg.block_k, num_warps=wg.num_warps)
 
     has_avg = pool != MAX
@@ -167,7 +167,7 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     bwd1 = mlp_config(n, c, s, acc.itemsize, profile)
     _launch(_squeeze_fc_backward_kernel, math.ceil(n / bwd1.block_n) * math.ceil(c / bwd1.block_m),
             da, w1, count, dx_avg, dx_max, n, c, s, view.p, cfg.splits, n * c,
-            POOL=Pool.code(pool),
+            POOL=code("pool", pool),
             BLOCK_N=bwd1.block_n, BLOCK_C=bwd1.block_m, BLOCK_S=bwd1.block_k,
             num_warps=bwd1.num_warps)
 
@@ -176,7 +176,7 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
             grad_out, x if out is None else out, x, g, x if zmax is None else zmax,
             dx_avg, dx_max, dx, dres if write_dres else x,
             view.channels, view.p, view.stride_n, view.stride_c, view.stride_p,
-            GATE=Gate.code(gate), OUT_RELU=out_relu, HAS_AVG=has_avg, USE_MAX=use_max,
+            GATE=code("gate", gate), OUT_RELU=out_relu, HAS_AVG=has_avg, USE_MAX=use_max,
             WRITE_DRES=write_dres, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, WIDE=view.wide,
             num_warps=cfg.num_warps)
     return dx, dw1, db1, dw2, db2, dres
