@@ -20,7 +20,7 @@ archs=${GPU_ARCHS:-9.0}
 python=${GPU_PYTHON:-$(tools/find_python.sh 3.12)} || {
   echo "gpu_prepare: set GPU_PYTHON=/path/to/python3.12" >&2; exit 2; }
 pyver=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-pytag=cp${pyver/./}
+pytag=cpython-${pyver/./}
 
 venv=${XDG_CACHE_HOME:-$HOME/.cache}/se_kernels/gpu-build-py$pyver-torch$torch_version
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
