@@ -24,6 +24,7 @@ from torch import nn
 from . import dispatch
 from .functional import squeeze_excitation
 from .modules import SqueezeExcitation
+from .vocabulary import ACTIVATION_CLASSES, AVG, AVGMAX, GATE_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -35,26 +36,6 @@ TORCHVISION_SE = "torchvision.ops.misc.SqueezeExcitation"
 TIMM_SE = "timm.layers.squeeze_excite.SEModule"
 TIMM_EFFICIENTNET_SE = "timm.models._efficientnet_blocks.SqueezeExcite"
 TIMM_LEGACY_SE = "timm.models.senet.SEModule"
-
-# Activation and gate classes by qualified name, with the op's name for each. Exact
-# classes only: a subclass may compute something else. timm's Swish/SwishMe compute
-# x * sigmoid(x) and its HardSigmoid relu6(x + 3) / 6, the same functions as nn.SiLU and
-# nn.Hardsigmoid (HardSigmoidMe differs only in the subgradient at exactly +-3, where it
-# takes 1/6 and the op takes 0, as nn.Hardsigmoid does). `inplace` changes nothing here:
-# the op never writes its input.
-ACTIVATIONS = {
-    "torch.nn.modules.activation.ReLU": "relu",
-    "torch.nn.modules.activation.SiLU": "silu",
-    "timm.layers.activations.Swish": "silu",
-    "timm.layers.activations_me.SwishMe": "silu",
-}
-GATES = {
-    "torch.nn.modules.activation.Sigmoid": "sigmoid",
-    "torch.nn.modules.activation.Hardsigmoid": "hardsigmoid",
-    "timm.layers.activations.Sigmoid": "sigmoid",
-    "timm.layers.activations.HardSigmoid": "hardsigmoid",
-    "timm.layers.activations_me.HardSigmoidMe": "hardsigmoid",
-}
 
 # SE-like classes the op cannot compute at all, named so that users learn why they stay.
 UNSERVABLE = {
@@ -161,28 +142,28 @@ def _spec(module: nn.Module, reduce: str, expand: str, act: str, gate: str, pool
     problem = _fc_pair_problem(module, reduce, expand)
     if problem:
         raise _Unservable(problem)
-    return SESpec(reduce, expand, _op_name(getattr(module, act), "activation", act, ACTIVATIONS),
-                  _op_name(getattr(module, gate), "gate", gate, GATES), pool)
+    return SESpec(reduce, expand, _op_name(getattr(module, act), "activation", act, ACTIVATION_CLASSES),
+                  _op_name(getattr(module, gate), "gate", gate, GATE_CLASSES), pool)
 
 
 def _torchvision_se(module: nn.Module) -> SESpec:
     if type(module.avgpool) is not nn.AdaptiveAvgPool2d or module.avgpool.output_size not in (1, (1, 1)):
         raise _Unservable(f"avgpool={module.avgpool!r} is not a global average pool")
-    return _spec(module, "fc1", "fc2", "activation", "scale_activation", "avg")
+    return _spec(module, "fc1", "fc2", "activation", "scale_activation", AVG)
 
 
 def _timm_se(module: nn.Module) -> SESpec:
     if type(module.bn) is not nn.Identity:
         raise _Unservable(f"norm layer bn={type(module.bn).__name__} between the FCs")
-    return _spec(module, "fc1", "fc2", "act", "gate", "avgmax" if module.add_maxpool else "avg")
+    return _spec(module, "fc1", "fc2", "act", "gate", AVGMAX if module.add_maxpool else AVG)
 
 
 def _timm_efficientnet_se(module: nn.Module) -> SESpec:
-    return _spec(module, "conv_reduce", "conv_expand", "act1", "gate", "avg")
+    return _spec(module, "conv_reduce", "conv_expand", "act1", "gate", AVG)
 
 
 def _timm_legacy_se(module: nn.Module) -> SESpec:
-    return _spec(module, "fc1", "fc2", "relu", "sigmoid", "avg")
+    return _spec(module, "fc1", "fc2", "relu", "sigmoid", AVG)  # its children's names
 
 
 SERVED = {

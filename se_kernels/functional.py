@@ -8,6 +8,7 @@ import torch
 
 from . import dispatch
 from .options import make_call
+from .vocabulary import AVG, RELU, SIGMOID
 
 
 def squeeze_excitation(
@@ -17,9 +18,9 @@ def squeeze_excitation(
     w2: torch.Tensor,
     b2: torch.Tensor | None,
     *,
-    activation: str = "relu",
-    gate: str = "sigmoid",
-    pool: str = "avg",
+    activation: str = RELU,
+    gate: str = SIGMOID,
+    pool: str = AVG,
     residual: torch.Tensor | None = None,
     out_activation: str | None = None,
     backend: str = "auto",

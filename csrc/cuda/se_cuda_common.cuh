@@ -109,7 +109,7 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, W>& v) {
 template <typename T>
 constexpr int vector_width() { return 16 / static_cast<int>(sizeof(T)); }
 
-// ---- math shared by the kernels (matching se_common.cpp's ATen formulas) --------------
+// ---- the activations and gates, and their derivatives (DESIGN.md §1.3) ---------------
 
 __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __device__ __forceinline__ double exp_(double v) { return exp(v); }
@@ -121,19 +121,20 @@ __device__ __forceinline__ A nan_max(A a, A b) {  // torch.amax propagates NaN
 template <typename A>
 __device__ __forceinline__ A sigmoid_(A v) { return A(1) / (A(1) + exp_(-v)); }
 template <typename A>
-__device__ __forceinline__ A activation(A a, bool silu) {
-  return silu ? a / (A(1) + exp_(-a)) : (a < A(0) ? A(0) : a);  // relu keeps NaN, as torch's
+__device__ __forceinline__ A activation(A a, Activation kind) {
+  if (kind == Activation::SiLU) return a / (A(1) + exp_(-a));
+  return a < A(0) ? A(0) : a;  // relu keeps NaN, as torch's
 }
 // d activation(a) / da applied to the incoming gradient dh.
 template <typename A>
-__device__ __forceinline__ A activation_backward(A a, A dh, bool silu) {
-  if (!silu) return a > A(0) ? dh : A(0);
+__device__ __forceinline__ A activation_backward(A a, A dh, Activation kind) {
+  if (kind == Activation::ReLU) return a > A(0) ? dh : A(0);
   const A sig = sigmoid_(a);
   return dh * sig * (A(1) + a * (A(1) - sig));
 }
 template <typename A>
-__device__ __forceinline__ A gate(A g, bool hard) {
-  if (!hard) return sigmoid_(g);
+__device__ __forceinline__ A gate(A g, Gate kind) {
+  if (kind == Gate::Sigmoid) return sigmoid_(g);
   A t = g + A(3);  // comparisons rather than fmin/fmax so NaN stays NaN, as in torch
   t = t < A(0) ? A(0) : t;
   t = t > A(6) ? A(6) : t;
@@ -141,8 +142,8 @@ __device__ __forceinline__ A gate(A g, bool hard) {
 }
 // d gate(g) / dg applied to ds, given s = gate(g). Hardsigmoid uses torch's open interval.
 template <typename A>
-__device__ __forceinline__ A gate_backward(A g, A s, A ds, bool hard) {
-  if (hard) return (g > A(-3) && g < A(3)) ? ds / A(6) : A(0);
+__device__ __forceinline__ A gate_backward(A g, A s, A ds, Gate kind) {
+  if (kind == Gate::HardSigmoid) return (g > A(-3) && g < A(3)) ? ds / A(6) : A(0);
   return ds * s * (A(1) - s);
 }
 

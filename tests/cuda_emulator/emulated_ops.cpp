@@ -35,7 +35,6 @@ DeviceInfo current_device_info() { return emulated_device; }
 namespace {
 
 using se_kernels::cuda::DType;
-using se_kernels::cuda::PoolKind;
 
 constexpr int64_t kGuard = 64;  // elements of NaN before and after every buffer
 
@@ -142,9 +141,12 @@ DType dtype_of(const at::Tensor& t) {
 se_kernels::cuda::Problem problem_of(const at::Tensor& x, int64_t S, bool channels_last,
                                      const std::string& activation, const std::string& gate,
                                      const std::string& pool, const std::string& out_activation) {
-  PoolKind kind = pool == "avg" ? PoolKind::Avg : pool == "max" ? PoolKind::Max : PoolKind::AvgMax;
-  return {dtype_of(x), x.size(0), x.size(1), x.size(2) * x.size(3), S, channels_last,
-          activation == "silu", gate == "hardsigmoid", kind, out_activation == "relu"};
+  const se_kernels::Options opt{
+      se_kernels::find_option(activation, se_kernels::kActivationNames).value(),
+      se_kernels::find_option(gate, se_kernels::kGateNames).value(),
+      se_kernels::find_option(pool, se_kernels::kPoolNames).value(),
+      se_kernels::find_option(out_activation, se_kernels::kOutActivationNames).value()};
+  return {dtype_of(x), x.size(0), x.size(1), x.size(2) * x.size(3), S, channels_last, opt};
 }
 
 void set_device(int64_t sm_count, int64_t l2_bytes) {
