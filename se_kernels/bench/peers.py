@@ -22,6 +22,7 @@ from torch import nn
 import se_kernels
 from se_kernels import dispatch
 from se_kernels.options import make_call
+from se_kernels.vocabulary import TORCH_ACTIVATIONS, TORCH_GATES
 
 from .shapes import SEShape
 
@@ -41,9 +42,8 @@ def eager_module(shape: SEShape, device: torch.device, dtype: torch.dtype) -> nn
 
 def _call(x: torch.Tensor, eager: nn.Module):
     return make_call(x, eager.fc1.weight, eager.fc1.bias, eager.fc2.weight, eager.fc2.bias,
-                     activation="silu" if isinstance(eager.activation, nn.SiLU) else "relu",
-                     gate="hardsigmoid" if isinstance(eager.scale_activation, nn.Hardsigmoid)
-                     else "sigmoid")
+                     activation=TORCH_ACTIVATIONS[type(eager.activation)],
+                     gate=TORCH_GATES[type(eager.scale_activation)])
 
 
 def backend_refusals(name: str, x: torch.Tensor, eager: nn.Module) -> list[str]:
