@@ -245,8 +245,8 @@ def compare(old_rows: list[dict], new_rows: list[dict], *, markdown: bool) -> st
     key_columns, value = (MODEL_KEY, "median_ms") if is_model else (CASE_KEY, "median_us")
     unit = "ms" if is_model else "us"
 
-    if old_rows and not is_model and "threads" not in old_rows[0]:
-        key_columns = tuple(k for k in key_columns if k != "threads")  # an older file
+    if old_rows and not is_model and not any(r.get("threads") for r in old_rows):
+        key_columns = tuple(k for k in key_columns if k != "threads")  # a file without threads
 
     def key(row: dict) -> tuple[str, ...]:
         return tuple(str(row.get(k, "")) for k in key_columns)
