@@ -66,7 +66,7 @@ def get_backend(name: str) -> Backend:
 def preference(call: SECall) -> list[str]:
     """Backends to try for `call`, fastest first."""
     if call.x.device.type == "cuda":
-        # Neither GPU backend has been timed on a GPU yet (benchmarks/gpu_session.sh does
+        # Neither GPU backend has been timed on a GPU yet (benchmarks/gpu_check.sh does
         # it), so Triton goes first: its kernels' semantics are the interpreter's, which CI
         # checks against the reference; the CUDA kernels are checked only by an emulator.
         # Replace with the measured per-shape-class order once there are GPU results.

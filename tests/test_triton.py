@@ -141,6 +141,65 @@ def test_op_rejects_bad_arguments(kernels):
         triton_ops.se_forward(*bad)
 
 
+def test_schemas_match_the_native_ops(kernels):
+    """torch 2.11's triton_op infers the schema from the bodies' annotations (it ignores
+    schema=): they must spell the same argument and return types as the native ops'."""
+    def types(schema):
+        return ([(a.name, str(a.type)) for a in schema.arguments],
+                [str(r.type) for r in schema.returns])
+
+    for triton_op, native in ((triton_ops.se_forward, torch.ops.se_kernels.se_forward.default),
+                              (triton_ops.se_backward, torch.ops.se_kernels.se_backward.default)):
+        assert types(triton_op._schema) == types(native._schema)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_launches_on_the_inputs_device(kernels, monkeypatch, direction):
+    """Triton launches on the current CUDA device: every launch must happen with x's device
+    current, restored afterwards. Checked without a GPU by tracing cuda:1 tensors with fake
+    tensors and recording the device that torch.cuda.device makes current at each launch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    current = [0]
+    launched_on = []
+
+    class RecordingDevice:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    monkeypatch.setattr(kernels, "device_profile", lambda device: kernels.INTERPRETER_PROFILE)
+    monkeypatch.setattr(kernels, "_launch",
+                        lambda kernel, programs, *args, **meta: launched_on.append(current[0]))
+    case = Case(n=2, c=6, h=3, w=4, s=2, residual=True, out_activation="relu", pool="avgmax")
+    with FakeTensorMode():
+        args = forward_args(case, "cuda:1")
+        outs = triton_ops.se_forward_triton(*args)
+        if direction == "backward":
+            launched_on.clear()
+            x, w1, _, w2 = args[:4]
+            triton_ops.se_backward_triton(torch.empty_like(outs[0]), x, outs[0], w1, w2, *outs[1:],
+                                          case.activation, case.gate, case.pool, "relu", True)
+    assert launched_on and set(launched_on) == {1}, launched_on
+    assert current[0] == 0
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_runs_on_the_inputs_device(kernels):
+    case = Case(n=3, c=24, h=7, w=7, s=6, residual=True, out_activation="relu", pool="avgmax")
+    with torch.cuda.device(0):
+        check_against_reference(case, "cuda:1", "triton")
+        assert torch.cuda.current_device() == 0
+
+
 # ---------------------------------------------------------------------------------------
 # Refusals and lazy import
 # ---------------------------------------------------------------------------------------

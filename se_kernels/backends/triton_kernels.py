@@ -86,8 +86,9 @@ def _gate_grad(g, GATE: tl.constexpr):
         s = 1.0 / (1.0 + tl.exp(-g))
         d = s * (1.0 - s)
     else:
-        # The open interval of torch's hardsigmoid_backward.
-        d = tl.where((g > -3.0) & (g < 3.0), 1.0 / 6.0, 0.0)
+        # The open interval of torch's hardsigmoid_backward. The division happens in g's
+        # dtype: a literal 1.0 / 6.0 would be a float32 constant, 3e-8 off in fp64.
+        d = tl.where((g > -3.0) & (g < 3.0), 1.0, 0.0).to(g.dtype) / 6.0
     return d
 
 
@@ -682,6 +683,34 @@ def device_profile(device: torch.device) -> DeviceProfile:
 # ---------------------------------------------------------------------------------------
 
 INTERPRETED = not isinstance(_pool_kernel, JITFunction)
+
+
+def _squeeze_interpreter_loop_bounds() -> None:
+    """Let the interpreter turn scalars into loop bounds on every supported Triton.
+
+    The interpreter holds a scalar as a 1-element array and gives it `__index__` for
+    `range(lo, hi, step)`. Triton 3.6 does that with `int(array)`, which numpy 2.5 refuses
+    for arrays that are not 0-d ("only 0-dimensional arrays can be converted to Python
+    scalars"); Triton 3.8 squeezes first. Re-set `__index__` after the interpreter's own
+    patching, the 3.8 way, so the kernels' data-dependent loops need no interpreter-only
+    form. A Triton without this hook gets nothing changed.
+    """
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "squeezes_loop_bounds", False):
+        return
+
+    def patch_tensor_squeezing(tensor, scope, *rest, **kwargs):
+        patch_tensor(tensor, scope, *rest, **kwargs)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_tensor_squeezing.squeezes_loop_bounds = True
+    interpreter._patch_lang_tensor = patch_tensor_squeezing
+
+
+if INTERPRETED:
+    _squeeze_interpreter_loop_bounds()
 
 
 def _launch(kernel, programs: int, *args, **meta) -> None:

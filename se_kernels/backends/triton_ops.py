@@ -11,10 +11,12 @@ first call, and the backend refuses calls with the reason when triton is missing
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
 import torch
+from torch import Tensor
 
 from .. import _ops, dispatch
 from ..options import SECall
@@ -65,20 +67,41 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def launch_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device, not on its arguments' device: make x's
+    device current for the launches (what CUDAGuard does for the CUDA backend). Without a
+    CUDA runtime there is no current device to set: the kernels are interpreted, or the op
+    is only traced (fake tensors), and a compiled graph guards its own launches."""
+    if x.device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+# The annotations spell the same schema as _ops.FORWARD_SCHEMA / BACKWARD_SCHEMA: torch 2.11's
+# triton_op ignores `schema=` and infers the schema from them.
 @torch.library.triton_op(FORWARD_NAME, mutates_args=(), schema=_ops.FORWARD_SCHEMA)
-def se_forward_triton(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation):
+def se_forward_triton(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+    residual: Tensor | None, activation: str, gate: str, pool: str, out_activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _ops.check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)
-    return kernels().forward(x, w1, b1, w2, b2, residual, activation, gate, pool,
-                             out_activation, _ops.kernel_memory_format(x))
+    with launch_device(x):
+        return kernels().forward(x, w1, b1, w2, b2, residual, activation, gate, pool,
+                                 out_activation, _ops.kernel_memory_format(x))
 
 
 @torch.library.triton_op(BACKWARD_NAME, mutates_args=(), schema=_ops.BACKWARD_SCHEMA)
-def se_backward_triton(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
-                       out_activation, residual_grad):
+def se_backward_triton(
+    grad_out: Tensor, x: Tensor, out: Tensor | None, w1: Tensor, w2: Tensor, z: Tensor,
+    zmax: Tensor, a: Tensor, g: Tensor, activation: str, gate: str, pool: str,
+    out_activation: str, residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     _ops.check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
                              out_activation)
-    return kernels().backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
-                              out_activation, residual_grad, _ops.kernel_memory_format(x))
+    with launch_device(x):
+        return kernels().backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate,
+                                  pool, out_activation, residual_grad,
+                                  _ops.kernel_memory_format(x))
 
 
 def _keep_opaque_under_interpreter(op) -> None:
