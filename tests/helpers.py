@@ -143,9 +143,9 @@ def run_se(case: Case, inputs: dict, grad: torch.Tensor, backend: str,
     return result
 
 
-def check_against_reference(case: Case, device, backend: str, seed: int = 0) -> None:
+def check_against_reference(case: Case, device, backend: str, seed: int = 0) -> dict:
     """Output and every gradient of `backend`, run with autograd on fresh random inputs, vs
-    the oracle (tests/oracle.py)."""
+    the oracle (tests/oracle.py). Returns what the backend computed."""
     inputs = make_inputs(case, device, seed)
     grad = grad_output(case, device, seed + 1)
     got = run_se(case, inputs, grad, backend)
@@ -154,6 +154,17 @@ def check_against_reference(case: Case, device, backend: str, seed: int = 0) -> 
     if case.layout == "channels_last" and case.c > 1 and case.h * case.w > 1 and case.n > 0:
         assert got["out"].is_contiguous(memory_format=torch.channels_last), "layout not kept"
     compare_with_oracle(case, inputs, grad, got, truncates=interpreter_truncates(backend, device))
+    return got
+
+
+def assert_all_differ(results: list[dict]) -> None:
+    """Every output and gradient differs between any two of `results` (runs on different
+    inputs): a backend that ignored its inputs, or a comparison against a constant, fails."""
+    for i, first in enumerate(results):
+        for other in results[i + 1:]:
+            for name, value in first.items():
+                if value is not None:
+                    assert not torch.equal(value, other[name]), f"{name}: same result for different inputs"
 
 
 def interpreter_truncates(backend: str, device) -> bool:
