@@ -26,12 +26,14 @@ result's magnitude (2^-8 for bf16, 2^-11 for fp16) and half the dtype's smallest
 subnormal. For bf16 the bound is then about 0.4% of a value plus fp32-level terms: far
 below a 5% error.
 
-Decisions that rounding can flip are taken explicitly. Max pooling compares the same
-rounded inputs as the kernels, so its argmax and tie count are exact. The output ReLU's
-decision is read from the kernel's own output (the op saves it for the backward) where the
-reference y lies within its error bound of 0; anywhere else the decisions must agree, and
-the caller counts the flips. A hidden ReLU (a near 0) or a hardsigmoid edge (g near +-3)
-within its bound has both outcomes enumerated by `decision_variants`.
+Decisions that rounding can flip are treated explicitly. Max pooling compares the same
+rounded inputs as the kernels, so its argmax and tie count are exact. Where the reference
+y lies within its error bound of 0, either output-ReLU decision is correct: dy there
+carries |dout| as its error, which bounds what a flipped decision changes in dx, the
+residual's gradient and, summed, in ds (`relu_uncertain` marks those positions; the caller
+checks that the kernel's flips stay among them and counts them). A hidden ReLU (a near 0)
+or a hardsigmoid edge (g near +-3) within its bound has both outcomes enumerated by
+`decision_variants`.
 """
 
 from __future__ import annotations
@@ -132,23 +134,21 @@ class Decisions:
 class OracleResult:
     values: dict          # name -> float64 tensor (None for absent inputs)
     bounds: dict          # name -> float64 tensor of allowed |error|
-    relu_flips: int       # output-ReLU decisions taken from the kernel against the reference's
-    relu_uncertain: int   # positions where either output-ReLU decision is within rounding
+    relu_uncertain: torch.Tensor    # [N, C, H, W] bool: output ReLU within rounding of y = 0
     uncertain_hidden: torch.Tensor  # [N, S] bool: hidden ReLU within rounding of a = 0
     uncertain_gate: torch.Tensor    # [N, C] bool: hardsigmoid within rounding of g = +-3
-    a: torch.Tensor
-    g: torch.Tensor
+    a: torch.Tensor  # [N, S] hidden pre-activation
+    g: torch.Tensor  # [N, C] gate logit
+    y: torch.Tensor  # [N, C, H, W] before the output activation
 
 
 def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
-              kernel_out: torch.Tensor | None = None,
               decisions: Decisions | None = None, truncates: bool = False) -> OracleResult:
     """Forward and backward of the SE block, float64, with error bounds for a kernel that
     accumulates in accumulate_dtype(out_dtype) and rounds its results to out_dtype.
 
     opts: anything with activation, gate, pool, out_activation attributes.
     inputs: x, w1, b1, w2, b2, residual (the rounded tensors the kernel got; None if absent).
-    kernel_out: the kernel's output, whose ReLU decisions are used where rounding can flip them.
     truncates: the final conversion to out_dtype truncates instead of rounding to nearest
     (Triton's interpreter does so for bf16): one unit in the last place instead of half.
     """
@@ -205,25 +205,20 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
 
     sx = an.mul(B(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)), an.exact(x))
     y = sx if r is None else an.add(sx, an.exact(r))
-    relu_flips = relu_uncertain = 0
+    relu_uncertain = torch.zeros_like(x, dtype=torch.bool)
     if opts.out_activation == "relu":
         out_bound = final_bound(y, out_dtype, truncates)
-        uncertain = (y.v.abs() <= out_bound) & (out_bound > 0)
-        mask = y.v > 0
-        if kernel_out is not None:
-            kernel_mask = kernel_out.detach().to("cpu").reshape(n, c, p) > 0
-            taken = torch.where(uncertain, kernel_mask, mask)
-            relu_flips = int((taken != mask).sum())
-            mask = taken
-        relu_uncertain = int(uncertain.sum())
-        out = B(torch.where(mask, y.v, 0.0), y.e)
+        relu_uncertain = (y.v.abs() <= out_bound) & (out_bound > 0)
+        out = B(torch.where(y.v > 0, y.v, 0.0), y.e)
     else:
-        mask = None
         out = y
 
     # ---- backward ----
-    dy = dout if mask is None else torch.where(mask, dout, 0.0)
-    ds = B((dy * x).sum(-1), an.gamma(p) * (dy * x).abs().sum(-1))
+    # dy = dout * [out > 0]; where the decision is within rounding, either outcome is
+    # correct: dy carries |dout| as its error there, which bounds what a flip changes.
+    dy = dout if opts.out_activation != "relu" else torch.where(y.v > 0, dout, 0.0)
+    dy_e = torch.where(relu_uncertain, dout.abs(), 0.0)
+    ds = B((dy * x).sum(-1), an.gamma(p) * (dy * x).abs().sum(-1) + (dy_e * x.abs()).sum(-1))
     if opts.gate == "sigmoid":
         sp = s.v * (1 - s.v)
         sp_b = B(sp, s.e * (1 + s.e) + 3 * an.u * sp)
@@ -243,7 +238,7 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     db1 = an.batch_sum(da)
     dz = an.matmul_exact_right(da, w1)
 
-    dys = an.mul(an.exact(dy), B(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)))
+    dys = an.mul(B(dy, dy_e), B(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)))
     to_avg = {"avg": 1.0, "max": 0.0, "avgmax": 0.5}[opts.pool]
     share = torch.zeros_like(x)
     share_e = torch.zeros_like(x)
@@ -259,7 +254,7 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
 
     values = {"out": out, "x": dx, "w1": dw1, "b1": db1 if b1 is not None else None,
               "w2": dw2, "b2": db2 if b2 is not None else None,
-              "residual": an.exact(dy) if r is not None else None}
+              "residual": B(dy, dy_e) if r is not None else None}
     shapes = {"out": x4.shape, "x": x4.shape, "residual": x4.shape,
               "w1": t["w1"].shape, "w2": t["w2"].shape}
     result_values, result_bounds = {}, {}
@@ -270,8 +265,8 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
         shape = shapes.get(name, b.v.shape)
         result_values[name] = b.v.reshape(shape)
         result_bounds[name] = final_bound(b, out_dtype, truncates).reshape(shape)
-    return OracleResult(result_values, result_bounds, relu_flips, relu_uncertain,
-                        uncertain_hidden, uncertain_gate, a.v, g.v)
+    return OracleResult(result_values, result_bounds, relu_uncertain.reshape(x4.shape),
+                        uncertain_hidden, uncertain_gate, a.v, g.v, y.v.reshape(x4.shape))
 
 
 def final_bound(b: B, dtype: torch.dtype, truncates: bool = False) -> torch.Tensor:

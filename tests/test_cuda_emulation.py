@@ -55,11 +55,13 @@ def emu():
     ops.set_device(132, 50 * 2 ** 20)
 
 
-def check_emulated(ops, case: Case, *, misalign: int = 0, seed: int = 0) -> dict:
+def check_emulated(ops, case: Case, *, misalign: int = 0, seed: int = 0, inputs: dict | None = None,
+                   grad: torch.Tensor | None = None) -> dict:
     """Emulated forward and backward ops vs the oracle, within its error bounds (as
-    helpers.check_against_reference), and their saved statistics."""
-    inputs = make_inputs(case, "cpu", seed)
-    grad = grad_output(case, "cpu", seed + 1)
+    helpers.check_against_reference), and their saved statistics. Inputs and grad are
+    random (from `seed`) unless given."""
+    inputs = make_inputs(case, "cpu", seed) if inputs is None else inputs
+    grad = grad_output(case, "cpu", seed + 1) if grad is None else grad
     options = (case.activation, case.gate, case.pool, case.out_activation or "none")
     channels_last = case.layout == "channels_last"
     relu = case.out_activation == "relu"
