@@ -49,7 +49,11 @@ stage() {
   fi
   echo "== $(date -u +%H:%M:%S) $name (cap ${cap}s)"
   local t0=$SECONDS status
-  timeout --kill-after=10 "$cap" "$@" > "$work/$name.log" 2>&1
+  if declare -F "$1" > /dev/null; then  # a function of this script: timeout needs a process
+    timeout --kill-after=10 "$cap" bash -c '"$@"' stage "$@" > "$work/$name.log" 2>&1
+  else
+    timeout --kill-after=10 "$cap" "$@" > "$work/$name.log" 2>&1
+  fi
   status=$?
   tail -25 "$work/$name.log"
   local verdict=ok
@@ -99,17 +103,22 @@ versions() {
   "$python" -m se_kernels info
 }
 
+export -f setup versions extension_ok
+export python
 # ---------------------------------------------------------------------------------------
 export PATH=$PATH:/tmp/se_kernels_site/bin PYTHONPATH=$PYTHONPATH:/tmp/se_kernels_site
-stage setup 300 setup || { note "setup failed: nothing else can run"; }
-if ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  note "no CUDA GPU visible: only setup and info ran"
-  no_gpu=1
+ready=1
+if ! stage setup 300 setup; then
+  note "setup failed: the GPU stages cannot run"
+  ready=
+elif ! "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  note "no CUDA GPU visible: the GPU stages cannot run"
+  ready=
 fi
 stage info 60 versions
 cp "$work/info.log" "$OUT/env.txt"
 
-if [ -z "${no_gpu:-}" ]; then
+if [ -n "$ready" ]; then
   # The GPU tests (every test of the cuda and triton backends, the slow ones too), several
   # files at once (16 cores, one GPU); per-test timeouts turn a hang into a failure instead
   # of the end of the run.

@@ -14,25 +14,13 @@
 # ${XDG_CACHE_HOME:-~/.cache}/se_kernels (about 4 GB the first time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$PWD
 
 torch_version=${GPU_TORCH:-2.11.0}
 archs=${GPU_ARCHS:-9.0}
-python=${GPU_PYTHON:-}
-if [ -z "$python" ]; then
-  python=$(command -v python3.12 || true)
-  if [ -z "$python" ] && command -v pyenv >/dev/null; then
-    prefix=$(pyenv prefix 3.12 2>/dev/null || pyenv versions --bare | grep -E '^3\.12' | tail -1 |
-             xargs -r -I{} pyenv prefix {})
-    [ -n "$prefix" ] && python=$prefix/bin/python
-  fi
-fi
-if [ -z "$python" ] || ! "$python" -c 'import sys' 2>/dev/null; then
-  echo "gpu_prepare: no Python 3.12 found; set GPU_PYTHON=/path/to/python3.12" >&2
-  exit 2
-fi
+python=${GPU_PYTHON:-$(tools/find_python.sh 3.12)} || {
+  echo "gpu_prepare: set GPU_PYTHON=/path/to/python3.12" >&2; exit 2; }
 pyver=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-pytag=cp${pyver/./}
+pytag=cpython-${pyver/./}
 
 venv=${XDG_CACHE_HOME:-$HOME/.cache}/se_kernels/gpu-build-py$pyver-torch$torch_version
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then

@@ -158,7 +158,7 @@ def test_launches_on_the_inputs_device(kernels, monkeypatch, direction):
     """Triton launches on the current CUDA device: every launch must happen with x's device
     current, restored afterwards. Checked without a GPU by tracing cuda:1 tensors with fake
     tensors and recording the device that torch.cuda.device makes current at each launch."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses import fake_tensor
 
     current = [0]
     launched_on = []
@@ -174,12 +174,14 @@ def test_launches_on_the_inputs_device(kernels, monkeypatch, direction):
             current[0] = self.previous
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # Fake cuda tensors would then initialize the absent driver (torch 2.11).
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
     monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
     monkeypatch.setattr(kernels, "device_profile", lambda device: kernels.INTERPRETER_PROFILE)
     monkeypatch.setattr(kernels, "_launch",
                         lambda kernel, programs, *args, **meta: launched_on.append(current[0]))
     case = Case(n=2, c=6, h=3, w=4, s=2, residual=True, out_activation="relu", pool="avgmax")
-    with FakeTensorMode():
+    with fake_tensor.FakeTensorMode():
         args = forward_args(case, "cuda:1")
         outs = triton_ops.se_forward_triton(*args)
         if direction == "backward":
