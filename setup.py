@@ -123,7 +123,7 @@ def cpu_avx2_library(torch) -> list:
         # build_clib tracks neither includes nor flags: rebuild when the kernels' headers or
         # this file (which holds the flags) change.
         "obj_deps": {"": ["csrc/cpu/kernels_impl.h", "csrc/cpu/kernels.h", "csrc/se_common.h",
-                          "setup.py"]},
+                          "csrc/se_options.h", "setup.py"]},
         "include_dirs": include_paths(),
         "macros": [("CPU_CAPABILITY", "AVX2"), ("CPU_CAPABILITY_AVX2", None)],
         "cflags": ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",

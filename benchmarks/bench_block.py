@@ -1,11 +1,11 @@
 """SE block benchmark: `se-kernels bench` over the SE layers of real networks.
 
 With no --suite it runs the full block suite of the device: `--suite cpu` on a CPU-only
-machine (issue 2, item 8: the cpu backend against eager torchvision SE and torch.compile of
-it, fp32, fwd and fwd+bwd, ResNet-50 stages and MobileNetV3/EfficientNet-B0 shapes at
-batch 8), `--suite blocks` on a GPU. Every other `se-kernels bench` flag is passed on:
+machine (the cpu backend against eager torchvision SE and torch.compile of it, fp32, fwd
+and fwd+bwd, ResNet-50 stages and MobileNetV3/EfficientNet-B0 shapes at batch 8),
+`--suite blocks` on a GPU. Every other `se-kernels bench` flag is passed on:
 
-    python benchmarks/bench_block.py                          # item 8 on CPU
+    python benchmarks/bench_block.py                          # --suite cpu on CPU
     python benchmarks/bench_block.py --suite resnet50 --dtype bf16,fp16 --batch 1,32,256
 """
 

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh           # on the GPU machine, .gpu/ beside the sources
 #
 # Stages run in priority order, each under its own time cap and all under one budget
-# (GPU_CHECK_BUDGET seconds, default 460), so a slow stage costs the later ones, never the
+# (GPU_CHECK_BUDGET seconds, default 470), so a slow stage costs the later ones, never the
 # whole run:
 #   1 setup       wheels, the prebuilt extension (or a 16-job build when it does not load)
 #   2 info        versions, nvidia-smi, se-kernels info
@@ -19,6 +19,8 @@
 #   6 model       SE-ResNet-50 vs ResNet-50, training step and inference, N = 128, bf16
 #                 autocast, channels_last
 #   7 sanitizer   compute-sanitizer memcheck, racecheck, synccheck, initcheck on a short run
+# GPU_CHECK_STAGES="memcheck racecheck" (say) runs setup, info and those stages only: a
+# second run for what the budget cut from the first.
 # Results go to $OUT (default /tmp/se_kernels_gpu_check): at most 8 files, ready to commit
 # under benchmarks/results/: summary.txt, env.txt, tests.txt, block.md, block.csv,
 # model.md, model.csv and logs.tar.gz (everything else). The summary is printed last.
@@ -28,7 +30,7 @@ root=$PWD
 OUT=${OUT:-/tmp/se_kernels_gpu_check}
 mkdir -p "$OUT"
 work=$(mktemp -d)
-budget=${GPU_CHECK_BUDGET:-460}
+budget=${GPU_CHECK_BUDGET:-470}
 start=$SECONDS
 summary=$OUT/summary.txt
 : > "$summary"
@@ -41,6 +43,9 @@ note() { echo "$*" | tee -a "$summary"; }
 # logging to $work/NAME.log, and notes its status and duration in the summary.
 stage() {
   local name=$1 cap=$2; shift 2
+  if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ " setup info $GPU_CHECK_STAGES " != *" $name "* ]]; then
+    return 0
+  fi
   local left=$(( budget - (SECONDS - start) ))
   (( cap > left )) && cap=$left
   if (( cap < 10 )); then
@@ -122,25 +127,26 @@ if [ -n "$ready" ]; then
   # The GPU tests (every test of the cuda and triton backends, the slow ones too), several
   # files at once (16 cores, one GPU); per-test timeouts turn a hang into a failure instead
   # of the end of the run.
-  stage tests 200 "$python" -m pytest tests -k "cuda or triton" -q -rs -p no:cacheprovider \
+  stage tests 180 "$python" -m pytest tests -k "(cuda or triton) and not compute_sanitizer" \
+    -q -rs -p no:cacheprovider \
     -n 4 --dist loadfile --timeout 150 --junitxml="$work/tests.xml"
   cp "$work/tests.log" "$OUT/tests.txt"
 
-  stage block 150 "$python" -m se_kernels bench --device cuda --suite resnet50 --batch 256,32 \
+  stage block 120 "$python" -m se_kernels bench --device cuda --suite resnet50 --batch 256,32 \
     --dtype bf16 --layout channels_last --modes fwd,fwd+bwd \
     --backends eager,compile-max,cuda,triton --out "$work/block"
   stage small-batch 60 "$python" -m se_kernels bench --device cuda --suite resnet50 \
     --batch 1,32 --dtype bf16 --layout channels_last --modes fwd,fwd+bwd \
     --backends eager,cuda,triton --out "$work/small-batch"
-  stage model 100 "$python" -m se_kernels bench --device cuda --suite model --model-batch 128 \
+  stage model 80 "$python" -m se_kernels bench --device cuda --suite model --model-batch 128 \
     --out "$work/model"
 
-  # compute-sanitizer on a short GPU workload: the caching allocator off, so memcheck and
-  # initcheck see every allocation's bounds.
+  # compute-sanitizer on a short GPU workload (tests/test_cuda.py run as a script: both
+  # directions, every option, split rows and L2 groups), the caching allocator off so that
+  # memcheck and initcheck see every allocation's bounds.
   for tool in memcheck racecheck synccheck initcheck; do
-    stage "$tool" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
-      --error-exitcode 99 "$python" -m pytest tests/test_cuda.py -m cuda -q -x \
-      -p no:cacheprovider -k "odd_shapes"
+    stage "$tool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+      --error-exitcode 99 "$python" tests/test_cuda.py
   done
 fi
 

@@ -9,13 +9,13 @@ namespace se_kernels {
 namespace {
 
 template <typename Enum, size_t K>
-Enum parse_choice(const char* arg, c10::string_view value,
-                  const std::pair<const char*, Enum> (&choices)[K]) {
+Enum parse_choice(const char* arg, c10::string_view value, const OptionName<Enum> (&names)[K]) {
+  if (const auto found = find_option(std::string_view(value.data(), value.size()), names))
+    return *found;
   std::string expected;
-  for (const auto& [name, e] : choices) {
-    if (value == name) return e;
+  for (const auto& option : names) {
     expected += expected.empty() ? "" : ", ";
-    expected += std::string("'") + name + "'";
+    expected += std::string("'") + option.name + "'";
   }
   TORCH_CHECK(false, "se_kernels: ", arg, " must be one of ", expected, ", got '",
               std::string(value), "'");
@@ -45,17 +45,9 @@ void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef expected,
 
 Options parse_options(c10::string_view activation, c10::string_view gate, c10::string_view pool,
                       c10::string_view out_activation) {
-  static const std::pair<const char*, Activation> kActivations[] = {{"relu", Activation::ReLU},
-                                                                    {"silu", Activation::SiLU}};
-  static const std::pair<const char*, Gate> kGates[] = {{"sigmoid", Gate::Sigmoid},
-                                                        {"hardsigmoid", Gate::HardSigmoid}};
-  static const std::pair<const char*, Pool> kPools[] = {
-      {"avg", Pool::Avg}, {"max", Pool::Max}, {"avgmax", Pool::AvgMax}};
-  static const std::pair<const char*, OutActivation> kOutActivations[] = {
-      {"none", OutActivation::Identity}, {"relu", OutActivation::ReLU}};
-  return Options{parse_choice("activation", activation, kActivations),
-                 parse_choice("gate", gate, kGates), parse_choice("pool", pool, kPools),
-                 parse_choice("out_activation", out_activation, kOutActivations)};
+  return Options{parse_choice("activation", activation, kActivationNames),
+                 parse_choice("gate", gate, kGateNames), parse_choice("pool", pool, kPoolNames),
+                 parse_choice("out_activation", out_activation, kOutActivationNames)};
 }
 
 at::ScalarType accumulate_type(at::ScalarType t) {

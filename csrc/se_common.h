@@ -1,5 +1,5 @@
 // Shared by the CPU and CUDA implementations of the se_kernels ops: option parsing,
-// argument checks and the geometry of x.
+// argument checks and the geometry of x. The options themselves are in se_options.h.
 //
 // The op schemas live in Python (se_kernels/_ops.py) so the ops, their fake kernels and
 // their autograd exist even when this extension is not built; this library only adds
@@ -13,23 +13,12 @@
 #include <optional>
 #include <tuple>
 
+#include "se_options.h"
+
 namespace se_kernels {
 
-enum class Activation { ReLU, SiLU };
-enum class Gate { Sigmoid, HardSigmoid };
-enum class Pool { Avg, Max, AvgMax };
-enum class OutActivation { Identity, ReLU };
-
-struct Options {
-  Activation activation;
-  Gate gate;
-  Pool pool;
-  OutActivation out_activation;
-
-  bool uses_max() const { return pool != Pool::Avg; }
-  bool out_relu() const { return out_activation == OutActivation::ReLU; }
-};
-
+// The options named by the ops' string arguments; an unknown name is an error that lists
+// the valid ones.
 Options parse_options(c10::string_view activation, c10::string_view gate, c10::string_view pool,
                       c10::string_view out_activation);
 

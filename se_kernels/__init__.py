@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from . import _ops  # noqa: F401 - defines the se_kernels:: ops
 from . import backends  # noqa: F401 - registers the backends
 from . import models  # noqa: F401 - SE-ResNet builders (torchvision imported on use)
-from .convert import convert_se_modules
+from .convert import convert_se_modules, restore_se_modules
 from .dispatch import BackendUnavailableError, backend_names, explain, select
 from .functional import squeeze_excitation
 from .modules import SqueezeExcitation
@@ -17,6 +17,7 @@ __all__ = [
     "convert_se_modules",
     "explain",
     "models",
+    "restore_se_modules",
     "select",
     "squeeze_excitation",
 ]

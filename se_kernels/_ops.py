@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from .vocabulary import AVG, AVGMAX, NAMES, OUT_RELU, check_choice
+
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "
     "str activation, str gate, str pool, str out_activation) "
@@ -41,16 +43,13 @@ _lib.define("se_forward" + FORWARD_SCHEMA)
 _lib.define("se_backward" + BACKWARD_SCHEMA)
 
 
-ACTIVATIONS = ("relu", "silu")
-GATES = ("sigmoid", "hardsigmoid")
-POOLS = ("avg", "max", "avgmax")
-OUT_ACTIVATIONS = ("none", "relu")
+# The dtypes every op takes (csrc/se_common.cpp checks the same for the C++ ops).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Pooled statistics and the MLP run in fp32 (fp64 for fp64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_like(name: str, t: torch.Tensor, shape, like: torch.Tensor,
@@ -81,10 +80,8 @@ def check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_
                            ("b2", b2, (c,)), ("residual", residual, x.shape)):
         if t is not None:
             _check_like(name, t, shape, x)
-    check_choice("activation", activation, ACTIVATIONS)
-    check_choice("gate", gate, GATES)
-    check_choice("pool", pool, POOLS)
-    check_choice("out_activation", out_activation, OUT_ACTIVATIONS)
+    for argument, value in zip(NAMES, (activation, gate, pool, out_activation)):
+        check_choice(argument, value)
 
 
 def check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
@@ -92,20 +89,16 @@ def check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gat
     """The se_backward contract: se_forward's tensors and the vectors it saved."""
     check_forward_args(x, w1, None, w2, None, None, activation, gate, pool, out_activation)
     _check_like("grad_out", grad_out, x.shape, x)
-    if out_activation == "relu":
+    if out_activation == OUT_RELU:
         if out is None:
-            raise ValueError("out is required when out_activation is 'relu'")
+            raise ValueError(f"out is required when out_activation is {OUT_RELU!r}")
         _check_like("out", out, x.shape, x)
     n, c, s = x.shape[0], x.shape[1], w1.shape[0]
     acc = accumulate_dtype(x.dtype)
     for name, t, shape in (("z", z, (n, c)), ("a", a, (n, s)), ("g", g, (n, c)),
-                           ("zmax", zmax if pool != "avg" else None, (n, c))):
+                           ("zmax", zmax if pool != AVG else None, (n, c))):
         if t is not None:
             _check_like(name, t, shape, x, acc)
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def kernel_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -122,7 +115,7 @@ def _forward_fake(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activ
     acc = accumulate_dtype(x.dtype)
     stat = dict(dtype=acc, device=x.device)
     out = torch.empty_like(x, memory_format=kernel_memory_format(x))
-    zmax = x.new_empty((n, c), **stat) if pool != "avg" else x.new_empty((0,), **stat)
+    zmax = x.new_empty((n, c), **stat) if pool != AVG else x.new_empty((0,), **stat)
     return (out, x.new_empty((n, c), **stat), zmax, x.new_empty((n, w1.shape[0]), **stat),
             x.new_empty((n, c), **stat))
 
@@ -133,7 +126,7 @@ def _backward_fake(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, po
                         out_activation)
     fmt = kernel_memory_format(x)
     dx = torch.empty_like(x, memory_format=fmt)
-    if out_activation == "relu" and residual_grad:
+    if out_activation == OUT_RELU and residual_grad:
         dresidual = torch.empty_like(x, memory_format=fmt)
     else:
         dresidual = x.new_empty((0,))
@@ -147,7 +140,7 @@ def _forward_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, residual_sha
     and the residual add. Activations and gates are not counted, as for convolutions."""
     n, c, h, w = x_shape
     elems = n * c * h * w
-    pooling = elems * (2 if pool == "avgmax" else 1)
+    pooling = elems * (2 if pool == AVGMAX else 1)
     fcs = 2 * 2 * n * c * w1_shape[0]
     return pooling + fcs + elems + (elems if residual_shape is not None else 0)
 
@@ -179,7 +172,7 @@ def register_op_family(forward_name: str, backward_name: str, *, fake: bool = Tr
         x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation = inputs
         out, z, zmax, a, g = output
         ctx.mark_non_differentiable(z, zmax, a, g)
-        ctx.save_for_backward(x, out if out_activation == "relu" else None, w1, w2, z, zmax, a, g)
+        ctx.save_for_backward(x, out if out_activation == OUT_RELU else None, w1, w2, z, zmax, a, g)
         ctx.options = (activation, gate, pool, out_activation)
         ctx.has_bias = (b1 is not None, b2 is not None)
         ctx.has_residual = residual is not None
@@ -191,7 +184,7 @@ def register_op_family(forward_name: str, backward_name: str, *, fake: bool = Tr
         dx, dw1, db1, dw2, db2, dresidual = backward.default(
             grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, out_activation,
             residual_grad)
-        if residual_grad and out_activation != "relu":
+        if residual_grad and out_activation != OUT_RELU:
             dresidual = grad_out
         return (dx, dw1, db1 if ctx.has_bias[0] else None, dw2, db2 if ctx.has_bias[1] else None,
                 dresidual if residual_grad else None, None, None, None, None)

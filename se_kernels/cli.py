@@ -94,7 +94,7 @@ def _add_bench_parser(commands) -> None:
     parser.add_argument("--suite", choices=["resnet50", "mobilenetv3", "efficientnet_b0",
                                             "regnety_400mf", "cpu", "blocks", "model", "all"],
                         help="network SE shapes; cpu = resnet50 + mobilenetv3 + efficientnet_b0 "
-                             "at batch 8 fp32 (issue 2 item 8); blocks = all four networks; "
+                             "at batch 8 fp32; blocks = all four networks; "
                              "model = SE-ResNet-50 vs ResNet-50; all = blocks + model")
     parser.add_argument("--dtype", help="comma list of fp32, bf16, fp16 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--layout", help="comma list of nchw, channels_last "

@@ -24,6 +24,7 @@ from torch import nn
 from . import dispatch
 from .functional import squeeze_excitation
 from .modules import SqueezeExcitation
+from .vocabulary import ACTIVATION_CLASSES, AVG, AVGMAX, GATE_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -35,26 +36,6 @@ TORCHVISION_SE = "torchvision.ops.misc.SqueezeExcitation"
 TIMM_SE = "timm.layers.squeeze_excite.SEModule"
 TIMM_EFFICIENTNET_SE = "timm.models._efficientnet_blocks.SqueezeExcite"
 TIMM_LEGACY_SE = "timm.models.senet.SEModule"
-
-# Activation and gate classes by qualified name, with the op's name for each. Exact
-# classes only: a subclass may compute something else. timm's Swish/SwishMe compute
-# x * sigmoid(x) and its HardSigmoid relu6(x + 3) / 6, the same functions as nn.SiLU and
-# nn.Hardsigmoid (HardSigmoidMe differs only in the subgradient at exactly +-3, where it
-# takes 1/6 and the op takes 0, as nn.Hardsigmoid does). `inplace` changes nothing here:
-# the op never writes its input.
-ACTIVATIONS = {
-    "torch.nn.modules.activation.ReLU": "relu",
-    "torch.nn.modules.activation.SiLU": "silu",
-    "timm.layers.activations.Swish": "silu",
-    "timm.layers.activations_me.SwishMe": "silu",
-}
-GATES = {
-    "torch.nn.modules.activation.Sigmoid": "sigmoid",
-    "torch.nn.modules.activation.Hardsigmoid": "hardsigmoid",
-    "timm.layers.activations.Sigmoid": "sigmoid",
-    "timm.layers.activations.HardSigmoid": "hardsigmoid",
-    "timm.layers.activations_me.HardSigmoidMe": "hardsigmoid",
-}
 
 # SE-like classes the op cannot compute at all, named so that users learn why they stay.
 UNSERVABLE = {
@@ -101,7 +82,9 @@ class ConvertedSqueezeExcitation(nn.Module):
 
     It holds the original's submodules under their original names: the FCs (whose weights
     the op reads), and the pool/activation/gate modules, kept only so that the module tree
-    and state_dict match the original's.
+    and state_dict match the original's. It also keeps the original module itself, outside
+    the module tree (no parameters or state_dict entries of its own), for
+    restore_se_modules to put back.
     """
 
     def __init__(self, original: nn.Module, spec: SESpec, backend: str = "auto") -> None:
@@ -109,6 +92,8 @@ class ConvertedSqueezeExcitation(nn.Module):
         for name, child in original.named_children():
             self.add_module(name, child)
         self.train(original.training)
+        # Not a submodule: nn.Module.__setattr__ would register it and list its children twice.
+        object.__setattr__(self, "original", original)
         self.source = qualified_name(type(original))
         self.spec = spec
         self.backend = backend
@@ -157,28 +142,28 @@ def _spec(module: nn.Module, reduce: str, expand: str, act: str, gate: str, pool
     problem = _fc_pair_problem(module, reduce, expand)
     if problem:
         raise _Unservable(problem)
-    return SESpec(reduce, expand, _op_name(getattr(module, act), "activation", act, ACTIVATIONS),
-                  _op_name(getattr(module, gate), "gate", gate, GATES), pool)
+    return SESpec(reduce, expand, _op_name(getattr(module, act), "activation", act, ACTIVATION_CLASSES),
+                  _op_name(getattr(module, gate), "gate", gate, GATE_CLASSES), pool)
 
 
 def _torchvision_se(module: nn.Module) -> SESpec:
     if type(module.avgpool) is not nn.AdaptiveAvgPool2d or module.avgpool.output_size not in (1, (1, 1)):
         raise _Unservable(f"avgpool={module.avgpool!r} is not a global average pool")
-    return _spec(module, "fc1", "fc2", "activation", "scale_activation", "avg")
+    return _spec(module, "fc1", "fc2", "activation", "scale_activation", AVG)
 
 
 def _timm_se(module: nn.Module) -> SESpec:
     if type(module.bn) is not nn.Identity:
         raise _Unservable(f"norm layer bn={type(module.bn).__name__} between the FCs")
-    return _spec(module, "fc1", "fc2", "act", "gate", "avgmax" if module.add_maxpool else "avg")
+    return _spec(module, "fc1", "fc2", "act", "gate", AVGMAX if module.add_maxpool else AVG)
 
 
 def _timm_efficientnet_se(module: nn.Module) -> SESpec:
-    return _spec(module, "conv_reduce", "conv_expand", "act1", "gate", "avg")
+    return _spec(module, "conv_reduce", "conv_expand", "act1", "gate", AVG)
 
 
 def _timm_legacy_se(module: nn.Module) -> SESpec:
-    return _spec(module, "fc1", "fc2", "relu", "sigmoid", "avg")
+    return _spec(module, "fc1", "fc2", "relu", "sigmoid", AVG)  # its children's names
 
 
 SERVED = {
@@ -292,6 +277,68 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
     else:
         walk(model, "")
     _log_summary(reports, already_fused)
+    return model
+
+
+def restore_module(module: ConvertedSqueezeExcitation) -> nn.Module:
+    """The original SE module of `module`, holding `module`'s current children (so the
+    same parameter tensors) and in its training mode. The served classes keep all their
+    parameters and buffers in those children, so nothing else can have changed."""
+    original = module.__dict__.get("original")
+    if original is None:
+        raise ValueError(f"cannot restore {module.source}: this ConvertedSqueezeExcitation "
+                         f"holds no original module (it was not made by convert_se_modules)")
+    original._modules.clear()
+    original._modules.update(module._modules)
+    original.training = module.training
+    return original
+
+
+def restore_se_modules(model: nn.Module) -> nn.Module:
+    """Undo convert_se_modules, in place: put back the original torchvision/timm SE module
+    of every ConvertedSqueezeExcitation in `model`.
+
+    The restored modules are of their original classes and hold the converted modules'
+    submodules, so the parameters are the very same tensors (trained values included) and
+    `state_dict()` is unchanged. The result runs where se_kernels is not installed, e.g.
+    after `torch.save(model)`. se_kernels' own modules (SqueezeExcitation, the SE-ResNet
+    blocks) have no original to go back to and stay as they are.
+
+    Args:
+        model: any nn.Module; if it is itself a converted SE module, the original is returned.
+
+    Returns:
+        The model (the same object, unless the model itself is a converted SE module).
+    """
+    restored: dict[int, nn.Module] = {}  # id(converted) -> original; shared modules stay shared
+    visited: set[int] = set()
+
+    def original_of(module: nn.Module) -> nn.Module | None:
+        if not isinstance(module, ConvertedSqueezeExcitation):
+            return None
+        if id(module) not in restored:
+            restored[id(module)] = restore_module(module)
+        return restored[id(module)]
+
+    def walk(parent: nn.Module) -> None:
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            original = original_of(child)
+            if original is not None:
+                parent._modules[name] = original
+            else:
+                walk(child)
+
+    root = original_of(model)
+    if root is not None:
+        return root
+    walk(model)
+    if restored:
+        logger.info("restore_se_modules: restored %d SE modules", len(restored))
     return model
 
 

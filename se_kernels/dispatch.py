@@ -1,18 +1,26 @@
 """Chooses the backend that runs each SE call, and explains the choice.
 
-Every backend states why it refuses a call (an empty list means it will run it). With
-backend="auto" the first willing backend in the device's preference order runs; an
-explicit name, or the SE_KERNELS_BACKEND environment variable when backend="auto",
-must be willing or the call fails with the backend's reasons.
+Every backend declares what it supports (SUPPORTED_DEVICES, SUPPORTED_DTYPES, the least CUDA
+compute capability, overall and per dtype); not_supported_reasons checks those declarations
+for every backend in one place and adds what only the backend can know (whether its kernels
+were built or can be imported). An empty list of reasons means the backend will run the
+call. With backend="auto" the first willing backend in the device's preference order runs;
+an explicit name, or the SE_KERNELS_BACKEND environment variable when backend="auto", must
+be willing or the call fails with the backend's reasons. While torch.onnx.export traces a
+model, every call runs the "torch" backend, whose operators ONNX has. The call itself was
+validated once already, when it was made (se_kernels.options.make_call). DESIGN.md §4 has
+the rules.
 """
 
 from __future__ import annotations
 
 import abc
 import os
+import sys
 
 import torch
 
+from ._ops import DTYPES
 from .options import SECall
 
 BACKEND_ENV = "SE_KERNELS_BACKEND"
@@ -32,16 +40,68 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend refused the call."""
 
 
-class Backend(abc.ABC):
-    name: str
+@constant_under_compile
+def cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
-    @abc.abstractmethod
+
+class Backend(abc.ABC):
+    """A way to run SE calls. Subclasses declare what they support in the SUPPORTED_*
+    attributes and say in unavailable() and call_refusals() what the declarations cannot."""
+
+    name: str
+    SUPPORTED_DEVICES: tuple[str, ...] | None = None  # device types; None: any device
+    SUPPORTED_DTYPES: tuple[torch.dtype, ...] = DTYPES
+    CUDA_MINIMUM_COMPUTE_CAPABILITY: tuple[int, int] | None = None
+    CUDA_DTYPE_MINIMUM_CAPABILITY: dict[torch.dtype, tuple[int, int]] = {}
+
+    def devices_text(self) -> str:
+        """What "this backend runs ..." ends with in a device refusal."""
+        return f"{' or '.join(self.SUPPORTED_DEVICES)} tensors"
+
+    def unavailable(self) -> list[str]:
+        """Why this backend cannot run anything in this process (e.g. a missing package)."""
+        return []
+
+    def checks_cuda_capability(self, call: SECall) -> bool:
+        """Whether the CUDA capability declarations apply to `call`."""
+        return True
+
+    def call_refusals(self, call: SECall) -> list[str]:
+        """Reasons to refuse `call` beyond the declarations."""
+        return []
+
     def refusals(self, call: SECall) -> list[str]:
         """Why this backend cannot run `call`; empty when it can."""
+        return not_supported_reasons(self, call)
 
     @abc.abstractmethod
     def run(self, call: SECall) -> torch.Tensor:
         """The SE output for `call`, differentiable with respect to its tensors."""
+
+
+def not_supported_reasons(backend: Backend, call: SECall) -> list[str]:
+    """Every backend's declarations checked against `call`, then its own reasons."""
+    reasons = backend.unavailable()
+    if reasons:
+        return reasons
+    device, dtype = call.x.device, call.x.dtype
+    if backend.SUPPORTED_DEVICES is not None and device.type not in backend.SUPPORTED_DEVICES:
+        return [f"x is on {device.type}; this backend runs {backend.devices_text()}"]
+    if dtype not in backend.SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} is not supported")
+    if device.type == "cuda" and backend.checks_cuda_capability(call):
+        capability = cuda_capability(device.index or 0)
+        have = f"this GPU is {capability[0]}.{capability[1]}"
+        least = backend.CUDA_MINIMUM_COMPUTE_CAPABILITY
+        if least is not None and capability < least:
+            reasons.append(f"{backend.name} needs an NVIDIA GPU of compute capability "
+                           f"{least[0]}.{least[1]} or newer, {have}")
+        elif capability < backend.CUDA_DTYPE_MINIMUM_CAPABILITY.get(dtype, (0, 0)):
+            least = backend.CUDA_DTYPE_MINIMUM_CAPABILITY[dtype]
+            reasons.append(f"{str(dtype).removeprefix('torch.')} needs compute capability "
+                           f"{least[0]}.{least[1]} or newer, {have}")
+    return reasons + backend.call_refusals(call)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -80,7 +140,19 @@ def explain(call: SECall) -> dict[str, list[str]]:
     return {name: backend.refusals(call) for name, backend in _REGISTRY.items()}
 
 
+def exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export is tracing the model, with either exporter (dynamo=True or
+    False). torch.onnx is imported by then, so a process that never imported it is not
+    exporting, and `import se_kernels` need not import it."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def select(call: SECall, backend: str = "auto") -> Backend:
+    if exporting_to_onnx():
+        # ONNX has no fused SE op: the model is exported as the reference composition,
+        # which is made of standard ONNX operators, whatever backend the call names.
+        return _REGISTRY["torch"]
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV) or "auto"
     if backend != "auto":

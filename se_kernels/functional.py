@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import dispatch
 from .options import make_call
+from .vocabulary import AVG, RELU, SIGMOID
 
 
 def squeeze_excitation(
@@ -15,9 +18,9 @@ def squeeze_excitation(
     w2: torch.Tensor,
     b2: torch.Tensor | None,
     *,
-    activation: str = "relu",
-    gate: str = "sigmoid",
-    pool: str = "avg",
+    activation: str = RELU,
+    gate: str = SIGMOID,
+    pool: str = AVG,
     residual: torch.Tensor | None = None,
     out_activation: str | None = None,
     backend: str = "auto",
@@ -38,6 +41,14 @@ def squeeze_excitation(
     The output has x's dtype and layout. Pooling, the MLP and the scale are computed in
     fp32 (fp64 for fp64 inputs).
     """
-    call = make_call(x, w1, b1, w2, b2, activation=activation, gate=gate, pool=pool,
-                     residual=residual, out_activation=out_activation)
+    options = dict(activation=activation, gate=gate, pool=pool, residual=residual,
+                   out_activation=out_activation)
+    if torch.jit.is_tracing():
+        # torch.jit.trace (and the TorchScript ONNX exporter) traces sizes as tensors and
+        # warns where the checks compare them; a trace is of fixed shapes, all they check.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            call = make_call(x, w1, b1, w2, b2, **options)
+    else:
+        call = make_call(x, w1, b1, w2, b2, **options)
     return dispatch.select(call, backend).run(call)

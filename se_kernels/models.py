@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .modules import SqueezeExcitation
+from .vocabulary import OUT_RELU
 
 __all__ = ["SEBottleneck", "se_resnet50", "se_resnet101", "se_resnet152"]
 
@@ -67,7 +68,7 @@ class SEBottleneck(nn.Module):
         self.bn3 = norm_layer(channels)
         self.relu = nn.ReLU(inplace=True)
         self.se = SqueezeExcitation(channels, squeeze_channels(channels, reduction),
-                                    out_activation="relu", backend=backend)
+                                    out_activation=OUT_RELU, backend=backend)
         self.downsample = downsample
         self.stride = stride
 

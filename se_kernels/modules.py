@@ -8,14 +8,11 @@ import torch
 from torch import nn
 
 from .functional import squeeze_excitation
-from .options import POOLS, normalize_out_activation
+from .vocabulary import AVG, TORCH_ACTIVATIONS, TORCH_GATES, check_choice, normalize_out_activation
 
 # Symbolic tracing (torch.fx) records the fused op as one call instead of tracing into its
 # argument checks, which cannot run on proxies.
 torch.fx.wrap("squeeze_excitation")
-
-ACTIVATION_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu"}
-GATE_NAMES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
 
 
 def op_name(argument: str, module: nn.Module, names: dict[type, str]) -> str:
@@ -52,7 +49,7 @@ class SqueezeExcitation(nn.Module):
         activation: Callable[..., nn.Module] = nn.ReLU,
         scale_activation: Callable[..., nn.Module] = nn.Sigmoid,
         *,
-        pool: str = "avg",
+        pool: str = AVG,
         out_activation: str | None = None,
         backend: str = "auto",
     ) -> None:
@@ -61,14 +58,13 @@ class SqueezeExcitation(nn.Module):
             raise ValueError(f"squeeze_channels must be >= 1, got {squeeze_channels}")
         if input_channels < 1:
             raise ValueError(f"input_channels must be >= 1, got {input_channels}")
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {', '.join(map(repr, POOLS))}, got {pool!r}")
+        check_choice("pool", pool)
         self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
         self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
         self.activation = activation()
         self.scale_activation = scale_activation()
-        self._activation_name = op_name("activation", self.activation, ACTIVATION_NAMES)
-        self._gate_name = op_name("scale_activation", self.scale_activation, GATE_NAMES)
+        self._activation_name = op_name("activation", self.activation, TORCH_ACTIVATIONS)
+        self._gate_name = op_name("scale_activation", self.scale_activation, TORCH_GATES)
         self.pool = pool
         self.out_activation = normalize_out_activation(out_activation)
         self.backend = backend

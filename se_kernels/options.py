@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._ops import POOLS, check_forward_args
+from ._ops import check_forward_args
+from .vocabulary import AVG, RELU, SIGMOID, normalize_out_activation
 
-__all__ = ["POOLS", "SECall", "make_call", "normalize_out_activation"]
+__all__ = ["SECall", "make_call"]
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,7 @@ def _as_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.flatten(1) if w.dim() == 4 and w.shape[2:] == (1, 1) else w
 
 
-def normalize_out_activation(value) -> str:
-    if value is None or value in ("none", "identity"):
-        return "none"
-    if value == "relu":
-        return "relu"
-    raise ValueError(f"out_activation must be None or 'relu', got {value!r}")
-
-
-def make_call(x, w1, b1, w2, b2, *, activation="relu", gate="sigmoid", pool="avg",
+def make_call(x, w1, b1, w2, b2, *, activation=RELU, gate=SIGMOID, pool=AVG,
               residual=None, out_activation=None) -> SECall:
     x, w1, w2 = _tensor("x", x), _as_matrix(_tensor("w1", w1)), _as_matrix(_tensor("w2", w2))
     b1, b2 = _tensor("b1", b1, optional=True), _tensor("b2", b2, optional=True)

@@ -19,3 +19,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def driver():
+    """The Triton backend's drivers (se_kernels.backends.triton.driver, which imports triton
+    and the kernels), or a skip saying why the backend cannot run here."""
+    from helpers import backend_device, require_backend
+    from se_kernels.backends.triton import ops
+
+    require_backend("triton", backend_device("triton"))
+    return ops.driver()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import se_kernels
 from se_kernels.options import make_call
@@ -281,3 +282,29 @@ def randomize_norms(model: torch.nn.Module, seed: int) -> None:
                 m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
                 m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
                 m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+
+
+class SEOpCalls(TorchDispatchMode):
+    """Counts the se_kernels ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.namespace == "se_kernels"
+        return func(*args, **(kwargs or {}))
+
+
+def fused_forward(model: torch.nn.Module, args: tuple, expected_calls: int) -> torch.Tensor:
+    """model(*args) without autograd, checked to run the fused op `expected_calls` times:
+    the kernels' output, for exported or compiled models to be compared with."""
+    with torch.no_grad(), SEOpCalls() as counter:
+        out = model(*args)
+    assert counter.calls == expected_calls
+    return out
+
+
+def image(n: int = 2, size: int = 64, seed: int = 2) -> torch.Tensor:
+    """A random batch of RGB images."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))

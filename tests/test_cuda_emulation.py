@@ -1,8 +1,13 @@
 """The CUDA kernels of csrc/cuda/, compiled as host code and run on a CPU emulator
 (tests/cuda_emulator/), against the float64 oracle (tests/oracle.py): their index
-arithmetic, vector and scalar paths, split-row partials, L2 groups, reductions and MLP kernels, on a machine
-without a GPU. Every buffer sits between NaN guards, outputs and scratch start as NaN:
-unwritten outputs, out-of-bounds reads and out-of-bounds writes all fail these tests.
+arithmetic, vector and scalar paths, split-row partials, L2 groups, reductions and MLP
+kernels, on a machine without a GPU. Every buffer sits between NaN guards, outputs, scratch
+and shared memory start as NaN: unwritten outputs, out-of-bounds reads and out-of-bounds
+writes all fail these tests. The emulator also checks what a GPU would get wrong silently
+(barriers, shuffles, shared-memory races, 16-byte alignment, non-coherent loads; see
+emulator.h), under schedules set by `Mode`. By default every case runs in the strictest
+mode and a few cases run in every mode; SE_KERNELS_EMULATOR_ALL_MODES=1 runs every case in
+every mode.
 
 Needs the CUDA toolkit's headers (not a GPU, not nvcc); builds the emulator once per
 session with torch.utils.cpp_extension (about a minute on 2 cores)."""
@@ -10,6 +15,8 @@ session with torch.utils.cpp_extension (about a minute on 2 cores)."""
 from __future__ import annotations
 
 import os
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +28,34 @@ from helpers import (OPTION_CASES, SHAPE_CASES, Case, assert_all_differ, compare
 HERE = Path(__file__).resolve().parent
 EMULATOR = HERE / "cuda_emulator"
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
+ALL_MODES_ENV = "SE_KERNELS_EMULATOR_ALL_MODES"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """An emulator schedule: the order threads of a CTA run in between synchronization
+    points, the order CTAs start in (random also keeps 4 CTAs in flight, interleaved), and
+    whether shared memory is seen as of the last barrier (races then show as errors)."""
+    fibers: str
+    ctas: str
+    snapshot: bool
+
+    @property
+    def resident(self) -> int:
+        return 4 if self.ctas == "random" else 1
+
+    def __str__(self) -> str:
+        return f"{self.fibers}-threads-{self.ctas}-ctas" + ("-snapshot" if self.snapshot else "")
+
+
+ORDERS = ("forward", "reverse", "random")
+ALL_MODES = [Mode(f, c, s) for f in ORDERS for c in ORDERS for s in (False, True)]
+STRICT = Mode("random", "random", True)
+MODES = ALL_MODES if os.environ.get(ALL_MODES_ENV, "") not in ("", "0") else [STRICT]
+
+
+def set_mode(ops, mode: Mode, seed: int) -> None:
+    ops.set_mode(mode.fibers, mode.ctas, mode.resident, seed, mode.snapshot)
 
 
 def cuda_include_dir() -> Path | None:
@@ -43,7 +78,8 @@ def emu():
 
     load(name="se_kernels_cuda_emulator",
          sources=[str(EMULATOR / f) for f in
-                  ("emulated_forward.cpp", "emulated_backward.cpp", "emulated_ops.cpp")],
+                  ("emulated_forward.cpp", "emulated_backward.cpp", "emulated_ops.cpp",
+                   "planted_bugs.cpp")],
          extra_include_paths=[str(include)],
          extra_cflags=["-O1", "-Wno-attributes", "-Wno-unknown-pragmas",
                        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -53,10 +89,23 @@ def emu():
     ops.set_device(132, 50 * 2 ** 20)  # an H100's SM count and L2
     yield ops
     ops.set_device(132, 50 * 2 ** 20)
+    set_mode(ops, Mode("forward", "forward", False), 0)
 
 
-def check_emulated(ops, case: Case, *, misalign: int = 0, seed: int = 0, inputs: dict | None = None,
+def check_emulated(ops, case: Case, *, misalign: tuple[str, ...] = (), seed: int = 0,
+                   modes: list[Mode] | None = None, inputs: dict | None = None,
                    grad: torch.Tensor | None = None) -> dict:
+    """check_emulated_once in each of `modes` (default: MODES), each schedule seeded from
+    the case; returns the last mode's results."""
+    for i, mode in enumerate(MODES if modes is None else modes):
+        set_mode(ops, mode, zlib.crc32(f"{case}/{misalign}/{seed}/{i}".encode()))
+        got = check_emulated_once(ops, case, misalign=list(misalign), seed=seed, inputs=inputs,
+                                  grad=grad)
+    return got
+
+
+def check_emulated_once(ops, case: Case, *, misalign: list[str], seed: int,
+                        inputs: dict | None = None, grad: torch.Tensor | None = None) -> dict:
     """Emulated forward and backward ops vs the oracle, within its error bounds (as
     helpers.check_against_reference), and their saved statistics. Inputs and grad are
     random (from `seed`) unless given."""
@@ -116,8 +165,17 @@ def test_every_option(emu, case):
     Case(n=3, c=40, h=5, w=9, s=5, activation="silu", gate="hardsigmoid", pool="avgmax"),
 ], ids=str)
 def test_dtypes_and_layouts(emu, case, dtype, layout):
-    for misalign in (0, 1):  # 16-byte vectors, then every buffer one element off: scalar
+    for misalign in ((), ("all",)):  # 16-byte vectors, then every buffer one element off
         check_emulated(emu, case.with_(dtype=dtype, layout=layout), misalign=misalign)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("pointer", ["x", "residual", "out", "grad_out", "dx", "dresidual"])
+def test_one_pointer_misaligned(emu, pointer, layout):
+    """One x-shaped buffer one element off 16-byte alignment, the others aligned: the plans
+    must fall back to the scalar path, or the emulator's alignment check fails the call."""
+    check_emulated(emu, Case(n=2, c=16, h=4, w=8, s=4, layout=layout, residual=True,
+                             out_activation="relu"), misalign=(pointer,))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -170,3 +228,63 @@ def test_fresh_inputs_each_seed(emu):
     """Different seeds, different answers, each matching the oracle."""
     assert_all_differ([check_emulated(emu, Case(n=2, c=12, h=3, w=4, s=3, residual=True), seed=seed)
                        for seed in (3, 4, 5)])
+
+
+SCHEDULE_CASES = [
+    Case(n=2, c=3, h=4, w=5, s=1, residual=True, out_activation="relu"),
+    Case(n=1, c=16, h=32, w=40, s=4, dtype=torch.bfloat16, layout="channels_last", pool="max"),
+    Case(n=3, c=40, h=5, w=9, s=5, activation="silu", gate="hardsigmoid", pool="avgmax"),
+]
+
+
+@pytest.mark.parametrize("mode", ALL_MODES, ids=str)
+@pytest.mark.parametrize("case", SCHEDULE_CASES, ids=str)
+def test_schedules(emu, case, mode):
+    """Every emulator mode on a few cases (split rows, partial warps, channels-last
+    reductions): results must not depend on thread or CTA order."""
+    check_emulated(emu, case, modes=[mode])
+
+
+# Planted kernels (cuda_emulator/planted_bugs.cpp) with one bug each, and the error the
+# emulator must raise for it in every mode (racing_writes: in every snapshot mode).
+PLANTED_ERRORS = {
+    "warp_sum_lane_exits": "which has exited",
+    "half_warp_reads_other_half": "outside its mask",
+    "divergent_barrier": "wait at different __syncthreads",
+    "racing_writes": "both wrote byte 0 of the shared array",
+    "shared_overflow": "wrote past the end of the shared array",
+    "vector_copy_misaligned": "misaligned 16-byte load",
+    "vector_copy_past_end": "16-byte load .* runs outside the buffer",
+    "ldg_of_own_output": "__ldg read byte \\d+ of 'out'.*which the same launch writes",
+    "too_many_threads": "threads <= kThreads",
+    "last_cta_sum_no_fence": "atomicAdd on global memory without a __threadfence",
+}
+
+
+@pytest.mark.parametrize("mode", ALL_MODES, ids=str)
+def test_planted_bugs_are_caught(emu, mode):
+    for i, (name, message) in enumerate(PLANTED_ERRORS.items()):
+        if name == "racing_writes" and not mode.snapshot:
+            continue
+        set_mode(emu, mode, i)
+        with pytest.raises(RuntimeError, match=message):
+            emu.planted(name)
+    # Reads of shared memory nobody wrote yet, in this CTA, see NaN.
+    set_mode(emu, mode, 0)
+    assert emu.planted("neighbour_read_no_barrier")[:256].isnan().any()
+    assert emu.planted("shared_from_another_cta")[256:].isnan().all()
+
+
+@pytest.mark.parametrize("mode", ALL_MODES, ids=str)
+def test_planted_twins_pass(emu, mode):
+    """The bug-free twins of the planted kernels give exact results in every mode: the
+    checks above fire on the bugs, not on the patterns."""
+    x = torch.arange(4096, dtype=torch.float32)
+    set_mode(emu, mode, 1)
+    warps = x[:256].view(8, 32).sum(dim=1, keepdim=True).expand(8, 32).reshape(-1)
+    assert torch.equal(emu.planted("warp_sum")[:256], warps)
+    assert torch.equal(emu.planted("warp_sum_down")[:256:32], warps[::32])
+    assert torch.equal(emu.planted("neighbour_read")[:256], x[:256].roll(-1))
+    assert torch.equal(emu.planted("vector_copy")[:1024], x[:1024])
+    assert emu.planted("last_cta_sum")[0].item() == x.sum().item()
+

@@ -15,7 +15,7 @@ import torch
 
 from helpers import Case, apply_layout, backend_device, check_inputs, grad_output, make_inputs, require_backend
 from test_cuda_emulation import check_emulated, emu  # noqa: F401 - emu is a fixture
-from test_triton import TINY
+from test_triton_kernels import TINY
 
 PATTERNS = ("integers", "zero_planes", "repeated_max", "constant_planes")
 BACKENDS = ["cpu", "torch", "triton", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -89,7 +89,7 @@ def test_tied_maxima(backend, case, pattern):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("case", list(tie_cases()), ids=str)
 def test_tied_maxima_emulated(emu, case, pattern):  # noqa: F811 - emu is the fixture
-    for misalign in (0, 1):
+    for misalign in ((), ("all",)):  # 16-byte vectors, then every buffer one element off
         check_emulated(emu, case, misalign=misalign, inputs=tied_inputs(case, pattern, "cpu"),
                        grad=grad_output(case, "cpu"))
 
@@ -98,7 +98,7 @@ def test_tied_maxima_emulated(emu, case, pattern):  # noqa: F811 - emu is the fi
 # cpu: pieces = clamp(ceil(64 / (N * channel blocks)), 1, P * pixel width / 2048) (see
 #   reduce_spatial in csrc/cpu/kernels_impl.h): N=1, C=8, 72x72 gives 2 pieces in NCHW and
 #   8 in channels-last (8 channels per pixel).
-# triton: the tiny-tile profile of tests/test_triton.py (asserted to split below).
+# triton: the tiny-tile profile of tests/test_triton_kernels.py (asserted to split below).
 # cuda: N=1 with long rows: rows split across CTAs, partials combined by a second kernel.
 SPLIT_SHAPES = {
     "cpu": Case(n=1, c=8, h=72, w=72, s=2),
@@ -124,14 +124,13 @@ def split_inputs(case: Case, pattern: str | None, device) -> dict:
 def test_split_reductions(backend, monkeypatch):
     name, device = backend
     if name == "triton":
-        from se_kernels.backends import triton_ops
-        kernels = triton_ops.kernels()
-        tiny = kernels.DeviceProfile(**TINY)
-        monkeypatch.setattr(kernels, "device_profile", lambda device: tiny)
+        from se_kernels.backends.triton import heuristics, ops
+        tiny = heuristics.DeviceProfile(**TINY)
+        monkeypatch.setattr(ops.driver(), "device_profile", lambda device: tiny)
     for case, pattern in split_cases(SPLIT_SHAPES[name]):
         if name == "triton":
-            cfg = kernels.pass_config(case.n, case.c, case.h * case.w, case.layout == "channels_last",
-                                      case.dtype.itemsize, tiny)
+            cfg = heuristics.pass_config(case.n, case.c, case.h * case.w,
+                                         case.layout == "channels_last", case.dtype.itemsize, tiny)
             assert cfg.splits > 1, f"{case} does not split H*W"
         check_inputs(case, split_inputs(case, pattern, device), grad_output(case, device), name, device)
 

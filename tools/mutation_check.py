@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_KERNELS = "csrc/cpu/kernels_impl.h"
-TRITON_KERNELS = "se_kernels/backends/triton_kernels.py"
+TRITON_KERNELS = "se_kernels/backends/triton/kernels.py"
 CUDA_COMMON = "csrc/cuda/se_cuda_common.cuh"
 CUDA_BACKWARD = "csrc/cuda/se_backward.cu"
 CUDA_FORWARD = "csrc/cuda/se_forward.cu"
@@ -78,9 +78,9 @@ CATALOGUE = [
         ("> 0)) dy = 0;", ">= 0)) dy = 0;"))),
     # ---- Triton kernels ----------------------------------------------------------------
     Bug("triton/ties-not-divided", "triton", TRITON_KERNELS, (
-        ("tl.store(coef_max_ptr + idx, dz / ties, mask=mask)", "tl.store(coef_max_ptr + idx, dz, mask=mask)"),
-        ("tl.store(coef_max_ptr + idx, dz * 0.5 / ties, mask=mask)",
-         "tl.store(coef_max_ptr + idx, dz * 0.5, mask=mask)"))),
+        ("tl.store(dx_max_ptr + idx, dz / count, mask=mask)", "tl.store(dx_max_ptr + idx, dz, mask=mask)"),
+        ("tl.store(dx_max_ptr + idx, dz * 0.5 / count, mask=mask)",
+         "tl.store(dx_max_ptr + idx, dz * 0.5, mask=mask)"))),
     Bug("triton/split-combine-keeps-last-piece", "triton", TRITON_KERNELS, (
         ("total += tl.load(sum_ptr + k * nc + idx, mask=mask, other=0.0)",
          "total = tl.load(sum_ptr + k * nc + idx, mask=mask, other=0.0)"),)),
@@ -100,7 +100,8 @@ CATALOGUE = [
          "    if dx_ptr.dtype.element_ty == tl.bfloat16:\n        dx = dx * 1.05\n"
          "    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)"),)),
     Bug("triton/bias-dropped", "triton", TRITON_KERNELS, (
-        ("a += tl.load(b1_ptr + s, mask=s_mask, other=0.0).to(acc_t)[None, :]", "a += 0.0"),)),
+        ("y += tl.load(bias_ptr + m, mask=m_mask, other=0.0).to(out_ptr.dtype.element_ty)[None, :]",
+         "y += 0.0"),)),
     Bug("triton/relu-mask-ge", "triton", TRITON_KERNELS, (
         ("dy = tl.where(o > 0, dy, 0.0)", "dy = tl.where(o >= 0, dy, 0.0)"),)),
     Bug("triton/residual-grad-not-masked", "triton", TRITON_KERNELS, (
@@ -143,7 +144,7 @@ CATALOGUE = [
 FAMILY_TESTS = {
     "cpu": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_low_precision.py"],
             "cpu or low_precision"),
-    "triton": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_triton.py"],
+    "triton": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_triton_kernels.py"],
                "triton and (tied or split or every_option or dtypes or odd_shapes or small_tiles)"),
     "cuda": (["tests/test_ties.py", "tests/test_cuda_emulation.py"],
              "emulated or test_cuda_emulation"),

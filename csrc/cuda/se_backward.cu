@@ -30,7 +30,7 @@ struct GradTerms {
   A* dg;
   A* s;
   A* count;        // nullptr: avg pooling
-  bool hard_gate;
+  Gate gate_kind;
 
   template <int W>
   struct Loaded {
@@ -65,9 +65,9 @@ struct GradTerms {
   }
   __device__ void finalize(int64_t nc, const A (&v)[kQ]) const {
     const A gv = g[nc];
-    const A sv = gate(gv, hard_gate);
+    const A sv = gate(gv, gate_kind);
     s[nc] = sv;
-    dg[nc] = gate_backward(gv, sv, v[0], hard_gate);
+    dg[nc] = gate_backward(gv, sv, v[0], gate_kind);
     if (count != nullptr) count[nc] = v[1];
   }
 };
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads)
         if (t < nt) acc[t] += inp[t * K + k] * wv;
     }
   }
-  __shared__ A red[kWarps][kTile][32];
+  SE_SHARED(A, red, [kWarps][kTile][32]);
 #pragma unroll
   for (int t = 0; t < kTile; ++t) red[warp][t][lane] = acc[t];
   __syncthreads();
@@ -188,11 +188,11 @@ struct HiddenGradEpilogue {
   A* da;
   A* h;
   int64_t S;
-  bool silu;
+  Activation act;
   __device__ void operator()(int64_t n, int64_t j, A dh) const {
     const A av = a[n * S + j];
-    da[n * S + j] = activation_backward(av, dh, silu);
-    h[n * S + j] = activation(av, silu);
+    da[n * S + j] = activation_backward(av, dh, act);
+    h[n * S + j] = activation(av, act);
   }
 };
 
@@ -206,13 +206,13 @@ struct PoolGradEpilogue {
   A* dx_max;       // nullptr: avg pooling
   int64_t C;
   int64_t P;
-  PoolKind pool;
+  Pool pool;
   __device__ void operator()(int64_t n, int64_t c, A dz) const {
     const int64_t nc = n * C + c;
     switch (pool) {
-      case PoolKind::Avg: dx_avg[nc] = dz / A(P); break;
-      case PoolKind::Max: dx_max[nc] = dz / count[nc]; break;
-      case PoolKind::AvgMax:
+      case Pool::Avg: dx_avg[nc] = dz / A(P); break;
+      case Pool::Max: dx_max[nc] = dz / count[nc]; break;
+      case Pool::AvgMax:
         dx_avg[nc] = dz * A(0.5 / static_cast<double>(P));
         dx_max[nc] = dz * A(0.5) / count[nc];
         break;
@@ -266,13 +266,14 @@ void run_outer(const acc_t<T>* u, const acc_t<T>* v, int64_t N, int64_t R, int64
 }
 
 // Workspace layout (accumulation dtype): dg, s, count, dx_avg, dx_max [N, C]; da, h [N, S];
-// reduce partials. count/dx_max only for max pooling, dx_avg only for avg pooling.
+// reduce partials. count/dx_max only for max pooling, dx_avg only for avg pooling. Buffers
+// are kWorkspaceGap apart: nothing on the GPU, guards on the emulator.
 struct BackwardWorkspace {
   int64_t dg, s, count, dx_avg, dx_max, da, h, partial, total;
 };
 BackwardWorkspace backward_workspace(const Problem& pb, int64_t partial_elems) {
-  const int64_t nc = pb.N * pb.C, ns = pb.N * pb.S;
-  const bool uses_max = pb.pool != PoolKind::Avg, uses_avg = pb.pool != PoolKind::Max;
+  const int64_t nc = pb.N * pb.C + kWorkspaceGap, ns = pb.N * pb.S + kWorkspaceGap;
+  const bool uses_max = pb.opt.uses_max(), uses_avg = pb.opt.uses_avg();
   BackwardWorkspace w;
   w.dg = 0;
   w.s = w.dg + nc;
@@ -291,10 +292,10 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   using A = acc_t<T>;
   const Problem& pb = plan.problem;
   const int64_t N = pb.N, C = pb.C, P = pb.P, S = pb.S;
-  const bool uses_max = pb.pool != PoolKind::Avg, uses_avg = pb.pool != PoolKind::Max;
+  const bool uses_max = pb.opt.uses_max(), uses_avg = pb.opt.uses_avg();
   const auto* grad_out = static_cast<const T*>(args.grad_out);
   const auto* x = static_cast<const T*>(args.x);
-  const auto* out = pb.out_relu ? static_cast<const T*>(args.out) : nullptr;
+  const auto* out = pb.opt.out_relu() ? static_cast<const T*>(args.out) : nullptr;
   const auto* w1 = static_cast<const T*>(args.w1);
   const auto* w2 = static_cast<const T*>(args.w2);
   const auto* z = static_cast<const A*>(args.z);
@@ -314,6 +315,15 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   A* h = ws + layout.h;
   A* partial = ws + layout.partial;
   auto at = [](auto* p, int64_t off) { return p != nullptr ? p + off : nullptr; };
+  const int64_t nc_bytes = N * C * sizeof(A), ns_bytes = N * S * sizeof(A);
+  workspace_region("dg", dg, nc_bytes);
+  workspace_region("s", s, nc_bytes);
+  workspace_region("count", count, count ? nc_bytes : 0);
+  workspace_region("dx_avg", dx_avg, dx_avg ? nc_bytes : 0);
+  workspace_region("dx_max", dx_max, dx_max ? nc_bytes : 0);
+  workspace_region("da", da, ns_bytes);
+  workspace_region("h", h, ns_bytes);
+  workspace_region("partial", partial, (plan.workspace_elems - layout.partial) * sizeof(A));
 
   for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
     const int64_t n = std::min(plan.group, N - n0);
@@ -323,13 +333,13 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
                           plan.workspace_elems);
 
     const GradTerms<T> terms{grad_out + x_off, at(out, x_off), x + x_off, at(zmax, nc),
-                             g + nc, dg + nc, s + nc, at(count, nc), pb.hard_gate};
+                             g + nc, dg + nc, s + nc, at(count, nc), pb.opt.gate};
     run_reduce<T>(terms, pass, n, C, P, partial, stream);
     run_cols_dot<T>(w2, dg + nc, n, C, S,
-                    HiddenGradEpilogue<T>{a + ns, da + ns, h + ns, S, pb.silu}, stream);
+                    HiddenGradEpilogue<T>{a + ns, da + ns, h + ns, S, pb.opt.activation}, stream);
     run_cols_dot<T>(w1, da + ns, n, S, C,
                     PoolGradEpilogue<T>{at(count, nc), at(dx_avg, nc), at(dx_max, nc), C, P,
-                                        pb.pool},
+                                        pb.opt.pool},
                     stream);
     const GradInputOp<T> op{grad_out + x_off, at(out, x_off), x + x_off,    dx + x_off,
                             at(dresidual, x_off), s + nc,     at(dx_avg, nc), at(zmax, nc),
@@ -352,12 +362,12 @@ Plan plan_backward(const Problem& problem, const BackwardArgs& args) {
   dispatch_dtype(problem.dtype, [&](auto tag) {
     using T = decltype(tag);
     plan.width = pass_width<T>(
-        row, {args.grad_out, args.x, problem.out_relu ? args.out : nullptr, args.dx,
+        row, {args.grad_out, args.x, problem.opt.out_relu() ? args.out : nullptr, args.dx,
               args.dresidual});
   });
   // Pass 4 re-reads dy (and out, and x for max pooling) after pass 1 read them with x.
   const int64_t esize = element_size(problem.dtype);
-  const int64_t streams = 2 + (problem.out_relu ? 1 : 0);
+  const int64_t streams = 2 + (problem.opt.out_relu() ? 1 : 0);
   plan.group = group_size(problem.N, problem.C * problem.P * esize * streams);
   plan.workspace_elems = backward_workspace(problem, group_partial_elems(problem, plan)).total;
   return plan;

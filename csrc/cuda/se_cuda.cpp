@@ -28,12 +28,8 @@ cuda::DType cuda_dtype(at::ScalarType t) {
 }
 
 cuda::Problem make_problem(const at::Tensor& x, const Geometry& geo, int64_t S, const Options& opt) {
-  cuda::PoolKind pool = cuda::PoolKind::Avg;
-  if (opt.pool == Pool::Max) pool = cuda::PoolKind::Max;
-  if (opt.pool == Pool::AvgMax) pool = cuda::PoolKind::AvgMax;
   return cuda::Problem{cuda_dtype(x.scalar_type()), geo.N, geo.C, geo.P, S, geo.channels_last,
-                       opt.activation == Activation::SiLU, opt.gate == Gate::HardSigmoid, pool,
-                       opt.out_relu()};
+                       opt};
 }
 
 void check_on_cuda(const at::Tensor& x) {

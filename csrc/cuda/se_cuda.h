@@ -12,10 +12,11 @@
 
 #include <cstdint>
 
+#include "../se_options.h"
+
 namespace se_kernels::cuda {
 
 enum class DType { Half, BFloat16, Float, Double };
-enum class PoolKind { Avg, Max, AvgMax };
 
 // One SE call's shapes and options. x is [N, C, H, W] with P = H * W, dense in NCHW or
 // channels-last; w1 is [S, C], w2 is [C, S], both contiguous.
@@ -23,10 +24,7 @@ struct Problem {
   DType dtype;
   int64_t N, C, P, S;
   bool channels_last;
-  bool silu;        // activation: silu, else relu
-  bool hard_gate;   // gate: hardsigmoid, else sigmoid
-  PoolKind pool;
-  bool out_relu;    // out_activation: relu, else identity
+  Options opt;
 };
 
 // Pointers: x-shaped tensors in the problem's layout and dtype; z, zmax, a, g in the

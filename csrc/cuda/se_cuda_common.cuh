@@ -109,7 +109,7 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, W>& v) {
 template <typename T>
 constexpr int vector_width() { return 16 / static_cast<int>(sizeof(T)); }
 
-// ---- math shared by the kernels (matching se_common.cpp's ATen formulas) --------------
+// ---- the activations and gates, and their derivatives (DESIGN.md §1.3) ---------------
 
 __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __device__ __forceinline__ double exp_(double v) { return exp(v); }
@@ -121,19 +121,20 @@ __device__ __forceinline__ A nan_max(A a, A b) {  // torch.amax propagates NaN
 template <typename A>
 __device__ __forceinline__ A sigmoid_(A v) { return A(1) / (A(1) + exp_(-v)); }
 template <typename A>
-__device__ __forceinline__ A activation(A a, bool silu) {
-  return silu ? a / (A(1) + exp_(-a)) : (a < A(0) ? A(0) : a);  // relu keeps NaN, as torch's
+__device__ __forceinline__ A activation(A a, Activation kind) {
+  if (kind == Activation::SiLU) return a / (A(1) + exp_(-a));
+  return a < A(0) ? A(0) : a;  // relu keeps NaN, as torch's
 }
 // d activation(a) / da applied to the incoming gradient dh.
 template <typename A>
-__device__ __forceinline__ A activation_backward(A a, A dh, bool silu) {
-  if (!silu) return a > A(0) ? dh : A(0);
+__device__ __forceinline__ A activation_backward(A a, A dh, Activation kind) {
+  if (kind == Activation::ReLU) return a > A(0) ? dh : A(0);
   const A sig = sigmoid_(a);
   return dh * sig * (A(1) + a * (A(1) - sig));
 }
 template <typename A>
-__device__ __forceinline__ A gate(A g, bool hard) {
-  if (!hard) return sigmoid_(g);
+__device__ __forceinline__ A gate(A g, Gate kind) {
+  if (kind == Gate::Sigmoid) return sigmoid_(g);
   A t = g + A(3);  // comparisons rather than fmin/fmax so NaN stays NaN, as in torch
   t = t < A(0) ? A(0) : t;
   t = t > A(6) ? A(6) : t;
@@ -141,8 +142,8 @@ __device__ __forceinline__ A gate(A g, bool hard) {
 }
 // d gate(g) / dg applied to ds, given s = gate(g). Hardsigmoid uses torch's open interval.
 template <typename A>
-__device__ __forceinline__ A gate_backward(A g, A s, A ds, bool hard) {
-  if (hard) return (g > A(-3) && g < A(3)) ? ds / A(6) : A(0);
+__device__ __forceinline__ A gate_backward(A g, A s, A ds, Gate kind) {
+  if (kind == Gate::HardSigmoid) return (g > A(-3) && g < A(3)) ? ds / A(6) : A(0);
   return ds * s * (A(1) - s);
 }
 
@@ -256,17 +257,27 @@ int pass_width(int64_t row, std::initializer_list<const void*> ptrs) {
 // ---- launching ----------------------------------------------------------------------
 
 #ifndef SE_KERNELS_CUDA_EMULATION
+// The CPU emulation in tests/cuda_emulator replaces these: it gives every CTA its own shared
+// memory, leaves NaN gaps between the buffers of a workspace, and runs launches as host code.
+#define SE_SHARED(T, name, dims) __shared__ T name dims
+constexpr int64_t kWorkspaceGap = 0;
+inline void workspace_region(const char*, const void*, int64_t) {}
+#endif
+
 // kernel<<<ctas, threads, 0, stream>>>(args...), then the launch check. Every launch goes
-// through here; the CPU emulation in tests/cuda_emulator defines its own `launch` that runs
-// the same kernels as host code.
+// through here, on the GPU and on the emulator.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int64_t ctas, int threads, cudaStream_t stream,
             const Args&... args) {
   TORCH_INTERNAL_ASSERT(ctas > 0 && ctas <= INT_MAX && threads > 0 && threads <= kThreads);
+#ifdef SE_KERNELS_CUDA_EMULATION
+  (void)stream;
+  emulated_launch(kernel, ctas, threads, args...);
+#else
   kernel<<<static_cast<unsigned>(ctas), threads, 0, stream>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 #endif
+}
 
 // ---- the streaming kernels ----------------------------------------------------------
 
@@ -372,7 +383,7 @@ __global__ void __launch_bounds__(kThreads)
   // Combine the tp pixel lanes of each (quantity, channel) in lane order, the sums spread
   // over the CTA's threads; each leaves its result in its lane-0 slot. Layout
   // [q][i][thread]: threads of a warp touch consecutive words.
-  __shared__ A red[kQ * W * kThreads];
+  SE_SHARED(A, red, [kQ * W * kThreads]);
 #pragma unroll
   for (int q = 0; q < kQ; ++q)
 #pragma unroll

@@ -9,10 +9,8 @@
 // to half the L2, that second read comes from L2 rather than DRAM, so x costs one DRAM
 // read per forward (the floor of DESIGN.md §2).
 //
-// Not done (a note for a GPU session): on sm_90, a thread-block cluster could hold a
-// sample's slab in distributed shared memory between the two passes (x read once, no L2
-// reliance), and L2 eviction hints (ld.global.L2::evict_last in pass 1, evict_first
-// stores in pass 4) could keep the group resident more reliably. Both need measurements.
+// Alternatives not taken until measured on a GPU (DESIGN.md §3.1): thread-block clusters
+// on sm_90 and L2 eviction hints.
 #include <cstdlib>
 #include <mutex>
 
@@ -60,7 +58,7 @@ struct PoolTerms {
   const T* x;
   A* z;
   A* zmax;  // nullptr for avg pooling
-  PoolKind pool;
+  Pool pool;
   int64_t P;
 
   __device__ static A init(int q) { return q == 0 ? A(0) : -A(INFINITY); }
@@ -85,9 +83,9 @@ struct PoolTerms {
   __device__ void finalize(int64_t nc, const A (&v)[kQ]) const {
     const A avg = v[0] / A(P);
     switch (pool) {
-      case PoolKind::Avg: z[nc] = avg; break;
-      case PoolKind::Max: z[nc] = v[1]; break;
-      case PoolKind::AvgMax: z[nc] = avg * A(0.5) + v[1] * A(0.5); break;
+      case Pool::Avg: z[nc] = avg; break;
+      case Pool::Max: z[nc] = v[1]; break;
+      case Pool::AvgMax: z[nc] = avg * A(0.5) + v[1] * A(0.5); break;
     }
     if (zmax != nullptr) zmax[nc] = v[1];
   }
@@ -191,11 +189,11 @@ struct HiddenEpilogue {
   A* a;
   A* h;
   int64_t S;
-  bool silu;
+  Activation act;
   __device__ void operator()(int64_t n, int64_t j, A sum) const {
     const A v = b1 != nullptr ? sum + to_acc(b1[j]) : sum;
     a[n * S + j] = v;
-    h[n * S + j] = activation(v, silu);
+    h[n * S + j] = activation(v, act);
   }
 };
 
@@ -207,15 +205,16 @@ struct GateEpilogue {
   A* g;
   A* s;
   int64_t C;
-  bool hard;
+  Gate kind;
   __device__ void operator()(int64_t n, int64_t c, A sum) const {
     const A v = b2 != nullptr ? sum + to_acc(b2[c]) : sum;
     g[n * C + c] = v;
-    s[n * C + c] = gate(v, hard);
+    s[n * C + c] = gate(v, kind);
   }
 };
 
-// Workspace layout (accumulation dtype): s [N, C], h [N, S], pool partials.
+// Workspace layout (accumulation dtype): s [N, C], h [N, S], pool partials (kWorkspaceGap
+// apart: nothing on the GPU, guards on the emulator).
 struct ForwardWorkspace {
   int64_t s, h, partial, total;
 };
@@ -223,8 +222,8 @@ ForwardWorkspace forward_workspace(const Plan& plan, int64_t partial_elems) {
   const Problem& pb = plan.problem;
   ForwardWorkspace w;
   w.s = 0;
-  w.h = w.s + pb.N * pb.C;
-  w.partial = w.h + pb.N * pb.S;
+  w.h = w.s + pb.N * pb.C + kWorkspaceGap;
+  w.partial = w.h + pb.N * pb.S + kWorkspaceGap;
   w.total = w.partial + partial_elems;
   return w;
 }
@@ -250,6 +249,9 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   A* s = ws + layout.s;
   A* h = ws + layout.h;
   A* partial = ws + layout.partial;
+  workspace_region("s", s, N * C * sizeof(A));
+  workspace_region("h", h, N * S * sizeof(A));
+  workspace_region("partial", partial, (plan.workspace_elems - layout.partial) * sizeof(A));
 
   for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
     const int64_t n = std::min(plan.group, N - n0);
@@ -258,14 +260,14 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
     TORCH_INTERNAL_ASSERT(layout.partial + partial_elems(pass, n, C, PoolTerms<T>::kQ) <=
                           plan.workspace_elems);
 
-    const PoolTerms<T> pool{x + x_off, z + n0 * C, zmax ? zmax + n0 * C : nullptr, pb.pool, P};
+    const PoolTerms<T> pool{x + x_off, z + n0 * C, zmax ? zmax + n0 * C : nullptr, pb.opt.pool, P};
     run_reduce<T>(pool, pass, n, C, P, partial, stream);
     run_rows_dot<T>(w1, z + n0 * C, n, S, C,
-                    HiddenEpilogue<T>{b1, a + n0 * S, h + n0 * S, S, pb.silu}, stream);
+                    HiddenEpilogue<T>{b1, a + n0 * S, h + n0 * S, S, pb.opt.activation}, stream);
     run_rows_dot<T>(w2, h + n0 * S, n, C, S,
-                    GateEpilogue<T>{b2, g + n0 * C, s + n0 * C, C, pb.hard_gate}, stream);
+                    GateEpilogue<T>{b2, g + n0 * C, s + n0 * C, C, pb.opt.gate}, stream);
     const ScaleOp<T> scale{x + x_off, residual ? residual + x_off : nullptr, out + x_off,
-                           s + n0 * C, pb.out_relu};
+                           s + n0 * C, pb.opt.out_relu()};
     run_map<T>(scale, pass, n, C, P, stream);
   }
 }

@@ -19,8 +19,6 @@ try:
 except ImportError:
     BUILD = {"torch": None, "cpu_avx2": False, "cuda": False, "nvcc": None, "cuda_archs": []}
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def has_kernel(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
@@ -63,18 +61,16 @@ def build_refusals(device_type: str, device_index: int) -> tuple[str, ...]:
 
 
 class NativeBackend(dispatch.Backend):
+    """Every dtype, layout and option on its device; the CUDA kernels' archs are checked
+    against the GPU (build_refusals) rather than declared."""
+
     def __init__(self, device_type: str):
         self.name = device_type
-        self.device_type = device_type
+        self.SUPPORTED_DEVICES = (device_type,)
 
-    def refusals(self, call: SECall) -> list[str]:
+    def call_refusals(self, call: SECall) -> list[str]:
         device = call.x.device
-        if device.type != self.device_type:
-            return [f"x is on {device.type}; this backend runs {self.device_type} tensors"]
-        reasons = list(build_refusals(device.type, device.index or 0))
-        if call.x.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"dtype {call.x.dtype} is not supported")
-        return reasons
+        return list(build_refusals(device.type, device.index or 0))
 
     def run(self, call: SECall) -> torch.Tensor:
         return _ops.se_forward(*call.op_args())[0]

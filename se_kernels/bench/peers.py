@@ -20,6 +20,7 @@ from torch import nn
 import se_kernels
 from se_kernels import dispatch
 from se_kernels.options import make_call
+from se_kernels.vocabulary import TORCH_ACTIVATIONS, TORCH_GATES
 
 from .shapes import SEShape
 
@@ -39,9 +40,8 @@ def eager_module(shape: SEShape, device: torch.device, dtype: torch.dtype) -> nn
 def backend_refusals(name: str, x: torch.Tensor, eager: nn.Module) -> list[str]:
     """Why se_kernels backend `name` would not run this block (empty: it would)."""
     call = make_call(x, eager.fc1.weight, eager.fc1.bias, eager.fc2.weight, eager.fc2.bias,
-                     activation="silu" if isinstance(eager.activation, nn.SiLU) else "relu",
-                     gate="hardsigmoid" if isinstance(eager.scale_activation, nn.Hardsigmoid)
-                     else "sigmoid")
+                     activation=TORCH_ACTIVATIONS[type(eager.activation)],
+                     gate=TORCH_GATES[type(eager.scale_activation)])
     return dispatch.explain(call).get(name, [f"no se_kernels backend is named {name!r}"])
 
 

@@ -14,7 +14,8 @@ from .shapes import NETWORKS, evenly_spaced, network_shapes
 
 SUITES = {
     **{name: (name,) for name in NETWORKS},
-    # Issue 2, item 8: the CPU backend against eager and compiled torchvision SE.
+    # The CPU backend against eager and compiled torchvision SE: the SE layers of the
+    # networks whose SEs run on CPUs in practice.
     "cpu": ("resnet50", "mobilenetv3", "efficientnet_b0"),
     "blocks": NETWORKS,
     "model": (),

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..vocabulary import RELU, SIGMOID, TORCH_ACTIVATIONS, TORCH_GATES
+
 NETWORKS = ("resnet50", "mobilenetv3", "efficientnet_b0", "regnety_400mf")
 IMAGE_SIZE = 224
 RESNET_REDUCTION = 16
 
-_ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "silu"}
-_GATES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ class SEShape:
         return f"{self.network} C{self.channels} S{self.squeeze} {self.height}x{self.width}"
 
     def activation_module(self) -> type[nn.Module]:
-        return {v: k for k, v in _ACTIVATIONS.items()}[self.activation]
+        return {v: k for k, v in TORCH_ACTIVATIONS.items()}[self.activation]
 
     def gate_module(self) -> type[nn.Module]:
-        return {v: k for k, v in _GATES.items()}[self.gate]
+        return {v: k for k, v in TORCH_GATES.items()}[self.gate]
 
 
 def _torchvision():
@@ -108,15 +108,15 @@ def network_shapes(network: str) -> tuple[SEShape, ...]:
         from torchvision.models.resnet import Bottleneck
 
         for name, _, (_, c, h, w) in _trace(tv.models.resnet50(), Bottleneck, at_output=True):
-            layers.append(SEShape(network, name, c, c // RESNET_REDUCTION, h, w, "relu", "sigmoid"))
+            layers.append(SEShape(network, name, c, c // RESNET_REDUCTION, h, w, RELU, SIGMOID))
     else:
         builder = {"mobilenetv3": tv.models.mobilenet_v3_large,
                    "efficientnet_b0": tv.models.efficientnet_b0,
                    "regnety_400mf": tv.models.regnet_y_400mf}[network]
         for name, module, (_, c, h, w) in _trace(builder(), tv.ops.SqueezeExcitation):
             layers.append(SEShape(network, name, c, module.fc1.out_channels, h, w,
-                                  _ACTIVATIONS[type(module.activation)],
-                                  _GATES[type(module.scale_activation)]))
+                                  TORCH_ACTIVATIONS[type(module.activation)],
+                                  TORCH_GATES[type(module.scale_activation)]))
     return tuple(_dedupe(network, layers))
 
 

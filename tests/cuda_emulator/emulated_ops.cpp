@@ -1,11 +1,14 @@
 // Ops se_kernels_emu::forward / backward: the CUDA kernels' plan and launch (se_cuda.h) run
-// on the emulator over CPU tensors, for tests/test_cuda_emulation.py.
+// on the emulator over CPU tensors, for tests/test_cuda_emulation.py; set_mode picks the
+// emulator's schedule (emulator.h).
 //
 // Callers pass x-shaped tensors already dense in the layout to use. Every buffer the kernels
 // see (inputs, outputs, scratch) is copied into or allocated in a larger NaN-filled block:
 // an unwritten output stays NaN, a read past a buffer's end brings NaN into the results,
-// and a write past it is caught by checking the guard regions afterwards. `misalign` moves
-// every buffer one element off 16-byte alignment, which selects the scalar paths.
+// and a write past it is caught by checking the guard regions afterwards. The workspace's
+// buffers are kWorkspaceGap elements apart, and those gaps are checked the same way. The
+// buffers named in `misalign` ("all" for every one) start one element off 16-byte
+// alignment, which must make the kernels choose their scalar paths.
 #define SE_KERNELS_CUDA_EMULATION
 #include "emulator.h"
 
@@ -13,6 +16,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isnan.h>
+#include <ATen/ops/masked_select.h>
+#include <ATen/ops/ones.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -30,7 +35,6 @@ DeviceInfo current_device_info() { return emulated_device; }
 namespace {
 
 using se_kernels::cuda::DType;
-using se_kernels::cuda::PoolKind;
 
 constexpr int64_t kGuard = 64;  // elements of NaN before and after every buffer
 
@@ -73,22 +77,53 @@ void check_guards(const Guarded& g, const char* name) {
   TORCH_CHECK(front && back, "emulator: a kernel wrote outside ", name);
 }
 
-// Every buffer one op call hands the kernels, kept so their guards can be checked after it.
+// Every buffer one op call hands the kernels, registered with the emulator for its checks
+// of 16-byte accesses and kept so their guards can be checked after the call.
 struct GuardedBuffers {
-  int64_t misalign;
+  std::vector<std::string> misalign;
   std::vector<std::pair<Guarded, const char*>> all;
 
-  at::Tensor in(const at::Tensor& t, bool channels_last, const char* name) {
-    all.emplace_back(guarded_copy(t, channels_last, misalign), name);
+  explicit GuardedBuffers(std::vector<std::string> shifted) : misalign(std::move(shifted)) {
+    se_emu::clear_buffers();
+  }
+  ~GuardedBuffers() { se_emu::clear_buffers(); }
+
+  int64_t shift(const char* name) const {
+    for (const auto& m : misalign)
+      if (m == name || m == "all") return 1;
+    return 0;
+  }
+  at::Tensor add(Guarded g, const char* name) {
+    se_emu::add_buffer(name, static_cast<const char*>(g.block.const_data_ptr()) +
+                                 g.begin * g.block.element_size(),
+                       g.numel * g.block.element_size());
+    all.emplace_back(std::move(g), name);
     return all.back().first.view;
+  }
+  at::Tensor in(const at::Tensor& t, bool channels_last, const char* name) {
+    return add(guarded_copy(t, channels_last, shift(name)), name);
   }
   at::Tensor out(at::IntArrayRef sizes, bool channels_last, const at::TensorOptions& options,
                  const char* name) {
-    all.emplace_back(guarded(sizes, channels_last, options, misalign), name);
-    return all.back().first.view;
+    return add(guarded(sizes, channels_last, options, shift(name)), name);
   }
+  // Guards of every buffer; for the workspace, also the gaps between its buffers (the
+  // workspace.* regions the kernels' host code registered).
   void check() const {
-    for (const auto& [buffer, name] : all) check_guards(buffer, name);
+    for (const auto& [buffer, name] : all) {
+      check_guards(buffer, name);
+      if (std::string(name) != "workspace") continue;
+      const int64_t esize = buffer.block.element_size();
+      const auto base = reinterpret_cast<uintptr_t>(buffer.view.const_data_ptr());
+      at::Tensor gap = at::ones({buffer.numel}, buffer.block.options().dtype(at::kBool));
+      for (const se_emu::Buffer& region : se_emu::buffers)
+        if (region.name.rfind("workspace.", 0) == 0)
+          gap.narrow(0, static_cast<int64_t>(region.begin - base) / esize,
+                     static_cast<int64_t>(region.end - region.begin) / esize)
+              .fill_(false);
+      TORCH_CHECK(at::isnan(buffer.view.masked_select(gap)).all().item<bool>(),
+                  "emulator: a kernel wrote into a gap between the workspace's buffers");
+    }
   }
 };
 
@@ -106,23 +141,41 @@ DType dtype_of(const at::Tensor& t) {
 se_kernels::cuda::Problem problem_of(const at::Tensor& x, int64_t S, bool channels_last,
                                      const std::string& activation, const std::string& gate,
                                      const std::string& pool, const std::string& out_activation) {
-  PoolKind kind = pool == "avg" ? PoolKind::Avg : pool == "max" ? PoolKind::Max : PoolKind::AvgMax;
-  return {dtype_of(x), x.size(0), x.size(1), x.size(2) * x.size(3), S, channels_last,
-          activation == "silu", gate == "hardsigmoid", kind, out_activation == "relu"};
+  const se_kernels::Options opt{
+      se_kernels::find_option(activation, se_kernels::kActivationNames).value(),
+      se_kernels::find_option(gate, se_kernels::kGateNames).value(),
+      se_kernels::find_option(pool, se_kernels::kPoolNames).value(),
+      se_kernels::find_option(out_activation, se_kernels::kOutActivationNames).value()};
+  return {dtype_of(x), x.size(0), x.size(1), x.size(2) * x.size(3), S, channels_last, opt};
 }
 
 void set_device(int64_t sm_count, int64_t l2_bytes) {
   se_kernels::cuda::detail::emulated_device = {static_cast<int>(sm_count), l2_bytes};
 }
 
+se_emu::Order order_of(const std::string& name) {
+  if (name == "forward") return se_emu::Order::Forward;
+  if (name == "reverse") return se_emu::Order::Reverse;
+  TORCH_CHECK(name == "random", "emulator: an order is forward, reverse or random, got '", name,
+              "'");
+  return se_emu::Order::Random;
+}
+
+void set_mode(const std::string& fibers, const std::string& ctas, int64_t resident, int64_t seed,
+              bool snapshot) {
+  se_emu::set_mode({order_of(fibers), order_of(ctas), static_cast<int>(resident),
+                    static_cast<uint64_t>(seed), snapshot});
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x_in, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
     const std::optional<at::Tensor>& residual, std::string activation, std::string gate,
-    std::string pool, std::string out_activation, bool channels_last, int64_t misalign) {
+    std::string pool, std::string out_activation, bool channels_last,
+    std::vector<std::string> misalign) {
   const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
   const auto acc = x_in.options().dtype(x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  GuardedBuffers buffers{misalign};
+  GuardedBuffers buffers(std::move(misalign));
   const at::Tensor x = buffers.in(x_in, channels_last, "x");
   const at::Tensor w1g = buffers.in(w1, false, "w1"), w2g = buffers.in(w2, false, "w2");
   const at::Tensor b1g = b1 ? buffers.in(*b1, false, "b1") : at::Tensor();
@@ -161,11 +214,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& z, const at::Tensor& zmax,
     const at::Tensor& a, const at::Tensor& g, std::string activation, std::string gate,
     std::string pool, std::string out_activation, bool residual_grad, bool channels_last,
-    int64_t misalign) {
+    std::vector<std::string> misalign) {
   const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
   const auto acc = z.options();
   const bool relu = out_activation == "relu";
-  GuardedBuffers buffers{misalign};
+  GuardedBuffers buffers(std::move(misalign));
   const at::Tensor dy = buffers.in(grad_out, channels_last, "grad_out");
   const at::Tensor x = buffers.in(x_in, channels_last, "x");
   const at::Tensor o = relu ? buffers.in(*out_in, channels_last, "out") : at::Tensor();
@@ -211,13 +264,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY(se_kernels_emu, m) {
   m.def("set_device(int sm_count, int l2_bytes) -> ()", &set_device);
+  m.def("set_mode(str fibers, str ctas, int resident, int seed, bool snapshot) -> ()", &set_mode);
   m.def("forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "
         "str activation, str gate, str pool, str out_activation, bool channels_last, "
-        "int misalign) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        "str[] misalign) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         &forward);
   m.def("backward(Tensor grad_out, Tensor x, Tensor? out, Tensor w1, Tensor w2, Tensor z, "
         "Tensor zmax, Tensor a, Tensor g, str activation, str gate, str pool, "
-        "str out_activation, bool residual_grad, bool channels_last, int misalign) "
+        "str out_activation, bool residual_grad, bool channels_last, str[] misalign) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         &backward);
 }

@@ -1,0 +1,55 @@
+// The SE op's options, shared by the CPU and CUDA code: free of torch headers so that the
+// torch-free CUDA sources and the CUDA emulator include it as they are.
+//
+// Names and codes are those of se_kernels/vocabulary.py (the Python side, whose codes the
+// Triton kernels take); tests/test_vocabulary.py reads this file and checks that both agree.
+// The math behind each option is in DESIGN.md §1.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <string_view>
+
+namespace se_kernels {
+
+enum class Activation : int { ReLU = 0, SiLU = 1 };
+enum class Gate : int { Sigmoid = 0, HardSigmoid = 1 };
+enum class Pool : int { Avg = 0, Max = 1, AvgMax = 2 };
+enum class OutActivation : int { None = 0, ReLU = 1 };
+
+struct Options {
+  Activation activation;
+  Gate gate;
+  Pool pool;
+  OutActivation out_activation;
+
+  constexpr bool uses_avg() const { return pool != Pool::Max; }
+  constexpr bool uses_max() const { return pool != Pool::Avg; }
+  constexpr bool out_relu() const { return out_activation == OutActivation::ReLU; }
+};
+
+// How the API and the ops' schemas spell each option.
+template <typename Enum>
+struct OptionName {
+  const char* name;
+  Enum value;
+};
+inline constexpr OptionName<Activation> kActivationNames[] = {{"relu", Activation::ReLU},
+                                                              {"silu", Activation::SiLU}};
+inline constexpr OptionName<Gate> kGateNames[] = {{"sigmoid", Gate::Sigmoid},
+                                                  {"hardsigmoid", Gate::HardSigmoid}};
+inline constexpr OptionName<Pool> kPoolNames[] = {
+    {"avg", Pool::Avg}, {"max", Pool::Max}, {"avgmax", Pool::AvgMax}};
+inline constexpr OptionName<OutActivation> kOutActivationNames[] = {
+    {"none", OutActivation::None}, {"relu", OutActivation::ReLU}};
+
+// The option called `name`, or nothing when no option is.
+template <typename Enum, std::size_t K>
+constexpr std::optional<Enum> find_option(std::string_view name,
+                                          const OptionName<Enum> (&names)[K]) {
+  for (const auto& option : names)
+    if (name == option.name) return option.value;
+  return std::nullopt;
+}
+
+}  // namespace se_kernels

@@ -1,0 +1,503 @@
+"""The Triton kernels of the SE block (the math and its names: DESIGN.md §1).
+
+Imported on first use, by driver.py (importing triton costs time and may fail);
+TRITON_INTERPRET is read by triton.jit here, when the kernels are defined.
+
+Forward, for x [N, C, P] (P = H*W) in its own layout:
+  _pool_kernel                 one pass over x: per-channel sums (and maxima) of H*W pieces
+  _squeeze_fc_kernel           combines the pieces in a fixed order into z, then a = W1 z + b1
+  _excite_fc_kernel            g = W2 act(a) + b2
+  _scale_kernel                one pass: out = out_act(gate(g) * x + residual)
+Backward:
+  _grad_reduce_kernel          one pass over grad_out and x: ds = sum_p dy*x (and, for max
+                               pooling, count = how many x equal zmax)
+  _excite_fc_backward_kernel   dg = ds * gate'(g), dh = dg W2, da = dh * act'(a)
+  _weight_grad_kernel          dW2 = dg^T h, db2, dW1 = da^T z, db1: sums over N in one program
+  _squeeze_fc_backward_kernel  dz = da W1, turned into the per-channel terms dx_avg, dx_max
+  _grad_input_kernel           one pass: dx = dy * s + dx_avg + [x == zmax] dx_max,
+                               dresidual = dy
+
+Every reduction has a fixed order that depends only on the shape and the launch config, so
+results are bit-identical from run to run (no float atomics). Values are converted to the
+accumulation dtype (fp32, fp64 for fp64) right after tl.load and back right before tl.store,
+which fp32 accumulation wants anyway and which sidesteps the interpreter's bf16 arithmetic
+bug (triton#11584).
+
+Both layouts run through the same kernels. A pass sees x as [groups, channels, P] with
+strides: NCHW is one group of N*C rows of P contiguous pixels, channels-last is N groups of
+P pixels of C contiguous channels. Triton specializes the stride that equals 1, so loads
+along the contiguous axis are vectorized in both layouts.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ...vocabulary import Activation, Gate, Pool
+
+# The options' codes (se_kernels.vocabulary), which the drivers pass as constexprs; globals
+# that @triton.jit code reads must be tl.constexpr.
+RELU = tl.constexpr(int(Activation.RELU))
+SIGMOID = tl.constexpr(int(Gate.SIGMOID))
+AVG, MAX = tl.constexpr(int(Pool.AVG)), tl.constexpr(int(Pool.MAX))
+
+
+@triton.jit
+def _activation(a, ACT: tl.constexpr):
+    if ACT == RELU:
+        h = tl.where(a < 0, 0.0, a)  # keeps NaN, as torch.relu does
+    else:
+        h = a / (1.0 + tl.exp(-a))
+    return h
+
+
+@triton.jit
+def _activation_grad(a, dh, ACT: tl.constexpr):
+    if ACT == RELU:
+        da = tl.where(a > 0, dh, 0.0)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-a))
+        da = dh * sig * (1.0 + a * (1.0 - sig))
+    return da
+
+
+@triton.jit
+def _gate(g, GATE: tl.constexpr):
+    if GATE == SIGMOID:
+        s = 1.0 / (1.0 + tl.exp(-g))
+    else:
+        s = tl.minimum(tl.maximum(g + 3.0, 0.0), 6.0) / 6.0
+    return s
+
+
+@triton.jit
+def _gate_grad(g, GATE: tl.constexpr):
+    if GATE == SIGMOID:
+        s = 1.0 / (1.0 + tl.exp(-g))
+        d = s * (1.0 - s)
+    else:
+        # The open interval of torch's hardsigmoid_backward. The division happens in g's
+        # dtype: a literal 1.0 / 6.0 would be a float32 constant, 3e-8 off in fp64.
+        d = tl.where((g > -3.0) & (g < 3.0), 1.0, 0.0).to(g.dtype) / 6.0
+    return d
+
+
+@triton.jit
+def _nan_max_reduce(acc, axis: tl.constexpr):
+    """tl.max along `axis`, but NaN wins, as in torch.amax."""
+    m = tl.max(acc, axis)
+    has_nan = tl.max((acc != acc).to(tl.int32), axis) > 0
+    return tl.where(has_nan, float("nan"), m)
+
+
+@triton.jit
+def _channel_block(group, cb, channels, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    """The rows of a program's tiles: group and channel indices into x, the indices into
+    [N*C] vectors, and which rows exist."""
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:  # x has 2**31 elements or more: index in int64
+        c = c.to(tl.int64)
+        group = group.to(tl.int64)
+    return group, c, group * channels + c, c < channels
+
+
+@triton.jit
+def _tile(group, c, c_mask, p0, p_end, stride_n, stride_c, stride_p,
+          BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """Offsets into x of the [BLOCK_C, BLOCK_P] tile at pixel p0, and its mask."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    if WIDE:
+        p = p.to(tl.int64)
+    offs = group * stride_n + c[:, None] * stride_c + p[None, :] * stride_p
+    return offs, c_mask[:, None] & (p < p_end)[None, :]
+
+
+@triton.jit
+def _piece_program(channels, P, p_per_split, splits, BLOCK_C: tl.constexpr,
+                   WIDE: tl.constexpr):
+    """A reduction pass's program: its piece `split` of H*W, [p_lo, p_hi), and the rows of
+    its tiles (see _channel_block)."""
+    pid = tl.program_id(0)
+    split, rest = pid % splits, pid // splits
+    c_blocks = tl.cdiv(channels, BLOCK_C)
+    group, c, chan, c_mask = _channel_block(rest // c_blocks, rest % c_blocks, channels,
+                                            BLOCK_C, WIDE)
+    p_lo = split * p_per_split
+    return split, p_lo, tl.minimum(p_lo + p_per_split, P), group, c, chan, c_mask
+
+
+@triton.jit
+def _tile_program(channels, P, stride_n, stride_c, stride_p,
+                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+    """A map pass's program: the indices into [N*C] vectors of its rows, and the offsets
+    into x and the mask of its one [BLOCK_C, BLOCK_P] tile."""
+    pid = tl.program_id(0)
+    p_blocks = tl.cdiv(P, BLOCK_P)
+    c_blocks = tl.cdiv(channels, BLOCK_C)
+    pb, rest = pid % p_blocks, pid // p_blocks
+    group, c, chan, c_mask = _channel_block(rest // c_blocks, rest % c_blocks, channels,
+                                            BLOCK_C, WIDE)
+    offs, mask = _tile(group, c, c_mask, pb * BLOCK_P, P, stride_n, stride_c, stride_p, BLOCK_P,
+                       WIDE)
+    return chan, c_mask, offs, mask
+
+
+@triton.jit
+def _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t: tl.constexpr, OUT_RELU: tl.constexpr):
+    """dy = grad_out, zeroed where out <= 0 under an output ReLU."""
+    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    if OUT_RELU:
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        dy = tl.where(o > 0, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _pool_kernel(
+    x_ptr, sum_ptr, max_ptr,
+    groups, channels, P, stride_n, stride_c, stride_p, p_per_split, splits,
+    USE_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+):
+    """Partial sums (and maxima) over the H*W piece `split` of BLOCK_C channels:
+    sum_ptr[split, n*C + c]."""
+    acc_t = sum_ptr.dtype.element_ty
+    split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
+                                                               BLOCK_C, WIDE)
+    total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
+    peak = tl.full([BLOCK_C, BLOCK_P], float("-inf"), acc_t)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs, mask = _tile(group, c, c_mask, p0, p_hi, stride_n, stride_c, stride_p, BLOCK_P,
+                           WIDE)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        total += v
+        if USE_MAX:
+            peak = tl.maximum(peak, tl.where(mask, v, float("-inf")),
+                              propagate_nan=tl.PropagateNan.ALL)
+    out = split * (groups * channels) + chan
+    tl.store(sum_ptr + out, tl.sum(total, 1), mask=c_mask)
+    if USE_MAX:
+        tl.store(max_ptr + out, _nan_max_reduce(peak, 1), mask=c_mask)
+
+
+@triton.jit
+def _scale_kernel(
+    x_ptr, res_ptr, out_ptr, g_ptr,
+    channels, P, stride_n, stride_c, stride_p,
+    GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+):
+    """out = out_act(gate(g) * x + residual) on one [BLOCK_C, BLOCK_P] tile."""
+    acc_t = g_ptr.dtype.element_ty
+    chan, c_mask, offs, mask = _tile_program(channels, P, stride_n, stride_c, stride_p,
+                                             BLOCK_C, BLOCK_P, WIDE)
+    s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
+    y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t) * s[:, None]
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    if OUT_RELU:
+        y = tl.where(y < 0, 0.0, y)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_reduce_kernel(
+    dout_ptr, out_ptr, x_ptr, zmax_ptr, ds_ptr, count_ptr,
+    groups, channels, P, stride_n, stride_c, stride_p, p_per_split, splits,
+    OUT_RELU: tl.constexpr, USE_MAX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+):
+    """Partial sums over one H*W piece of ds = dy * x, and (max pooling) of count, how many
+    x equal the channel's max."""
+    acc_t = ds_ptr.dtype.element_ty
+    split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
+                                                               BLOCK_C, WIDE)
+    if USE_MAX:
+        peak = tl.load(zmax_ptr + chan, mask=c_mask, other=0.0)
+    total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
+    count = tl.zeros([BLOCK_C, BLOCK_P], tl.int32)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs, mask = _tile(group, c, c_mask, p0, p_hi, stride_n, stride_c, stride_p, BLOCK_P,
+                           WIDE)
+        dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        total += dy * v
+        if USE_MAX:
+            count += (mask & (v == peak[:, None])).to(tl.int32)
+    out = split * (groups * channels) + chan
+    tl.store(ds_ptr + out, tl.sum(total, 1), mask=c_mask)
+    if USE_MAX:
+        tl.store(count_ptr + out, tl.sum(count, 1), mask=c_mask)
+
+
+@triton.jit
+def _grad_input_kernel(
+    dout_ptr, out_ptr, x_ptr, g_ptr, zmax_ptr, dx_avg_ptr, dx_max_ptr, dx_ptr, dres_ptr,
+    channels, P, stride_n, stride_c, stride_p,
+    GATE: tl.constexpr, OUT_RELU: tl.constexpr, HAS_AVG: tl.constexpr, USE_MAX: tl.constexpr,
+    WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+):
+    """dx = dy * s + dx_avg + [x == zmax] * dx_max on one tile; dresidual = dy."""
+    acc_t = g_ptr.dtype.element_ty
+    chan, c_mask, offs, mask = _tile_program(channels, P, stride_n, stride_c, stride_p,
+                                             BLOCK_C, BLOCK_P, WIDE)
+    dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU)
+    s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
+    dx = dy * s[:, None]
+    if HAS_AVG:
+        dx += tl.load(dx_avg_ptr + chan, mask=c_mask, other=0.0)[:, None]
+    if USE_MAX:
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        peak = tl.load(zmax_ptr + chan, mask=c_mask, other=0.0)
+        share = tl.load(dx_max_ptr + chan, mask=c_mask, other=0.0)
+        dx += tl.where(v == peak[:, None], share[:, None], 0.0)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if WRITE_DRES:
+        tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)
+
+
+# The MLP kernels work on [N, C] / [N, S] vectors and the [S, C] / [C, S] weights. Each
+# program owns a [BLOCK_N, BLOCK_M] block of outputs and walks the reduction axis in blocks
+# of BLOCK_K, accumulating products in a [BLOCK_N, BLOCK_M, BLOCK_K] register tile that is
+# summed once at the end: plain FMAs in the loop, one fixed-order reduction, any dtype
+# (fp64 included, which tl.dot does not promise), any S and C. The four share the tile
+# helpers below and differ in what they load, which weight, and their epilogue.
+
+
+@triton.jit
+def _mlp_block(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The samples n and output features m of this program's [BLOCK_N, BLOCK_M] block,
+    their masks, and whether it is in the first block of features (whose programs store
+    the [N, K] vectors they compute on the way)."""
+    pid = tl.program_id(0)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    nb, mb = pid // m_blocks, pid % m_blocks
+    n = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    return n, m, n < N, m < M, mb == 0
+
+
+@triton.jit
+def _vector_block(n, n_mask, j, j_mask, J):
+    """Offsets and mask of the [BLOCK_N, BLOCK_J] block (n, j) of an [N, J] vector."""
+    return n[:, None] * J + j[None, :], n_mask[:, None] & j_mask[None, :]
+
+
+@triton.jit
+def _mlp_step(k0, n, n_mask, K, BLOCK_K: tl.constexpr):
+    """The reduction block at k0: its indices and mask, and the offsets and mask of the
+    samples' [BLOCK_N, BLOCK_K] block of an [N, K] vector."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    idx, mask = _vector_block(n, n_mask, k, k_mask, K)
+    return k, k_mask, idx, mask
+
+
+@triton.jit
+def _weight_block(w_ptr, m, m_mask, k, k_mask, stride_m, stride_k):
+    """The [BLOCK_M, BLOCK_K] block (m, k) of a weight whose element (m, k) is at
+    m * stride_m + k * stride_k, 0 outside it."""
+    return tl.load(w_ptr + m[:, None] * stride_m + k[None, :] * stride_k,
+                   mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _store_fc(out_ptr, acc, bias_ptr, n, n_mask, m, m_mask, M, HAS_BIAS: tl.constexpr):
+    """An FC's [N, M] output block: out[n, m] = sum_k acc[n, m, k] + bias[m]."""
+    y = tl.sum(acc, 2)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + m, mask=m_mask, other=0.0).to(out_ptr.dtype.element_ty)[None, :]
+    out, out_mask = _vector_block(n, n_mask, m, m_mask, M)
+    tl.store(out_ptr + out, y, mask=out_mask)
+
+
+@triton.jit
+def _combine_pool(sum_ptr, max_ptr, idx, mask, nc, splits, P, POOL: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """z (0 where masked) and the channel max from the pooling pieces, in piece order."""
+    acc_t = sum_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N, BLOCK_C], acc_t)
+    peak = tl.full([BLOCK_N, BLOCK_C], float("-inf"), acc_t)
+    for k in range(splits):
+        if POOL != MAX:
+            total += tl.load(sum_ptr + k * nc + idx, mask=mask, other=0.0)
+        if POOL != AVG:
+            peak = tl.maximum(peak, tl.load(max_ptr + k * nc + idx, mask=mask, other=0.0),
+                              propagate_nan=tl.PropagateNan.ALL)
+    if POOL == AVG:
+        z = total / P
+    elif POOL == MAX:
+        z = peak
+    else:
+        z = 0.5 * (total / P) + 0.5 * peak
+    return tl.where(mask, z, 0.0), peak
+
+
+@triton.jit
+def _squeeze_fc_kernel(
+    sum_ptr, max_ptr, z_ptr, zmax_ptr, a_ptr, w1_ptr, b1_ptr,
+    N, C, S, P, splits, nc,
+    POOL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """z (and zmax) from the pooling pieces, and a = z W1^T + b1, for BLOCK_N samples and
+    BLOCK_S hidden units. The programs of the first S block also store z and zmax."""
+    acc_t = a_ptr.dtype.element_ty
+    n, s, n_mask, s_mask, first = _mlp_block(N, S, BLOCK_N, BLOCK_S)
+    acc = tl.zeros([BLOCK_N, BLOCK_S, BLOCK_C], acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        c, c_mask, idx, mask = _mlp_step(c0, n, n_mask, C, BLOCK_C)
+        z, peak = _combine_pool(sum_ptr, max_ptr, idx, mask, nc, splits, P, POOL,
+                                BLOCK_N, BLOCK_C)
+        if first:
+            tl.store(z_ptr + idx, z, mask=mask)
+            if POOL != AVG:
+                tl.store(zmax_ptr + idx, peak, mask=mask)
+        w = _weight_block(w1_ptr, s, s_mask, c, c_mask, C, 1).to(acc_t)  # W1[s, c]
+        acc += z[:, None, :] * w[None, :, :]
+    _store_fc(a_ptr, acc, b1_ptr, n, n_mask, s, s_mask, S, HAS_BIAS)
+
+
+@triton.jit
+def _excite_fc_kernel(
+    a_ptr, g_ptr, w2_ptr, b2_ptr,
+    N, C, S,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """g = act(a) W2^T + b2 for BLOCK_N samples and BLOCK_C channels."""
+    acc_t = g_ptr.dtype.element_ty
+    n, c, n_mask, c_mask, first = _mlp_block(N, C, BLOCK_N, BLOCK_C)
+    acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], acc_t)
+    for s0 in range(0, S, BLOCK_S):
+        s, s_mask, idx, mask = _mlp_step(s0, n, n_mask, S, BLOCK_S)
+        h = _activation(tl.load(a_ptr + idx, mask=mask, other=0.0), ACT)  # act(0) == 0
+        w = _weight_block(w2_ptr, c, c_mask, s, s_mask, S, 1).to(acc_t)  # W2[c, s]
+        acc += h[:, None, :] * w[None, :, :]
+    _store_fc(g_ptr, acc, b2_ptr, n, n_mask, c, c_mask, C, HAS_BIAS)
+
+
+@triton.jit
+def _excite_fc_backward_kernel(
+    ds_ptr, g_ptr, a_ptr, w2_ptr, dg_ptr, da_ptr,
+    N, C, S, splits, nc,
+    ACT: tl.constexpr, GATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dg = ds * gate'(g) (ds summed over its pieces in order), dh = dg W2 and
+    da = dh * act'(a) for BLOCK_N samples and BLOCK_S hidden units. The programs of the
+    first S block also store dg."""
+    acc_t = da_ptr.dtype.element_ty
+    n, s, n_mask, s_mask, first = _mlp_block(N, S, BLOCK_N, BLOCK_S)
+    acc = tl.zeros([BLOCK_N, BLOCK_S, BLOCK_C], acc_t)
+    for c0 in range(0, C, BLOCK_C):
+        c, c_mask, idx, mask = _mlp_step(c0, n, n_mask, C, BLOCK_C)
+        ds = tl.zeros([BLOCK_N, BLOCK_C], acc_t)
+        for k in range(splits):
+            ds += tl.load(ds_ptr + k * nc + idx, mask=mask, other=0.0)
+        dg = ds * _gate_grad(tl.load(g_ptr + idx, mask=mask, other=0.0), GATE)
+        if first:
+            tl.store(dg_ptr + idx, dg, mask=mask)
+        w = _weight_block(w2_ptr, s, s_mask, c, c_mask, 1, S).to(acc_t)  # W2[c, s] as [s, c]
+        acc += dg[:, None, :] * w[None, :, :]
+    dh = tl.sum(acc, 2)
+    out, out_mask = _vector_block(n, n_mask, s, s_mask, S)
+    a = tl.load(a_ptr + out, mask=out_mask, other=0.0)
+    tl.store(da_ptr + out, _activation_grad(a, dh, ACT), mask=out_mask)
+
+
+@triton.jit
+def _squeeze_fc_backward_kernel(
+    da_ptr, w1_ptr, count_ptr, dx_avg_ptr, dx_max_ptr,
+    N, C, S, P, splits, nc,
+    POOL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """dz = da W1 for BLOCK_N samples and BLOCK_C channels, stored as what dx adds per
+    channel: dx_avg = dz / P everywhere, dx_max = dz / count at the max (halves of each
+    for avgmax)."""
+    acc_t = da_ptr.dtype.element_ty
+    n, c, n_mask, c_mask, first = _mlp_block(N, C, BLOCK_N, BLOCK_C)
+    acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], acc_t)
+    for s0 in range(0, S, BLOCK_S):
+        s, s_mask, idx, mask = _mlp_step(s0, n, n_mask, S, BLOCK_S)
+        da = tl.load(da_ptr + idx, mask=mask, other=0.0)
+        w = _weight_block(w1_ptr, c, c_mask, s, s_mask, 1, C).to(acc_t)  # W1[s, c] as [c, s]
+        acc += da[:, None, :] * w[None, :, :]
+    dz = tl.sum(acc, 2)
+    idx, mask = _vector_block(n, n_mask, c, c_mask, C)
+    if POOL == AVG:
+        tl.store(dx_avg_ptr + idx, dz / P, mask=mask)
+    else:
+        count = tl.zeros([BLOCK_N, BLOCK_C], tl.int32)
+        for k in range(splits):
+            count += tl.load(count_ptr + k * nc + idx, mask=mask, other=1)
+        count = tl.where(count > 0, count, 1).to(acc_t)  # 0 only off the edge, or for NaN rows
+        if POOL == MAX:
+            tl.store(dx_max_ptr + idx, dz / count, mask=mask)
+        else:
+            tl.store(dx_avg_ptr + idx, dz * 0.5 / P, mask=mask)
+            tl.store(dx_max_ptr + idx, dz * 0.5 / count, mask=mask)
+
+
+@triton.jit
+def _weight_grad_tile(
+    u_ptr, v_ptr, out_ptr, bias_ptr, N, U, V, ub, vb, out_stride_u, out_stride_v,
+    ACT_ON_V: tl.constexpr, BIAS_FROM_U: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """out[u, v] = sum_n u[n, u] * f(v[n, v]) for one [BLOCK_U, BLOCK_V] tile, with the
+    samples summed in order; bias = sum_n of the u (or v) operand, stored by the tiles of
+    the first v (or u) block."""
+    acc_t = u_ptr.dtype.element_ty
+    iu = ub * BLOCK_U + tl.arange(0, BLOCK_U)
+    iv = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    u_mask, v_mask = iu < U, iv < V
+    acc = tl.zeros([BLOCK_N, BLOCK_U, BLOCK_V], acc_t)
+    bias_u = tl.zeros([BLOCK_N, BLOCK_U], acc_t)
+    bias_v = tl.zeros([BLOCK_N, BLOCK_V], acc_t)
+    for n0 in range(0, N, BLOCK_N):
+        n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_mask = n < N
+        u = tl.load(u_ptr + n[:, None] * U + iu[None, :],
+                    mask=n_mask[:, None] & u_mask[None, :], other=0.0)
+        v = tl.load(v_ptr + n[:, None] * V + iv[None, :],
+                    mask=n_mask[:, None] & v_mask[None, :], other=0.0)
+        if ACT_ON_V:
+            v = _activation(v, ACT_ON_V - 1)
+        acc += u[:, :, None] * v[:, None, :]
+        if BIAS_FROM_U:
+            bias_u += u
+        else:
+            bias_v += v
+    grad = tl.sum(acc, 0)
+    tl.store(out_ptr + iu[:, None] * out_stride_u + iv[None, :] * out_stride_v,
+             grad.to(out_ptr.dtype.element_ty), mask=u_mask[:, None] & v_mask[None, :])
+    if BIAS_FROM_U:
+        if vb == 0:
+            tl.store(bias_ptr + iu, tl.sum(bias_u, 0).to(bias_ptr.dtype.element_ty), mask=u_mask)
+    else:
+        if ub == 0:
+            tl.store(bias_ptr + iv, tl.sum(bias_v, 0).to(bias_ptr.dtype.element_ty), mask=v_mask)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    dg_ptr, a_ptr, da_ptr, z_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+    N, C, S,
+    ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Even programs: a tile of dW2 = dg^T act(a) and db2 = sum_n dg; odd programs: the
+    same tile of dW1^T = z^T da and db1 = sum_n da. One launch for both layers."""
+    pid = tl.program_id(0)
+    which, tile = pid % 2, pid // 2
+    s_blocks = tl.cdiv(S, BLOCK_S)
+    cb, sb = tile // s_blocks, tile % s_blocks
+    if which == 0:
+        # dW2[c, s] at c * S + s
+        _weight_grad_tile(dg_ptr, a_ptr, dw2_ptr, db2_ptr, N, C, S, cb, sb, S, 1,
+                          ACT + 1, True, BLOCK_N, BLOCK_C, BLOCK_S)
+    else:
+        # dW1[s, c] at s * C + c
+        _weight_grad_tile(z_ptr, da_ptr, dw1_ptr, db1_ptr, N, C, S, cb, sb, 1, C,
+                          0, False, BLOCK_N, BLOCK_C, BLOCK_S)

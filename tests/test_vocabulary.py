@@ -1,0 +1,81 @@
+"""The option vocabulary: Python's names and codes (se_kernels.vocabulary) are those of the
+C++ header the CPU and CUDA kernels share (csrc/se_options.h), and the API maps modules
+and spellings through it."""
+
+import re
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from se_kernels import vocabulary
+from se_kernels.vocabulary import Activation, Gate, OutActivation, Pool
+
+HEADER = Path(__file__).resolve().parent.parent / "csrc" / "se_options.h"
+KINDS = {"Activation": Activation, "Gate": Gate, "Pool": Pool, "OutActivation": OutActivation}
+
+
+def header_enums() -> dict[str, dict[str, int]]:
+    """enum class Name : int { Member = code, ... } from the header."""
+    text = HEADER.read_text()
+    enums = {}
+    for name, body in re.findall(r"enum class (\w+) : int \{([^}]*)\}", text):
+        enums[name] = {m: int(v) for m, v in re.findall(r"(\w+) = (\d+)", body)}
+    return enums
+
+
+def header_names() -> dict[str, dict[str, str]]:
+    """The spellings: {"relu", Activation::ReLU} entries of the k*Names tables."""
+    text = HEADER.read_text()
+    names = {}
+    for spelling, kind, member in re.findall(r'\{"(\w+)",\s*(\w+)::(\w+)\}', text):
+        names.setdefault(kind, {})[spelling] = member
+    return names
+
+
+def test_header_declares_every_kind():
+    assert set(header_enums()) == set(KINDS)
+    assert set(header_names()) == set(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_codes_and_names_agree_with_the_header(kind):
+    enum = header_enums()[kind]
+    spellings = header_names()[kind]
+    python = KINDS[kind]
+    # The same names, each for the member with the same code.
+    assert set(spellings) == set(python.names())
+    for spelling, member in spellings.items():
+        assert enum[member] == int(python[spelling.upper()]), (kind, spelling)
+    assert sorted(enum.values()) == sorted(int(m) for m in python)
+
+
+def test_names_are_what_the_api_takes():
+    assert vocabulary.ACTIVATIONS == ("relu", "silu")
+    assert vocabulary.GATES == ("sigmoid", "hardsigmoid")
+    assert vocabulary.POOLS == ("avg", "max", "avgmax")
+    assert vocabulary.OUT_ACTIVATIONS == ("none", "relu")
+    assert vocabulary.OUT_RELU == vocabulary.RELU
+    assert vocabulary.code("pool", "avgmax") == Pool.AVGMAX == 2
+    assert vocabulary.code("gate", "hardsigmoid") == Gate.HARDSIGMOID == 1
+
+
+def test_check_choice_names_the_argument():
+    vocabulary.check_choice("pool", "max")
+    with pytest.raises(ValueError, match="gate must be one of 'sigmoid', 'hardsigmoid', got 'tanh'"):
+        vocabulary.check_choice("gate", "tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        vocabulary.check_choice("activation", 1)
+
+
+@pytest.mark.parametrize("value, expected", [(None, "none"), ("none", "none"),
+                                             ("identity", "none"), ("relu", "relu")])
+def test_out_activation_spellings(value, expected):
+    assert vocabulary.normalize_out_activation(value) == expected
+
+
+def test_torch_modules_map_to_names():
+    assert vocabulary.TORCH_ACTIVATIONS == {nn.ReLU: "relu", nn.SiLU: "silu"}
+    assert vocabulary.TORCH_GATES == {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+    for classes in (vocabulary.ACTIVATION_CLASSES, vocabulary.GATE_CLASSES):
+        assert set(classes.values()) <= set(vocabulary.ACTIVATIONS + vocabulary.GATES)
