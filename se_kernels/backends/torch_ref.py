@@ -18,7 +18,10 @@ from ..options import SECall
 
 def hardsigmoid(g: torch.Tensor) -> torch.Tensor:
     """(g + 3) / 6 clamped to [0, 1], whose autograd derivative is 1/6 on (-3, 3) rounded
-    once in g's dtype: F.hardsigmoid's fp64 backward multiplies by a float32 1/6."""
+    once in g's dtype: F.hardsigmoid's fp64 backward multiplies by a float32 1/6. Exported
+    graphs (torch.export, ONNX), which hold no backward, keep the one hardsigmoid operator."""
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return F.hardsigmoid(g)
     return torch.where((g > -3) & (g < 3), (g + 3) / 6, (g > 0).to(g.dtype))
 
 
