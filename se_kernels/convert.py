@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -244,7 +245,6 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
     # Decided once per module object, so a module shared by two parents is reported once
     # and both parents get the same replacement.
     replacements: dict[int, nn.Module | None] = {}  # id(module) -> replacement, None: keep
-    visited: set[int] = set()
     reports: list[SEModuleReport] = []
     already_fused = sum(isinstance(m, (SqueezeExcitation, ConvertedSqueezeExcitation))
                         for m in model.modules())
@@ -257,6 +257,18 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
             replacements[id(module)] = ConvertedSqueezeExcitation(module, report.spec, backend) \
                 if report is not None and report.servable else None
         return replacements[id(module)]
+
+    model = _replace_modules(model, replacement)
+    _log_summary(reports, already_fused)
+    return model
+
+
+def _replace_modules(model: nn.Module,
+                     replacement: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
+    """In place, put `replacement(qualified_name, module)` wherever it is not None, and walk
+    into the modules it keeps. Each module object is walked once, so one shared by two
+    parents is decided once. Returns the model, or its own replacement."""
+    visited: set[int] = set()
 
     def walk(parent: nn.Module, prefix: str) -> None:
         if id(parent) in visited:
@@ -273,10 +285,8 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
 
     root = replacement("", model)
     if root is not None:
-        model = root
-    else:
-        walk(model, "")
-    _log_summary(reports, already_fused)
+        return root
+    walk(model, "")
     return model
 
 
@@ -311,32 +321,15 @@ def restore_se_modules(model: nn.Module) -> nn.Module:
         The model (the same object, unless the model itself is a converted SE module).
     """
     restored: dict[int, nn.Module] = {}  # id(converted) -> original; shared modules stay shared
-    visited: set[int] = set()
 
-    def original_of(module: nn.Module) -> nn.Module | None:
+    def original_of(name: str, module: nn.Module) -> nn.Module | None:
         if not isinstance(module, ConvertedSqueezeExcitation):
             return None
         if id(module) not in restored:
             restored[id(module)] = restore_module(module)
         return restored[id(module)]
 
-    def walk(parent: nn.Module) -> None:
-        if id(parent) in visited:
-            return
-        visited.add(id(parent))
-        for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            original = original_of(child)
-            if original is not None:
-                parent._modules[name] = original
-            else:
-                walk(child)
-
-    root = original_of(model)
-    if root is not None:
-        return root
-    walk(model)
+    model = _replace_modules(model, original_of)
     if restored:
         logger.info("restore_se_modules: restored %d SE modules", len(restored))
     return model
