@@ -3,13 +3,13 @@
 into a temporary copy of the repository, runs the tests meant to catch it there and prints
 one line per bug, then `N caught, M survived`.
 
-    python tools/mutation_check.py                # every bug (30-40 minutes on 2 cores)
+    python tools/mutation_check.py                # every bug (about 20 minutes on 2 cores)
     python tools/mutation_check.py --only triton  # one family: cpu, triton or cuda
     python tools/mutation_check.py -k ties        # bugs whose name contains "ties"
     python tools/mutation_check.py --list         # the catalogue
 
 Families: "cpu" bugs go into the C++ CPU kernels (the copy's extension is built once, CPU
-kernels only, then rebuilt incrementally per bug: about two minutes each); "triton" bugs
+kernels only, then rebuilt incrementally per bug: about a minute each); "triton" bugs
 into the Triton kernels (run by Triton's interpreter without a GPU); "cuda" bugs into the
 CUDA kernels, run on the CPU emulator of tests/cuda_emulator (recompiled per bug). Before
 any bug is planted, each family's tests must pass on the unchanged copy. The exit status
@@ -129,15 +129,15 @@ CATALOGUE = [
     Bug("cuda/reduce-nchw-early-return-before-shuffles", "cuda", CUDA_COMMON, (
         ("  const int sub = threadIdx.x % lanes;\n\n  A acc[kQ][1];",
          "  const int sub = threadIdx.x % lanes;\n  if (row >= rows) return;\n\n  A acc[kQ][1];"),),
-        note="needs the strict emulator"),
+        note="a race: the strict emulator"),
     Bug("cuda/cols-dot-last-warp-without-barrier", "cuda", CUDA_BACKWARD, (
         ("  __syncthreads();\n  if (warp == 0 && col < cols) {",
-         "  if (warp == kWarps - 1 && col < cols) {"),), note="needs the strict emulator"),
+         "  if (warp == kWarps - 1 && col < cols) {"),), note="a race: the strict emulator"),
     Bug("cuda/reduce-cl-barrier-dropped", "cuda", CUDA_COMMON, (
         ("    for (int i = 0; i < W; ++i) red[(q * W + i) * kThreads + threadIdx.x] = acc[q][i];\n"
          "  __syncthreads();\n",
          "    for (int i = 0; i < W; ++i) red[(q * W + i) * kThreads + threadIdx.x] = acc[q][i];\n"),),
-        note="needs the strict emulator"),
+        note="a race: the strict emulator"),
 ]
 
 # The tests each family's bugs must fail, cheapest first (pytest stops at the first failure).
