@@ -129,15 +129,15 @@ CATALOGUE = [
     Bug("cuda/reduce-nchw-early-return-before-shuffles", "cuda", CUDA_COMMON, (
         ("  const int sub = threadIdx.x % lanes;\n\n  A acc[kQ][1];",
          "  const int sub = threadIdx.x % lanes;\n  if (row >= rows) return;\n\n  A acc[kQ][1];"),),
-        note="a race: the strict emulator"),
+        note="schedule-dependent"),
     Bug("cuda/cols-dot-last-warp-without-barrier", "cuda", CUDA_BACKWARD, (
         ("  __syncthreads();\n  if (warp == 0 && col < cols) {",
-         "  if (warp == kWarps - 1 && col < cols) {"),), note="a race: the strict emulator"),
+         "  if (warp == kWarps - 1 && col < cols) {"),), note="schedule-dependent"),
     Bug("cuda/reduce-cl-barrier-dropped", "cuda", CUDA_COMMON, (
         ("    for (int i = 0; i < W; ++i) red[(q * W + i) * kThreads + threadIdx.x] = acc[q][i];\n"
          "  __syncthreads();\n",
          "    for (int i = 0; i < W; ++i) red[(q * W + i) * kThreads + threadIdx.x] = acc[q][i];\n"),),
-        note="a race: the strict emulator"),
+        note="schedule-dependent"),
 ]
 
 # The tests each family's bugs must fail, cheapest first (pytest stops at the first failure).
