@@ -27,8 +27,8 @@ from se_kernels.backends import native
 from se_kernels.options import make_call
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import (GRAD_NAMES, Case, check_against_reference, grad_output,  # noqa: E402
-                     make_inputs, run_se, tolerance)
+from helpers import (Case, check_against_reference, compare_with_oracle,  # noqa: E402
+                     grad_output, make_inputs, run_se)
 
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,16 +93,8 @@ def test_network_shapes(shape, n, dtype, layout):
 
 
 def compare_to_reference(case: Case, inputs: dict, grad: torch.Tensor) -> None:
-    """Like helpers.check_against_reference, for inputs made by the caller (fp32/fp64)."""
-    got = run_se(case, inputs, grad, "cuda")
-    ref = run_se(case, inputs, grad.double(), "torch", dtype=torch.float64)
-    for name in ("out", *GRAD_NAMES):
-        if ref[name] is None:
-            assert got[name] is None, name
-            continue
-        err = (got[name].double() - ref[name]).abs().max().item()
-        bound = tolerance(case.dtype) * ref[name].abs().max().item() + 1e-6
-        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} for {case}"
+    """Like helpers.check_against_reference, for inputs made by the caller."""
+    compare_with_oracle(case, inputs, grad, run_se(case, inputs, grad, "cuda"))
 
 
 @pytest.mark.cuda

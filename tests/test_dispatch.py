@@ -58,15 +58,6 @@ def test_backends_report_a_missing_extension(monkeypatch):
     assert any("se_kernels._C is not available (ImportError: pretend)" in r for r in reasons)
 
 
-def test_kernels_from_a_cmake_library_are_used_without_the_extension(monkeypatch):
-    """A library built with CMakeLists.txt registers the same kernels; se_kernels._C may
-    then be absent, and the backend still runs."""
-    from se_kernels.backends import native
-
-    monkeypatch.setattr(native, "EXTENSION_ERROR", "ImportError: pretend")
-    assert dispatch.get_backend("cpu").refusals(cpu_call()) == []
-
-
 def test_cuda_arch_coverage_rules():
     from se_kernels.backends.native import cuda_arch_covered
 

@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""Do the tests catch the bugs they claim to? Plants each bug of a catalogue, one at a time,
+into a temporary copy of the repository, runs the tests meant to catch it there and prints
+one line per bug, then `N caught, M survived`.
+
+    python tools/mutation_check.py                # every bug (about 20 minutes on 2 cores)
+    python tools/mutation_check.py --only triton  # one family: cpu, triton or cuda
+    python tools/mutation_check.py -k ties        # bugs whose name contains "ties"
+    python tools/mutation_check.py --list         # the catalogue
+
+Families: "cpu" bugs go into the C++ CPU kernels (the copy's extension is built once, CPU
+kernels only, then rebuilt incrementally per bug: about a minute each); "triton" bugs
+into the Triton kernels (run by Triton's interpreter without a GPU); "cuda" bugs into the
+CUDA kernels, run on the CPU emulator of tests/cuda_emulator (recompiled per bug). Before
+any bug is planted, each family's tests must pass on the unchanged copy. The exit status
+is 0 when every bug was caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_KERNELS = "csrc/cpu/kernels_impl.h"
+TRITON_KERNELS = "se_kernels/backends/triton/kernels.py"
+CUDA_COMMON = "csrc/cuda/se_cuda_common.cuh"
+CUDA_BACKWARD = "csrc/cuda/se_backward.cu"
+CUDA_FORWARD = "csrc/cuda/se_forward.cu"
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    family: str                          # cpu | triton | cuda
+    path: str                            # file the edits apply to
+    edits: tuple[tuple[str, str], ...]   # (text, replacement): every occurrence is replaced
+    note: str = ""
+
+
+CATALOGUE = [
+    # ---- CPU kernels ----------------------------------------------------------------
+    Bug("cpu/ties-not-divided", "cpu", CPU_KERNELS, (
+        ("dx_max[i] = dz[i] * max_share / count[i];", "dx_max[i] = dz[i] * max_share;"),)),
+    Bug("cpu/split-combine-drops-first-piece", "cpu", CPU_KERNELS, (
+        ("for (int64_t k = 0; k < pieces; ++k) v = Terms::combine(",
+         "for (int64_t k = 1; k < pieces; ++k) v = Terms::combine("),)),
+    Bug("cpu/bf16-dx-5-percent-off", "cpu", CPU_KERNELS, (
+        ("      L::store(dx + i, res[0], res[1]);",
+         "      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) { res[0] = res[0] * Vec(1.05f);"
+         " res[1] = res[1] * Vec(1.05f); }\n      L::store(dx + i, res[0], res[1]);"),
+        ("      dx[i] = static_cast<scalar_t>(v);",
+         "      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) v *= acc_t(1.05);\n"
+         "      dx[i] = static_cast<scalar_t>(v);"))),
+    Bug("cpu/bias-dropped", "cpu", CPU_KERNELS, (
+        ("const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);", "const acc_t b = acc_t(0);"),)),
+    Bug("cpu/silu-derivative", "cpu", CPU_KERNELS, (
+        ("sig * (Vec(1) + av * (Vec(1) - sig))", "sig * (Vec(1) + av * sig)"),)),
+    Bug("cpu/hardsigmoid-derivative-1/5", "cpu", CPU_KERNELS, (
+        ("Vec(acc_t(1) / 6)", "Vec(acc_t(1) / 5)"),)),
+    Bug("cpu/residual-grad-not-masked", "cpu", CPU_KERNELS, (
+        ("if (dresidual) L::store(dresidual + i, dy[0], dy[1]);",
+         "if (dresidual) { Vec raw[2]; L::load(grad_out + i, raw[0], raw[1]); "
+         "L::store(dresidual + i, raw[0], raw[1]); }"),
+        ("if (dresidual) dresidual[i] = static_cast<scalar_t>(dy);",
+         "if (dresidual) dresidual[i] = grad_out[i];"))),
+    Bug("cpu/relu-mask-ge", "cpu", CPU_KERNELS, (
+        ("dy[h] = Vec::blendv(Vec(0), dy[h], o[h] > Vec(0));",
+         "dy[h] = Vec::blendv(Vec(0), dy[h], o[h] >= Vec(0));"),
+        ("> 0)) dy = 0;", ">= 0)) dy = 0;"))),
+    # ---- Triton kernels ----------------------------------------------------------------
+    Bug("triton/ties-not-divided", "triton", TRITON_KERNELS, (
+        ("tl.store(dx_max_ptr + idx, dz / count, mask=mask)", "tl.store(dx_max_ptr + idx, dz, mask=mask)"),
+        ("tl.store(dx_max_ptr + idx, dz * 0.5 / count, mask=mask)",
+         "tl.store(dx_max_ptr + idx, dz * 0.5, mask=mask)"))),
+    Bug("triton/split-combine-keeps-last-piece", "triton", TRITON_KERNELS, (
+        ("total += tl.load(sum_ptr + k * nc + idx, mask=mask, other=0.0)",
+         "total = tl.load(sum_ptr + k * nc + idx, mask=mask, other=0.0)"),)),
+    Bug("triton/split-combine-ds-keeps-last-piece", "triton", TRITON_KERNELS, (
+        ("ds += tl.load(ds_ptr + k * nc + idx, mask=mask, other=0.0)",
+         "ds = tl.load(ds_ptr + k * nc + idx, mask=mask, other=0.0)"),)),
+    Bug("triton/silu-derivative", "triton", TRITON_KERNELS, (
+        ("da = dh * sig * (1.0 + a * (1.0 - sig))", "da = dh * sig * (1.0 + a * sig)"),)),
+    Bug("triton/sigmoid-derivative", "triton", TRITON_KERNELS, (
+        ("d = s * (1.0 - s)", "d = 1.0 - s"),)),
+    Bug("triton/hardsigmoid-derivative-float32-sixth", "triton", TRITON_KERNELS, (
+        ("d = tl.where((g > -3.0) & (g < 3.0), 1.0, 0.0).to(g.dtype) / 6.0",
+         "d = tl.where((g > -3.0) & (g < 3.0), 1.0 / 6.0, 0.0)"),),
+        note="3e-8 off, in fp64 only"),
+    Bug("triton/bf16-dx-5-percent-off", "triton", TRITON_KERNELS, (
+        ("    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)",
+         "    if dx_ptr.dtype.element_ty == tl.bfloat16:\n        dx = dx * 1.05\n"
+         "    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)"),)),
+    Bug("triton/bias-dropped", "triton", TRITON_KERNELS, (
+        ("y += tl.load(bias_ptr + m, mask=m_mask, other=0.0).to(out_ptr.dtype.element_ty)[None, :]",
+         "y += 0.0"),)),
+    Bug("triton/relu-mask-ge", "triton", TRITON_KERNELS, (
+        ("dy = tl.where(o > 0, dy, 0.0)", "dy = tl.where(o >= 0, dy, 0.0)"),)),
+    Bug("triton/residual-grad-not-masked", "triton", TRITON_KERNELS, (
+        ("tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)",
+         "tl.store(dres_ptr + offs, tl.load(dout_ptr + offs, mask=mask, other=0.0), mask=mask)"),)),
+    # ---- CUDA kernels, on the emulator ----------------------------------------------------
+    Bug("cuda/ties-not-divided", "cuda", CUDA_BACKWARD, (
+        ("dx_max[nc] = dz / count[nc];", "dx_max[nc] = dz;"),
+        ("dx_max[nc] = dz * A(0.5) / count[nc];", "dx_max[nc] = dz * A(0.5);"))),
+    Bug("cuda/split-combine-drops-second-piece", "cuda", CUDA_COMMON, (
+        ("for (int k = 1; k < pieces; ++k) v[q] = Terms::combine(",
+         "for (int k = 2; k < pieces; ++k) v[q] = Terms::combine("),)),
+    Bug("cuda/bf16-dx-5-percent-off", "cuda", CUDA_BACKWARD, (
+        ("d.v[i] = from_acc<T>(v);",
+         "d.v[i] = from_acc<T>(std::is_same<T, __nv_bfloat16>::value ? v * A(1.05) : v);"),)),
+    Bug("cuda/bias-dropped", "cuda", CUDA_FORWARD, (
+        ("const A v = b1 != nullptr ? sum + to_acc(b1[j]) : sum;", "const A v = sum;"),)),
+    Bug("cuda/hardsigmoid-derivative-float32-sixth", "cuda", CUDA_COMMON, (
+        ("? ds / A(6) : A(0);", "? ds * A(1.0f / 6.0f) : A(0);"),), note="3e-8 off, in fp64 only"),
+    Bug("cuda/residual-grad-not-masked", "cuda", CUDA_BACKWARD, (
+        ("r.v[i] = from_acc<T>(dy);", "r.v[i] = e.dy.v[i];"),)),
+    Bug("cuda/relu-mask-ge", "cuda", CUDA_BACKWARD, (
+        ("!(to_acc(e.out.v[i]) > A(0))", "!(to_acc(e.out.v[i]) >= A(0))"),)),
+    # Races and divergent shuffles: results on the emulator depend on its thread schedule.
+    Bug("cuda/reduce-nchw-early-return-before-shuffles", "cuda", CUDA_COMMON, (
+        ("  const int sub = threadIdx.x % lanes;\n\n  A acc[kQ][1];",
+         "  const int sub = threadIdx.x % lanes;\n  if (row >= rows) return;\n\n  A acc[kQ][1];"),),
+        note="schedule-dependent"),
+    Bug("cuda/cols-dot-last-warp-without-barrier", "cuda", CUDA_BACKWARD, (
+        ("  __syncthreads();\n  if (warp == 0 && col < cols) {",
+         "  if (warp == kWarps - 1 && col < cols) {"),), note="schedule-dependent"),
+    Bug("cuda/reduce-cl-barrier-dropped", "cuda", CUDA_COMMON, (
+        ("    for (int i = 0; i < W; ++i) red[(q * W + i) * kThreads + threadIdx.x] = acc[q][i];\n"
+         "  __syncthreads();\n",
+         "    for (int i = 0; i < W; ++i) red[(q * W + i) * kThreads + threadIdx.x] = acc[q][i];\n"),),
+        note="schedule-dependent"),
+]
+
+# The tests each family's bugs must fail, cheapest first (pytest stops at the first failure).
+FAMILY_TESTS = {
+    "cpu": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_low_precision.py"],
+            "cpu or low_precision"),
+    "triton": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_triton_kernels.py"],
+               "triton and (tied or split or every_option or dtypes or odd_shapes or small_tiles)"),
+    "cuda": (["tests/test_ties.py", "tests/test_cuda_emulation.py"],
+             "emulated or test_cuda_emulation"),
+}
+
+
+def copy_repository(dest: Path) -> None:
+    """The working tree as it is (tracked and untracked, not ignored), plus the built
+    extension if there is one."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for built in (*ROOT.glob("se_kernels/_C*.so"), ROOT / "se_kernels/_build_info.py"):
+        if built.exists():
+            shutil.copy2(built, dest / "se_kernels" / built.name)
+
+
+def run(command: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def build_cpu_extension(work: Path, env: dict) -> None:
+    """The copy's extension with the CPU kernels only; incremental after the first call."""
+    result = run([sys.executable, "setup.py", "build_ext", "--inplace"], work,
+                 dict(env, SE_KERNELS_NO_CUDA="1", FORCE_CUDA="0"), timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the extension failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+
+
+def run_tests(family: str, work: Path, env: dict) -> tuple[bool, str]:
+    """(passed, the first failure's name) for the family's tests in the copy."""
+    files, selection = FAMILY_TESTS[family]
+    result = run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                  "-k", selection, *files], work, env, timeout=3600)
+    output = result.stdout + result.stderr
+    if "Error building extension" in output:
+        raise RuntimeError(f"the emulator does not compile:\n{output[-3000:]}")
+    if result.returncode == 5:
+        raise RuntimeError(f"no tests selected for {family}")
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.MULTILINE)
+    return result.returncode == 0, failed[0] if failed else output.strip().splitlines()[-1:]
+
+
+def plant(bug: Bug, work: Path) -> str:
+    """Applies the bug's edits; returns the original text of the file."""
+    path = work / bug.path
+    original = path.read_text()
+    text = original
+    for old, new in bug.edits:
+        if old not in text:
+            raise RuntimeError(f"{bug.name}: {bug.path} no longer contains {old!r}: update the catalogue")
+        text = text.replace(old, new)
+    path.write_text(text)
+    if bug.path.endswith(".py"):
+        compiled = subprocess.run([sys.executable, "-m", "py_compile", str(path)], capture_output=True, text=True)
+        if compiled.returncode != 0:
+            raise RuntimeError(f"{bug.name}: the planted bug does not compile:\n{compiled.stderr}")
+    return original
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(FAMILY_TESTS), action="append",
+                        help="run one family's bugs (repeatable)")
+    parser.add_argument("-k", dest="name", help="only bugs whose name contains this")
+    parser.add_argument("--list", action="store_true", help="print the catalogue and exit")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    args = parser.parse_args(argv)
+
+    bugs = [b for b in CATALOGUE if (not args.only or b.family in args.only)
+            and (not args.name or args.name in b.name)]
+    if args.list:
+        for bug in bugs:
+            print(f"{bug.name:50s} {bug.path}" + (f"  ({bug.note})" if bug.note else ""))
+        return 0
+    if not bugs:
+        print("no bug matches", file=sys.stderr)
+        return 2
+
+    work = Path(tempfile.mkdtemp(prefix="se_kernels_mutation_"))
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
+               TORCH_EXTENSIONS_DIR=str(work / ".torch_extensions"))
+    env.pop("PYTHONPATH", None)  # the copy's se_kernels, from its root
+    families = sorted({b.family for b in bugs}, key=list(FAMILY_TESTS).index)
+    caught = survived = 0
+    try:
+        copy_repository(work)
+        print(f"copy of {ROOT} in {work}", flush=True)
+        if "cpu" in families:
+            t0 = time.time()
+            build_cpu_extension(work, env)
+            print(f"built the copy's CPU extension ({time.time() - t0:.0f} s)", flush=True)
+        for family in families:
+            t0 = time.time()
+            passed, failure = run_tests(family, work, env)
+            if not passed:
+                print(f"{family} tests fail without any planted bug ({failure}): nothing to measure",
+                      file=sys.stderr)
+                return 2
+            print(f"{family} tests pass on the unchanged copy ({time.time() - t0:.0f} s)", flush=True)
+        for bug in bugs:
+            t0 = time.time()
+            original = plant(bug, work)
+            try:
+                if bug.family == "cpu":
+                    build_cpu_extension(work, env)
+                passed, failure = run_tests(bug.family, work, env)
+            finally:
+                (work / bug.path).write_text(original)
+            note = f" [{bug.note}]" if bug.note else ""
+            if passed:
+                survived += 1
+                print(f"SURVIVED  {bug.name}{note}  ({time.time() - t0:.0f} s)", flush=True)
+            else:
+                caught += 1
+                print(f"caught    {bug.name}{note}  by {failure}  ({time.time() - t0:.0f} s)", flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{caught} caught, {survived} survived")
+    return 0 if survived == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
