@@ -135,9 +135,9 @@ if [ -n "$ready" ]; then
   stage block 120 "$python" -m se_kernels bench --device cuda --suite resnet50 --batch 256,32 \
     --dtype bf16 --layout channels_last --modes fwd,fwd+bwd \
     --backends eager,compile-max,cuda,triton --out "$work/block"
-  stage small-batch 60 "$python" -m se_kernels bench --device cuda --suite resnet50 \
+  stage small-batch 60 "$python" -m se_kernels bench --device cuda --suite blocks --quick \
     --batch 1,32 --dtype bf16 --layout channels_last --modes fwd,fwd+bwd \
-    --backends eager,cuda,triton --out "$work/small-batch"
+    --backends eager,auto,cuda,triton --out "$work/small-batch"
   stage model 80 "$python" -m se_kernels bench --device cuda --suite model --model-batch 128 \
     --out "$work/model"
 
