@@ -170,10 +170,12 @@ def ranking(call: SECall) -> tuple[list[str], str]:
         # it), so Triton goes first: its kernels' semantics are the interpreter's, which CI
         # checks against the reference; the CUDA kernels are checked only by an emulator.
         # Replace with the measured per-shape-class order once there are GPU results.
-        return ["triton", "cuda", "torch"], (
+        return candidates(call), (
             "CUDA tensors: triton, then cuda, then torch (no GPU timing has set an order yet)")
     # Triton on CPU tensors is the interpreter, a testing tool: only when asked for by name.
-    training = _wants_gradient(call)
+    # Whether gradients are wanted matters only to the shape classes: with none, the
+    # common call pays nothing for it.
+    training = _wants_gradient(call) if CPU_COMPOSITION_CLASSES else False
     for shape_class in CPU_COMPOSITION_CLASSES:
         if shape_class.matches(call, training):
             return ["torch", "cpu"], (
