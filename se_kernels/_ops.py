@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .vocabulary import AVG, AVGMAX, NAMES, OUT_RELU, check_choice
+from .vocabulary import (ACTIVATIONS, AVG, AVGMAX, GATES, NAMES, OUT_ACTIVATIONS, OUT_RELU, POOLS,
+                         check_choice)
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "
@@ -68,7 +69,8 @@ def check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_
     in csrc/se_common.cpp for callers that reach them directly)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, C, H, W], got {x.dim()}-D with shape {list(x.shape)}")
-    if x.dtype not in DTYPES:
+    dtype = x.dtype
+    if dtype not in DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     n, c, h, w = x.shape
     if c < 1 or h < 1 or w < 1:
@@ -76,12 +78,23 @@ def check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_
     if w1.dim() != 2 or w1.shape[0] < 1:
         raise ValueError(f"w1 must be 2-D [squeeze_channels >= 1, C], got shape {list(w1.shape)}")
     s = w1.shape[0]
-    for name, t, shape in (("w1", w1, (s, c)), ("w2", w2, (c, s)), ("b1", b1, (s,)),
-                           ("b2", b2, (c,)), ("residual", residual, x.shape)):
-        if t is not None:
-            _check_like(name, t, shape, x)
-    for argument, value in zip(NAMES, (activation, gate, pool, out_activation)):
-        check_choice(argument, value)
+    device = x.device
+    # One test for the common valid call (a batch-1 call is a few microseconds long); the
+    # checks one by one name what is wrong.
+    if not (w1.shape == (s, c) and w2.shape == (c, s) and w1.dtype == dtype
+            and w2.dtype == dtype and w1.device == device and w2.device == device
+            and (b1 is None or (b1.shape == (s,) and b1.dtype == dtype and b1.device == device))
+            and (b2 is None or (b2.shape == (c,) and b2.dtype == dtype and b2.device == device))
+            and (residual is None or (residual.shape == x.shape and residual.dtype == dtype
+                                      and residual.device == device))):
+        for name, t, shape in (("w1", w1, (s, c)), ("w2", w2, (c, s)), ("b1", b1, (s,)),
+                               ("b2", b2, (c,)), ("residual", residual, x.shape)):
+            if t is not None:
+                _check_like(name, t, shape, x)
+    if not (activation in ACTIVATIONS and gate in GATES and pool in POOLS
+            and out_activation in OUT_ACTIVATIONS):
+        for argument, value in zip(NAMES, (activation, gate, pool, out_activation)):
+            check_choice(argument, value)
 
 
 def check_backward_args(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool,
@@ -190,6 +203,22 @@ def register_op_family(forward_name: str, backward_name: str, *, fake: bool = Tr
                 dresidual if residual_grad else None, None, None, None, None)
 
     torch.library.register_autograd(forward_name, backward_fn, setup_context=setup_context)
+
+
+def run_forward(forward: torch._ops.OpOverload, call) -> torch.Tensor:
+    """The output of a forward op of this module's schema on an SECall.
+
+    When autograd will not record the call (no grad mode, or no tensor requiring grad), the
+    op runs below its autograd kernel, as that kernel itself would run it: the Python
+    autograd wrapper of register_autograd costs about 3 us a call, as much as the whole
+    kernel at batch 1. Everything else the dispatcher does (autocast, FakeTensor and other
+    dispatch modes, vmap) still happens. Under torch.compile the op is called plainly, so
+    the graph holds the one op and its autograd."""
+    args = call.op_args()
+    if call.wants_gradient() or torch.compiler.is_compiling():
+        return forward(*args)[0]
+    with torch._C._AutoDispatchBelowAutograd():
+        return forward(*args)[0]
 
 
 register_op_family("se_kernels::se_forward", "se_kernels::se_backward")

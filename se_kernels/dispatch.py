@@ -157,38 +157,42 @@ CPU_COMPOSITION_CLASSES: tuple[ShapeClass, ...] = ()
 CPU_RULE_SOURCE = "benchmarks/results/cpu-amd-epyc-2026-11-30.md"
 
 
-def _wants_gradient(call: SECall) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (call.x, call.w1, call.b1, call.w2, call.b2,
-                                                    call.residual))
+def composition_class(call: SECall) -> ShapeClass | None:
+    """The CPU shape class of CPU_COMPOSITION_CLASSES that `call` falls in, if any."""
+    if call.x.device.type != "cpu" or not CPU_COMPOSITION_CLASSES:
+        return None
+    # Whether gradients are wanted matters only to the shape classes: with none, the
+    # common call pays nothing for it.
+    training = call.wants_gradient()
+    for shape_class in CPU_COMPOSITION_CLASSES:
+        if shape_class.matches(call, training):
+            return shape_class
+    return None
+
+
+def preference(call: SECall) -> list[str]:
+    """Backends to try for `call`, fastest first (`ranking` says why)."""
+    if call.x.device.type == "cuda":
+        return candidates(call)
+    # Triton on CPU tensors is the interpreter, a testing tool: only when asked for by name.
+    return ["torch", "cpu"] if composition_class(call) is not None else ["cpu", "torch"]
 
 
 def ranking(call: SECall) -> tuple[list[str], str]:
     """auto's order of backends for `call`, fastest first, and the rule that set it."""
+    order = preference(call)
     if call.x.device.type == "cuda":
         # Neither GPU backend has been timed on a GPU yet (benchmarks/gpu_check.sh does
         # it), so Triton goes first: its kernels' semantics are the interpreter's, which CI
         # checks against the reference; the CUDA kernels are checked only by an emulator.
         # Replace with the measured per-shape-class order once there are GPU results.
-        return candidates(call), (
-            "CUDA tensors: triton, then cuda, then torch (no GPU timing has set an order yet)")
-    # Triton on CPU tensors is the interpreter, a testing tool: only when asked for by name.
-    # Whether gradients are wanted matters only to the shape classes: with none, the
-    # common call pays nothing for it.
-    training = _wants_gradient(call) if CPU_COMPOSITION_CLASSES else False
-    for shape_class in CPU_COMPOSITION_CLASSES:
-        if shape_class.matches(call, training):
-            return ["torch", "cpu"], (
-                f"CPU shape class {shape_class.name!r}: the torch composition, faster there "
-                f"than the fused kernel in {CPU_RULE_SOURCE}")
-    return ["cpu", "torch"], (
-        "CPU: the fused kernel (no CPU shape class of the rule, from "
-        f"{CPU_RULE_SOURCE}, sends this call to the torch composition)")
-
-
-def preference(call: SECall) -> list[str]:
-    """Backends to try for `call`, fastest first."""
-    return ranking(call)[0]
+        return order, "CUDA tensors: triton, then cuda, then torch (no GPU timing has set an order yet)"
+    shape_class = composition_class(call)
+    if shape_class is not None:
+        return order, (f"CPU shape class {shape_class.name!r}: the torch composition, faster "
+                       f"there than the fused kernel in {CPU_RULE_SOURCE}")
+    return order, ("CPU: the fused kernel (no CPU shape class of the rule, from "
+                   f"{CPU_RULE_SOURCE}, sends this call to the torch composition)")
 
 
 class Explanation(dict):
@@ -219,8 +223,14 @@ def explain(call: SECall) -> Explanation:
 
 def exporting_to_onnx() -> bool:
     """Whether torch.onnx.export is tracing the model, with either exporter (dynamo=True or
-    False). torch.onnx is imported by then, so a process that never imported it is not
-    exporting, and `import se_kernels` need not import it."""
+    False). Both trace: the TorchScript exporter with torch.jit.trace, the dynamo exporter
+    with torch.export; outside a trace nothing is exported, and the ONNX flags (slower to
+    read than a whole batch-1 kernel's Python entry should spend) are not read. torch.onnx
+    is imported by then, so a process that never imported it is not exporting, and
+    `import se_kernels` need not import it."""
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing()):
+        return False
     onnx = sys.modules.get("torch.onnx")
     return onnx is not None and onnx.is_in_onnx_export()
 

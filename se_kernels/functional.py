@@ -41,14 +41,14 @@ def squeeze_excitation(
     The output has x's dtype and layout. Pooling, the MLP and the scale are computed in
     fp32 (fp64 for fp64 inputs).
     """
-    options = dict(activation=activation, gate=gate, pool=pool, residual=residual,
-                   out_activation=out_activation)
     if torch.jit.is_tracing():
         # torch.jit.trace (and the TorchScript ONNX exporter) traces sizes as tensors and
         # warns where the checks compare them; a trace is of fixed shapes, all they check.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            call = make_call(x, w1, b1, w2, b2, **options)
+            call = make_call(x, w1, b1, w2, b2, activation=activation, gate=gate, pool=pool,
+                             residual=residual, out_activation=out_activation)
     else:
-        call = make_call(x, w1, b1, w2, b2, **options)
+        call = make_call(x, w1, b1, w2, b2, activation=activation, gate=gate, pool=pool,
+                         residual=residual, out_activation=out_activation)
     return dispatch.select(call, backend).run(call)

@@ -70,8 +70,9 @@ class SqueezeExcitation(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        fc1, fc2 = self.fc1, self.fc2  # each submodule lookup is a Module.__getattr__ call
         return squeeze_excitation(
-            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
             activation=self._activation_name, gate=self._gate_name, pool=self.pool,
             residual=residual, out_activation=self.out_activation, backend=self.backend)
 

@@ -7,7 +7,7 @@ se_kernels._ops).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -17,10 +17,10 @@ from .vocabulary import AVG, RELU, SIGMOID, normalize_out_activation
 __all__ = ["SECall", "make_call"]
 
 
-@dataclass(frozen=True)
-class SECall:
+class SECall(NamedTuple):
     """One validated SE call: tensors with w1 [S, C], w2 [C, S], and option names as the
-    ops' schemas spell them."""
+    ops' schemas spell them. A named tuple (cheaper to build than a frozen dataclass, which
+    matters at batch 1) whose fields are the ops' positional arguments, in their order."""
 
     x: torch.Tensor
     w1: torch.Tensor
@@ -35,8 +35,16 @@ class SECall:
 
     def op_args(self) -> tuple:
         """Positional arguments of se_forward / se_forward_triton."""
-        return (self.x, self.w1, self.b1, self.w2, self.b2, self.residual, self.activation,
-                self.gate, self.pool, self.out_activation)
+        return tuple(self)
+
+    def wants_gradient(self) -> bool:
+        """Whether autograd will record this call: grad mode on and a tensor requiring grad."""
+        if not torch.is_grad_enabled():
+            return False
+        return (self.x.requires_grad or self.w1.requires_grad or self.w2.requires_grad
+                or (self.b1 is not None and self.b1.requires_grad)
+                or (self.b2 is not None and self.b2.requires_grad)
+                or (self.residual is not None and self.residual.requires_grad))
 
 
 def _tensor(name: str, value, optional: bool = False) -> torch.Tensor | None:
@@ -54,14 +62,20 @@ def _as_matrix(w: torch.Tensor) -> torch.Tensor:
 
 def make_call(x, w1, b1, w2, b2, *, activation=RELU, gate=SIGMOID, pool=AVG,
               residual=None, out_activation=None) -> SECall:
-    x, w1, w2 = _tensor("x", x), _as_matrix(_tensor("w1", w1)), _as_matrix(_tensor("w2", w2))
-    b1, b2 = _tensor("b1", b1, optional=True), _tensor("b2", b2, optional=True)
-    residual = _tensor("residual", residual, optional=True)
+    Tensor = torch.Tensor
+    if not (isinstance(x, Tensor) and isinstance(w1, Tensor) and isinstance(w2, Tensor)
+            and (b1 is None or isinstance(b1, Tensor)) and (b2 is None or isinstance(b2, Tensor))
+            and (residual is None or isinstance(residual, Tensor))):
+        for name, value, optional in (("x", x, False), ("w1", w1, False), ("w2", w2, False),
+                                      ("b1", b1, True), ("b2", b2, True),
+                                      ("residual", residual, True)):
+            _tensor(name, value, optional)
+    w1, w2 = _as_matrix(w1), _as_matrix(w2)
     out_activation = normalize_out_activation(out_activation)
-    weights = (w1, b1, w2, b2)
-    if any(t is not None and t.dtype != x.dtype for t in weights) and \
-            torch.is_autocast_enabled(x.device.type):
+    dtype = x.dtype
+    if (w1.dtype != dtype or w2.dtype != dtype or (b1 is not None and b1.dtype != dtype)
+            or (b2 is not None and b2.dtype != dtype)) and torch.is_autocast_enabled(x.device.type):
         # Under autocast the FCs run in x's precision, as nn.Conv2d's would.
-        w1, b1, w2, b2 = (None if t is None else t.to(x.dtype) for t in weights)
+        w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
     check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)
     return SECall(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)

@@ -30,6 +30,21 @@ def test_environment_overrides_auto(monkeypatch):
     assert se_kernels.select(cpu_call(), "cpu").name == "cpu"  # an explicit name wins
 
 
+def test_environment_is_read_on_every_call(monkeypatch):
+    """Nothing about the choice is remembered between calls: setting, changing or removing
+    the variable takes effect on the next call."""
+    call = cpu_call()
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    assert se_kernels.select(call).name == "cpu"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "torch")
+    assert se_kernels.select(call).name == "torch"
+    monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda")
+    with pytest.raises(se_kernels.BackendUnavailableError, match="backend 'cuda' cannot run"):
+        se_kernels.select(call)
+    monkeypatch.delenv(dispatch.BACKEND_ENV)
+    assert se_kernels.select(call).name == "cpu"
+
+
 def test_environment_naming_a_refusing_backend_is_an_error(monkeypatch):
     monkeypatch.setenv(dispatch.BACKEND_ENV, "cuda")
     with pytest.raises(se_kernels.BackendUnavailableError, match="backend 'cuda' cannot run"):
@@ -56,6 +71,26 @@ def test_backends_report_a_missing_extension(monkeypatch):
     monkeypatch.setattr(native, "has_kernel", lambda device_type: False)
     reasons = dispatch.get_backend("cpu").refusals(cpu_call())
     assert any("se_kernels._C is not available (ImportError: pretend)" in r for r in reasons)
+
+
+def test_a_registered_kernel_is_remembered_and_a_missing_one_asked_again(monkeypatch):
+    from se_kernels.backends import native
+
+    answers = []
+
+    def dispatcher_answer(op, key):
+        answers.append(key)
+        return registered
+
+    monkeypatch.setattr(native, "_KERNELS_FOUND", set())
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", dispatcher_answer)
+    registered = False
+    assert not native.has_kernel("cpu") and not native.has_kernel("cpu")
+    assert answers == ["CPU", "CPU"]  # not there yet: a library loaded later may add it
+    registered = True
+    assert native.has_kernel("cpu")
+    registered = False  # kernels are never unregistered: the dispatcher is not asked again
+    assert native.has_kernel("cpu") and answers == ["CPU", "CPU", "CPU"]
 
 
 def test_cuda_arch_coverage_rules():

@@ -20,9 +20,21 @@ except ImportError:
     BUILD = {"torch": None, "cpu_avx2": False, "cuda": False, "nvcc": None, "cuda_archs": []}
 
 
+_KERNELS_FOUND: set[str] = set()
+
+
 def has_kernel(device_type: str) -> bool:
+    """Whether a kernel for `device_type` is registered on se_kernels::se_forward. A kernel,
+    once registered, stays: that answer is remembered (asking the dispatcher costs more than
+    a batch-1 call's Python entry should); a missing one is asked again each time, since a
+    library loaded later (torch.ops.load_library) may register it."""
+    if device_type in _KERNELS_FOUND:
+        return True
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("se_kernels::se_forward", key)
+    found = torch._C._dispatch_has_kernel_for_dispatch_key("se_kernels::se_forward", key)
+    if found:
+        _KERNELS_FOUND.add(device_type)
+    return found
 
 
 def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
@@ -73,7 +85,7 @@ class NativeBackend(dispatch.Backend):
         return list(build_refusals(device.type, device.index or 0))
 
     def run(self, call: SECall) -> torch.Tensor:
-        return _ops.se_forward(*call.op_args())[0]
+        return _ops.run_forward(_ops.se_forward, call)
 
 
 dispatch.register(NativeBackend("cuda"))
