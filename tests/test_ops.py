@@ -145,6 +145,9 @@ def test_calls_autograd_will_not_record_skip_the_python_autograd_wrapper():
         out = module(x)
         assert out.grad_fn is None and not out.requires_grad
         torch.testing.assert_close(out, expected(x))
+    with torch.inference_mode():
+        assert python_autograd_frames(lambda: module(x)) == 0
+        torch.testing.assert_close(module(x), out)
     module.requires_grad_(False)
     assert python_autograd_frames(lambda: module(x)) == 0
     module.requires_grad_(True)
