@@ -145,3 +145,22 @@ def test_cpu_shape_classes_send_auto_to_the_composition(monkeypatch):
     with torch.no_grad():  # no gradient wanted: inference, whatever the tensors say
         assert se_kernels.select(_call_of(1, 16, 4, 4, 4, requires_grad=True)).name == "torch"
 
+
+
+def test_the_cpu_rule_covers_the_shapes_its_table_measured():
+    """The shipped classes send the calls their table measured slower fused to the
+    composition, and keep the neighbours the fused kernel won (batch 1 and 32, training,
+    a larger MLP) on it; the table is in the repository."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    assert (root / dispatch.CPU_RULE_SOURCE).is_file()
+    measured_slower = [(8, 32, 8, 112), (8, 144, 6, 56)]  # N, C, S, H = W
+    fused_won = [(1, 32, 8, 112), (32, 144, 6, 56), (8, 256, 16, 56), (8, 240, 10, 28)]
+    for n, c, s, h in measured_slower:
+        with torch.no_grad():
+            assert se_kernels.explain(_call_of(n, c, h, h, s)).auto == "torch", (n, c, s, h)
+        assert se_kernels.select(_call_of(n, c, h, h, s, requires_grad=True)).name == "cpu"
+    with torch.no_grad():
+        for n, c, s, h in fused_won:
+            assert se_kernels.select(_call_of(n, c, h, h, s)).name == "cpu", (n, c, s, h)
