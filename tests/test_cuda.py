@@ -31,6 +31,7 @@ from helpers import (Case, check_against_reference, compare_with_oracle,  # noqa
                      grad_output, make_inputs, run_se)
 
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
+SCHEDULE_ENV = "SE_KERNELS_CUDA_SCHEDULE"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -123,13 +124,16 @@ def test_misaligned_inputs_take_the_scalar_path(layout, dtype):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("group_bytes", ["1", "6000", "20000"])
+@pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
+@pytest.mark.parametrize("group_bytes", ["1", "20000", "60000"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_grouped_schedule(monkeypatch, group_bytes, layout):
-    """Small L2 budgets split the batch of 7 into groups (one sample each; 2+2+2+1 forward;
-    2+2+2+1 backward with 20000 bytes), exercising every kernel's per-group offsets and a
-    short last group. A 24x5x5 fp32 sample is 2400 bytes; the backward counts 3 streams."""
+def test_sample_groups(monkeypatch, group_bytes, layout, schedule):
+    """Small L2 budgets split the batch of 7 into groups (one sample each, or a few with a
+    short last one), exercising every kernel's per-group offsets on both schedules; the
+    pipelined one runs with each lag (0, 1, 2: csrc/cuda/se_plan.h), its CTAs waiting on
+    each other's counters."""
     monkeypatch.setenv(GROUP_ENV, group_bytes)
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
     for pool in ("avg", "max"):
         case = Case(n=7, c=24, h=5, w=5, s=6, layout=layout, pool=pool, residual=True,
                     out_activation="relu")
@@ -176,8 +180,12 @@ DETERMINISM_CASES = [
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("group_bytes", ["", "200000"])
 @pytest.mark.parametrize("case", DETERMINISM_CASES, ids=str)
-def test_bitwise_deterministic(case):
+def test_bitwise_deterministic(monkeypatch, case, group_bytes):
+    """Repeated runs give the same bits; with small groups the pipelined kernel's CTAs take
+    the stages of many groups in whatever order the GPU runs them."""
+    monkeypatch.setenv(GROUP_ENV, group_bytes)
     inputs, options = se_ops_args(case)
     grad = grad_output(case, "cuda")
     first = run_ops(inputs, options, grad)
@@ -421,12 +429,14 @@ WORKLOAD_CASES = [
 
 
 def run_workload() -> None:
-    """Each workload case through the cuda backend and the reference, with the default
-    schedule and with groups of one sample."""
-    for group_bytes in ("", "1"):
-        os.environ[GROUP_ENV] = group_bytes
-        for case in WORKLOAD_CASES:
-            check_against_reference(case, "cuda", "cuda")
+    """Each workload case through the cuda backend and the reference, on both schedules,
+    with the default groups and with small ones (several groups, every pipeline lag)."""
+    for schedule in ("pipelined", "grouped"):
+        os.environ[SCHEDULE_ENV] = schedule
+        for group_bytes in ("", "1", "60000"):
+            os.environ[GROUP_ENV] = group_bytes
+            for case in WORKLOAD_CASES:
+                check_against_reference(case, "cuda", "cuda")
     torch.cuda.synchronize()
     print("workload done")
 
