@@ -168,6 +168,56 @@ def run_ops(inputs: dict, options: tuple, grad: torch.Tensor) -> tuple:
     return (out, z, zmax, a, g, *grads)
 
 
+def planned_kernels(case: Case, backward: bool) -> int:
+    """Launches se_kernels::cuda_schedule lists for `case` on the current GPU."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    trace = torch.ops.se_kernels.cuda_schedule(
+        case.n, case.c, case.h * case.w, case.s, case.dtype.itemsize,
+        case.layout == "channels_last", case.residual, case.pool,
+        case.out_activation == "relu", backward, props.multi_processor_count,
+        props.L2_cache_size)
+    launches, i = 0, 0
+    while i < len(trace):
+        launches, i = launches + 1, i + 3 + 4 * trace[i + 2]
+    return launches
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
+@pytest.mark.parametrize("case", [
+    Case(n=32, c=256, h=56, w=56, s=16, dtype=torch.bfloat16, layout="channels_last",
+         residual=True, out_activation="relu"),
+    Case(n=8, c=960, h=7, w=7, s=240, dtype=torch.float16, layout="nchw", pool="avgmax"),
+], ids=str)
+def test_kernels_launched_match_the_plan(monkeypatch, case, schedule):
+    """The profiler counts as many kernels per op as the plan (`se-kernels plan`) lists."""
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
+    inputs, options = se_ops_args(case)
+    grad = grad_output(case, "cuda")
+    saved = run_ops(inputs, options, grad)[:5]  # a warm-up, and the forward's saved tensors
+    ops = torch.ops.se_kernels
+    forward = kernels_in(lambda: ops.se_forward(inputs["x"], inputs["w1"], inputs["b1"],
+                                                inputs["w2"], inputs["b2"],
+                                                inputs["residual"], *options))
+    backward = kernels_in(lambda: ops.se_backward(
+        grad, inputs["x"], saved[0] if options[3] == "relu" else None, inputs["w1"],
+        inputs["w2"], *saved[1:], *options, inputs["residual"] is not None))
+    assert (forward, backward) == (planned_kernels(case, False), planned_kernels(case, True))
+    if schedule == "pipelined":
+        assert forward == 2 and backward <= 4
+
+
+def kernels_in(fn) -> int:
+    """GPU kernels fn launches, per the profiler."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memset" not in e.name.lower() and "memcpy" not in e.name.lower())
+
+
 DETERMINISM_CASES = [
     Case(n=1, c=64, h=56, w=56, s=4, dtype=torch.bfloat16, layout="channels_last"),
     Case(n=1, c=64, h=56, w=56, s=4, dtype=torch.float16, layout="nchw", pool="avgmax"),

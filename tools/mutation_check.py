@@ -112,8 +112,8 @@ CATALOGUE = [
         ("dx_max[nc] = dz / ld_fresh(count + nc);", "dx_max[nc] = dz;"),
         ("dx_max[nc] = dz * A(0.5) / ld_fresh(count + nc);", "dx_max[nc] = dz * A(0.5);"))),
     Bug("cuda/split-combine-drops-second-piece", "cuda", CUDA_COMMON, (
-        ("for (int k = 1; k < pieces; ++k) v[q] = Terms::combine(",
-         "for (int k = 2; k < pieces; ++k) v[q] = Terms::combine("),)),
+        ("for (int k0 = 1; k0 < pieces; k0 += kBatch) {",
+         "for (int k0 = 2; k0 < pieces; k0 += kBatch) {"),)),
     Bug("cuda/bf16-dx-5-percent-off", "cuda", CUDA_BACKWARD, (
         ("d.v[i] = from_acc<T>(v);",
          "d.v[i] = from_acc<T>(std::is_same<T, __nv_bfloat16>::value ? v * A(1.05) : v);"),)),

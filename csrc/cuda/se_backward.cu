@@ -305,7 +305,9 @@ struct BackwardStages {
     return {a + ns, da + ns, h + ns, S, opt.activation};
   }
 
-  __device__ A* group_partial(int64_t gi) const { return partial + gi * 2 * pass.pieces * group * C; }
+  __device__ A* group_partial(int64_t gi) const {
+    return partial + gi * 2 * pass.pieces * group * C;
+  }
   __device__ void reduce(int64_t tile, int64_t gi, int64_t n0, int64_t n) const {
     reduce_tile<T>(terms(n0, true), pass, n, C, P, group_partial(gi), tile);
   }

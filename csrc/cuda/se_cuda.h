@@ -4,8 +4,9 @@
 // A call is planned, then launched: plan_* reads the shapes, the pointers' alignment and the
 // device (SM count, L2 size) and makes the plan of se_plan.h, which says how much fp32
 // (fp64 for fp64) scratch the launch needs; the caller allocates it with the torch
-// allocator, so the whole op stays inside torch's memory pool and CUDA-graph capture. Plans depend on shapes and the device only,
-// never on data, and launch_* only enqueues kernels on the given stream.
+// allocator, so the whole op stays inside torch's memory pool and CUDA-graph capture.
+// Plans depend on shapes and the device only, never on data, and launch_* only enqueues
+// kernels on the given stream.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -388,7 +388,8 @@ __device__ __forceinline__ void reduce_cl_tile(const Terms& terms, const PassPla
         terms.finalize(nc, v);
       } else {
 #pragma unroll
-        for (int q = 0; q < kQ; ++q) partial[(q * int64_t(plan.pieces) + piece) * count + nc] = v[q];
+        for (int q = 0; q < kQ; ++q)
+          partial[(q * int64_t(plan.pieces) + piece) * count + nc] = v[q];
       }
     }
   }
@@ -396,6 +397,8 @@ __device__ __forceinline__ void reduce_cl_tile(const Terms& terms, const PassPla
 }
 
 // Combines the partials of (n, c) = nc over the pieces, in piece order, and finalizes it.
+// Loads go out kBatch pieces at a time: a combine of many pieces runs on one CTA in the
+// pipelined schedule, so it must not pay an L2 round trip per piece.
 template <typename Terms>
 __device__ __forceinline__ void combine_one(const Terms& terms, const typename Terms::A* partial,
                                             int pieces, int64_t count, int64_t nc) {
@@ -403,10 +406,20 @@ __device__ __forceinline__ void combine_one(const Terms& terms, const typename T
   constexpr int kQ = Terms::kQ;
   A v[kQ];
 #pragma unroll
-  for (int q = 0; q < kQ; ++q) {
-    const A* part = partial + q * int64_t(pieces) * count + nc;
-    v[q] = ld_fresh(part);
-    for (int k = 1; k < pieces; ++k) v[q] = Terms::combine(q, v[q], ld_fresh(part + k * count));
+  for (int q = 0; q < kQ; ++q) v[q] = ld_fresh(partial + q * int64_t(pieces) * count + nc);
+  for (int k0 = 1; k0 < pieces; k0 += kBatch) {
+    A e[kQ][kBatch];
+#pragma unroll
+    for (int q = 0; q < kQ; ++q)
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (k0 + b < pieces)
+          e[q][b] = ld_fresh(partial + (q * int64_t(pieces) + k0 + b) * count + nc);
+#pragma unroll
+    for (int q = 0; q < kQ; ++q)
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (k0 + b < pieces) v[q] = Terms::combine(q, v[q], e[q][b]);
   }
   terms.finalize(nc, v);
 }
@@ -727,8 +740,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
 template <typename Stages>
 void run_pipeline(TraceKernel what, const Stages& stages, const Pipeline& p, int64_t N,
                   unsigned* counters, cudaStream_t stream) {
-  launch(TraceKernel::ZeroSync, zero_kernel<unsigned>, ceil_div(p.counters, kThreads), kThreads, stream,
-         counters, p.counters);
+  launch(TraceKernel::ZeroSync, zero_kernel<unsigned>, ceil_div(p.counters, kThreads), kThreads,
+         stream, counters, p.counters);
   launch(what, pipeline_kernel<Stages>, p.ctas, kThreads, stream, stages, p, N, counters);
 }
 

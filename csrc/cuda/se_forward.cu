@@ -166,7 +166,9 @@ struct ForwardStages {
   __device__ PoolTerms<T> pool_terms(int64_t n0) const {
     return {x + n0 * C * P, z + n0 * C, zmax != nullptr ? zmax + n0 * C : nullptr, opt.pool, P};
   }
-  __device__ A* group_partial(int64_t g) const { return partial + g * 2 * pass.pieces * group * C; }
+  __device__ A* group_partial(int64_t g) const {
+    return partial + g * 2 * pass.pieces * group * C;
+  }
   __device__ void reduce(int64_t tile, int64_t gi, int64_t n0, int64_t n) const {
     reduce_tile<T>(pool_terms(n0), pass, n, C, P, group_partial(gi), tile);
   }

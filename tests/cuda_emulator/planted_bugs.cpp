@@ -145,8 +145,9 @@ __global__ void last_cta_sum(const float* in, float* partial, unsigned* counter,
 
 // Waits for a counter that no CTA advances: on a GPU, a hang.
 __global__ void spin_forever(const unsigned* counter) {
+  using se_kernels::cuda::detail::load_acquire, se_kernels::cuda::detail::spin_pause;
   if (threadIdx.x == 0)
-    while (se_kernels::cuda::detail::load_acquire(counter) < 1u) se_kernels::cuda::detail::spin_pause();
+    while (load_acquire(counter) < 1u) spin_pause();
   __syncthreads();
 }
 
