@@ -325,3 +325,17 @@ def test_speedup_summary_gives_geomean_and_worst_case():
     # Over everything: the geometric mean of 2, 0.5 and 4 is 4**(1/3); the refused row counts.
     assert f"| auto | fwd | all | all | 4 | {report.number(4 ** (1 / 3))} | 0.500 | n C8 S2 4x4 N1 2T auto (torch) | 1 |" in lines
     assert all("| eager |" not in line for line in lines)
+
+
+def test_auto_is_labelled_with_the_backend_each_mode_runs():
+    """A CPU shape class for inference only sends fwd to the composition while fwd+bwd stays
+    fused: the auto row names what ran in its own mode."""
+    from se_kernels.bench import peers
+
+    shape = shapes.SEShape("efficientnet_b0", "features.1", 32, 8, 112, 112, "silu", "sigmoid")
+    eager = peers.eager_module(shape, torch.device("cpu"), torch.float32)
+    x = torch.randn(8, 32, 112, 112)
+    assert dispatch.CPU_COMPOSITION_CLASSES, "the shipped rule has a class for this shape"
+    assert block.runs_backend(peers.AUTO, x, eager, "fwd") == "torch"
+    assert block.runs_backend(peers.AUTO, x.requires_grad_(), eager, "fwd+bwd") == "cpu"
+    assert block.runs_backend("cpu", x, eager, "fwd") == "cpu"

@@ -126,12 +126,14 @@ def disagreement(results: tuple, reference: tuple, mode: str, dtype: str) -> tup
     return worst, problem
 
 
-def runs_backend(name: str, x: torch.Tensor, eager) -> str:
-    """The se_kernels backend a peer runs (dispatch's choice for auto); '' for baselines."""
+def runs_backend(name: str, x: torch.Tensor, eager, mode: str) -> str:
+    """The se_kernels backend a peer runs in `mode` (dispatch's choice for auto, which may
+    differ between inference and training); '' for baselines."""
     if name in peers_mod.BASELINES:
         return ""
     if name == peers_mod.AUTO:
-        return peers_mod.auto_choice(x, eager)
+        with torch.set_grad_enabled(mode != "fwd"):
+            return peers_mod.auto_choice(x, eager)
     return name
 
 
@@ -207,7 +209,7 @@ def run_case(case: Case, requested: list[str], device: torch.device, *, quick: b
             "channels": s.channels, "squeeze": s.squeeze, "height": s.height, "width": s.width,
             "activation": s.activation, "gate": s.gate, "dtype": case.dtype,
             "layout": case.layout, "mode": case.mode, "threads": torch.get_num_threads(),
-            "peer": name, "runs": runs_backend(name, x0, eager),
+            "peer": name, "runs": runs_backend(name, x0, eager, case.mode),
             "median_us": timing.median_us, "p20_us": timing.p20_us, "p80_us": timing.p80_us,
             "samples": timing.samples, "floor_bytes": floor, "gbps": gbps,
             "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps > 0 else math.nan,
