@@ -10,6 +10,7 @@ they overlap). The schedule, with its launches and bytes, is in DESIGN.md §3.2.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 from ..._ops import accumulate_dtype
 from ...vocabulary import AVG, MAX, OUT_RELU, code
 from . import interpreter
-from .heuristics import device_profile, mlp_config, pass_config, weight_grad_config
+from .heuristics import DeviceProfile, device_profile, mlp_config, pass_config, weight_grad_config
 from .kernels import (_excite_fc_backward_kernel, _excite_fc_kernel, _grad_input_kernel,
                       _grad_reduce_kernel, _pool_kernel, _scale_kernel,
                       _squeeze_fc_backward_kernel, _squeeze_fc_kernel, _weight_grad_kernel)
@@ -28,10 +29,34 @@ if INTERPRETED:
     interpreter.squeeze_loop_bounds()
 
 
+# While `recording` is active: the profile every call plans with, and the list its launches
+# go to instead of the GPU.
+_recording: tuple[DeviceProfile, list] | None = None
+
+
+@contextlib.contextmanager
+def recording(profile: DeviceProfile):
+    """Calls plan with `profile` and record their launches as (kernel, programs, args, meta)
+    in the list this yields, launching nothing (se_kernels.plan's traces)."""
+    global _recording
+    launches: list = []
+    previous, _recording = _recording, (profile, launches)
+    try:
+        yield launches
+    finally:
+        _recording = previous
+
+
+def _profile(device: torch.device) -> DeviceProfile:
+    return device_profile(device) if _recording is None else _recording[0]
+
+
 def _launch(kernel, programs: int, *args, **meta) -> None:
     if programs == 0:
         return
-    if INTERPRETED:
+    if _recording is not None:
+        _recording[1].append((kernel, programs, args, meta))
+    elif INTERPRETED:
         interpreter.launch(kernel, programs, *args, **meta)
     else:
         torch.library.wrap_triton(kernel)[(programs,)](*args, **meta)
@@ -69,7 +94,7 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
     acc = accumulate_dtype(x.dtype)
     use_max = pool != AVG
     view = _view(x, memory_format == torch.channels_last)
-    profile = device_profile(x.device)
+    profile = _profile(x.device)
 
     out = torch.empty_like(x, memory_format=memory_format)
     z = x.new_empty((n, c), dtype=acc)
@@ -127,7 +152,7 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     n, c, s = int(x.shape[0]), int(x.shape[1]), int(w1.shape[0])
     acc = accumulate_dtype(x.dtype)
     view = _view(x, memory_format == torch.channels_last)
-    profile = device_profile(x.device)
+    profile = _profile(x.device)
 
     dx = torch.empty_like(x, memory_format=memory_format)
     write_dres = out_relu and residual_grad
