@@ -18,7 +18,8 @@ from triton_support import DEVICE, backward_args
 
 TINY = dict(sm_count=4, tile_bytes=256, elems_per_thread=4, contiguous_max=16,
             programs_per_sm=2, min_tiles_per_piece=2, mlp_tile=256, mlp_block_max=4,
-            mlp_inner_max=8, max_warps=4)
+            mlp_inner_max=8, max_warps=4, min_row_bytes=1 << 20,
+            partial_share=1.0)  # H*W is split rather than the channel blocks cut
 
 SMALL_TILE_CASES = [
     Case(n=3, c=37, h=6, w=7, s=9, pool="avgmax", residual=True, out_activation="relu"),
@@ -52,9 +53,14 @@ def test_int64_indexing_path(driver, monkeypatch):
     real_view = driver._view
     monkeypatch.setattr(driver, "_view",
                         lambda x, cl: dataclasses.replace(real_view(x, cl), wide=True))
-    for layout in ("nchw", "channels_last"):
-        check_against_reference(Case(n=2, c=6, h=3, w=5, s=2, pool="avgmax", residual=True,
-                                     out_activation="relu", layout=layout), DEVICE, "triton")
+    driver.forget_plans()  # plans cached from earlier calls would not see the patch
+    try:
+        for layout in ("nchw", "channels_last"):
+            check_against_reference(Case(n=2, c=6, h=3, w=5, s=2, pool="avgmax", residual=True,
+                                         out_activation="relu", layout=layout), DEVICE, "triton")
+    finally:
+        monkeypatch.undo()
+        driver.forget_plans()
 
 
 def test_runs_are_bit_identical(driver, tiny_tiles):

@@ -26,7 +26,8 @@ bug (triton#11584).
 Both layouts run through the same kernels. A pass sees x as [groups, channels, P] with
 strides: NCHW is one group of N*C rows of P contiguous pixels, channels-last is N groups of
 P pixels of C contiguous channels. Triton specializes the stride that equals 1, so loads
-along the contiguous axis are vectorized in both layouts.
+along the contiguous axis are vectorized in both layouts. The NCHW map passes see x as one
+flat run instead, so their accesses stay 16-byte vectors when H*W is not a multiple of 8.
 """
 
 from __future__ import annotations
@@ -128,27 +129,41 @@ def _piece_program(channels, P, p_per_split, splits, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
-def _tile_program(channels, P, stride_n, stride_c, stride_p,
-                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
-    """A map pass's program: the indices into [N*C] vectors of its rows, and the offsets
-    into x and the mask of its one [BLOCK_C, BLOCK_P] tile."""
-    pid = tl.program_id(0)
-    p_blocks = tl.cdiv(P, BLOCK_P)
-    c_blocks = tl.cdiv(channels, BLOCK_C)
-    pb, rest = pid % p_blocks, pid // p_blocks
-    group, c, chan, c_mask = _channel_block(rest // c_blocks, rest % c_blocks, channels,
-                                            BLOCK_C, WIDE)
-    offs, mask = _tile(group, c, c_mask, pb * BLOCK_P, P, stride_n, stride_c, stride_p, BLOCK_P,
-                       WIDE)
-    return chan, c_mask, offs, mask
+def _map_program(channels, P, total, stride_n, stride_c, stride_p,
+                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
+                 WIDE: tl.constexpr):
+    """A map pass's program: the indices into [N*C] vectors of its elements and their mask,
+    shaped to broadcast against its offsets into x and their mask.
+
+    Programs walk the tensor from its end to its start: the reduction pass before walked it
+    from start to end, so the first programs here find its last bytes in L2. FLAT (NCHW):
+    the programs take BLOCK_P consecutive elements of the flat N*C*P run, so loads and
+    stores are 16-byte vectors whatever H*W is; otherwise a [BLOCK_C, BLOCK_P] tile."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    if WIDE:  # x has 2**31 elements or more: index in int64
+        pid = pid.to(tl.int64)
+    if FLAT:
+        offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = offs < total
+        return offs // P, mask, offs, mask
+    else:
+        p_blocks = tl.cdiv(P, BLOCK_P)
+        c_blocks = tl.cdiv(channels, BLOCK_C)
+        pb, rest = pid % p_blocks, pid // p_blocks
+        group, c, chan, c_mask = _channel_block(rest // c_blocks, rest % c_blocks, channels,
+                                                BLOCK_C, WIDE)
+        offs, mask = _tile(group, c, c_mask, pb * BLOCK_P, P, stride_n, stride_c, stride_p,
+                           BLOCK_P, WIDE)
+        return chan[:, None], c_mask[:, None], offs, mask
 
 
 @triton.jit
-def _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t: tl.constexpr, OUT_RELU: tl.constexpr):
+def _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t: tl.constexpr, OUT_RELU: tl.constexpr,
+               EVICT: tl.constexpr):
     """dy = grad_out, zeroed where out <= 0 under an output ReLU."""
-    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(acc_t)
     if OUT_RELU:
-        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(acc_t)
         dy = tl.where(o > 0, dy, 0.0)
     return dy
 
@@ -169,7 +184,7 @@ def _pool_kernel(
     for p0 in range(p_lo, p_hi, BLOCK_P):
         offs, mask = _tile(group, c, c_mask, p0, p_hi, stride_n, stride_c, stride_p, BLOCK_P,
                            WIDE)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(acc_t)
         total += v
         if USE_MAX:
             peak = tl.maximum(peak, tl.where(mask, v, float("-inf")),
@@ -183,21 +198,25 @@ def _pool_kernel(
 @triton.jit
 def _scale_kernel(
     x_ptr, res_ptr, out_ptr, g_ptr,
-    channels, P, stride_n, stride_c, stride_p,
+    channels, P, total, stride_n, stride_c, stride_p,
     GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """out = out_act(gate(g) * x + residual) on one [BLOCK_C, BLOCK_P] tile."""
+    """out = out_act(gate(g) * x + residual) on one block of x (_map_program). This is the
+    last use of x and the only one of the residual and out: evict_first keeps them from
+    pushing out of L2 what the programs still to come re-read."""
     acc_t = g_ptr.dtype.element_ty
-    chan, c_mask, offs, mask = _tile_program(channels, P, stride_n, stride_c, stride_p,
-                                             BLOCK_C, BLOCK_P, WIDE)
+    chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
+                                            BLOCK_C, BLOCK_P, FLAT, WIDE)
     s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
-    y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t) * s[:, None]
+    y = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t) * s
     if HAS_RESIDUAL:
-        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0,
+                     eviction_policy="evict_first").to(acc_t)
     if OUT_RELU:
         y = tl.where(y < 0, 0.0, y)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask,
+             eviction_policy="evict_first")
 
 
 @triton.jit
@@ -208,7 +227,8 @@ def _grad_reduce_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Partial sums over one H*W piece of ds = dy * x, and (max pooling) of count, how many
-    x equal the channel's max."""
+    x equal the channel's max. grad_out and out (and x under max pooling) are read again by
+    _grad_input_kernel: evict_last."""
     acc_t = ds_ptr.dtype.element_ty
     split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
                                                                BLOCK_C, WIDE)
@@ -219,8 +239,9 @@ def _grad_reduce_kernel(
     for p0 in range(p_lo, p_hi, BLOCK_P):
         offs, mask = _tile(group, c, c_mask, p0, p_hi, stride_n, stride_c, stride_p, BLOCK_P,
                            WIDE)
-        dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_last")
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0,
+                    eviction_policy="evict_last" if USE_MAX else "evict_first").to(acc_t)
         total += dy * v
         if USE_MAX:
             count += (mask & (v == peak[:, None])).to(tl.int32)
@@ -233,27 +254,31 @@ def _grad_reduce_kernel(
 @triton.jit
 def _grad_input_kernel(
     dout_ptr, out_ptr, x_ptr, g_ptr, zmax_ptr, dx_avg_ptr, dx_max_ptr, dx_ptr, dres_ptr,
-    channels, P, stride_n, stride_c, stride_p,
+    channels, P, total, stride_n, stride_c, stride_p,
     GATE: tl.constexpr, OUT_RELU: tl.constexpr, HAS_AVG: tl.constexpr, USE_MAX: tl.constexpr,
-    WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+    WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """dx = dy * s + dx_avg + [x == zmax] * dx_max on one tile; dresidual = dy."""
+    """dx = dy * s + dx_avg + [x == zmax] * dx_max on one block (_map_program); dresidual =
+    dy. Last uses and writes: evict_first (see _scale_kernel)."""
     acc_t = g_ptr.dtype.element_ty
-    chan, c_mask, offs, mask = _tile_program(channels, P, stride_n, stride_c, stride_p,
-                                             BLOCK_C, BLOCK_P, WIDE)
-    dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU)
+    chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
+                                            BLOCK_C, BLOCK_P, FLAT, WIDE)
+    dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_first")
     s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
-    dx = dy * s[:, None]
+    dx = dy * s
     if HAS_AVG:
-        dx += tl.load(dx_avg_ptr + chan, mask=c_mask, other=0.0)[:, None]
+        dx += tl.load(dx_avg_ptr + chan, mask=c_mask, other=0.0)
     if USE_MAX:
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)
         peak = tl.load(zmax_ptr + chan, mask=c_mask, other=0.0)
         share = tl.load(dx_max_ptr + chan, mask=c_mask, other=0.0)
-        dx += tl.where(v == peak[:, None], share[:, None], 0.0)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx += tl.where(v == peak, share, 0.0)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask,
+             eviction_policy="evict_first")
     if WRITE_DRES:
-        tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)
+        tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
 
 
 # The MLP kernels work on [N, C] / [N, S] vectors and the [S, C] / [C, S] weights. Each

@@ -5,9 +5,10 @@ their launches recorded instead of made (driver.recording). Each recorded launch
 plan launch whose accesses come from the kernel's actual arguments: ACCESSES says which
 pointer parameters a kernel reads and writes, in the order a program touches them, and the
 arguments say which tensor each one is and, for the x-sized streams, which samples the
-launch walks. Programs walk samples in order, so the streams are listed per sample,
-interleaved as a program touches them (reads, then writes); the [N, C] vectors and weights
-are read whole before the streams and written whole after them.
+launch walks. The streams are listed per sample, interleaved as a program touches them
+(reads, then writes), in the order the programs walk the samples: first to last, except for
+the map passes (BACKWARDS_WALK, kernels._map_program); the [N, C] vectors and weights are
+read whole before the streams and written whole after them.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ ACCESSES = {
                            ("x_ptr", READ, lambda m: m["USE_MAX"]), ("dx_ptr", WRITE, None),
                            ("dres_ptr", WRITE, lambda m: m["WRITE_DRES"])),
 }
+
+
+# The map passes' programs walk x from its end to its start.
+BACKWARDS_WALK = ("_scale_kernel", "_grad_input_kernel")
 
 
 def kernel_name(kernel) -> str:
@@ -130,7 +135,10 @@ def _accesses(kernel, args, meta, names, bases) -> list[Access]:
         (after if write else before).append(Access(name, base + offset, nbytes, write))
     samples = int(bound["x_ptr"].shape[0]) if streams else 0
     walked = []
-    for sample in range(samples):
+    order = range(samples)
+    if kernel_name(kernel) in BACKWARDS_WALK:
+        order = reversed(order)
+    for sample in order:
         for name, offset, nbytes, write in sorted(streams, key=lambda s: s[3]):
             per = nbytes // samples
             walked.append(Access(name, offset + sample * per, per, write))
