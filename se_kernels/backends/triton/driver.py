@@ -279,8 +279,9 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     dx = torch.empty_strided(plan.shape, plan.strides, dtype=x.dtype, device=device)
     dres = (torch.empty_strided(plan.shape, plan.strides, dtype=x.dtype, device=device)
             if plan.write_dres else torch.empty((0,), dtype=x.dtype, device=device))
-    dw1, db1 = torch.empty_like(w1), torch.empty(plan.ns[1:], dtype=w1.dtype, device=device)
-    dw2, db2 = torch.empty_like(w2), torch.empty(plan.nc[1:], dtype=w2.dtype, device=device)
+    s, c = plan.ns[1], plan.nc[1]
+    dw1, db1 = torch.empty((s, c), dtype=w1.dtype, device=device), torch.empty((s,), dtype=w1.dtype, device=device)
+    dw2, db2 = torch.empty((c, s), dtype=w2.dtype, device=device), torch.empty((c,), dtype=w2.dtype, device=device)
     reduce_pass, excite_fc, weight_grad, squeeze_fc, grad_input = plan.launches
     ds = torch.empty(plan.partials, dtype=acc, device=device)
     count = torch.empty(plan.partials, dtype=torch.int32, device=device) if plan.use_max else x

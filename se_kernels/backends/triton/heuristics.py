@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,13 @@ class DeviceProfile:
     max_warps: int
     min_row_bytes: int = 128      # smallest row (channels-last) or tile (NCHW) when cutting blocks
     partial_share: float = 1 / 32  # most bytes of partial sums per byte of x
+
+    def __hash__(self) -> int:  # part of every call's plan key: hash the fields once
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(self.__dict__[f] for f in self.__dataclass_fields__))
 
 
 GPU_PROFILE = DeviceProfile(sm_count=132, tile_bytes=8192, elems_per_thread=16,
@@ -196,7 +204,7 @@ def weight_grad_config(n: int, c: int, s: int, acc_size: int,
 @functools.lru_cache(maxsize=16)
 def _cuda_profile(index: int) -> DeviceProfile:
     props = torch.cuda.get_device_properties(index)
-    return DeviceProfile(**{**GPU_PROFILE.__dict__, "sm_count": props.multi_processor_count})
+    return dataclasses.replace(GPU_PROFILE, sm_count=props.multi_processor_count)
 
 
 def device_profile(device: torch.device) -> DeviceProfile:

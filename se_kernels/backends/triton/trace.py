@@ -13,12 +13,14 @@ read whole before the streams and written whole after them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ...plan import Access, GpuProfile, Launch, PlanCall
-from ...vocabulary import AVG, MAX, NONE, OUT_RELU, RELU, SIGMOID, code
+from ...vocabulary import NONE, OUT_RELU, RELU, SIGMOID, code
 from . import driver
 from .heuristics import GPU_PROFILE, DeviceProfile
 
@@ -78,7 +80,7 @@ def kernel_name(kernel) -> str:
 
 def device_profile_for(gpu: GpuProfile) -> DeviceProfile:
     """The launch heuristics' profile of a plan's GPU."""
-    return DeviceProfile(**{**GPU_PROFILE.__dict__, "sm_count": gpu.sm_count})
+    return dataclasses.replace(GPU_PROFILE, sm_count=gpu.sm_count)
 
 
 def record(call: PlanCall, profile: DeviceProfile, device: str = "cuda"):
