@@ -129,22 +129,35 @@ def _mlp_launch(kernel, programs: int, cfg, scalars: tuple, names: tuple[str, st
     return _Launch(kernel, programs, scalars, dict(constexprs, **blocks, num_warps=cfg.num_warps))
 
 
+def _dense(*shape: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, strides) of a contiguous tensor: torch.empty_strided's arguments, the
+    cheapest allocation call."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return shape, tuple(reversed(strides))
+
+
+# The plans hold every allocation's (shape, strides).
 @dataclass(frozen=True)
 class _ForwardPlan:
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
+    x: tuple  # out
     acc: torch.dtype
-    nc: tuple[int, int]
-    ns: tuple[int, int]
-    zmax: tuple[int, ...]
-    partials: tuple[int, int]
+    nc: tuple
+    ns: tuple
+    zmax: tuple
+    partials: tuple
     use_max: bool
     launches: tuple[_Launch, ...]  # pool, squeeze FC, excite FC, scale; none for N == 0
 
 
 def _strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    """torch's strides of a dense [N, C, H, W] tensor in the layout."""
     n, c, h, w = shape
-    return (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    if not channels_last:
+        return _dense(*shape)[1]
+    return (h * w * c, 1, w * c, c)
 
 
 @functools.lru_cache(maxsize=512)
@@ -172,8 +185,9 @@ def _forward_plan(shape, s, dtype, channels_last, has_residual, has_b1, has_b2, 
             _map_launch(_scale_kernel, view, cfg, total, GATE=code("gate", gate),
                         HAS_RESIDUAL=has_residual, OUT_RELU=out_activation == OUT_RELU),
         )
-    return _ForwardPlan(shape, _strides(shape, channels_last), acc, (n, c), (n, s),
-                        (n, c) if use_max else (0,), (cfg.splits, n * c), use_max, launches)
+    return _ForwardPlan((shape, _strides(shape, channels_last)), acc, _dense(n, c), _dense(n, s),
+                        _dense(n, c) if use_max else _dense(0), _dense(cfg.splits, n * c),
+                        use_max, launches)
 
 
 def forget_plans() -> None:
@@ -194,16 +208,16 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
                          b1 is not None, b2 is not None, activation, gate, pool, out_activation,
                          _profile(device))
     acc = plan.acc
-    out = torch.empty_strided(plan.shape, plan.strides, dtype=x.dtype, device=device)
-    z = torch.empty(plan.nc, dtype=acc, device=device)
-    zmax = torch.empty(plan.zmax, dtype=acc, device=device)
-    a = torch.empty(plan.ns, dtype=acc, device=device)
-    g = torch.empty(plan.nc, dtype=acc, device=device)
+    out = torch.empty_strided(*plan.x, dtype=x.dtype, device=device)
+    z = torch.empty_strided(*plan.nc, dtype=acc, device=device)
+    zmax = torch.empty_strided(*plan.zmax, dtype=acc, device=device)
+    a = torch.empty_strided(*plan.ns, dtype=acc, device=device)
+    g = torch.empty_strided(*plan.nc, dtype=acc, device=device)
     if not plan.launches:
         return out, z, zmax, a, g
     pool_pass, squeeze_fc, excite_fc, scale = plan.launches
-    sums = torch.empty(plan.partials, dtype=acc, device=device)
-    maxes = torch.empty(plan.partials, dtype=acc, device=device) if plan.use_max else x
+    sums = torch.empty_strided(*plan.partials, dtype=acc, device=device)
+    maxes = torch.empty_strided(*plan.partials, dtype=acc, device=device) if plan.use_max else x
     _launch(_pool_kernel, pool_pass.programs, x, sums, maxes, *pool_pass.scalars, **pool_pass.meta)
     _launch(_squeeze_fc_kernel, squeeze_fc.programs, sums, maxes, z, zmax if plan.use_max else x,
             a, w1, x if b1 is None else b1, *squeeze_fc.scalars, **squeeze_fc.meta)
@@ -216,12 +230,16 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
 
 @dataclass(frozen=True)
 class _BackwardPlan:
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
+    x: tuple  # dx, dresidual
     acc: torch.dtype
-    nc: tuple[int, int]
-    ns: tuple[int, int]
-    partials: tuple[int, int]
+    nc: tuple
+    ns: tuple
+    partials: tuple
+    w1: tuple
+    w2: tuple
+    s: tuple
+    c: tuple
+    nothing: tuple
     use_max: bool
     has_avg: bool
     write_dres: bool
@@ -258,8 +276,9 @@ def _backward_plan(shape, s, dtype, channels_last, activation, gate, pool, out_a
         _map_launch(_grad_input_kernel, view, cfg, total, GATE=code("gate", gate),
                     OUT_RELU=out_relu, HAS_AVG=has_avg, USE_MAX=use_max, WRITE_DRES=write_dres),
     )
-    return _BackwardPlan(shape, _strides(shape, channels_last), acc, (n, c), (n, s),
-                         (cfg.splits, n * c), use_max, has_avg, write_dres, launches)
+    return _BackwardPlan((shape, _strides(shape, channels_last)), acc, _dense(n, c), _dense(n, s),
+                         _dense(cfg.splits, n * c), _dense(s, c), _dense(c, s), _dense(s),
+                         _dense(c), _dense(0), use_max, has_avg, write_dres, launches)
 
 
 def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, out_activation,
@@ -276,26 +295,27 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
                           memory_format == torch.channels_last, activation, gate, pool,
                           out_activation, bool(residual_grad), _profile(device))
     acc = plan.acc
-    dx = torch.empty_strided(plan.shape, plan.strides, dtype=x.dtype, device=device)
-    dres = (torch.empty_strided(plan.shape, plan.strides, dtype=x.dtype, device=device)
-            if plan.write_dres else torch.empty((0,), dtype=x.dtype, device=device))
-    s, c = plan.ns[1], plan.nc[1]
-    dw1, db1 = torch.empty((s, c), dtype=w1.dtype, device=device), torch.empty((s,), dtype=w1.dtype, device=device)
-    dw2, db2 = torch.empty((c, s), dtype=w2.dtype, device=device), torch.empty((c,), dtype=w2.dtype, device=device)
+    dx = torch.empty_strided(*plan.x, dtype=x.dtype, device=device)
+    dres = torch.empty_strided(*(plan.x if plan.write_dres else plan.nothing), dtype=x.dtype,
+                               device=device)
+    dw1 = torch.empty_strided(*plan.w1, dtype=w1.dtype, device=device)
+    db1 = torch.empty_strided(*plan.s, dtype=w1.dtype, device=device)
+    dw2 = torch.empty_strided(*plan.w2, dtype=w2.dtype, device=device)
+    db2 = torch.empty_strided(*plan.c, dtype=w2.dtype, device=device)
     reduce_pass, excite_fc, weight_grad, squeeze_fc, grad_input = plan.launches
-    ds = torch.empty(plan.partials, dtype=acc, device=device)
-    count = torch.empty(plan.partials, dtype=torch.int32, device=device) if plan.use_max else x
+    ds = torch.empty_strided(*plan.partials, dtype=acc, device=device)
+    count = torch.empty_strided(*plan.partials, dtype=torch.int32, device=device) if plan.use_max else x
     stand_in_zmax = x if zmax is None else zmax
     _launch(_grad_reduce_kernel, reduce_pass.programs, grad_out, x if out is None else out, x,
             stand_in_zmax, ds, count, *reduce_pass.scalars, **reduce_pass.meta)
-    dg = torch.empty(plan.nc, dtype=acc, device=device)
-    da = torch.empty(plan.ns, dtype=acc, device=device)
+    dg = torch.empty_strided(*plan.nc, dtype=acc, device=device)
+    da = torch.empty_strided(*plan.ns, dtype=acc, device=device)
     _launch(_excite_fc_backward_kernel, excite_fc.programs, ds, g, a, w2, dg, da,
             *excite_fc.scalars, **excite_fc.meta)
     _launch(_weight_grad_kernel, weight_grad.programs, dg, a, da, z, dw1, db1, dw2, db2,
             *weight_grad.scalars, **weight_grad.meta)
-    dx_avg = torch.empty(plan.nc, dtype=acc, device=device) if plan.has_avg else x
-    dx_max = torch.empty(plan.nc, dtype=acc, device=device) if plan.use_max else x
+    dx_avg = torch.empty_strided(*plan.nc, dtype=acc, device=device) if plan.has_avg else x
+    dx_max = torch.empty_strided(*plan.nc, dtype=acc, device=device) if plan.use_max else x
     _launch(_squeeze_fc_backward_kernel, squeeze_fc.programs, da, w1, count, dx_avg, dx_max,
             *squeeze_fc.scalars, **squeeze_fc.meta)
     _launch(_grad_input_kernel, grad_input.programs, grad_out, x if out is None else out, x, g,
