@@ -15,10 +15,12 @@
 #                 > 2^31 elements, streams, a second device where present, AOTInductor
 #   4 block       ResNet-50 SE shapes, N = 256 and 32, bf16 channels_last, fwd and fwd+bwd,
 #                 eager / torch.compile / cuda / triton, % of the copy bandwidth
-#   5 small-batch N = 1 and 32 against eager, where host overhead decides
-#   6 model       SE-ResNet-50 vs ResNet-50, training step and inference, N = 128, bf16
+#   5 grouped     the block stage's cuda rows again on the grouped CUDA schedule
+#                 (SE_KERNELS_CUDA_SCHEDULE=grouped), eager alongside as the common yardstick
+#   6 small-batch N = 1 and 32 against eager, where host overhead decides
+#   7 model       SE-ResNet-50 vs ResNet-50, training step and inference, N = 128, bf16
 #                 autocast, channels_last
-#   7 sanitizer   compute-sanitizer memcheck, racecheck, synccheck, initcheck on a short run
+#   8 sanitizer   compute-sanitizer memcheck, racecheck, synccheck, initcheck on a short run
 # GPU_CHECK_STAGES="memcheck racecheck" (say) runs setup, info and those stages only: a
 # second run for what the budget cut from the first.
 # Results go to $OUT (default /tmp/se_kernels_gpu_check): at most 8 files, ready to commit
@@ -135,6 +137,9 @@ if [ -n "$ready" ]; then
   stage block 120 "$python" -m se_kernels bench --device cuda --suite resnet50 --batch 256,32 \
     --dtype bf16 --layout channels_last --modes fwd,fwd+bwd \
     --backends eager,compile-max,cuda,triton --out "$work/block"
+  stage grouped 60 env SE_KERNELS_CUDA_SCHEDULE=grouped "$python" -m se_kernels bench \
+    --device cuda --suite resnet50 --batch 256,32 --dtype bf16 --layout channels_last \
+    --modes fwd,fwd+bwd --backends eager,cuda --out "$work/grouped"
   stage small-batch 60 "$python" -m se_kernels bench --device cuda --suite blocks --quick \
     --batch 1,32 --dtype bf16 --layout channels_last --modes fwd,fwd+bwd \
     --backends eager,auto,cuda,triton --out "$work/small-batch"

@@ -31,6 +31,7 @@ from helpers import (Case, check_against_reference, compare_with_oracle,  # noqa
                      grad_output, make_inputs, run_se)
 
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
+SCHEDULE_ENV = "SE_KERNELS_CUDA_SCHEDULE"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -123,13 +124,16 @@ def test_misaligned_inputs_take_the_scalar_path(layout, dtype):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("group_bytes", ["1", "6000", "20000"])
+@pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
+@pytest.mark.parametrize("group_bytes", ["1", "20000", "60000"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_grouped_schedule(monkeypatch, group_bytes, layout):
-    """Small L2 budgets split the batch of 7 into groups (one sample each; 2+2+2+1 forward;
-    2+2+2+1 backward with 20000 bytes), exercising every kernel's per-group offsets and a
-    short last group. A 24x5x5 fp32 sample is 2400 bytes; the backward counts 3 streams."""
+def test_sample_groups(monkeypatch, group_bytes, layout, schedule):
+    """Small L2 budgets split the batch of 7 into groups (one sample each, or a few with a
+    short last one), exercising every kernel's per-group offsets on both schedules; the
+    pipelined one runs with each lag (0, 1, 2: csrc/cuda/se_plan.h), its CTAs waiting on
+    each other's counters."""
     monkeypatch.setenv(GROUP_ENV, group_bytes)
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
     for pool in ("avg", "max"):
         case = Case(n=7, c=24, h=5, w=5, s=6, layout=layout, pool=pool, residual=True,
                     out_activation="relu")
@@ -164,6 +168,56 @@ def run_ops(inputs: dict, options: tuple, grad: torch.Tensor) -> tuple:
     return (out, z, zmax, a, g, *grads)
 
 
+def planned_kernels(case: Case, backward: bool) -> int:
+    """Launches se_kernels::cuda_schedule lists for `case` on the current GPU."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    trace = torch.ops.se_kernels.cuda_schedule(
+        case.n, case.c, case.h * case.w, case.s, case.dtype.itemsize,
+        case.layout == "channels_last", case.residual, case.pool,
+        case.out_activation == "relu", backward, props.multi_processor_count,
+        props.L2_cache_size)
+    launches, i = 0, 0
+    while i < len(trace):
+        launches, i = launches + 1, i + 3 + 4 * trace[i + 2]
+    return launches
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
+@pytest.mark.parametrize("case", [
+    Case(n=32, c=256, h=56, w=56, s=16, dtype=torch.bfloat16, layout="channels_last",
+         residual=True, out_activation="relu"),
+    Case(n=8, c=960, h=7, w=7, s=240, dtype=torch.float16, layout="nchw", pool="avgmax"),
+], ids=str)
+def test_kernels_launched_match_the_plan(monkeypatch, case, schedule):
+    """The profiler counts as many kernels per op as the plan (`se-kernels plan`) lists."""
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
+    inputs, options = se_ops_args(case)
+    grad = grad_output(case, "cuda")
+    saved = run_ops(inputs, options, grad)[:5]  # a warm-up, and the forward's saved tensors
+    ops = torch.ops.se_kernels
+    forward = kernels_in(lambda: ops.se_forward(inputs["x"], inputs["w1"], inputs["b1"],
+                                                inputs["w2"], inputs["b2"],
+                                                inputs["residual"], *options))
+    backward = kernels_in(lambda: ops.se_backward(
+        grad, inputs["x"], saved[0] if options[3] == "relu" else None, inputs["w1"],
+        inputs["w2"], *saved[1:], *options, inputs["residual"] is not None))
+    assert (forward, backward) == (planned_kernels(case, False), planned_kernels(case, True))
+    if schedule == "pipelined":
+        assert forward == 2 and backward <= 4
+
+
+def kernels_in(fn) -> int:
+    """GPU kernels fn launches, per the profiler."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memset" not in e.name.lower() and "memcpy" not in e.name.lower())
+
+
 DETERMINISM_CASES = [
     Case(n=1, c=64, h=56, w=56, s=4, dtype=torch.bfloat16, layout="channels_last"),
     Case(n=1, c=64, h=56, w=56, s=4, dtype=torch.float16, layout="nchw", pool="avgmax"),
@@ -176,8 +230,12 @@ DETERMINISM_CASES = [
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("group_bytes", ["", "200000"])
 @pytest.mark.parametrize("case", DETERMINISM_CASES, ids=str)
-def test_bitwise_deterministic(case):
+def test_bitwise_deterministic(monkeypatch, case, group_bytes):
+    """Repeated runs give the same bits; with small groups the pipelined kernel's CTAs take
+    the stages of many groups in whatever order the GPU runs them."""
+    monkeypatch.setenv(GROUP_ENV, group_bytes)
     inputs, options = se_ops_args(case)
     grad = grad_output(case, "cuda")
     first = run_ops(inputs, options, grad)
@@ -421,12 +479,14 @@ WORKLOAD_CASES = [
 
 
 def run_workload() -> None:
-    """Each workload case through the cuda backend and the reference, with the default
-    schedule and with groups of one sample."""
-    for group_bytes in ("", "1"):
-        os.environ[GROUP_ENV] = group_bytes
-        for case in WORKLOAD_CASES:
-            check_against_reference(case, "cuda", "cuda")
+    """Each workload case through the cuda backend and the reference, on both schedules,
+    with the default groups and with small ones (several groups, every pipeline lag)."""
+    for schedule in ("pipelined", "grouped"):
+        os.environ[SCHEDULE_ENV] = schedule
+        for group_bytes in ("", "1", "60000"):
+            os.environ[GROUP_ENV] = group_bytes
+            for case in WORKLOAD_CASES:
+                check_against_reference(case, "cuda", "cuda")
     torch.cuda.synchronize()
     print("workload done")
 

@@ -28,6 +28,8 @@ from helpers import (OPTION_CASES, SHAPE_CASES, Case, assert_all_differ, compare
 HERE = Path(__file__).resolve().parent
 EMULATOR = HERE / "cuda_emulator"
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
+SCHEDULE_ENV = "SE_KERNELS_CUDA_SCHEDULE"
+EMULATED_DEVICE = (132, 50 * 2 ** 20)  # an H100's SM count and L2
 ALL_MODES_ENV = "SE_KERNELS_EMULATOR_ALL_MODES"
 
 
@@ -86,9 +88,9 @@ def emu():
                        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"],
          is_python_module=False)
     ops = torch.ops.se_kernels_emu
-    ops.set_device(132, 50 * 2 ** 20)  # an H100's SM count and L2
+    ops.set_device(*EMULATED_DEVICE)
     yield ops
-    ops.set_device(132, 50 * 2 ** 20)
+    ops.set_device(*EMULATED_DEVICE)
     set_mode(ops, Mode("forward", "forward", False), 0)
 
 
@@ -201,11 +203,16 @@ def test_many_channel_blocks(emu, layout):
     check_emulated(emu, Case(n=2, c=2120, h=2, w=3, s=8, dtype=torch.bfloat16, layout=layout))
 
 
-@pytest.mark.parametrize("group_bytes", ["1", "6000", "20000"])
+@pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
+@pytest.mark.parametrize("group_bytes", ["1", "20000", "60000"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_groups(emu, monkeypatch, group_bytes, layout):
-    """Small L2 budgets: the batch of 7 in groups (1 sample; 2+2+2+1), a short last group."""
+def test_groups(emu, monkeypatch, group_bytes, layout, schedule):
+    """Small L2 budgets: the batch of 7 in groups (1 sample each; several of 1-2 with a
+    short last one), on both schedules. Pipelined, they give every lag (0: a group's
+    stages back to back; 1; 2), and the CTAs of the strict mode interleave the stages of
+    neighbouring groups and wait on each other's counters."""
     monkeypatch.setenv(GROUP_ENV, group_bytes)
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
     for pool in ("avg", "avgmax"):
         check_emulated(emu, Case(n=7, c=24, h=5, w=5, s=6, layout=layout, pool=pool,
                                  residual=True, out_activation="relu"))
@@ -222,6 +229,92 @@ def test_device_sizes(emu, sm_count):
             check_emulated(emu, Case(n=5, c=33, h=6, w=7, s=3, layout=layout, pool="max"))
     finally:
         emu.set_device(132, 50 * 2 ** 20)
+
+
+PLAN_CASES = [
+    Case(n=7, c=24, h=5, w=5, s=6, residual=True, out_activation="relu", pool="avgmax"),
+    Case(n=3, c=16, h=7, w=7, s=4, dtype=torch.bfloat16),
+    Case(n=1, c=16, h=32, w=40, s=4, dtype=torch.bfloat16, layout="channels_last",
+         residual=True, out_activation="relu"),
+    Case(n=40, c=3, h=1, w=1, s=1, pool="max"),
+]
+
+
+def planned_launches(case: Case, backward: bool) -> list[tuple[int, int]]:
+    """(kernel code, CTAs) of every launch in se_kernels::cuda_schedule's trace."""
+    from se_kernels import _C  # noqa: F401 - registers se_kernels::cuda_schedule
+
+    trace = torch.ops.se_kernels.cuda_schedule(
+        case.n, case.c, case.h * case.w, case.s, case.dtype.itemsize,
+        case.layout == "channels_last", case.residual, case.pool,
+        case.out_activation == "relu", backward, *EMULATED_DEVICE)
+    launches, i = [], 0
+    while i < len(trace):
+        launches.append((trace[i], trace[i + 1]))
+        i += 3 + 4 * trace[i + 2]
+    return launches
+
+
+@pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
+@pytest.mark.parametrize("group_bytes", ["", "20000", "60000"])
+@pytest.mark.parametrize("case", PLAN_CASES, ids=str)
+def test_launches_match_the_plan(emu, monkeypatch, case, group_bytes, schedule):
+    """The kernels launched are those the plan (`se-kernels plan`'s source) lists, with the
+    same CTA counts, forward and backward; the pipelined schedule makes at most 2 and 4."""
+    monkeypatch.setenv(GROUP_ENV, group_bytes)
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
+    set_mode(emu, STRICT, 0)
+    inputs, grad = make_inputs(case, "cpu", 0), grad_output(case, "cpu", 1)
+    options = (case.activation, case.gate, case.pool, case.out_activation or "none")
+    channels_last = case.layout == "channels_last"
+    out, z, zmax, a, g = emu.forward(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"],
+                                     inputs["b2"], inputs["residual"], *options, channels_last, [])
+    forward = emu.last_launches()
+    relu = case.out_activation == "relu"
+    emu.backward(grad, inputs["x"], out if relu else None, inputs["w1"], inputs["w2"], z, zmax,
+                 a, g, *options, inputs["residual"] is not None, channels_last, [])
+    backward = emu.last_launches()
+    pairs = lambda flat: list(zip(flat[::2], flat[1::2]))  # noqa: E731
+    assert pairs(forward) == planned_launches(case, backward=False)
+    assert pairs(backward) == planned_launches(case, backward=True)
+    if schedule == "pipelined":
+        assert len(forward) // 2 == 2 and len(backward) // 2 <= 4
+
+
+def test_bitwise_reproducible(emu, monkeypatch):
+    """Pipelined with several groups: CTAs that start and interleave in any order (so items
+    finish in any order, and any CTA may be the one that combines a group) give the same
+    bits, forward and backward."""
+    monkeypatch.setenv(GROUP_ENV, "60000")
+    case = Case(n=7, c=24, h=5, w=5, s=6, residual=True, out_activation="relu", pool="avgmax",
+                dtype=torch.bfloat16)
+    inputs, grad = make_inputs(case, "cpu", 0), grad_output(case, "cpu", 1)
+    results = []
+    for i, mode in enumerate([Mode("forward", "forward", False), Mode("reverse", "reverse", False),
+                              STRICT, Mode("forward", "random", True)]):
+        results.append(check_emulated(emu, case, modes=[mode], inputs=inputs, grad=grad, seed=i))
+    for other in results[1:]:
+        for name, value in results[0].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nchw_vectors_with_peeled_ends(emu, dtype):
+    """NCHW planes whose length is not a multiple of the vector width (7x7) still move in
+    16-byte accesses between their unaligned ends; one misaligned buffer turns them off."""
+    case = Case(n=3, c=5, h=7, w=7, s=2, dtype=dtype, residual=True, out_activation="relu")
+    check_emulated(emu, case)
+    assert emu.last_vector_accesses() > 0
+    check_emulated(emu, case, misalign=("x",))
+    assert emu.last_vector_accesses() == 0
+
+
+def test_schedule_must_be_known(emu, monkeypatch):
+    monkeypatch.setenv(SCHEDULE_ENV, "fastest")
+    with pytest.raises(RuntimeError, match="SE_KERNELS_CUDA_SCHEDULE must be 'pipelined' or "
+                                           "'grouped', got 'fastest'"):
+        check_emulated(emu, Case())
 
 
 def test_fresh_inputs_each_seed(emu):
@@ -258,6 +351,7 @@ PLANTED_ERRORS = {
     "ldg_of_own_output": "__ldg read byte \\d+ of 'out'.*which the same launch writes",
     "too_many_threads": "threads <= kThreads",
     "last_cta_sum_no_fence": "atomicAdd on global memory without a __threadfence",
+    "spin_forever": "spins on a counter that no resident CTA will advance",
 }
 
 

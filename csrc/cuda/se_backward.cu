@@ -1,15 +1,15 @@
-// Backward kernels of the "cuda" backend (math in DESIGN.md §1).
-//
-// Per group of samples (L2-sized, as in the forward):
-//   1. reduce pass: ds = sum_p dy * x (dy = grad_out, zeroed where out <= 0 under an output
-//                   ReLU) and, for max pooling, count = #{p : x == zmax}; its finalize
-//                   turns ds into dg = ds * gate'(g) and keeps s = gate(g) for step 4
-//   2. cols_dot:    dh = dg W2, da = dh * act'(a), h = act(a)
-//   3. cols_dot:    dz = da W1 -> the per-channel terms of dx (dz / P; dz / count at maxima)
-//   4. map pass:    dx = dy * s + dz / P (+ dz / count where x == zmax); dresidual = dy
-// Then, over the whole batch, outer_kernel: dW2 = dg^T h, db2 = sum_n dg, dW1 = da^T z,
-// db1 = sum_n da, each output summed over n in order 0..N-1 by one thread (deterministic,
-// no atomics).
+// Backward kernels of the "cuda" backend (math in DESIGN.md §1). The stages, per group:
+//   reduce: ds = sum_p dy * x (dy = grad_out, zeroed where out <= 0 under an output ReLU)
+//           and, for max pooling, count = #{p : x == zmax}; combined, ds becomes
+//           dg = ds * gate'(g), and s = gate(g) is kept for the map stage. The pipelined
+//           schedule also writes dresidual (the masked dy) here, so the map stage re-reads
+//           one tensor instead of two.
+//   mlp1:   dh = dg W2, da = dh * act'(a), h = act(a)           (cols_dot items)
+//   mlp2:   dz = da W1 -> the per-channel terms of dx (dz / P; dz / count at maxima)
+//   map:    dx = dy * s + dz / P (+ dz / count where x == zmax)
+// Then, for the whole batch, the weight gradients dW2 = dg^T h, db2 = sum_n dg,
+// dW1 = da^T z, db1 = sum_n da: the batch in chunks summed by separate CTAs, the chunks
+// added in order by a second kernel (deterministic, no atomics).
 #include "se_cuda_common.cuh"
 
 namespace se_kernels::cuda {
@@ -25,6 +25,7 @@ struct GradTerms {
   const T* out;    // nullptr: no output ReLU
   const T* x;
   const A* zmax;   // nullptr: avg pooling, nothing to count
+  T* dresidual;    // nullptr: not written here
   // finalize
   const A* g;
   A* dg;
@@ -52,16 +53,20 @@ struct GradTerms {
     return e;
   }
   template <int W, int AW>
-  __device__ void fold(A (&acc)[kQ][AW], const Loaded<W>& e, const A (&cv)[kChan][AW]) const {
+  __device__ void fold(int64_t off, A (&acc)[kQ][AW], const Loaded<W>& e,
+                       const A (&cv)[kChan][AW]) const {
+    Pack<T, W> masked;
 #pragma unroll
     for (int i = 0; i < W; ++i) {
       const int j = AW == 1 ? 0 : i;
       A dy = to_acc(e.dy.v[i]);
       if (out != nullptr && !(to_acc(e.out.v[i]) > A(0))) dy = A(0);
+      masked.v[i] = from_acc<T>(dy);
       const A xv = to_acc(e.x.v[i]);
       acc[0][j] += dy * xv;
       if (zmax != nullptr && xv == cv[0][j]) acc[1][j] += A(1);
     }
+    if (dresidual != nullptr) store_pack<W>(dresidual + off, masked);
   }
   __device__ void finalize(int64_t nc, const A (&v)[kQ]) const {
     const A gv = g[nc];
@@ -86,6 +91,7 @@ struct GradInputOp {
   const A* dx_avg;     // nullptr: max pooling
   const A* zmax;       // nullptr: avg pooling
   const A* dx_max;     // nullptr: avg pooling
+  bool fresh_dy;       // grad_out was written earlier in the same launch
 
   template <int W>
   struct Loaded {
@@ -95,16 +101,16 @@ struct GradInputOp {
   __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
 #pragma unroll
     for (int i = 0; i < AW; ++i) {
-      cv[0][i] = s[nc + i];
-      cv[1][i] = dx_avg != nullptr ? dx_avg[nc + i] : A(0);
+      cv[0][i] = ld_fresh(s + nc + i);
+      cv[1][i] = dx_avg != nullptr ? ld_fresh(dx_avg + nc + i) : A(0);
       cv[2][i] = zmax != nullptr ? zmax[nc + i] : A(0);
-      cv[3][i] = dx_max != nullptr ? dx_max[nc + i] : A(0);
+      cv[3][i] = dx_max != nullptr ? ld_fresh(dx_max + nc + i) : A(0);
     }
   }
   template <int W>
   __device__ Loaded<W> load(int64_t off) const {
     Loaded<W> e;
-    e.dy = load_pack<W>(grad_out + off);
+    e.dy = fresh_dy ? load_pack<W, true>(grad_out + off) : load_pack<W>(grad_out + off);
     if (out != nullptr) e.out = load_pack<W>(out + off);
     if (zmax != nullptr) e.x = load_pack<W>(x + off);
     return e;
@@ -126,59 +132,6 @@ struct GradInputOp {
     if (dresidual != nullptr) store_pack<W>(dresidual + off, r);
   }
 };
-
-// out[n, col] = epilogue(sum_k in[n, k] * W[k, col]) for a [K, Cols] row-major weight:
-// the weight read along its rows (coalesced) for the products with W rather than W^T.
-// A CTA takes 32 columns (the lanes) and kTile samples; its 8 warps take interleaved k,
-// combined in warp order through shared memory.
-template <typename T, typename Epilogue>
-__global__ void __launch_bounds__(kThreads)
-    cols_dot_kernel(const T* weight, const acc_t<T>* in, int64_t N, int64_t K, int64_t cols,
-                    int64_t col_blocks, Epilogue epilogue) {
-  using A = acc_t<T>;
-  constexpr int kWarps = kThreads / 32;
-  const int64_t block = blockIdx.x;
-  const int64_t n0 = (block / col_blocks) * kTile;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t col = (block % col_blocks) * 32 + lane;
-  const int nt = static_cast<int>(min64(kTile, N - n0));
-  A acc[kTile];
-#pragma unroll
-  for (int t = 0; t < kTile; ++t) acc[t] = A(0);
-  if (col < cols) {
-    const A* inp = in + n0 * K;
-    for (int64_t k = warp; k < K; k += kWarps) {
-      const A wv = to_acc(weight[k * cols + col]);
-#pragma unroll
-      for (int t = 0; t < kTile; ++t)
-        if (t < nt) acc[t] += inp[t * K + k] * wv;
-    }
-  }
-  SE_SHARED(A, red, [kWarps][kTile][32]);
-#pragma unroll
-  for (int t = 0; t < kTile; ++t) red[warp][t][lane] = acc[t];
-  __syncthreads();
-  if (warp == 0 && col < cols) {
-#pragma unroll
-    for (int t = 0; t < kTile; ++t) {
-      if (t >= nt) continue;
-      A v = red[0][t][lane];
-#pragma unroll
-      for (int w = 1; w < kWarps; ++w) v += red[w][t][lane];
-      epilogue(n0 + t, col, v);
-    }
-  }
-}
-
-template <typename T, typename Epilogue>
-void run_cols_dot(const T* weight, const acc_t<T>* in, int64_t N, int64_t K, int64_t cols,
-                  const Epilogue& epilogue, cudaStream_t stream) {
-  const int64_t col_blocks = ceil_div(cols, 32);
-  const int64_t ctas = col_blocks * ceil_div(N, kTile);
-  TORCH_CHECK(ctas <= INT_MAX, "se_kernels: excitation MLP too large for the cuda backend");
-  launch(cols_dot_kernel<T, Epilogue>, ctas, kThreads, stream, weight, in, N, K, cols,
-         col_blocks, epilogue);
-}
 
 // da = dh * act'(a); h = act(a) for the dW2 product.
 template <typename T>
@@ -211,32 +164,48 @@ struct PoolGradEpilogue {
     const int64_t nc = n * C + c;
     switch (pool) {
       case Pool::Avg: dx_avg[nc] = dz / A(P); break;
-      case Pool::Max: dx_max[nc] = dz / count[nc]; break;
+      case Pool::Max: dx_max[nc] = dz / ld_fresh(count + nc); break;
       case Pool::AvgMax:
         dx_avg[nc] = dz * A(0.5 / static_cast<double>(P));
-        dx_max[nc] = dz * A(0.5) / count[nc];
+        dx_max[nc] = dz * A(0.5) / ld_fresh(count + nc);
         break;
     }
   }
 };
 
-// dW[r, k] = sum_n u[n, r] * v[n, k] and db[r] = sum_n u[n, r], summed in n order. A CTA
-// covers 32 columns k (the lanes) x 32 rows r (4 per warp; u is read once per warp).
+// The weight gradients: dW[r, k] = sum_n u[n, r] * v[n, k] and db[r] = sum_n u[n, r] for
+// dW2 (u = dg, v = h) and dW1 (u = da, v = z). A CTA covers 32 columns k (the lanes) x 32
+// rows r (4 per warp) of one weight, summing the samples of one batch chunk in order.
+template <typename T>
+struct OuterArgs {
+  using A = acc_t<T>;
+  const A *dg, *h, *da, *z;
+  T *dw2, *db2, *dw1, *db1;
+  A* partial;  // chunk partials (OuterPlan::chunks > 1)
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    outer_kernel(const acc_t<T>* u, const acc_t<T>* v, int64_t N, int64_t R, int64_t K,
-                 int64_t k_blocks, T* dw, T* db) {
+    outer_kernel(OuterArgs<T> args, OuterPlan o, int64_t N, int64_t C, int64_t S) {
   using A = acc_t<T>;
-  constexpr int kRows = 4;
-  const int64_t block = blockIdx.x;
+  constexpr int kRows = kOuterRows / (kThreads / 32);
+  const int64_t tiles = o.tiles2 + o.tiles1;
+  const int64_t chunk = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  const bool second = tile < o.tiles2;
+  const A* u = second ? args.dg : args.da;
+  const A* v = second ? args.h : args.z;
+  const int64_t R = second ? C : S, K = second ? S : C;
+  const int64_t t = second ? tile : tile - o.tiles2;
+  const int64_t k_blocks = (K + kOuterCols - 1) / kOuterCols;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t k = (block % k_blocks) * 32 + lane;
-  const int64_t r0 = (block / k_blocks) * (kThreads / 32 * kRows) + warp * kRows;
+  const int64_t k = (t % k_blocks) * kOuterCols + lane;
+  const int64_t r0 = (t / k_blocks) * kOuterRows + warp * kRows;
   const bool k_valid = k < K;
   A acc[kRows], bias[kRows];
 #pragma unroll
   for (int i = 0; i < kRows; ++i) acc[i] = bias[i] = A(0);
-  for (int64_t n = 0; n < N; ++n) {
+  const int64_t n1 = min64(N, (chunk + 1) * o.chunk_len);
+  for (int64_t n = chunk * o.chunk_len; n < n1; ++n) {
     const A vv = k_valid ? v[n * K + k] : A(0);
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
@@ -247,45 +216,116 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  // Offsets of this weight's dW and db among a chunk's outputs (outer_outputs).
+  const int64_t w_at = second ? 0 : C * S + C, b_at = w_at + C * S;
+  A* part = args.partial + chunk * outer_outputs(C, S);
+  T* dw = second ? args.dw2 : args.dw1;
+  T* db = second ? args.db2 : args.db1;
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int64_t r = r0 + i;
     if (r >= R) continue;
-    if (k_valid) dw[r * K + k] = from_acc<T>(acc[i]);
-    if (k == 0) db[r] = from_acc<T>(bias[i]);
+    if (o.chunks == 1) {
+      if (k_valid) dw[r * K + k] = from_acc<T>(acc[i]);
+      if (k == 0) db[r] = from_acc<T>(bias[i]);
+    } else {
+      if (k_valid) part[w_at + r * K + k] = acc[i];
+      if (k == 0) part[b_at + r] = bias[i];
+    }
   }
 }
 
+// Adds the chunks' partial weight gradients in chunk order: one output per thread.
 template <typename T>
-void run_outer(const acc_t<T>* u, const acc_t<T>* v, int64_t N, int64_t R, int64_t K, T* dw,
-               T* db, cudaStream_t stream) {
-  const int64_t k_blocks = ceil_div(K, 32);
-  const int64_t ctas = k_blocks * ceil_div(R, kThreads / 32 * 4);
-  TORCH_CHECK(ctas <= INT_MAX, "se_kernels: excitation MLP too large for the cuda backend");
-  launch(outer_kernel<T>, ctas, kThreads, stream, u, v, N, R, K, k_blocks, dw, db);
+__global__ void __launch_bounds__(kThreads)
+    outer_combine_kernel(OuterArgs<T> args, OuterPlan o, int64_t C, int64_t S) {
+  using A = acc_t<T>;
+  const int64_t outputs = outer_outputs(C, S);
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= outputs) return;
+  A v = args.partial[i];
+  for (int64_t c = 1; c < o.chunks; ++c) v += args.partial[c * outputs + i];
+  const int64_t cs = C * S;
+  if (i < cs) args.dw2[i] = from_acc<T>(v);
+  else if (i < cs + C) args.db2[i - cs] = from_acc<T>(v);
+  else if (i < 2 * cs + C) args.dw1[i - cs - C] = from_acc<T>(v);
+  else args.db1[i - 2 * cs - C] = from_acc<T>(v);
 }
 
-// Workspace layout (accumulation dtype): dg, s, count, dx_avg, dx_max [N, C]; da, h [N, S];
-// reduce partials. count/dx_max only for max pooling, dx_avg only for avg pooling. Buffers
-// are kWorkspaceGap apart: nothing on the GPU, guards on the emulator.
-struct BackwardWorkspace {
-  int64_t dg, s, count, dx_avg, dx_max, da, h, partial, total;
-};
-BackwardWorkspace backward_workspace(const Problem& pb, int64_t partial_elems) {
-  const int64_t nc = pb.N * pb.C + kWorkspaceGap, ns = pb.N * pb.S + kWorkspaceGap;
-  const bool uses_max = pb.opt.uses_max(), uses_avg = pb.opt.uses_avg();
-  BackwardWorkspace w;
-  w.dg = 0;
-  w.s = w.dg + nc;
-  w.count = w.s + nc;
-  w.dx_avg = w.count + (uses_max ? nc : 0);
-  w.dx_max = w.dx_avg + (uses_avg ? nc : 0);
-  w.da = w.dx_max + (uses_max ? nc : 0);
-  w.h = w.da + ns;
-  w.partial = w.h + ns;
-  w.total = w.partial + partial_elems;
-  return w;
+template <typename T>
+void run_outer(const OuterArgs<T>& args, const OuterPlan& o, int64_t N, int64_t C, int64_t S,
+               cudaStream_t stream) {
+  launch(TraceKernel::WeightGrad, outer_kernel<T>, (o.tiles2 + o.tiles1) * o.chunks, kThreads,
+         stream, args, o, N, C, S);
+  if (o.chunks > 1)
+    launch(TraceKernel::WeightGradCombine, outer_combine_kernel<T>,
+           ceil_div(outer_outputs(C, S), kThreads), kThreads, stream, args, o, C, S);
 }
+
+// The backward's pointers, and the stages of one group of n samples from sample n0.
+template <typename T>
+struct BackwardStages {
+  using A = acc_t<T>;
+  const T *grad_out, *x, *out, *w1, *w2;
+  const A *zmax, *a, *g;
+  T *dx, *dresidual;
+  A *dg, *s, *count, *dx_avg, *dx_max, *da, *h, *partial;
+  int64_t C, P, S, group;
+  Options opt;
+  PassPlan pass;
+  MlpTiling tiling1, tiling2;
+
+  // The reduce stage's terms for samples from n0; `write_dresidual`: it writes dresidual.
+  __device__ __host__ GradTerms<T> terms(int64_t n0, bool write_dresidual) const {
+    const int64_t off = n0 * C * P, nc = n0 * C;
+    return {grad_out + off, out != nullptr ? out + off : nullptr, x + off,
+            zmax != nullptr ? zmax + nc : nullptr,
+            write_dresidual && dresidual != nullptr ? dresidual + off : nullptr,
+            g + nc, dg + nc, s + nc, count != nullptr ? count + nc : nullptr, opt.gate};
+  }
+  __device__ __host__ PoolGradEpilogue<T> pool_grad(int64_t n0) const {
+    const int64_t nc = n0 * C;
+    return {count != nullptr ? count + nc : nullptr, dx_avg != nullptr ? dx_avg + nc : nullptr,
+            dx_max != nullptr ? dx_max + nc : nullptr, C, P, opt.pool};
+  }
+  // dx of samples from n0; with `dy_is_dresidual` the masked dy is read back from dresidual.
+  __device__ __host__ GradInputOp<T> grad_input(int64_t n0, bool dy_is_dresidual) const {
+    const int64_t off = n0 * C * P, nc = n0 * C;
+    const bool fresh = dy_is_dresidual && dresidual != nullptr;
+    return {fresh ? dresidual + off : grad_out + off,
+            fresh || out == nullptr ? nullptr : out + off,
+            x + off, dx + off,
+            fresh || dresidual == nullptr ? nullptr : dresidual + off,
+            s + nc, dx_avg != nullptr ? dx_avg + nc : nullptr,
+            zmax != nullptr ? zmax + nc : nullptr, dx_max != nullptr ? dx_max + nc : nullptr,
+            fresh};
+  }
+  __device__ __host__ HiddenGradEpilogue<T> hidden_grad(int64_t n0) const {
+    const int64_t ns = n0 * S;
+    return {a + ns, da + ns, h + ns, S, opt.activation};
+  }
+
+  __device__ A* group_partial(int64_t gi) const {
+    return partial + gi * 2 * pass.pieces * group * C;
+  }
+  __device__ void reduce(int64_t tile, int64_t gi, int64_t n0, int64_t n) const {
+    reduce_tile<T>(terms(n0, true), pass, n, C, P, group_partial(gi), tile);
+  }
+  __device__ void combine(int64_t gi, int64_t n0, int64_t n) const {
+    const GradTerms<T> t = terms(n0, true);
+    for (int64_t nc = threadIdx.x; nc < n * C; nc += blockDim.x)
+      combine_one(t, group_partial(gi), pass.pieces, n * C, nc);
+  }
+  __device__ void mlp1(int64_t item, int64_t n0, int64_t n) const {
+    cols_dot_item(w2, dg + n0 * C, n, C, S, tiling1, hidden_grad(n0), item);
+  }
+  __device__ void mlp2(int64_t item, int64_t n0, int64_t n) const {
+    cols_dot_item(w1, da + n0 * S, n, S, C, tiling2, pool_grad(n0), item);
+  }
+  __device__ void map(int64_t tile, int64_t n0, int64_t n) const {
+    map_tile<T>(grad_input(n0, true), pass, n, C, P, tile);
+  }
+};
 
 template <typename T>
 void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
@@ -293,61 +333,67 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   const Problem& pb = plan.problem;
   const int64_t N = pb.N, C = pb.C, P = pb.P, S = pb.S;
   const bool uses_max = pb.opt.uses_max(), uses_avg = pb.opt.uses_avg();
-  const auto* grad_out = static_cast<const T*>(args.grad_out);
-  const auto* x = static_cast<const T*>(args.x);
-  const auto* out = pb.opt.out_relu() ? static_cast<const T*>(args.out) : nullptr;
-  const auto* w1 = static_cast<const T*>(args.w1);
-  const auto* w2 = static_cast<const T*>(args.w2);
-  const auto* z = static_cast<const A*>(args.z);
-  const auto* zmax = uses_max ? static_cast<const A*>(args.zmax) : nullptr;
-  const auto* a = static_cast<const A*>(args.a);
-  const auto* g = static_cast<const A*>(args.g);
-  auto* dx = static_cast<T*>(args.dx);
-  auto* dresidual = static_cast<T*>(args.dresidual);
   auto* ws = static_cast<A*>(args.workspace);
-  const BackwardWorkspace layout = backward_workspace(pb, 0);
-  A* dg = ws + layout.dg;
-  A* s = ws + layout.s;
-  A* count = uses_max ? ws + layout.count : nullptr;
-  A* dx_avg = uses_avg ? ws + layout.dx_avg : nullptr;
-  A* dx_max = uses_max ? ws + layout.dx_max : nullptr;
-  A* da = ws + layout.da;
-  A* h = ws + layout.h;
-  A* partial = ws + layout.partial;
-  auto at = [](auto* p, int64_t off) { return p != nullptr ? p + off : nullptr; };
+  const WorkspaceLayout layout = workspace_layout(plan, true);
+  BackwardStages<T> st{};
+  st.grad_out = static_cast<const T*>(args.grad_out);
+  st.x = static_cast<const T*>(args.x);
+  st.out = pb.opt.out_relu() ? static_cast<const T*>(args.out) : nullptr;
+  st.w1 = static_cast<const T*>(args.w1);
+  st.w2 = static_cast<const T*>(args.w2);
+  st.zmax = uses_max ? static_cast<const A*>(args.zmax) : nullptr;
+  st.a = static_cast<const A*>(args.a);
+  st.g = static_cast<const A*>(args.g);
+  st.dx = static_cast<T*>(args.dx);
+  st.dresidual = static_cast<T*>(args.dresidual);
+  st.dg = ws + layout.dg;
+  st.s = ws + layout.s;
+  st.count = uses_max ? ws + layout.count : nullptr;
+  st.dx_avg = uses_avg ? ws + layout.dx_avg : nullptr;
+  st.dx_max = uses_max ? ws + layout.dx_max : nullptr;
+  st.da = ws + layout.da;
+  st.h = ws + layout.h;
+  st.partial = ws + layout.partial;
+  st.C = C, st.P = P, st.S = S;
+  st.opt = pb.opt;
   const int64_t nc_bytes = N * C * sizeof(A), ns_bytes = N * S * sizeof(A);
-  workspace_region("dg", dg, nc_bytes);
-  workspace_region("s", s, nc_bytes);
-  workspace_region("count", count, count ? nc_bytes : 0);
-  workspace_region("dx_avg", dx_avg, dx_avg ? nc_bytes : 0);
-  workspace_region("dx_max", dx_max, dx_max ? nc_bytes : 0);
-  workspace_region("da", da, ns_bytes);
-  workspace_region("h", h, ns_bytes);
-  workspace_region("partial", partial, (plan.workspace_elems - layout.partial) * sizeof(A));
+  workspace_region("dg", st.dg, nc_bytes);
+  workspace_region("s", st.s, nc_bytes);
+  workspace_region("count", st.count, st.count ? nc_bytes : 0);
+  workspace_region("dx_avg", st.dx_avg, st.dx_avg ? nc_bytes : 0);
+  workspace_region("dx_max", st.dx_max, st.dx_max ? nc_bytes : 0);
+  workspace_region("da", st.da, ns_bytes);
+  workspace_region("h", st.h, ns_bytes);
+  workspace_region("partial", st.partial, reduce_partial_elems(plan) * sizeof(A));
+  const OuterArgs<T> outer{st.dg, st.h, st.da, static_cast<const A*>(args.z),
+                           static_cast<T*>(args.dw2), static_cast<T*>(args.db2),
+                           static_cast<T*>(args.dw1), static_cast<T*>(args.db1),
+                           ws + layout.outer};
+  workspace_region("outer", outer.partial, plan.outer.partial_elems * sizeof(A));
 
-  for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
-    const int64_t n = std::min(plan.group, N - n0);
-    const int64_t x_off = n0 * C * P, nc = n0 * C, ns = n0 * S;
-    const PassPlan pass = plan_pass(n, C, P, pb.channels_last, plan.width, plan.sm_count);
-    TORCH_INTERNAL_ASSERT(layout.partial + partial_elems(pass, n, C, GradTerms<T>::kQ) <=
-                          plan.workspace_elems);
-
-    const GradTerms<T> terms{grad_out + x_off, at(out, x_off), x + x_off, at(zmax, nc),
-                             g + nc, dg + nc, s + nc, at(count, nc), pb.opt.gate};
-    run_reduce<T>(terms, pass, n, C, P, partial, stream);
-    run_cols_dot<T>(w2, dg + nc, n, C, S,
-                    HiddenGradEpilogue<T>{a + ns, da + ns, h + ns, S, pb.opt.activation}, stream);
-    run_cols_dot<T>(w1, da + ns, n, S, C,
-                    PoolGradEpilogue<T>{at(count, nc), at(dx_avg, nc), at(dx_max, nc), C, P,
-                                        pb.opt.pool},
-                    stream);
-    const GradInputOp<T> op{grad_out + x_off, at(out, x_off), x + x_off,    dx + x_off,
-                            at(dresidual, x_off), s + nc,     at(dx_avg, nc), at(zmax, nc),
-                            at(dx_max, nc)};
-    run_map<T>(op, pass, n, C, P, stream);
+  if (N > 0 && plan.schedule == Schedule::Pipelined) {
+    const Pipeline& p = plan.pipe;
+    st.group = p.group;
+    st.pass = p.pass;
+    st.tiling1 = p.mlp1;
+    st.tiling2 = p.mlp2;
+    auto* counters = reinterpret_cast<unsigned*>(ws + layout.counters);
+    workspace_region("counters", counters, p.counters * sizeof(unsigned));
+    run_pipeline(TraceKernel::BackwardPipeline, st, p, N, counters, stream);
+  } else {
+    for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
+      const int64_t n = std::min(plan.group, N - n0);
+      const PassPlan pass = plan_pass(n, C, P, pb.channels_last, plan.width, plan.sm_count);
+      run_reduce<T>(st.terms(n0, false), pass, n, C, P, st.partial, stream);
+      const MlpTiling m1 = cols_dot_tiling(S, n), m2 = cols_dot_tiling(C, n);
+      launch(TraceKernel::Mlp, cols_dot_kernel<T, HiddenGradEpilogue<T>>, m1.items, kThreads,
+             stream, st.w2, st.dg + n0 * C, n, C, S, m1, st.hidden_grad(n0));
+      launch(TraceKernel::Mlp, cols_dot_kernel<T, PoolGradEpilogue<T>>, m2.items, kThreads,
+             stream, st.w1, st.da + n0 * S, n, S, C, m2, st.pool_grad(n0));
+      run_map<T>(st.grad_input(n0, false), pass, n, C, P, stream);
+    }
   }
-  run_outer<T>(dg, h, N, C, S, static_cast<T*>(args.dw2), static_cast<T*>(args.db2), stream);
-  run_outer<T>(da, z, N, S, C, static_cast<T*>(args.dw1), static_cast<T*>(args.db1), stream);
+  run_outer<T>(outer, plan.outer, N, C, S, stream);
 }
 
 }  // namespace
@@ -355,22 +401,16 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
 
 Plan plan_backward(const Problem& problem, const BackwardArgs& args) {
   using namespace detail;
-  Plan plan{};
-  plan.problem = problem;
-  plan.sm_count = current_device_info().sm_count;
-  const int64_t row = problem.channels_last ? problem.C : problem.P;
-  dispatch_dtype(problem.dtype, [&](auto tag) {
+  Problem pb = problem;
+  pb.residual = args.dresidual != nullptr;
+  int width = 1;
+  dispatch_dtype(pb.dtype, [&](auto tag) {
     using T = decltype(tag);
-    plan.width = pass_width<T>(
-        row, {args.grad_out, args.x, problem.opt.out_relu() ? args.out : nullptr, args.dx,
-              args.dresidual});
+    width = pass_width<T>(pb.channels_last ? pb.C : pb.P, pb.channels_last,
+                          {args.grad_out, args.x, pb.opt.out_relu() ? args.out : nullptr,
+                           args.dx, args.dresidual});
   });
-  // Pass 4 re-reads dy (and out, and x for max pooling) after pass 1 read them with x.
-  const int64_t esize = element_size(problem.dtype);
-  const int64_t streams = 2 + (problem.opt.out_relu() ? 1 : 0);
-  plan.group = group_size(problem.N, problem.C * problem.P * esize * streams);
-  plan.workspace_elems = backward_workspace(problem, group_partial_elems(problem, plan)).total;
-  return plan;
+  return make_plan(pb, true, width, current_device_info());
 }
 
 void launch_backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {

@@ -2,30 +2,20 @@
 // it compile in seconds; csrc/cuda/se_cuda.cpp adapts it to tensors and registers the ops.
 //
 // A call is planned, then launched: plan_* reads the shapes, the pointers' alignment and the
-// device (SM count, L2 size) and says how much fp32 (fp64 for fp64) scratch the launch
-// needs; the caller allocates it with the torch allocator, so the whole op stays inside
-// torch's memory pool and CUDA-graph capture. Plans depend on shapes and the device only,
-// never on data, and launch_* only enqueues kernels on the given stream.
+// device (SM count, L2 size) and makes the plan of se_plan.h, which says how much fp32
+// (fp64 for fp64) scratch the launch needs; the caller allocates it with the torch
+// allocator, so the whole op stays inside torch's memory pool and CUDA-graph capture.
+// Plans depend on shapes and the device only, never on data, and launch_* only enqueues
+// kernels on the given stream.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-#include "../se_options.h"
+#include "se_plan.h"
 
 namespace se_kernels::cuda {
-
-enum class DType { Half, BFloat16, Float, Double };
-
-// One SE call's shapes and options. x is [N, C, H, W] with P = H * W, dense in NCHW or
-// channels-last; w1 is [S, C], w2 is [C, S], both contiguous.
-struct Problem {
-  DType dtype;
-  int64_t N, C, P, S;
-  bool channels_last;
-  Options opt;
-};
 
 // Pointers: x-shaped tensors in the problem's layout and dtype; z, zmax, a, g in the
 // accumulation dtype (fp32, fp64 for fp64). Optional ones are nullptr when absent.
@@ -61,14 +51,6 @@ struct BackwardArgs {
   void* dw2;         // [C, S]
   void* db2;         // [C]
   void* workspace;   // plan.workspace_elems accumulation-dtype elements
-};
-
-struct Plan {
-  Problem problem;
-  int width;         // elements per access in the streaming passes: 16 bytes' worth, or 1
-  int64_t group;     // samples per L2-sized group (see DESIGN.md §2)
-  int sm_count;
-  int64_t workspace_elems;
 };
 
 Plan plan_forward(const Problem& problem, const ForwardArgs& args);

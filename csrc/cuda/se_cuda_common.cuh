@@ -1,20 +1,24 @@
-// Device helpers and the two streaming passes shared by se_forward.cu and se_backward.cu.
+// Device helpers, the streaming tiles and MLP items shared by se_forward.cu and
+// se_backward.cu, and the pipeline kernel that runs them as ticketed work items.
 //
 // Both directions make two passes over x-sized tensors with an O(N*C*S) MLP between them:
 //   reduce pass: per (n, c), fold Terms over the spatial positions (pool; sum dy*x)
 //   map pass:    per element, an Op of the element and per-channel values (scale; dx)
-// Each pass walks x in its own layout:
+// A tile (one CTA's share of a pass, see PassPlan in se_plan.h) walks x in its layout:
 //   NCHW:          a row (n, c) holds P contiguous elements. A group of `lanes` threads of
 //                  one warp (a power of two, sized to the row) walks one row; rows are
-//                  consecutive, so a warp reads one contiguous span.
+//                  consecutive, so a warp reads one contiguous span. Rows whose ends are
+//                  not 16-byte aligned (P not a multiple of the width) peel them.
 //   channels-last: a pixel (n, p) holds C contiguous channels. A CTA has tc x tp threads:
 //                  tc threads cover a block of channels, each `width` wide, and tp of them
 //                  walk interleaved pixels; per-channel values stay in registers.
 // Rows (NCHW) or pixels (channels-last) are split into `pieces` when the batch alone gives
-// too few CTAs (small N); a reduce pass then writes per-piece partials that a second
-// kernel combines in piece order. Every reduction has a fixed order that depends only on
-// the shapes: results are bitwise reproducible, and no atomics are used.
+// too few tiles; reduce tiles then write per-piece partials that are combined in piece
+// order. Every reduction has a fixed order that depends only on the shapes: results are
+// bitwise reproducible, and no atomics touch the arithmetic.
 //
+// Values one kernel writes and another CTA of the same kernel reads (partials, z, s, ...)
+// are read with ld.global.cg (L2, not the incoherent L1 or the non-coherent cache).
 // Indices into x-sized tensors are int64 throughout.
 #pragma once
 
@@ -33,11 +37,15 @@
 namespace se_kernels::cuda {
 namespace detail {
 
-constexpr int kThreads = 256;      // every kernel's CTA size (at most)
-constexpr int kTargetCtasPerSm = 8;  // a pass is split until it has this many CTAs per SM
-constexpr int kUnitsPerLane = 4;   // accesses per thread below which splitting stops
-constexpr int kBatch = 4;          // loads a thread issues before using any of them
-constexpr int kTile = 8;           // samples per CTA in the MLP kernels
+constexpr int kBatch = 4;  // loads a thread issues before using any of them
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Samples of an MLP item's tile that exist: kTile, fewer at the end of the batch, or none.
+__device__ __forceinline__ int tile_samples(int64_t N, int64_t n0) {
+  const int64_t left = N - n0;
+  return left <= 0 ? 0 : left < kTile ? static_cast<int>(left) : kTile;
+}
 
 // ---- dtypes -------------------------------------------------------------------------
 
@@ -77,19 +85,41 @@ __device__ __forceinline__ acc_t<T> to_acc(T v) { return Convert<T>::to(v); }
 template <typename T>
 __device__ __forceinline__ T from_acc(acc_t<T> v) { return Convert<T>::from(v); }
 
+// A value another CTA of the same launch wrote (after the sync of pipeline_kernel): from L2.
+template <typename V>
+__device__ __forceinline__ V ld_fresh(const V* p) {
+  if constexpr (sizeof(V) == 2) {  // no __ldcg for 16-bit types: load the bits
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    V v;
+    memcpy(&v, &bits, 2);
+    return v;
+  } else {
+    return __ldcg(p);
+  }
+}
+
 // `width` consecutive elements moved as one access (16 bytes for the vector path).
 template <typename T, int W>
 struct alignas(sizeof(T) * W) Pack {
   T v[W];
 };
 // 16-byte packs move as one uint4 (the intrinsics keep the compiler from splitting the
-// access); the streaming passes only read tensors that no kernel of the op writes.
-template <int W, typename T>
+// access). Tensors no kernel of the op writes go through the non-coherent cache (__ldg);
+// `Fresh` ones, written earlier in the same launch by another CTA, are read from L2.
+template <int W, bool Fresh = false, typename T>
 __device__ __forceinline__ Pack<T, W> load_pack(const T* p) {
   if constexpr (sizeof(Pack<T, W>) == 16) {
-    const uint4 bits = __ldg(reinterpret_cast<const uint4*>(p));
+    const auto* q = reinterpret_cast<const uint4*>(p);
+    uint4 bits;
+    if constexpr (Fresh) bits = __ldcg(q);
+    else bits = __ldg(q);
     Pack<T, W> v;
     memcpy(&v, &bits, 16);
+    return v;
+  } else if constexpr (Fresh) {
+    Pack<T, W> v;
+#pragma unroll
+    for (int i = 0; i < W; ++i) v.v[i] = ld_fresh(p + i);
     return v;
   } else {
     return *reinterpret_cast<const Pack<T, W>*>(p);
@@ -147,108 +177,18 @@ __device__ __forceinline__ A gate_backward(A g, A s, A ds, Gate kind) {
   return ds * s * (A(1) - s);
 }
 
-// ---- planning a streaming pass ------------------------------------------------------
-
-struct PassPlan {
-  bool channels_last;
-  int width;          // elements per access (the Terms/Op template width is chosen from it)
-  int threads;        // CTA size
-  int64_t ctas;       // flat grid size
-  int pieces;         // spatial pieces per row (NCHW) or per (sample, channel block)
-  int64_t piece_len;  // elements (NCHW) or pixels (channels-last) per piece
-  // NCHW
-  int lanes;            // threads per row
-  int64_t row_blocks;   // CTAs along the rows
-  // channels-last
-  int tc, tp;           // channel vectors x pixel lanes per CTA
-  int64_t cblocks;      // channel blocks per sample
-};
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// Threads per NCHW row: enough that each does about kUnitsPerLane accesses, at most a warp.
-inline int lanes_for(int64_t units) {
-  int lanes = 1;
-  while (lanes < 32 && lanes * kUnitsPerLane < units) lanes *= 2;
-  return lanes;
-}
-
-// How a pass over `n` samples of C x P elements is split across CTAs (see the file comment).
-inline PassPlan plan_pass(int64_t n, int64_t C, int64_t P, bool channels_last, int width,
-                          int sm_count) {
-  const int64_t target = int64_t(sm_count) * kTargetCtasPerSm;
-  PassPlan p{};
-  p.channels_last = channels_last;
-  p.width = width;
-  if (!channels_last) {
-    const int64_t units = P / width;  // width divides P on the vector path
-    const int64_t rows = n * C;
-    const int64_t unsplit = ceil_div(rows, kThreads / lanes_for(units));
-    const int64_t max_pieces = std::max<int64_t>(1, units / (32 * kUnitsPerLane));
-    const int64_t want = std::clamp<int64_t>(ceil_div(target, unsplit), 1, max_pieces);
-    const int64_t piece_units = ceil_div(units, want);
-    p.pieces = static_cast<int>(ceil_div(units, piece_units));
-    p.piece_len = piece_units * width;
-    p.lanes = lanes_for(piece_units);
-    p.row_blocks = ceil_div(rows, kThreads / p.lanes);
-    p.threads = kThreads;
-    p.ctas = p.row_blocks * p.pieces;
-  } else {
-    const int64_t cvecs = C / width;  // width divides C on the vector path
-    p.cblocks = ceil_div(cvecs, kThreads);
-    p.tc = static_cast<int>(ceil_div(cvecs, p.cblocks));
-    p.tp = std::max(1, kThreads / p.tc);
-    p.threads = static_cast<int>(ceil_div(int64_t(p.tc) * p.tp, 32) * 32);
-    const int64_t unsplit = n * p.cblocks;
-    const int64_t max_pieces = std::max<int64_t>(1, P / (int64_t(p.tp) * kUnitsPerLane));
-    const int64_t want = std::clamp<int64_t>(ceil_div(target, unsplit), 1, max_pieces);
-    p.piece_len = ceil_div(P, want);
-    p.pieces = static_cast<int>(ceil_div(P, p.piece_len));
-    p.ctas = unsplit * p.pieces;
-  }
-  TORCH_CHECK(p.ctas <= INT_MAX, "se_kernels: the cuda backend cannot split a tensor of ", n,
-              " x ", C, " x ", P, " elements into fewer than 2^31 blocks");
-  return p;
-}
-
-// Scratch for a reduce pass's partials: kQ values per (piece, sample, channel).
-inline int64_t partial_elems(const PassPlan& p, int64_t n, int64_t C, int kQ) {
-  return p.pieces > 1 ? int64_t(kQ) * p.pieces * n * C : 0;
-}
-
-// Scratch for the partials of a reduce pass (2 values each) over any group of `plan`: a
-// full group or the last, smaller one, which may split its rows more.
-inline int64_t group_partial_elems(const Problem& problem, const Plan& plan) {
-  int64_t elems = 0;
-  for (const int64_t n : {min64(plan.group, problem.N), problem.N % plan.group}) {
-    if (n == 0) continue;
-    const PassPlan pass =
-        plan_pass(n, problem.C, problem.P, problem.channels_last, plan.width, plan.sm_count);
-    elems = std::max(elems, partial_elems(pass, n, problem.C, 2));
-  }
-  return elems;
-}
-
 // ---- device properties, queried once per device -------------------------------------
 
-struct DeviceInfo {
-  int sm_count;
-  int64_t l2_bytes;
-};
 DeviceInfo current_device_info();  // se_forward.cu
 
-// Samples per L2-resident group: a group's bytes read by the first pass should still be in
-// L2 when the second pass reads them again. SE_KERNELS_CUDA_GROUP_BYTES overrides the
-// budget (for tuning and tests; 0 disables grouping).
-int64_t group_size(int64_t N, int64_t bytes_per_sample);  // se_forward.cu
-
-// Vector width for tensors whose row length (P for NCHW, C for channels-last) is `row`
-// and whose base pointers are `ptrs`: 16-byte accesses when every row starts 16-aligned.
+// Vector width for tensors whose base pointers are `ptrs` and whose contiguous row is `row`
+// long: 16-byte accesses when every pointer is 16-aligned (the tensors share one layout, so
+// every row then starts at the same offset in all of them) and, for channels-last (`row` =
+// C), the row is a whole number of vectors; NCHW rows peel their unaligned ends.
 template <typename T>
-int pass_width(int64_t row, std::initializer_list<const void*> ptrs) {
+int pass_width(int64_t row, bool channels_last, std::initializer_list<const void*> ptrs) {
   constexpr int w = vector_width<T>();
-  if (row % w != 0) return 1;
+  if (channels_last && row % w != 0) return 1;
   for (const void* p : ptrs)
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
   return w;
@@ -260,26 +200,35 @@ int pass_width(int64_t row, std::initializer_list<const void*> ptrs) {
 // The CPU emulation in tests/cuda_emulator replaces these: it gives every CTA its own shared
 // memory, leaves NaN gaps between the buffers of a workspace, and runs launches as host code.
 #define SE_SHARED(T, name, dims) __shared__ T name dims
-constexpr int64_t kWorkspaceGap = 0;
 inline void workspace_region(const char*, const void*, int64_t) {}
+
+// The value of a sync counter, ordered before this thread's later loads (acquire, GPU scope).
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void spin_pause() { __nanosleep(64); }
 #endif
 
 // kernel<<<ctas, threads, 0, stream>>>(args...), then the launch check. Every launch goes
-// through here, on the GPU and on the emulator.
+// through here, on the GPU and on the emulator, which records `what` (the kernel's code in
+// the trace of se_plan.h) so tests can check launches against the plan.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), int64_t ctas, int threads, cudaStream_t stream,
-            const Args&... args) {
+void launch(TraceKernel what, void (*kernel)(Params...), int64_t ctas, int threads,
+            cudaStream_t stream, const Args&... args) {
   TORCH_INTERNAL_ASSERT(ctas > 0 && ctas <= INT_MAX && threads > 0 && threads <= kThreads);
 #ifdef SE_KERNELS_CUDA_EMULATION
   (void)stream;
-  emulated_launch(kernel, ctas, threads, args...);
+  emulated_launch(what, kernel, ctas, threads, args...);
 #else
+  (void)what;
   kernel<<<static_cast<unsigned>(ctas), threads, 0, stream>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }
 
-// ---- the streaming kernels ----------------------------------------------------------
+// ---- the streaming tiles --------------------------------------------------------------
 
 // Visits off = start, start + stride, ... < end, loading a whole batch before using it so
 // that kBatch independent loads are in flight per thread.
@@ -298,25 +247,48 @@ __device__ __forceinline__ void walk(int64_t start, int64_t end, int64_t stride,
   for (; off < end; off += stride) use(off, load(off));
 }
 
+// Visits elements [begin, end) of one NCHW row with `lanes` threads (this one is `sub`):
+// W-wide accesses from the first W-aligned offset to the last, single elements around them.
+// visit(Width<V>, off) handles V elements at off.
+template <int V>
+struct Width {
+  static constexpr int kWidth = V;
+};
+template <int W, typename Visit>
+__device__ __forceinline__ void walk_row(int64_t begin, int64_t end, int lanes, int sub,
+                                         const Visit& visit) {
+  int64_t body = begin, body_end = end;
+  if constexpr (W > 1) {
+    body = min64(end, (begin + W - 1) / W * W);
+    body_end = body + (end - body) / W * W;
+    for (int64_t off = begin + sub; off < body; off += lanes) visit(Width<1>{}, off);
+    for (int64_t off = body_end + sub; off < end; off += lanes) visit(Width<1>{}, off);
+  }
+  visit(Width<W>{}, body + int64_t(sub) * W, body_end, int64_t(lanes) * W);
+}
+
 // Terms (reduce) interface, with A the accumulation type and AW = 1 (NCHW: a row is one
-// channel, its W lanes fold into one value) or W (channels-last: one value per lane):
+// channel, its lanes fold into one value) or W (channels-last: one value per lane):
 //   static constexpr int kQ, kChan;   quantities reduced; per-channel inputs
 //   static A init(int q); static A combine(int q, A, A);
 //   template <int AW> void channel(int64_t nc, A (&cv)[kChan][AW]);
 //   template <int W> Loaded<W> load(int64_t off);
-//   template <int W, int AW> void fold(A (&acc)[kQ][AW], const Loaded<W>&, const A (&cv)[kChan][AW]);
+//   template <int W, int AW> void fold(int64_t off, A (&acc)[kQ][AW], const Loaded<W>&,
+//                                      const A (&cv)[kChan][AW]);
 //   void finalize(int64_t nc, const A (&v)[kQ]);      // v complete for (n, c) = nc
 // Op (map) interface: kChan, channel, load as above, and
 //   template <int W, int AW> void store(int64_t off, const Loaded<W>&, const A (&cv)[kChan][AW]);
+// Offsets are relative to the tile's sample group, as are the Terms' and Op's pointers.
 
+// One reduce tile of an NCHW pass over `rows` rows: writes the tile's partial per row, or
+// finalizes rows directly when `partial` is nullptr (an unsplit pass).
 template <typename Terms, int W>
-__global__ void __launch_bounds__(kThreads)
-    reduce_nchw_kernel(Terms terms, PassPlan plan, int64_t rows, int64_t P,
-                       typename Terms::A* partial) {
+__device__ __forceinline__ void reduce_nchw_tile(const Terms& terms, const PassPlan& plan,
+                                                 int64_t rows, int64_t P,
+                                                 typename Terms::A* partial, int64_t block) {
   using A = typename Terms::A;
   constexpr int kQ = Terms::kQ;
   const int lanes = plan.lanes;
-  const int64_t block = blockIdx.x;
   const int64_t piece = block / plan.row_blocks;
   const int64_t row = (block % plan.row_blocks) * (kThreads / lanes) + threadIdx.x / lanes;
   const int sub = threadIdx.x % lanes;
@@ -329,9 +301,13 @@ __global__ void __launch_bounds__(kThreads)
     terms.template channel<1>(row, cv);
     const int64_t begin = row * P + piece * plan.piece_len;
     const int64_t end = row * P + min64(P, (piece + 1) * plan.piece_len);
-    walk(begin + sub * W, end, int64_t(lanes) * W,
-         [&](int64_t off) { return terms.template load<W>(off); },
-         [&](int64_t, const auto& e) { terms.template fold<W, 1>(acc, e, cv); });
+    walk_row<W>(begin, end, lanes, sub, [&](auto width, int64_t start, auto... range) {
+      constexpr int V = decltype(width)::kWidth;
+      auto load = [&](int64_t off) { return terms.template load<V>(off); };
+      auto fold = [&](int64_t off, const auto& e) { terms.template fold<V, 1>(off, acc, e, cv); };
+      if constexpr (sizeof...(range) == 0) fold(start, load(start));
+      else walk(start, range..., load, fold);
+    });
   }
   // Every lane of the warp takes part in the shuffles, rows past the end with init values.
 #pragma unroll
@@ -351,19 +327,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One reduce tile of a channels-last pass over n_samples samples (see reduce_nchw_tile).
 template <typename Terms, int W>
-__global__ void __launch_bounds__(kThreads)
-    reduce_cl_kernel(Terms terms, PassPlan plan, int64_t n_samples, int64_t C, int64_t P,
-                     typename Terms::A* partial) {
+__device__ __forceinline__ void reduce_cl_tile(const Terms& terms, const PassPlan& plan,
+                                               int64_t n_samples, int64_t C, int64_t P,
+                                               typename Terms::A* partial, int64_t block) {
   using A = typename Terms::A;
   constexpr int kQ = Terms::kQ;
-  const int64_t block = blockIdx.x;
   const int64_t piece = block % plan.pieces;
   const int64_t cb = (block / plan.pieces) % plan.cblocks;
   const int64_t n = block / plan.pieces / plan.cblocks;
   const int tc = threadIdx.x % plan.tc, tp = threadIdx.x / plan.tc;
   const int64_t c = (cb * plan.tc + tc) * W;
-  const bool valid = tp < plan.tp && c < C;
+  const bool valid = tp < plan.tp && c < C && n < n_samples;
 
   A acc[kQ][W];
 #pragma unroll
@@ -378,7 +354,7 @@ __global__ void __launch_bounds__(kThreads)
     // Offsets below (n * P + p1) * C belong to pixels before p1, as 0 <= c < C.
     walk(((n * P) + p0 + tp) * C + c, (n * P + p1) * C, int64_t(plan.tp) * C,
          [&](int64_t off) { return terms.template load<W>(off); },
-         [&](int64_t, const auto& e) { terms.template fold<W, W>(acc, e, cv); });
+         [&](int64_t off, const auto& e) { terms.template fold<W, W>(off, acc, e, cv); });
   }
   // Combine the tp pixel lanes of each (quantity, channel) in lane order, the sums spread
   // over the CTA's threads; each leaves its result in its lane-0 slot. Layout
@@ -412,36 +388,48 @@ __global__ void __launch_bounds__(kThreads)
         terms.finalize(nc, v);
       } else {
 #pragma unroll
-        for (int q = 0; q < kQ; ++q) partial[(q * int64_t(plan.pieces) + piece) * count + nc] = v[q];
+        for (int q = 0; q < kQ; ++q)
+          partial[(q * int64_t(plan.pieces) + piece) * count + nc] = v[q];
       }
     }
   }
+  __syncthreads();  // `red` is reused by the CTA's next tile
 }
 
-// Combines a split reduce pass's partials in piece order and finalizes each (n, c).
+// Combines the partials of (n, c) = nc over the pieces, in piece order, and finalizes it.
+// Loads go out kBatch pieces at a time: a combine of many pieces runs on one CTA in the
+// pipelined schedule, so it must not pay an L2 round trip per piece.
 template <typename Terms>
-__global__ void __launch_bounds__(kThreads)
-    combine_kernel(Terms terms, const typename Terms::A* partial, int pieces, int64_t count) {
+__device__ __forceinline__ void combine_one(const Terms& terms, const typename Terms::A* partial,
+                                            int pieces, int64_t count, int64_t nc) {
   using A = typename Terms::A;
   constexpr int kQ = Terms::kQ;
-  const int64_t nc = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (nc >= count) return;
   A v[kQ];
 #pragma unroll
-  for (int q = 0; q < kQ; ++q) {
-    const A* part = partial + q * int64_t(pieces) * count + nc;
-    v[q] = part[0];
-    for (int k = 1; k < pieces; ++k) v[q] = Terms::combine(q, v[q], part[k * count]);
+  for (int q = 0; q < kQ; ++q) v[q] = ld_fresh(partial + q * int64_t(pieces) * count + nc);
+  for (int k0 = 1; k0 < pieces; k0 += kBatch) {
+    A e[kQ][kBatch];
+#pragma unroll
+    for (int q = 0; q < kQ; ++q)
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (k0 + b < pieces)
+          e[q][b] = ld_fresh(partial + (q * int64_t(pieces) + k0 + b) * count + nc);
+#pragma unroll
+    for (int q = 0; q < kQ; ++q)
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b)
+        if (k0 + b < pieces) v[q] = Terms::combine(q, v[q], e[q][b]);
   }
   terms.finalize(nc, v);
 }
 
+// One map tile of an NCHW pass.
 template <typename Op, int W>
-__global__ void __launch_bounds__(kThreads)
-    map_nchw_kernel(Op op, PassPlan plan, int64_t rows, int64_t P) {
+__device__ __forceinline__ void map_nchw_tile(const Op& op, const PassPlan& plan, int64_t rows,
+                                              int64_t P, int64_t block) {
   using A = typename Op::A;
   const int lanes = plan.lanes;
-  const int64_t block = blockIdx.x;
   const int64_t piece = block / plan.row_blocks;
   const int64_t row = (block % plan.row_blocks) * (kThreads / lanes) + threadIdx.x / lanes;
   const int sub = threadIdx.x % lanes;
@@ -450,22 +438,26 @@ __global__ void __launch_bounds__(kThreads)
   op.template channel<1>(row, cv);
   const int64_t begin = row * P + piece * plan.piece_len;
   const int64_t end = row * P + min64(P, (piece + 1) * plan.piece_len);
-  walk(begin + sub * W, end, int64_t(lanes) * W,
-       [&](int64_t off) { return op.template load<W>(off); },
-       [&](int64_t off, const auto& e) { op.template store<W, 1>(off, e, cv); });
+  walk_row<W>(begin, end, lanes, sub, [&](auto width, int64_t start, auto... range) {
+    constexpr int V = decltype(width)::kWidth;
+    auto load = [&](int64_t off) { return op.template load<V>(off); };
+    auto store = [&](int64_t off, const auto& e) { op.template store<V, 1>(off, e, cv); };
+    if constexpr (sizeof...(range) == 0) store(start, load(start));
+    else walk(start, range..., load, store);
+  });
 }
 
+// One map tile of a channels-last pass over n_samples samples.
 template <typename Op, int W>
-__global__ void __launch_bounds__(kThreads)
-    map_cl_kernel(Op op, PassPlan plan, int64_t C, int64_t P) {
+__device__ __forceinline__ void map_cl_tile(const Op& op, const PassPlan& plan, int64_t n_samples,
+                                            int64_t C, int64_t P, int64_t block) {
   using A = typename Op::A;
-  const int64_t block = blockIdx.x;
   const int64_t piece = block % plan.pieces;
   const int64_t cb = (block / plan.pieces) % plan.cblocks;
   const int64_t n = block / plan.pieces / plan.cblocks;
   const int tc = threadIdx.x % plan.tc, tp = threadIdx.x / plan.tc;
   const int64_t c = (cb * plan.tc + tc) * W;
-  if (tp >= plan.tp || c >= C) return;
+  if (tp >= plan.tp || c >= C || n >= n_samples) return;
   A cv[Op::kChan][W];
   op.template channel<W>(n * C + c, cv);
   const int64_t p0 = piece * plan.piece_len;
@@ -475,38 +467,282 @@ __global__ void __launch_bounds__(kThreads)
        [&](int64_t off, const auto& e) { op.template store<W, W>(off, e, cv); });
 }
 
-// Host side: run a reduce pass over n samples (partials when the plan splits rows, then
-// the combine kernel), or a map pass.
+// The tile `block` of a pass over n samples, in the plan's layout and width.
+template <typename T, typename Terms>
+__device__ __forceinline__ void reduce_tile(const Terms& terms, const PassPlan& plan, int64_t n,
+                                            int64_t C, int64_t P, typename Terms::A* partial,
+                                            int64_t block) {
+  constexpr int kW = vector_width<T>();
+  if (!plan.channels_last) {
+    if (plan.width == kW) reduce_nchw_tile<Terms, kW>(terms, plan, n * C, P, partial, block);
+    else reduce_nchw_tile<Terms, 1>(terms, plan, n * C, P, partial, block);
+  } else {
+    if (plan.width == kW) reduce_cl_tile<Terms, kW>(terms, plan, n, C, P, partial, block);
+    else reduce_cl_tile<Terms, 1>(terms, plan, n, C, P, partial, block);
+  }
+}
+template <typename T, typename Op>
+__device__ __forceinline__ void map_tile(const Op& op, const PassPlan& plan, int64_t n, int64_t C,
+                                         int64_t P, int64_t block) {
+  constexpr int kW = vector_width<T>();
+  if (!plan.channels_last) {
+    if (plan.width == kW) map_nchw_tile<Op, kW>(op, plan, n * C, P, block);
+    else map_nchw_tile<Op, 1>(op, plan, n * C, P, block);
+  } else {
+    if (plan.width == kW) map_cl_tile<Op, kW>(op, plan, n, C, P, block);
+    else map_cl_tile<Op, 1>(op, plan, n, C, P, block);
+  }
+}
+
+// ---- the MLP items ----------------------------------------------------------------------
+
+// out[n, r] = epilogue(sum_k W[r, k] * in[n, k]) for a [R, K] row-major weight and an
+// accumulation-dtype [N, K] input. A group of `lanes` threads takes one row r and kTile
+// samples; the sum runs over k in lane-strided order, then a butterfly across the lanes:
+// the same order for every call of the same shape.
+template <typename T, typename Epilogue>
+__device__ __forceinline__ void rows_dot_item(const T* weight, const acc_t<T>* in, int64_t N,
+                                              int64_t R, int64_t K, const MlpTiling& tiling,
+                                              const Epilogue& epilogue, int64_t block) {
+  using A = acc_t<T>;
+  const int lanes = tiling.lanes;
+  const int64_t n0 = (block / tiling.blocks) * kTile;
+  const int64_t r = (block % tiling.blocks) * (kThreads / lanes) + threadIdx.x / lanes;
+  const int sub = threadIdx.x % lanes;
+  const int nt = tile_samples(N, n0);
+  A acc[kTile];
+#pragma unroll
+  for (int t = 0; t < kTile; ++t) acc[t] = A(0);
+  if (r < R) {
+    const T* w = weight + r * K;
+    const A* inp = in + n0 * K;
+    for (int64_t k = sub; k < K; k += lanes) {
+      const A wv = to_acc(w[k]);
+#pragma unroll
+      for (int t = 0; t < kTile; ++t)
+        if (t < nt) acc[t] += wv * ld_fresh(inp + t * K + k);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kTile; ++t)
+    for (int offset = lanes / 2; offset > 0; offset /= 2)
+      acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], offset);
+  if (r < R && sub == 0) {
+#pragma unroll
+    for (int t = 0; t < kTile; ++t)
+      if (t < nt) epilogue(n0 + t, r, acc[t]);
+  }
+}
+
+// out[n, col] = epilogue(sum_k in[n, k] * W[k, col]) for a [K, Cols] row-major weight:
+// the weight read along its rows (coalesced) for the products with W rather than W^T.
+// A CTA takes 32 columns (the lanes) and kTile samples; its 8 warps take interleaved k,
+// combined in warp order through shared memory.
+template <typename T, typename Epilogue>
+__device__ __forceinline__ void cols_dot_item(const T* weight, const acc_t<T>* in, int64_t N,
+                                              int64_t K, int64_t cols, const MlpTiling& tiling,
+                                              const Epilogue& epilogue, int64_t block) {
+  using A = acc_t<T>;
+  constexpr int kWarps = kThreads / 32;
+  const int64_t n0 = (block / tiling.blocks) * kTile;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t col = (block % tiling.blocks) * 32 + lane;
+  const int nt = tile_samples(N, n0);
+  A acc[kTile];
+#pragma unroll
+  for (int t = 0; t < kTile; ++t) acc[t] = A(0);
+  if (col < cols) {
+    const A* inp = in + n0 * K;
+    for (int64_t k = warp; k < K; k += kWarps) {
+      const A wv = to_acc(weight[k * cols + col]);
+#pragma unroll
+      for (int t = 0; t < kTile; ++t)
+        if (t < nt) acc[t] += ld_fresh(inp + t * K + k) * wv;
+    }
+  }
+  SE_SHARED(A, red, [kWarps][kTile][32]);
+#pragma unroll
+  for (int t = 0; t < kTile; ++t) red[warp][t][lane] = acc[t];
+  __syncthreads();
+  if (warp == 0 && col < cols) {
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) {
+      if (t >= nt) continue;
+      A v = red[0][t][lane];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) v += red[w][t][lane];
+      epilogue(n0 + t, col, v);
+    }
+  }
+  __syncthreads();  // `red` is reused by the CTA's next item
+}
+
+// ---- the grouped schedule: one kernel per stage and group --------------------------------
+
+template <typename T, typename Terms>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+    reduce_kernel(Terms terms, PassPlan plan, int64_t n, int64_t C, int64_t P,
+                  typename Terms::A* partial) {
+  reduce_tile<T>(terms, plan, n, C, P, partial, blockIdx.x);
+}
+
+template <typename Terms>
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(Terms terms, const typename Terms::A* partial, int pieces, int64_t count) {
+  const int64_t nc = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (nc < count) combine_one(terms, partial, pieces, count, nc);
+}
+
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+    map_kernel(Op op, PassPlan plan, int64_t n, int64_t C, int64_t P) {
+  map_tile<T>(op, plan, n, C, P, blockIdx.x);
+}
+
+template <typename T, typename Epilogue>
+__global__ void __launch_bounds__(kThreads)
+    rows_dot_kernel(const T* weight, const acc_t<T>* in, int64_t N, int64_t R, int64_t K,
+                    MlpTiling tiling, Epilogue epilogue) {
+  rows_dot_item(weight, in, N, R, K, tiling, epilogue, blockIdx.x);
+}
+
+template <typename T, typename Epilogue>
+__global__ void __launch_bounds__(kThreads)
+    cols_dot_kernel(const T* weight, const acc_t<T>* in, int64_t N, int64_t K, int64_t cols,
+                    MlpTiling tiling, Epilogue epilogue) {
+  cols_dot_item(weight, in, N, K, cols, tiling, epilogue, blockIdx.x);
+}
+
+// A reduce pass over n samples: partials when the plan splits rows, then the combine kernel.
 template <typename T, typename Terms>
 void run_reduce(const Terms& terms, const PassPlan& plan, int64_t n, int64_t C, int64_t P,
                 typename Terms::A* partial, cudaStream_t stream) {
-  constexpr int kW = vector_width<T>();
   typename Terms::A* out = plan.pieces > 1 ? partial : nullptr;
-  const bool vec = plan.width == kW;
-  if (!plan.channels_last)
-    launch(vec ? reduce_nchw_kernel<Terms, kW> : reduce_nchw_kernel<Terms, 1>, plan.ctas,
-           plan.threads, stream, terms, plan, n * C, P, out);
-  else
-    launch(vec ? reduce_cl_kernel<Terms, kW> : reduce_cl_kernel<Terms, 1>, plan.ctas,
-           plan.threads, stream, terms, plan, n, C, P, out);
+  launch(TraceKernel::Reduce, reduce_kernel<T, Terms>, plan.ctas, plan.threads, stream, terms,
+         plan, n, C, P, out);
   if (plan.pieces > 1) {
     const int64_t count = n * C;
-    launch(combine_kernel<Terms>, ceil_div(count, kThreads), kThreads, stream, terms, partial,
-           plan.pieces, count);
+    launch(TraceKernel::Combine, combine_kernel<Terms>, ceil_div(count, kThreads), kThreads,
+           stream, terms, partial, plan.pieces, count);
   }
 }
 
 template <typename T, typename Op>
 void run_map(const Op& op, const PassPlan& plan, int64_t n, int64_t C, int64_t P,
              cudaStream_t stream) {
-  constexpr int kW = vector_width<T>();
-  const bool vec = plan.width == kW;
-  if (!plan.channels_last)
-    launch(vec ? map_nchw_kernel<Op, kW> : map_nchw_kernel<Op, 1>, plan.ctas, plan.threads,
-           stream, op, plan, n * C, P);
-  else
-    launch(vec ? map_cl_kernel<Op, kW> : map_cl_kernel<Op, 1>, plan.ctas, plan.threads, stream,
-           op, plan, C, P);
+  launch(TraceKernel::Map, map_kernel<T, Op>, plan.ctas, plan.threads, stream, op, plan, n, C, P);
+}
+
+// ---- the pipelined schedule: every stage of every group in one kernel ---------------------
+
+// Sync counters of a pipelined call (zeroed by zero_kernel): the next ticket, then per
+// group the reduce tiles done (+1 once combined), and the items of each MLP stage done.
+struct Counters {
+  unsigned* base;
+  int64_t groups;
+  __device__ unsigned* ticket() const { return base; }
+  __device__ unsigned* reduced(int64_t g) const { return base + 1 + g; }
+  __device__ unsigned* mlp1(int64_t g) const { return base + 1 + groups + g; }
+  __device__ unsigned* mlp2(int64_t g) const { return base + 1 + 2 * groups + g; }
+};
+
+template <typename U>  // a template, so each .cu file may define it
+__global__ void __launch_bounds__(kThreads) zero_kernel(U* p, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) p[i] = U(0);
+}
+
+// After the CTA's writes: counts one more item done at *counter (release); returns, to every
+// thread, the count before (so the CTA that finished the last item knows it, and then also
+// sees every other CTA's writes, as the fence after the atomic orders its later loads).
+__device__ __forceinline__ unsigned publish(unsigned* counter) {
+  SE_SHARED(unsigned, before, [1]);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    before[0] = atomicAdd(counter, 1u);
+    __threadfence();
+  }
+  __syncthreads();
+  const unsigned b = before[0];
+  __syncthreads();
+  return b;
+}
+
+// Waits until *counter reaches `target`. The items counted there hold smaller tickets than
+// this CTA's, so CTAs that started before this one hold them, and they wait on nothing
+// later: no CTA needs another to be scheduled to finish.
+__device__ __forceinline__ void wait_until(const unsigned* counter, unsigned target) {
+  if (threadIdx.x == 0)
+    while (load_acquire(counter) < target) spin_pause();
+  __syncthreads();
+}
+
+// The next ticket, to every thread of the CTA.
+__device__ __forceinline__ int64_t take_ticket(const Counters& sync) {
+  SE_SHARED(unsigned, ticket, [1]);
+  if (threadIdx.x == 0) {
+    __threadfence();
+    ticket[0] = atomicAdd(sync.ticket(), 1u);
+  }
+  __syncthreads();
+  const int64_t t = ticket[0];
+  __syncthreads();
+  return t;
+}
+
+// Stages interface (per direction), each relative to the samples [n0, n0 + n) of a group g:
+//   void reduce(int64_t tile, int64_t g, int64_t n0, int64_t n);    partials of the group
+//   void combine(int64_t g, int64_t n0, int64_t n);                  every (n, c) of it
+//   void mlp1(int64_t item, int64_t n0, int64_t n); void mlp2(...);
+//   void map(int64_t tile, int64_t n0, int64_t n);
+// Tickets are taken in order; ticket t is item t % step_items of step t / step_items
+// (Pipeline::stage_begin), which belongs to group step - stage_lag(stage).
+template <typename Stages>
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+    pipeline_kernel(Stages stages, Pipeline p, int64_t N, unsigned* counters) {
+  const Counters sync{counters, p.groups};
+  const int64_t tickets = p.steps * p.step_items;
+  for (int64_t ticket = take_ticket(sync); ticket < tickets; ticket = take_ticket(sync)) {
+    const int64_t step = ticket / p.step_items, r = ticket % p.step_items;
+    int stage = kMap;
+    while (stage > kReduce && r < p.stage_begin(stage)) --stage;
+    const int64_t item = r - p.stage_begin(stage);
+    const int64_t g = step - p.stage_lag(stage);
+    if (g < 0 || g >= p.groups) continue;
+    const int64_t n0 = g * p.group, n = min64(p.group, N - n0);
+    switch (stage) {
+      case kReduce:
+        stages.reduce(item, g, n0, n);
+        if (publish(sync.reduced(g)) == p.pass.ctas - 1) {
+          stages.combine(g, n0, n);
+          publish(sync.reduced(g));
+        }
+        break;
+      case kMlp1:
+        wait_until(sync.reduced(g), static_cast<unsigned>(p.pass.ctas + 1));
+        stages.mlp1(item, n0, n);
+        publish(sync.mlp1(g));
+        break;
+      case kMlp2:
+        wait_until(sync.mlp1(g), static_cast<unsigned>(p.mlp1.items));
+        stages.mlp2(item, n0, n);
+        publish(sync.mlp2(g));
+        break;
+      default:
+        wait_until(sync.mlp2(g), static_cast<unsigned>(p.mlp2.items));
+        stages.map(item, n0, n);
+        break;
+    }
+  }
+}
+
+template <typename Stages>
+void run_pipeline(TraceKernel what, const Stages& stages, const Pipeline& p, int64_t N,
+                  unsigned* counters, cudaStream_t stream) {
+  launch(TraceKernel::ZeroSync, zero_kernel<unsigned>, ceil_div(p.counters, kThreads), kThreads,
+         stream, counters, p.counters);
+  launch(what, pipeline_kernel<Stages>, p.ctas, kThreads, stream, stages, p, N, counters);
 }
 
 // Calls fn(tag) with the CUDA type of `dtype`.
@@ -518,16 +754,6 @@ void dispatch_dtype(DType dtype, F&& fn) {
     case DType::Float: fn(float{}); break;
     case DType::Double: fn(double{}); break;
   }
-}
-
-inline int64_t element_size(DType dtype) {
-  switch (dtype) {
-    case DType::Half:
-    case DType::BFloat16: return 2;
-    case DType::Float: return 4;
-    case DType::Double: return 8;
-  }
-  return 0;
 }
 
 }  // namespace detail

@@ -1,16 +1,12 @@
-// Forward kernels of the "cuda" backend.
-//
-// Per group of samples (all of them unless they overflow the L2 budget, see group_size):
-//   1. reduce pass: z = pool(x) per (n, c)  [+ combine kernel when rows are split]
-//   2. hidden:      a = W1 z + b1, h = act(a)       (rows_dot_kernel, rows of W1)
-//   3. gate:        g = W2 h + b2, s = gate(g)      (rows_dot_kernel, rows of W2)
-//   4. map pass:    out = out_act(s * x + residual)
-// Step 4 re-reads the group's x, which step 1 read moments before: with the group sized
-// to half the L2, that second read comes from L2 rather than DRAM, so x costs one DRAM
-// read per forward (the floor of DESIGN.md §2).
-//
-// Alternatives not taken until measured on a GPU (DESIGN.md §3.1): thread-block clusters
-// on sm_90 and L2 eviction hints.
+// Forward kernels of the "cuda" backend. The stages, per group of samples:
+//   reduce: z = pool(x) per (n, c)                      (partials per tile, then combined)
+//   mlp1:   a = W1 z + b1, h = act(a)                   (rows_dot items, rows of W1)
+//   mlp2:   g = W2 h + b2, s = gate(g)                  (rows_dot items, rows of W2)
+//   map:    out = out_act(s * x + residual)
+// The map stage re-reads the group's x soon after the reduce stage read it, so the re-read
+// comes from L2: the pipelined schedule (one persistent kernel, se_cuda_common.cuh) sizes
+// its groups so that everything touched in between fits half the L2; the grouped schedule
+// launches the four stages group after group. DESIGN.md §3.1 compares them.
 #include <cstdlib>
 #include <mutex>
 
@@ -38,16 +34,6 @@ DeviceInfo current_device_info() {
 }
 #endif
 
-int64_t group_size(int64_t N, int64_t bytes_per_sample) {
-  // Read on every call (it is cheap) so tests can force the grouped schedule.
-  const char* env = std::getenv("SE_KERNELS_CUDA_GROUP_BYTES");
-  const int64_t budget = env != nullptr && *env != '\0'
-                             ? std::atoll(env)
-                             : current_device_info().l2_bytes / 2;
-  if (budget <= 0 || N * bytes_per_sample <= budget) return std::max<int64_t>(N, 1);
-  return std::clamp<int64_t>(budget / bytes_per_sample, 1, N);
-}
-
 namespace {
 
 // Pooling: [0] = sum of x, [1] = max of x; finalize writes z (and zmax).
@@ -71,7 +57,8 @@ struct PoolTerms {
   template <int W>
   __device__ Pack<T, W> load(int64_t off) const { return load_pack<W>(x + off); }
   template <int W, int AW>
-  __device__ void fold(A (&acc)[kQ][AW], const Pack<T, W>& e, const A (&)[kChan][AW]) const {
+  __device__ void fold(int64_t, A (&acc)[kQ][AW], const Pack<T, W>& e,
+                       const A (&)[kChan][AW]) const {
 #pragma unroll
     for (int i = 0; i < W; ++i) {
       const A v = to_acc(e.v[i]);
@@ -109,7 +96,7 @@ struct ScaleOp {
   template <int AW>
   __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
 #pragma unroll
-    for (int i = 0; i < AW; ++i) cv[0][i] = s[nc + i];
+    for (int i = 0; i < AW; ++i) cv[0][i] = ld_fresh(s + nc + i);
   }
   template <int W>
   __device__ Loaded<W> load(int64_t off) const {
@@ -131,55 +118,6 @@ struct ScaleOp {
     store_pack<W>(out + off, o);
   }
 };
-
-// out[n, r] = epilogue(sum_k W[r, k] * in[n, k]) for a [R, K] row-major weight and an
-// accumulation-dtype [N, K] input. A group of `lanes` threads takes one row r and kTile
-// samples; the sum runs over k in lane-strided order, then a butterfly across the lanes:
-// the same order for every call of the same shape.
-template <typename T, typename Epilogue>
-__global__ void __launch_bounds__(kThreads)
-    rows_dot_kernel(const T* weight, const acc_t<T>* in, int64_t N, int64_t R, int64_t K,
-                    int lanes, int64_t row_blocks, Epilogue epilogue) {
-  using A = acc_t<T>;
-  const int64_t block = blockIdx.x;
-  const int64_t n0 = (block / row_blocks) * kTile;
-  const int64_t r = (block % row_blocks) * (kThreads / lanes) + threadIdx.x / lanes;
-  const int sub = threadIdx.x % lanes;
-  const int nt = static_cast<int>(min64(kTile, N - n0));
-  A acc[kTile];
-#pragma unroll
-  for (int t = 0; t < kTile; ++t) acc[t] = A(0);
-  if (r < R) {
-    const T* w = weight + r * K;
-    const A* inp = in + n0 * K;
-    for (int64_t k = sub; k < K; k += lanes) {
-      const A wv = to_acc(w[k]);
-#pragma unroll
-      for (int t = 0; t < kTile; ++t)
-        if (t < nt) acc[t] += wv * inp[t * K + k];
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < kTile; ++t)
-    for (int offset = lanes / 2; offset > 0; offset /= 2)
-      acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], offset);
-  if (r < R && sub == 0) {
-#pragma unroll
-    for (int t = 0; t < kTile; ++t)
-      if (t < nt) epilogue(n0 + t, r, acc[t]);
-  }
-}
-
-template <typename T, typename Epilogue>
-void run_rows_dot(const T* weight, const acc_t<T>* in, int64_t N, int64_t R, int64_t K,
-                  const Epilogue& epilogue, cudaStream_t stream) {
-  const int lanes = lanes_for(K);
-  const int64_t row_blocks = ceil_div(R, kThreads / lanes);
-  const int64_t ctas = row_blocks * ceil_div(N, kTile);
-  TORCH_CHECK(ctas <= INT_MAX, "se_kernels: excitation MLP too large for the cuda backend");
-  launch(rows_dot_kernel<T, Epilogue>, ctas, kThreads, stream, weight, in, N, R, K, lanes,
-         row_blocks, epilogue);
-}
 
 // a = sum + b1, h = act(a)
 template <typename T>
@@ -213,61 +151,103 @@ struct GateEpilogue {
   }
 };
 
-// Workspace layout (accumulation dtype): s [N, C], h [N, S], pool partials (kWorkspaceGap
-// apart: nothing on the GPU, guards on the emulator).
-struct ForwardWorkspace {
-  int64_t s, h, partial, total;
+// The forward's pointers, and the stages of one group of n samples from sample n0.
+template <typename T>
+struct ForwardStages {
+  using A = acc_t<T>;
+  const T *x, *residual, *w1, *b1, *w2, *b2;
+  T* out;
+  A *z, *zmax, *a, *g, *s, *h, *partial;
+  int64_t C, P, S, group;
+  Options opt;
+  PassPlan pass;
+  MlpTiling tiling1, tiling2;
+
+  __device__ PoolTerms<T> pool_terms(int64_t n0) const {
+    return {x + n0 * C * P, z + n0 * C, zmax != nullptr ? zmax + n0 * C : nullptr, opt.pool, P};
+  }
+  __device__ A* group_partial(int64_t g) const {
+    return partial + g * 2 * pass.pieces * group * C;
+  }
+  __device__ void reduce(int64_t tile, int64_t gi, int64_t n0, int64_t n) const {
+    reduce_tile<T>(pool_terms(n0), pass, n, C, P, group_partial(gi), tile);
+  }
+  __device__ void combine(int64_t gi, int64_t n0, int64_t n) const {
+    const PoolTerms<T> terms = pool_terms(n0);
+    for (int64_t nc = threadIdx.x; nc < n * C; nc += blockDim.x)
+      combine_one(terms, group_partial(gi), pass.pieces, n * C, nc);
+  }
+  __device__ void mlp1(int64_t item, int64_t n0, int64_t n) const {
+    rows_dot_item(w1, z + n0 * C, n, S, C, tiling1,
+                  HiddenEpilogue<T>{b1, a + n0 * S, h + n0 * S, S, opt.activation}, item);
+  }
+  __device__ void mlp2(int64_t item, int64_t n0, int64_t n) const {
+    rows_dot_item(w2, h + n0 * S, n, C, S, tiling2,
+                  GateEpilogue<T>{b2, g + n0 * C, s + n0 * C, C, opt.gate}, item);
+  }
+  __device__ void map(int64_t tile, int64_t n0, int64_t n) const {
+    const int64_t off = n0 * C * P;
+    const ScaleOp<T> op{x + off, residual != nullptr ? residual + off : nullptr, out + off,
+                        s + n0 * C, opt.out_relu()};
+    map_tile<T>(op, pass, n, C, P, tile);
+  }
 };
-ForwardWorkspace forward_workspace(const Plan& plan, int64_t partial_elems) {
-  const Problem& pb = plan.problem;
-  ForwardWorkspace w;
-  w.s = 0;
-  w.h = w.s + pb.N * pb.C + kWorkspaceGap;
-  w.partial = w.h + pb.N * pb.S + kWorkspaceGap;
-  w.total = w.partial + partial_elems;
-  return w;
-}
 
 template <typename T>
 void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   using A = acc_t<T>;
   const Problem& pb = plan.problem;
   const int64_t N = pb.N, C = pb.C, P = pb.P, S = pb.S;
-  const auto* x = static_cast<const T*>(args.x);
-  const auto* residual = static_cast<const T*>(args.residual);
-  const auto* w1 = static_cast<const T*>(args.w1);
-  const auto* w2 = static_cast<const T*>(args.w2);
-  const auto* b1 = static_cast<const T*>(args.b1);
-  const auto* b2 = static_cast<const T*>(args.b2);
-  auto* out = static_cast<T*>(args.out);
-  auto* z = static_cast<A*>(args.z);
-  auto* zmax = static_cast<A*>(args.zmax);
-  auto* a = static_cast<A*>(args.a);
-  auto* g = static_cast<A*>(args.g);
   auto* ws = static_cast<A*>(args.workspace);
-  const ForwardWorkspace layout = forward_workspace(plan, 0);
-  A* s = ws + layout.s;
-  A* h = ws + layout.h;
-  A* partial = ws + layout.partial;
-  workspace_region("s", s, N * C * sizeof(A));
-  workspace_region("h", h, N * S * sizeof(A));
-  workspace_region("partial", partial, (plan.workspace_elems - layout.partial) * sizeof(A));
+  const WorkspaceLayout layout = workspace_layout(plan, false);
+  ForwardStages<T> st{};
+  st.x = static_cast<const T*>(args.x);
+  st.residual = static_cast<const T*>(args.residual);
+  st.w1 = static_cast<const T*>(args.w1);
+  st.b1 = static_cast<const T*>(args.b1);
+  st.w2 = static_cast<const T*>(args.w2);
+  st.b2 = static_cast<const T*>(args.b2);
+  st.out = static_cast<T*>(args.out);
+  st.z = static_cast<A*>(args.z);
+  st.zmax = static_cast<A*>(args.zmax);
+  st.a = static_cast<A*>(args.a);
+  st.g = static_cast<A*>(args.g);
+  st.s = ws + layout.s;
+  st.h = ws + layout.h;
+  st.partial = ws + layout.partial;
+  st.C = C, st.P = P, st.S = S;
+  st.opt = pb.opt;
+  workspace_region("s", st.s, N * C * sizeof(A));
+  workspace_region("h", st.h, N * S * sizeof(A));
+  workspace_region("partial", st.partial, reduce_partial_elems(plan) * sizeof(A));
 
+  if (plan.schedule == Schedule::Pipelined) {
+    const Pipeline& p = plan.pipe;
+    st.group = p.group;
+    st.pass = p.pass;
+    st.tiling1 = p.mlp1;
+    st.tiling2 = p.mlp2;
+    auto* counters = reinterpret_cast<unsigned*>(ws + layout.counters);
+    workspace_region("counters", counters, p.counters * sizeof(unsigned));
+    run_pipeline(TraceKernel::ForwardPipeline, st, p, N, counters, stream);
+    return;
+  }
   for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
     const int64_t n = std::min(plan.group, N - n0);
-    const int64_t x_off = n0 * C * P;
     const PassPlan pass = plan_pass(n, C, P, pb.channels_last, plan.width, plan.sm_count);
-    TORCH_INTERNAL_ASSERT(layout.partial + partial_elems(pass, n, C, PoolTerms<T>::kQ) <=
-                          plan.workspace_elems);
-
-    const PoolTerms<T> pool{x + x_off, z + n0 * C, zmax ? zmax + n0 * C : nullptr, pb.opt.pool, P};
-    run_reduce<T>(pool, pass, n, C, P, partial, stream);
-    run_rows_dot<T>(w1, z + n0 * C, n, S, C,
-                    HiddenEpilogue<T>{b1, a + n0 * S, h + n0 * S, S, pb.opt.activation}, stream);
-    run_rows_dot<T>(w2, h + n0 * S, n, C, S,
-                    GateEpilogue<T>{b2, g + n0 * C, s + n0 * C, C, pb.opt.gate}, stream);
-    const ScaleOp<T> scale{x + x_off, residual ? residual + x_off : nullptr, out + x_off,
-                           s + n0 * C, pb.opt.out_relu()};
+    const PoolTerms<T> pool{st.x + n0 * C * P, st.z + n0 * C,
+                            st.zmax != nullptr ? st.zmax + n0 * C : nullptr, pb.opt.pool, P};
+    run_reduce<T>(pool, pass, n, C, P, st.partial, stream);
+    const MlpTiling m1 = rows_dot_tiling(S, C, n), m2 = rows_dot_tiling(C, S, n);
+    launch(TraceKernel::Mlp, rows_dot_kernel<T, HiddenEpilogue<T>>, m1.items, kThreads, stream,
+           st.w1, st.z + n0 * C, n, S, C, m1,
+           HiddenEpilogue<T>{st.b1, st.a + n0 * S, st.h + n0 * S, S, pb.opt.activation});
+    launch(TraceKernel::Mlp, rows_dot_kernel<T, GateEpilogue<T>>, m2.items, kThreads, stream,
+           st.w2, st.h + n0 * S, n, C, S, m2,
+           GateEpilogue<T>{st.b2, st.g + n0 * C, st.s + n0 * C, C, pb.opt.gate});
+    const int64_t off = n0 * C * P;
+    const ScaleOp<T> scale{st.x + off, st.residual != nullptr ? st.residual + off : nullptr,
+                           st.out + off, st.s + n0 * C, pb.opt.out_relu()};
     run_map<T>(scale, pass, n, C, P, stream);
   }
 }
@@ -277,19 +257,15 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
 
 Plan plan_forward(const Problem& problem, const ForwardArgs& args) {
   using namespace detail;
-  Plan plan{};
-  plan.problem = problem;
-  const DeviceInfo device = current_device_info();
-  plan.sm_count = device.sm_count;
-  const int64_t row = problem.channels_last ? problem.C : problem.P;
-  dispatch_dtype(problem.dtype, [&](auto tag) {
+  Problem pb = problem;
+  pb.residual = args.residual != nullptr;
+  int width = 1;
+  dispatch_dtype(pb.dtype, [&](auto tag) {
     using T = decltype(tag);
-    plan.width = pass_width<T>(row, {args.x, args.residual, args.out});
+    width = pass_width<T>(pb.channels_last ? pb.C : pb.P, pb.channels_last,
+                          {args.x, args.residual, args.out});
   });
-  const int64_t esize = element_size(problem.dtype);
-  plan.group = group_size(problem.N, problem.C * problem.P * esize);
-  plan.workspace_elems = forward_workspace(plan, group_partial_elems(problem, plan)).total;
-  return plan;
+  return make_plan(pb, false, width, current_device_info());
 }
 
 void launch_forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {

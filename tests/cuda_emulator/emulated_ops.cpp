@@ -174,6 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
     std::string pool, std::string out_activation, bool channels_last,
     std::vector<std::string> misalign) {
   const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
+  se_kernels::cuda::detail::launch_log.clear();
+  se_emu::vector_accesses = 0;
   const auto acc = x_in.options().dtype(x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   GuardedBuffers buffers(std::move(misalign));
   const at::Tensor x = buffers.in(x_in, channels_last, "x");
@@ -216,6 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::string pool, std::string out_activation, bool residual_grad, bool channels_last,
     std::vector<std::string> misalign) {
   const int64_t N = x_in.size(0), C = x_in.size(1), S = w1.size(0);
+  se_kernels::cuda::detail::launch_log.clear();
+  se_emu::vector_accesses = 0;
   const auto acc = z.options();
   const bool relu = out_activation == "relu";
   GuardedBuffers buffers(std::move(misalign));
@@ -260,9 +264,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dx, dw1, db1, dw2, db2, dres};
 }
 
+// The launches of the last forward or backward: (kernel code, CTAs) pairs, as in the trace
+// of se_plan.h.
+std::vector<int64_t> last_launches() { return se_kernels::cuda::detail::launch_log; }
+// How many 16-byte loads and stores the last forward or backward made.
+int64_t last_vector_accesses() { return se_emu::vector_accesses; }
+
 }  // namespace
 
 TORCH_LIBRARY(se_kernels_emu, m) {
+  m.def("last_launches() -> int[]", &last_launches);
+  m.def("last_vector_accesses() -> int", &last_vector_accesses);
   m.def("set_device(int sm_count, int l2_bytes) -> ()", &set_device);
   m.def("set_mode(str fibers, str ctas, int resident, int seed, bool snapshot) -> ()", &set_mode);
   m.def("forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor? residual, "

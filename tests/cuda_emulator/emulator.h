@@ -26,7 +26,10 @@
 //     (checked against the registered buffers' contents when the launch started);
 //   - launch() refuses more threads than production kernels are sized for (kThreads);
 //   - a global atomic needs a __threadfence() earlier in the issuing thread (the emulator
-//     cannot see plain stores, so it checks that the publishing thread fenced at all).
+//     cannot see plain stores, so it checks that the publishing thread fenced at all);
+//   - a spin-wait (load_acquire in a loop) yields to the other resident CTAs; one that
+//     keeps spinning while nothing else makes progress is reported, not left to hang;
+//   - __ldcg (L2) reads must be 16-byte aligned like __ldg, but may read what the launch wrote.
 // What this cannot show: timing, the non-coherent cache itself, store reordering between
 // CTAs, and device numerics; a GPU run (tests/test_cuda.py, with compute-sanitizer's
 // memcheck, racecheck, synccheck and initcheck) is the evidence for those.
@@ -186,7 +189,14 @@ inline char* take_stack() {
 
 inline Fiber& me() { return *launch_state.current; }
 
-inline void yield() { swapcontext(&me().context, &launch_state.scheduler); }
+// Switch points in a row that were spin-wait polls: past kSpinLimit nothing else ran.
+inline int64_t spins = 0;
+constexpr int64_t kSpinLimit = 100000;
+
+inline void yield() {
+  spins = 0;
+  swapcontext(&me().context, &launch_state.scheduler);
+}
 
 inline std::string where(const Fiber& f) {
   return "thread " + std::to_string(f.index.x) + " of CTA " + std::to_string(f.cta->index.x);
@@ -553,12 +563,24 @@ T atomic_rmw(T* p, const char* what, F op) {
   return returned;
 }
 
+// A poll of a spin-wait: other threads and CTAs run first.
+inline unsigned load_acquire(const unsigned* p) {
+  TORCH_CHECK(++spins <= kSpinLimit, "emulator: ", where(me()), " spins on a counter that "
+              "no resident CTA will advance (a wait on work no running CTA holds)");
+  swapcontext(&me().context, &launch_state.scheduler);
+  return *p;
+}
+
 inline void thread_fence() {
   ++me().fences;
   yield();
 }
 
+// 16-byte accesses since the count was last reset (tests check the vector path is taken).
+inline int64_t vector_accesses = 0;
+
 inline void check_vector_access(const void* p, const char* what) {
+  ++vector_accesses;
   const auto a = reinterpret_cast<uintptr_t>(p);
   TORCH_CHECK(a % 16 == 0, "emulator: misaligned 16-byte ", what, " by ", where(me()), " at ",
               describe(a), ": address % 16 = ", a % 16);
@@ -588,6 +610,13 @@ inline uint4 __ldg(const uint4* p) {
   se_emu::launch_state.ldg_reads.push_back(reinterpret_cast<uintptr_t>(p));
   return *p;
 }
+inline uint4 __ldcg(const uint4* p) {
+  se_emu::check_vector_access(p, "load");
+  return *p;
+}
+inline float __ldcg(const float* p) { return *p; }
+inline double __ldcg(const double* p) { return *p; }
+inline unsigned short __ldcg(const unsigned short* p) { return *p; }
 inline void __stwb(uint4* p, uint4 v) {
   se_emu::check_vector_access(p, "store");
   *p = v;
@@ -615,6 +644,9 @@ T atomicCAS(T* p, T compare, T v) {
 
 namespace se_kernels::cuda::detail {
 
+using ::se_emu::load_acquire;
+inline void spin_pause() {}
+
 // Extra workspace elements between the buffers a workspace holds: the emulator leaves them
 // NaN and checks them afterwards, so an over-read or over-write of one buffer shows.
 constexpr int64_t kWorkspaceGap = 64;
@@ -622,10 +654,14 @@ inline void workspace_region(const char* name, const void* begin, int64_t bytes)
   if (bytes > 0) se_emu::add_buffer(std::string("workspace.") + name, begin, bytes);
 }
 
+// Every launch since the log was last cleared: (kernel code of the plan's trace, CTAs).
+inline std::vector<int64_t> launch_log;
+
 // kernel(args...) on the emulator: the launch of se_cuda_common.cuh without `<<<>>>`.
-template <typename... Params, typename... Args>
-void emulated_launch(void (*kernel)(Params...), int64_t ctas, int threads,
+template <typename What, typename... Params, typename... Args>
+void emulated_launch(What what, void (*kernel)(Params...), int64_t ctas, int threads,
                      const Args&... args) {
+  launch_log.insert(launch_log.end(), {static_cast<int64_t>(what), ctas});
   struct Call {
     void (*kernel)(Params...);
     std::tuple<Params...> params;

@@ -23,7 +23,13 @@
 
 namespace {
 
-using se_kernels::cuda::detail::launch;
+// The production launch path; planted kernels are in no plan's trace, so their code is moot.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int64_t ctas, int threads, cudaStream_t stream,
+            const Args&... args) {
+  se_kernels::cuda::detail::launch(se_kernels::cuda::detail::TraceKernel::Map, kernel, ctas,
+                                   threads, stream, args...);
+}
 constexpr int kThreads = se_kernels::cuda::detail::kThreads;
 constexpr int64_t kElems = 4096;
 
@@ -137,6 +143,14 @@ __global__ void last_cta_sum(const float* in, float* partial, unsigned* counter,
   }
 }
 
+// Waits for a counter that no CTA advances: on a GPU, a hang.
+__global__ void spin_forever(const unsigned* counter) {
+  using se_kernels::cuda::detail::load_acquire, se_kernels::cuda::detail::spin_pause;
+  if (threadIdx.x == 0)
+    while (load_acquire(counter) < 1u) spin_pause();
+  __syncthreads();
+}
+
 at::Tensor planted(const std::string& name) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor in = at::arange(kElems, f32);
@@ -155,6 +169,7 @@ at::Tensor planted(const std::string& name) {
   const int64_t ctas = kElems / kThreads;
   float* part = partial.mutable_data_ptr<float>();
   const std::map<std::string, std::function<void()>> kernels = {
+      {"spin_forever", [&] { launch(spin_forever, 2, kThreads, nullptr, ticket); }},
       {"warp_sum", [&] { launch(warp_sum, 1, kThreads, nullptr, x, y, false, false); }},
       {"warp_sum_down", [&] { launch(warp_sum, 1, kThreads, nullptr, x, y, false, true); }},
       {"warp_sum_lane_exits", [&] { launch(warp_sum, 1, kThreads, nullptr, x, y, true, false); }},
