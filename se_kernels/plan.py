@@ -172,17 +172,21 @@ class PlanUnavailable(RuntimeError):
     """The backend's planning code cannot run here (the message says why)."""
 
 
-def cuda_trace(call: PlanCall, gpu: GpuProfile, backward: bool) -> list[Launch]:
+def cuda_schedule_op():
+    """se_kernels::cuda_schedule from the compiled extension (PlanUnavailable if missing)."""
     from .backends import native
 
     if native.EXTENSION_ERROR is not None:
         raise PlanUnavailable(f"the cuda plan needs the compiled extension: {native.EXTENSION_ERROR}")
     try:
-        schedule = torch.ops.se_kernels.cuda_schedule
+        return torch.ops.se_kernels.cuda_schedule
     except (AttributeError, RuntimeError):
         raise PlanUnavailable("the loaded extension se_kernels._C has no cuda_schedule op: "
                               "rebuild it from this source") from None
-    codes = schedule(call.n, call.c, call.p, call.squeeze, call.element_size, call.channels_last,
+
+
+def cuda_trace(call: PlanCall, gpu: GpuProfile, backward: bool) -> list[Launch]:
+    codes = cuda_schedule_op()(call.n, call.c, call.p, call.squeeze, call.element_size, call.channels_last,
                      call.residual, call.pool, call.out_relu, backward, gpu.sm_count, gpu.l2_bytes)
     return decode_cuda_trace(codes)
 

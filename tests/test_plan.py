@@ -134,3 +134,33 @@ def test_plan_command_rejects_a_bad_shape(capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", "--backend", "triton", "--shape", "8,64,14"])
     assert "--shape must be N,C,H,W" in capsys.readouterr().err
+
+
+def test_plan_command_for_cuda(capsys):
+    """The cuda backend's plan, decoded from the extension's cuda_schedule op."""
+    from se_kernels.backends import native
+
+    if native.EXTENSION_ERROR is not None:
+        pytest.skip(f"no compiled extension: {native.EXTENSION_ERROR}")
+    call = plan.PlanCall(32, 2048, 7, 7, 128, torch.bfloat16, False, residual=True, out_relu=True)
+    trace = plan.cuda_trace(call, plan.GPUS["h200"], backward=False)
+    assert trace and all(launch.kernel in PLAN_KERNELS and launch.programs > 0 for launch in trace)
+    assert {access.tensor for launch in trace for access in launch.accesses} >= {"x", "residual", "out"}
+    assert cli.main(["plan", "--backend", "cuda", "--shape", "32,2048,7,7", "--layout", "nchw",
+                     "--residual", "--out-activation", "relu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    x = 32 * 2048 * 49 * 2
+    assert (result["forward"]["floor_bytes"], result["backward"]["floor_bytes"]) == (3 * x, 5 * x)
+    assert result["forward"]["dram_bytes"] >= 3 * x and result["backward"]["dram_bytes"] >= 5 * x
+
+
+def test_plan_command_says_why_a_plan_cannot_be_made(capsys, monkeypatch):
+    def missing():
+        raise plan.PlanUnavailable("the loaded extension se_kernels._C has no cuda_schedule op")
+
+    monkeypatch.setattr(plan, "cuda_schedule_op", missing)
+    assert cli.main(["plan", "--backend", "cuda", "--shape", "2,8,4,4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("se-kernels plan: the loaded extension se_kernels._C has no "
+                            "cuda_schedule op\n")
