@@ -90,7 +90,7 @@ class PlanCall:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def x_bytes(self) -> int:

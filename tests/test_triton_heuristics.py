@@ -74,6 +74,23 @@ def test_pass_config_choices():
     assert heuristics.pass_config(256, 256, 3136, False, 2, gpu).splits == 1
 
 
+def test_map_walk_direction():
+    """The map pass walks backwards once the reduction pass alone overflows the half of the
+    L2 the model allows, and forwards while the whole call re-reads from L2."""
+    gpu = heuristics.GPU_PROFILE  # 50 MiB of L2: a 25 MiB window
+    mib = 2**20
+    # 8 samples of 1 MiB, x read then x + out: 8 + 2 * 7 + 1 = 23 MiB for the last sample.
+    assert not heuristics.map_walks_backwards(8, mib, 2 * mib, mib, gpu)
+    # 16 samples: forwards, the 16 MiB reduction leaves room for (25 - 16 - 1) / 1 + 1 = 9
+    # samples; backwards, (25 - 2) / 3 + 1 = 8. Forwards still.
+    assert not heuristics.map_walks_backwards(16, mib, 2 * mib, mib, gpu)
+    # 20 samples: forwards 5, backwards 8.
+    assert heuristics.map_walks_backwards(20, mib, 2 * mib, mib, gpu)
+    # ResNet-50's first SE at N = 256 (1.6 MB a sample): nothing hits forwards.
+    sample = 256 * 56 * 56 * 2
+    assert heuristics.map_walks_backwards(256, sample, 3 * sample, sample, gpu)
+
+
 def test_configs_are_cached():
     """A shape seen before costs a dictionary lookup: no search, no benchmark."""
     gpu = heuristics.GPU_PROFILE

@@ -19,7 +19,8 @@ from triton_support import DEVICE, backward_args
 TINY = dict(sm_count=4, tile_bytes=256, elems_per_thread=4, contiguous_max=16,
             programs_per_sm=2, min_tiles_per_piece=2, mlp_tile=256, mlp_block_max=4,
             mlp_inner_max=8, max_warps=4, min_row_bytes=1 << 20,
-            partial_share=1.0)  # H*W is split rather than the channel blocks cut
+            partial_share=1.0,  # H*W is split rather than the channel blocks cut
+            l2_bytes=1 << 15)  # the map passes of the larger cases walk backwards
 
 SMALL_TILE_CASES = [
     Case(n=3, c=37, h=6, w=7, s=9, pool="avgmax", residual=True, out_activation="relu"),
@@ -61,6 +62,30 @@ def test_int64_indexing_path(driver, monkeypatch):
     finally:
         monkeypatch.undo()
         driver.forget_plans()
+
+
+@pytest.mark.parametrize("backwards", [False, True], ids=["forwards", "backwards"])
+def test_map_passes_walk_either_way(driver, monkeypatch, backwards):
+    """The map passes give the same results whichever way their programs walk x."""
+    walks = []
+    launch = driver._launch
+
+    def recording_launch(kernel, programs, *args, **meta):
+        if "BACKWARDS" in meta:
+            walks.append(meta["BACKWARDS"])
+        launch(kernel, programs, *args, **meta)
+
+    monkeypatch.setattr(driver, "_launch", recording_launch)
+    monkeypatch.setattr(driver, "map_walks_backwards", lambda *args: backwards)
+    driver.forget_plans()
+    try:
+        for layout in ("nchw", "channels_last"):
+            check_against_reference(Case(n=3, c=6, h=3, w=5, s=2, pool="avgmax", residual=True,
+                                         out_activation="relu", layout=layout), DEVICE, "triton")
+    finally:
+        monkeypatch.undo()
+        driver.forget_plans()
+    assert walks and set(walks) == {backwards}
 
 
 def test_runs_are_bit_identical(driver, tiny_tiles):

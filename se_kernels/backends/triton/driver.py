@@ -23,7 +23,8 @@ import torch
 from ..._ops import accumulate_dtype
 from ...vocabulary import AVG, MAX, OUT_RELU, code
 from . import interpreter
-from .heuristics import DeviceProfile, device_profile, mlp_config, pass_config, weight_grad_config
+from .heuristics import (DeviceProfile, device_profile, map_walks_backwards, mlp_config, pass_config,
+                         weight_grad_config)
 from .kernels import (_excite_fc_backward_kernel, _excite_fc_kernel, _grad_input_kernel,
                       _grad_reduce_kernel, _pool_kernel, _scale_kernel,
                       _squeeze_fc_backward_kernel, _squeeze_fc_kernel, _weight_grad_kernel)
@@ -92,41 +93,42 @@ def _view(shape: tuple[int, ...], channels_last: bool) -> _View:
 class _Launch:
     """A kernel launch as planned: its grid, the integer arguments after its tensors, and
     its constexprs and launch options."""
-    kernel: object
     programs: int
     scalars: tuple
     meta: dict
 
 
-def _map_launch(kernel, view: _View, cfg, total: int, **constexprs) -> _Launch:
+def _map_launch(view: _View, cfg, total: int, backwards: bool, **constexprs) -> _Launch:
     """The map pass (_scale_kernel, _grad_input_kernel): flat blocks for NCHW, tiles for
-    channels-last (kernels._map_program)."""
+    channels-last, walked in either direction (kernels._map_program)."""
     flat = cfg.flat_block > 0
     if flat:
-        programs, block_c, block_p, warps = math.ceil(total / cfg.flat_block), 1, cfg.flat_block, cfg.flat_warps
+        programs = math.ceil(total / cfg.flat_block)
+        block_c, block_p, warps = 1, cfg.flat_block, cfg.flat_warps
     else:
-        programs = view.groups * math.ceil(view.channels / cfg.block_c) * math.ceil(view.p / cfg.block_p)
+        programs = (view.groups * math.ceil(view.channels / cfg.block_c)
+                    * math.ceil(view.p / cfg.block_p))
         block_c, block_p, warps = cfg.block_c, cfg.block_p, cfg.num_warps
-    return _Launch(kernel, programs,
+    return _Launch(programs,
                    (view.channels, view.p, total, view.stride_n, view.stride_c, view.stride_p),
-                   dict(constexprs, BLOCK_C=block_c, BLOCK_P=block_p, FLAT=flat, WIDE=view.wide,
-                        num_warps=warps))
+                   dict(constexprs, BLOCK_C=block_c, BLOCK_P=block_p, FLAT=flat,
+                        BACKWARDS=backwards, WIDE=view.wide, num_warps=warps))
 
 
-def _reduce_launch(kernel, view: _View, cfg, **constexprs) -> _Launch:
+def _reduce_launch(view: _View, cfg, **constexprs) -> _Launch:
     """The reduction pass (_pool_kernel, _grad_reduce_kernel)."""
-    return _Launch(kernel, view.groups * math.ceil(view.channels / cfg.block_c) * cfg.splits,
+    return _Launch(view.groups * math.ceil(view.channels / cfg.block_c) * cfg.splits,
                    (view.groups, view.channels, view.p, view.stride_n, view.stride_c,
                     view.stride_p, cfg.p_per_split, cfg.splits),
                    dict(constexprs, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, WIDE=view.wide,
                         num_warps=cfg.num_warps))
 
 
-def _mlp_launch(kernel, programs: int, cfg, scalars: tuple, names: tuple[str, str, str],
+def _mlp_launch(programs: int, cfg, scalars: tuple, names: tuple[str, str, str],
                 **constexprs) -> _Launch:
     """An MLP kernel, its [block_n, block_m, block_k] tile under the kernel's own names."""
     blocks = dict(zip(names, (cfg.block_n, cfg.block_m, cfg.block_k)))
-    return _Launch(kernel, programs, scalars, dict(constexprs, **blocks, num_warps=cfg.num_warps))
+    return _Launch(programs, scalars, dict(constexprs, **blocks, num_warps=cfg.num_warps))
 
 
 def _dense(*shape: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -168,22 +170,26 @@ def _forward_plan(shape, s, dtype, channels_last, has_residual, has_b1, has_b2, 
     use_max = pool != AVG
     view = _view(shape, channels_last)
     total = n * c * view.p
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
+    sample = c * view.p * elem  # bytes of one sample of x
     cfg = pass_config(n, c, view.p, channels_last, elem, profile)
     launches = ()
     if n > 0:
         fc1 = mlp_config(n, s, c, acc.itemsize, profile)
         fc2 = mlp_config(n, c, s, acc.itemsize, profile)
         launches = (
-            _reduce_launch(_pool_kernel, view, cfg, USE_MAX=use_max),
-            _mlp_launch(_squeeze_fc_kernel, math.ceil(n / fc1.block_n) * math.ceil(s / fc1.block_m),
+            _reduce_launch(view, cfg, USE_MAX=use_max),
+            _mlp_launch(math.ceil(n / fc1.block_n) * math.ceil(s / fc1.block_m),
                         fc1, (n, c, s, view.p, cfg.splits, n * c), ("BLOCK_N", "BLOCK_S", "BLOCK_C"),
                         POOL=code("pool", pool), HAS_BIAS=has_b1),
-            _mlp_launch(_excite_fc_kernel, math.ceil(n / fc2.block_n) * math.ceil(c / fc2.block_m),
+            _mlp_launch(math.ceil(n / fc2.block_n) * math.ceil(c / fc2.block_m),
                         fc2, (n, c, s), ("BLOCK_N", "BLOCK_C", "BLOCK_S"),
                         ACT=code("activation", activation), HAS_BIAS=has_b2),
-            _map_launch(_scale_kernel, view, cfg, total, GATE=code("gate", gate),
-                        HAS_RESIDUAL=has_residual, OUT_RELU=out_activation == OUT_RELU),
+            # x read, then x (+ residual) read again and out written
+            _map_launch(view, cfg, total,
+                        map_walks_backwards(n, sample, (2 + has_residual) * sample, sample, profile),
+                        GATE=code("gate", gate), HAS_RESIDUAL=has_residual,
+                        OUT_RELU=out_activation == OUT_RELU),
         )
     return _ForwardPlan((shape, _strides(shape, channels_last)), acc, _dense(n, c), _dense(n, s),
                         _dense(n, c) if use_max else _dense(0), _dense(cfg.splits, n * c),
@@ -257,24 +263,30 @@ def _backward_plan(shape, s, dtype, channels_last, activation, gate, pool, out_a
     write_dres = out_relu and residual_grad
     view = _view(shape, channels_last)
     total = n * c * view.p
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
+    sample = c * view.p * elem  # bytes of one sample of x
+    reread = (1 + out_relu + use_max) * sample
     cfg = pass_config(n, c, view.p, channels_last, elem, profile)
     bwd2 = mlp_config(n, s, c, acc.itemsize, profile)
     wg = weight_grad_config(n, c, s, acc.itemsize, profile)
     bwd1 = mlp_config(n, c, s, acc.itemsize, profile)
     launches = (
-        _reduce_launch(_grad_reduce_kernel, view, cfg, OUT_RELU=out_relu, USE_MAX=use_max),
-        _mlp_launch(_excite_fc_backward_kernel, math.ceil(n / bwd2.block_n) * math.ceil(s / bwd2.block_m),
+        _reduce_launch(view, cfg, OUT_RELU=out_relu, USE_MAX=use_max),
+        _mlp_launch(math.ceil(n / bwd2.block_n) * math.ceil(s / bwd2.block_m),
                     bwd2, (n, c, s, cfg.splits, n * c), ("BLOCK_N", "BLOCK_S", "BLOCK_C"),
                     ACT=code("activation", activation), GATE=code("gate", gate)),
-        _mlp_launch(_weight_grad_kernel, 2 * math.ceil(c / wg.block_m) * math.ceil(s / wg.block_k),
+        _mlp_launch(2 * math.ceil(c / wg.block_m) * math.ceil(s / wg.block_k),
                     wg, (n, c, s), ("BLOCK_N", "BLOCK_C", "BLOCK_S"),
                     ACT=code("activation", activation)),
-        _mlp_launch(_squeeze_fc_backward_kernel, math.ceil(n / bwd1.block_n) * math.ceil(c / bwd1.block_m),
+        _mlp_launch(math.ceil(n / bwd1.block_n) * math.ceil(c / bwd1.block_m),
                     bwd1, (n, c, s, view.p, cfg.splits, n * c), ("BLOCK_N", "BLOCK_C", "BLOCK_S"),
                     POOL=code("pool", pool)),
-        _map_launch(_grad_input_kernel, view, cfg, total, GATE=code("gate", gate),
-                    OUT_RELU=out_relu, HAS_AVG=has_avg, USE_MAX=use_max, WRITE_DRES=write_dres),
+        # grad_out, x (+ out) read; grad_out (+ out, + x for max) read again, dx (+ dres) written
+        _map_launch(view, cfg, total,
+                    map_walks_backwards(n, (2 + out_relu) * sample, reread + (1 + write_dres) * sample,
+                                        reread, profile),
+                    GATE=code("gate", gate), OUT_RELU=out_relu, HAS_AVG=has_avg,
+                    USE_MAX=use_max, WRITE_DRES=write_dres),
     )
     return _BackwardPlan((shape, _strides(shape, channels_last)), acc, _dense(n, c), _dense(n, s),
                          _dense(cfg.splits, n * c), _dense(s, c), _dense(c, s), _dense(s),

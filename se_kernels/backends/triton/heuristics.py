@@ -57,6 +57,7 @@ class DeviceProfile:
     max_warps: int
     min_row_bytes: int = 128      # smallest row (channels-last) or tile (NCHW) when cutting blocks
     partial_share: float = 1 / 32  # most bytes of partial sums per byte of x
+    l2_bytes: int = 50 * 2**20    # the L2 the map passes' walking order plans for
 
     def __hash__(self) -> int:  # part of every call's plan key: hash the fields once
         return self._hash
@@ -158,6 +159,25 @@ def _warps(elements: int, profile: DeviceProfile) -> int:
     return max(1, min(profile.max_warps, elements // (32 * profile.elems_per_thread)))
 
 
+def map_walks_backwards(samples: int, first: int, second: int, reread: int,
+                        profile: DeviceProfile) -> bool:
+    """Whether the map pass should walk the samples last to first. Per sample, the reduction
+    pass touches `first` bytes, the map pass `second`, of which `reread` are re-reads of the
+    reduction's. A re-read hits L2 when at most half the L2 was touched since the first read
+    (se_kernels.plan's model). Walking forwards, sample k waits for the reduction's rest
+    and the map pass's first k samples: all hit when the call is small, none once the
+    reduction alone fills the window. Walking backwards, the last samples hit whatever the
+    batch. The MLP's bytes in between are small and left out."""
+    window = profile.l2_bytes // 2
+
+    def hits(limit: float, per_sample: int) -> int:
+        return max(0, min(samples, math.floor(limit / per_sample) + 1 if limit >= 0 else 0))
+
+    forwards = hits(window - reread - samples * first, max(1, second - first))
+    backwards = hits(window - reread - first, first + second)
+    return backwards > forwards
+
+
 def _square_tiles(rows: int, cols: int, inner: int, inner_max: int, acc_size: int,
                   profile: DeviceProfile, programs_per_tile: int = 1) -> tuple[int, int, int]:
     """[block_rows, block_cols] output tiles with a block_inner third axis, within the
@@ -204,7 +224,8 @@ def weight_grad_config(n: int, c: int, s: int, acc_size: int,
 @functools.lru_cache(maxsize=16)
 def _cuda_profile(index: int) -> DeviceProfile:
     props = torch.cuda.get_device_properties(index)
-    return dataclasses.replace(GPU_PROFILE, sm_count=props.multi_processor_count)
+    return dataclasses.replace(GPU_PROFILE, sm_count=props.multi_processor_count,
+                               l2_bytes=getattr(props, "L2_cache_size", GPU_PROFILE.l2_bytes))
 
 
 def device_profile(device: torch.device) -> DeviceProfile:

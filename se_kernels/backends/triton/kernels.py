@@ -131,15 +131,18 @@ def _piece_program(channels, P, p_per_split, splits, BLOCK_C: tl.constexpr,
 @triton.jit
 def _map_program(channels, P, total, stride_n, stride_c, stride_p,
                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
-                 WIDE: tl.constexpr):
+                 BACKWARDS: tl.constexpr, WIDE: tl.constexpr):
     """A map pass's program: the indices into [N*C] vectors of its elements and their mask,
     shaped to broadcast against its offsets into x and their mask.
 
-    Programs walk the tensor from its end to its start: the reduction pass before walked it
-    from start to end, so the first programs here find its last bytes in L2. FLAT (NCHW):
-    the programs take BLOCK_P consecutive elements of the flat N*C*P run, so loads and
-    stores are 16-byte vectors whatever H*W is; otherwise a [BLOCK_C, BLOCK_P] tile."""
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    BACKWARDS: the programs walk the tensor from its end to its start, so the first ones
+    find in L2 what the reduction pass before read last (heuristics.map_walks_backwards).
+    FLAT (NCHW): the programs take BLOCK_P consecutive elements of the flat N*C*P run, so
+    loads and stores are 16-byte vectors whatever H*W is; otherwise a [BLOCK_C, BLOCK_P]
+    tile."""
+    pid = tl.program_id(0)
+    if BACKWARDS:
+        pid = tl.num_programs(0) - 1 - pid
     if WIDE:  # x has 2**31 elements or more: index in int64
         pid = pid.to(tl.int64)
     if FLAT:
@@ -200,14 +203,15 @@ def _scale_kernel(
     x_ptr, res_ptr, out_ptr, g_ptr,
     channels, P, total, stride_n, stride_c, stride_p,
     GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr, BACKWARDS: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """out = out_act(gate(g) * x + residual) on one block of x (_map_program). This is the
     last use of x and the only one of the residual and out: evict_first keeps them from
     pushing out of L2 what the programs still to come re-read."""
     acc_t = g_ptr.dtype.element_ty
     chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
-                                            BLOCK_C, BLOCK_P, FLAT, WIDE)
+                                            BLOCK_C, BLOCK_P, FLAT, BACKWARDS, WIDE)
     s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
     y = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t) * s
     if HAS_RESIDUAL:
@@ -257,13 +261,13 @@ def _grad_input_kernel(
     channels, P, total, stride_n, stride_c, stride_p,
     GATE: tl.constexpr, OUT_RELU: tl.constexpr, HAS_AVG: tl.constexpr, USE_MAX: tl.constexpr,
     WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
-    WIDE: tl.constexpr,
+    BACKWARDS: tl.constexpr, WIDE: tl.constexpr,
 ):
     """dx = dy * s + dx_avg + [x == zmax] * dx_max on one block (_map_program); dresidual =
     dy. Last uses and writes: evict_first (see _scale_kernel)."""
     acc_t = g_ptr.dtype.element_ty
     chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
-                                            BLOCK_C, BLOCK_P, FLAT, WIDE)
+                                            BLOCK_C, BLOCK_P, FLAT, BACKWARDS, WIDE)
     dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_first")
     s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
     dx = dy * s

@@ -6,9 +6,9 @@ plan launch whose accesses come from the kernel's actual arguments: ACCESSES say
 pointer parameters a kernel reads and writes, in the order a program touches them, and the
 arguments say which tensor each one is and, for the x-sized streams, which samples the
 launch walks. The streams are listed per sample, interleaved as a program touches them
-(reads, then writes), in the order the programs walk the samples: first to last, except for
-the map passes (BACKWARDS_WALK, kernels._map_program); the [N, C] vectors and weights are
-read whole before the streams and written whole after them.
+(reads, then writes), in the order the programs walk the samples: first to last, or last
+to first for a map pass launched with BACKWARDS (kernels._map_program); the [N, C] vectors
+and weights are read whole before the streams and written whole after them.
 """
 
 from __future__ import annotations
@@ -70,17 +70,13 @@ ACCESSES = {
 }
 
 
-# The map passes' programs walk x from its end to its start.
-BACKWARDS_WALK = ("_scale_kernel", "_grad_input_kernel")
-
-
 def kernel_name(kernel) -> str:
     return getattr(kernel, "fn", kernel).__name__
 
 
 def device_profile_for(gpu: GpuProfile) -> DeviceProfile:
     """The launch heuristics' profile of a plan's GPU."""
-    return dataclasses.replace(GPU_PROFILE, sm_count=gpu.sm_count)
+    return dataclasses.replace(GPU_PROFILE, sm_count=gpu.sm_count, l2_bytes=gpu.l2_bytes)
 
 
 def record(call: PlanCall, profile: DeviceProfile, device: str = "cuda"):
@@ -111,9 +107,22 @@ def record(call: PlanCall, profile: DeviceProfile, device: str = "cuda"):
     return forward, backward, names
 
 
-def _accesses(kernel, args, meta, names, bases) -> list[Access]:
-    """A launch's accesses; `bases` places every [N, C] vector and weight at its own offset
-    in "scratch" or "weights" (filled as tensors are met)."""
+class _Places:
+    """Where each [N, C] vector and weight lies in its trace tensor ("scratch" or
+    "weights"): storages one after another, in the order they are first met."""
+
+    def __init__(self):
+        self.base: dict = {}
+        self.end: dict[str, int] = {}
+
+    def __call__(self, name: str, storage: StorageWeakRef, nbytes: int) -> int:
+        if storage not in self.base:
+            self.base[storage] = self.end.get(name, 0)
+            self.end[name] = self.base[storage] + nbytes
+        return self.base[storage]
+
+
+def _accesses(kernel, args, meta, names, places: _Places) -> list[Access]:
     bound = dict(zip(kernel.arg_names, args))
     before, streams, after = [], [], []
     for param, write, when in ACCESSES[kernel_name(kernel)]:
@@ -128,30 +137,22 @@ def _accesses(kernel, args, meta, names, bases) -> list[Access]:
         nbytes = tensor.numel() * tensor.element_size()
         if name in STREAMS:
             streams.append((name, offset, nbytes, write))
-            continue
-        if storage not in bases:
-            used = [end for other, (kind, end) in bases.items() if kind == name]
-            bases[storage] = (name, max(used, default=0) + tensor.untyped_storage().nbytes())
-        kind, end = bases[storage]
-        base = end - tensor.untyped_storage().nbytes()
-        (after if write else before).append(Access(name, base + offset, nbytes, write))
+        else:
+            offset += places(name, storage, tensor.untyped_storage().nbytes())
+            (after if write else before).append(Access(name, offset, nbytes, write))
+    streams.sort(key=lambda stream: stream[3])  # a program reads, then writes
     samples = int(bound["x_ptr"].shape[0]) if streams else 0
-    walked = []
     order = range(samples)
-    if kernel_name(kernel) in BACKWARDS_WALK:
+    if meta.get("BACKWARDS"):
         order = reversed(order)
-    for sample in order:
-        for name, offset, nbytes, write in sorted(streams, key=lambda s: s[3]):
-            per = nbytes // samples
-            walked.append(Access(name, offset + sample * per, per, write))
+    walked = [Access(name, offset + sample * (nbytes // samples), nbytes // samples, write)
+              for sample in order for name, offset, nbytes, write in streams]
     return before + walked + after
 
 
 def schedule_trace(call: PlanCall, profile: DeviceProfile, backward: bool) -> list[Launch]:
-    forward_launches, backward_launches, names = record(call, profile)
-    bases: dict = {}
-    trace = []
-    for kernel, programs, args, meta in (backward_launches if backward else forward_launches):
-        trace.append(Launch(kernel_name(kernel), programs,
-                            _accesses(kernel, args, meta, names, bases)))
-    return trace
+    """The plan trace of `call`'s forward or backward, planned with `profile`."""
+    forward, backward_launches, names = record(call, profile)
+    places = _Places()
+    return [Launch(kernel_name(kernel), programs, _accesses(kernel, args, meta, names, places))
+            for kernel, programs, args, meta in (backward_launches if backward else forward)]
