@@ -421,9 +421,19 @@ inline void trace_weight_grads(const Plan& plan, Trace& t) {
   t.access(TraceTensor::Weights, 0, 2 * weights + (pb.C + pb.S) * esize, true);
 }
 
-// What the stages of one group of n samples starting at sample n0 touch.
-inline void trace_stage(const Plan& plan, bool backward, int stage, int64_t n0, int64_t n,
-                        Trace& t) {
+// The reduce tiles' partial sums, 2 per (piece, sample, channel): written by the tiles,
+// read back by the combine (every pipelined group; a grouped one whose rows are split).
+inline void trace_partials(const Plan& plan, const PassPlan& pass, int64_t n0, int64_t n,
+                           bool write, Trace& t) {
+  if (plan.schedule == Schedule::Grouped && pass.pieces == 1) return;
+  const int64_t per_sample = 2 * pass.pieces * plan.problem.C * acc_size(plan.problem.dtype);
+  const int64_t at = plan.schedule == Schedule::Pipelined ? n0 * per_sample : 0;  // own or reused
+  t.access(TraceTensor::Scratch, at, n * per_sample, write);
+}
+
+// What the stages of one group of n samples starting at sample n0, tiled by `pass`, touch.
+inline void trace_stage(const Plan& plan, bool backward, int stage, const PassPlan& pass,
+                        int64_t n0, int64_t n, Trace& t) {
   const Problem& pb = plan.problem;
   const int64_t plane = pb.C * pb.P * element_size(pb.dtype);
   const int64_t off = n0 * plane, bytes = n * plane;
@@ -441,6 +451,7 @@ inline void trace_stage(const Plan& plan, bool backward, int stage, int64_t n0, 
         if (relu) t.access(TT::Out, off, bytes, false);
         if (pipelined && dres) t.access(TT::Dresidual, off, bytes, true);
       }
+      trace_partials(plan, pass, n0, n, true, t);
       break;
     case kMlp1:
     case kMlp2:
@@ -483,24 +494,28 @@ inline std::vector<int64_t> trace(const Plan& plan, bool backward) {
       for (int s = 0; s < kStages; ++s) {
         const int64_t g = k - p.stage_lag(s);
         if (g < 0 || g >= p.groups) continue;
-        const int64_t n0 = g * p.group;
-        trace_stage(plan, backward, s, n0, std::min(p.group, pb.N - n0), t);
+        const int64_t n0 = g * p.group, n = std::min(p.group, pb.N - n0);
+        trace_stage(plan, backward, s, p.pass, n0, n, t);
+        if (s == kReduce) trace_partials(plan, p.pass, n0, n, false, t);  // the combine
       }
   } else {
     for (int64_t n0 = 0; n0 < pb.N; n0 += plan.group) {
       const int64_t n = std::min(plan.group, pb.N - n0);
       const PassPlan pass = plan_pass(n, pb.C, pb.P, pb.channels_last, plan.width, plan.sm_count);
       t.launch(TraceKernel::Reduce, pass.ctas);
-      trace_stage(plan, backward, kReduce, n0, n, t);
-      if (pass.pieces > 1) t.launch(TraceKernel::Combine, ceil_div(n * pb.C, kThreads));
+      trace_stage(plan, backward, kReduce, pass, n0, n, t);
+      if (pass.pieces > 1) {
+        t.launch(TraceKernel::Combine, ceil_div(n * pb.C, kThreads));
+        trace_partials(plan, pass, n0, n, false, t);
+      }
       const MlpTiling m1 = backward ? cols_dot_tiling(pb.S, n) : rows_dot_tiling(pb.S, pb.C, n);
       const MlpTiling m2 = backward ? cols_dot_tiling(pb.C, n) : rows_dot_tiling(pb.C, pb.S, n);
       t.launch(TraceKernel::Mlp, m1.items);
-      trace_stage(plan, backward, kMlp1, n0, n, t);
+      trace_stage(plan, backward, kMlp1, pass, n0, n, t);
       t.launch(TraceKernel::Mlp, m2.items);
-      trace_stage(plan, backward, kMlp2, n0, n, t);
+      trace_stage(plan, backward, kMlp2, pass, n0, n, t);
       t.launch(TraceKernel::Map, pass.ctas);
-      trace_stage(plan, backward, kMap, n0, n, t);
+      trace_stage(plan, backward, kMap, pass, n0, n, t);
     }
   }
   if (backward) trace_weight_grads(plan, t);
