@@ -26,8 +26,8 @@ from . import interpreter
 from .heuristics import (DeviceProfile, device_profile, map_walks_backwards, mlp_config, pass_config,
                          weight_grad_config)
 from .kernels import (_excite_fc_backward_kernel, _excite_fc_kernel, _grad_input_kernel,
-                      _grad_reduce_kernel, _pool_kernel, _scale_kernel,
-                      _squeeze_fc_backward_kernel, _squeeze_fc_kernel, _weight_grad_kernel)
+                      _grad_reduce_kernel, _mlp_grads_kernel, _pool_kernel, _scale_kernel,
+                      _squeeze_fc_kernel)
 
 INTERPRETED = interpreter.kernels_interpreted()
 if INTERPRETED:
@@ -249,7 +249,7 @@ class _BackwardPlan:
     use_max: bool
     has_avg: bool
     write_dres: bool
-    # grad reduce, excite FC backward, weight gradients, squeeze FC backward, grad input
+    # grad reduce, excite FC backward, weight gradients + squeeze FC backward, grad input
     launches: tuple[_Launch, ...]
 
 
@@ -270,17 +270,19 @@ def _backward_plan(shape, s, dtype, channels_last, activation, gate, pool, out_a
     bwd2 = mlp_config(n, s, c, acc.itemsize, profile)
     wg = weight_grad_config(n, c, s, acc.itemsize, profile)
     bwd1 = mlp_config(n, c, s, acc.itemsize, profile)
+    weight_programs = 2 * math.ceil(c / wg.block_m) * math.ceil(s / wg.block_k)
     launches = (
         _reduce_launch(view, cfg, OUT_RELU=out_relu, USE_MAX=use_max),
         _mlp_launch(math.ceil(n / bwd2.block_n) * math.ceil(s / bwd2.block_m),
                     bwd2, (n, c, s, cfg.splits, n * c), ("BLOCK_N", "BLOCK_S", "BLOCK_C"),
                     ACT=code("activation", activation), GATE=code("gate", gate)),
-        _mlp_launch(2 * math.ceil(c / wg.block_m) * math.ceil(s / wg.block_k),
-                    wg, (n, c, s), ("BLOCK_N", "BLOCK_C", "BLOCK_S"),
-                    ACT=code("activation", activation)),
-        _mlp_launch(math.ceil(n / bwd1.block_n) * math.ceil(c / bwd1.block_m),
-                    bwd1, (n, c, s, view.p, cfg.splits, n * c), ("BLOCK_N", "BLOCK_C", "BLOCK_S"),
-                    POOL=code("pool", pool)),
+        # the weight gradients' tiles first, then dz's blocks
+        _Launch(weight_programs + math.ceil(n / bwd1.block_n) * math.ceil(c / bwd1.block_m),
+                (n, c, s, view.p, cfg.splits, n * c, weight_programs),
+                dict(ACT=code("activation", activation), POOL=code("pool", pool),
+                     BLOCK_N=bwd1.block_n, BLOCK_C=bwd1.block_m, BLOCK_S=bwd1.block_k,
+                     WG_BLOCK_N=wg.block_n, WG_BLOCK_C=wg.block_m, WG_BLOCK_S=wg.block_k,
+                     num_warps=max(wg.num_warps, bwd1.num_warps))),
         # grad_out, x (+ out) read; grad_out (+ out, + x for max) read again, dx (+ dres) written
         _map_launch(view, cfg, total,
                     map_walks_backwards(n, (2 + out_relu) * sample, reread + (1 + write_dres) * sample,
@@ -314,7 +316,7 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     db1 = torch.empty_strided(*plan.s, dtype=w1.dtype, device=device)
     dw2 = torch.empty_strided(*plan.w2, dtype=w2.dtype, device=device)
     db2 = torch.empty_strided(*plan.c, dtype=w2.dtype, device=device)
-    reduce_pass, excite_fc, weight_grad, squeeze_fc, grad_input = plan.launches
+    reduce_pass, excite_fc, mlp_grads, grad_input = plan.launches
     ds = torch.empty_strided(*plan.partials, dtype=acc, device=device)
     count = torch.empty_strided(*plan.partials, dtype=torch.int32, device=device) if plan.use_max else x
     stand_in_zmax = x if zmax is None else zmax
@@ -324,12 +326,10 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     da = torch.empty_strided(*plan.ns, dtype=acc, device=device)
     _launch(_excite_fc_backward_kernel, excite_fc.programs, ds, g, a, w2, dg, da,
             *excite_fc.scalars, **excite_fc.meta)
-    _launch(_weight_grad_kernel, weight_grad.programs, dg, a, da, z, dw1, db1, dw2, db2,
-            *weight_grad.scalars, **weight_grad.meta)
     dx_avg = torch.empty_strided(*plan.nc, dtype=acc, device=device) if plan.has_avg else x
     dx_max = torch.empty_strided(*plan.nc, dtype=acc, device=device) if plan.use_max else x
-    _launch(_squeeze_fc_backward_kernel, squeeze_fc.programs, da, w1, count, dx_avg, dx_max,
-            *squeeze_fc.scalars, **squeeze_fc.meta)
+    _launch(_mlp_grads_kernel, mlp_grads.programs, dg, a, da, z, w1, count, dw1, db1, dw2, db2,
+            dx_avg, dx_max, *mlp_grads.scalars, **mlp_grads.meta)
     _launch(_grad_input_kernel, grad_input.programs, grad_out, x if out is None else out, x, g,
             stand_in_zmax, dx_avg, dx_max, dx, dres if plan.write_dres else x,
             *grad_input.scalars, **grad_input.meta)

@@ -12,8 +12,9 @@ Backward:
   _grad_reduce_kernel          one pass over grad_out and x: ds = sum_p dy*x (and, for max
                                pooling, count = how many x equal zmax)
   _excite_fc_backward_kernel   dg = ds * gate'(g), dh = dg W2, da = dh * act'(a)
-  _weight_grad_kernel          dW2 = dg^T h, db2, dW1 = da^T z, db1: sums over N in one program
-  _squeeze_fc_backward_kernel  dz = da W1, turned into the per-channel terms dx_avg, dx_max
+  _mlp_grads_kernel            dW2 = dg^T h, db2, dW1 = da^T z, db1 (sums over N in one
+                               program), and, in the same launch, dz = da W1, turned into
+                               the per-channel terms dx_avg, dx_max
   _grad_input_kernel           one pass: dx = dy * s + dx_avg + [x == zmax] dx_max,
                                dresidual = dy
 
@@ -294,11 +295,10 @@ def _grad_input_kernel(
 
 
 @triton.jit
-def _mlp_block(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The samples n and output features m of this program's [BLOCK_N, BLOCK_M] block,
-    their masks, and whether it is in the first block of features (whose programs store
-    the [N, K] vectors they compute on the way)."""
-    pid = tl.program_id(0)
+def _mlp_block(pid, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The samples n and output features m of block `pid`, [BLOCK_N, BLOCK_M], their masks,
+    and whether it is in the first block of features (whose programs store the [N, K]
+    vectors they compute on the way)."""
     m_blocks = tl.cdiv(M, BLOCK_M)
     nb, mb = pid // m_blocks, pid % m_blocks
     n = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -372,7 +372,7 @@ def _squeeze_fc_kernel(
     """z (and zmax) from the pooling pieces, and a = z W1^T + b1, for BLOCK_N samples and
     BLOCK_S hidden units. The programs of the first S block also store z and zmax."""
     acc_t = a_ptr.dtype.element_ty
-    n, s, n_mask, s_mask, first = _mlp_block(N, S, BLOCK_N, BLOCK_S)
+    n, s, n_mask, s_mask, first = _mlp_block(tl.program_id(0), N, S, BLOCK_N, BLOCK_S)
     acc = tl.zeros([BLOCK_N, BLOCK_S, BLOCK_C], acc_t)
     for c0 in range(0, C, BLOCK_C):
         c, c_mask, idx, mask = _mlp_step(c0, n, n_mask, C, BLOCK_C)
@@ -396,7 +396,7 @@ def _excite_fc_kernel(
 ):
     """g = act(a) W2^T + b2 for BLOCK_N samples and BLOCK_C channels."""
     acc_t = g_ptr.dtype.element_ty
-    n, c, n_mask, c_mask, first = _mlp_block(N, C, BLOCK_N, BLOCK_C)
+    n, c, n_mask, c_mask, first = _mlp_block(tl.program_id(0), N, C, BLOCK_N, BLOCK_C)
     acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], acc_t)
     for s0 in range(0, S, BLOCK_S):
         s, s_mask, idx, mask = _mlp_step(s0, n, n_mask, S, BLOCK_S)
@@ -417,7 +417,7 @@ def _excite_fc_backward_kernel(
     da = dh * act'(a) for BLOCK_N samples and BLOCK_S hidden units. The programs of the
     first S block also store dg."""
     acc_t = da_ptr.dtype.element_ty
-    n, s, n_mask, s_mask, first = _mlp_block(N, S, BLOCK_N, BLOCK_S)
+    n, s, n_mask, s_mask, first = _mlp_block(tl.program_id(0), N, S, BLOCK_N, BLOCK_S)
     acc = tl.zeros([BLOCK_N, BLOCK_S, BLOCK_C], acc_t)
     for c0 in range(0, C, BLOCK_C):
         c, c_mask, idx, mask = _mlp_step(c0, n, n_mask, C, BLOCK_C)
@@ -436,17 +436,17 @@ def _excite_fc_backward_kernel(
 
 
 @triton.jit
-def _squeeze_fc_backward_kernel(
-    da_ptr, w1_ptr, count_ptr, dx_avg_ptr, dx_max_ptr,
+def _squeeze_fc_backward_block(
+    pid, da_ptr, w1_ptr, count_ptr, dx_avg_ptr, dx_max_ptr,
     N, C, S, P, splits, nc,
     POOL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dz = da W1 for BLOCK_N samples and BLOCK_C channels, stored as what dx adds per
-    channel: dx_avg = dz / P everywhere, dx_max = dz / count at the max (halves of each
-    for avgmax)."""
+    """dz = da W1 for block `pid` of BLOCK_N samples and BLOCK_C channels, stored as what dx
+    adds per channel: dx_avg = dz / P everywhere, dx_max = dz / count at the max (halves of
+    each for avgmax)."""
     acc_t = da_ptr.dtype.element_ty
-    n, c, n_mask, c_mask, first = _mlp_block(N, C, BLOCK_N, BLOCK_C)
+    n, c, n_mask, c_mask, first = _mlp_block(pid, N, C, BLOCK_N, BLOCK_C)
     acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], acc_t)
     for s0 in range(0, S, BLOCK_S):
         s, s_mask, idx, mask = _mlp_step(s0, n, n_mask, S, BLOCK_S)
@@ -511,14 +511,13 @@ def _weight_grad_tile(
 
 
 @triton.jit
-def _weight_grad_kernel(
-    dg_ptr, a_ptr, da_ptr, z_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+def _weight_grad_block(
+    pid, dg_ptr, a_ptr, da_ptr, z_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
     N, C, S,
     ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Even programs: a tile of dW2 = dg^T act(a) and db2 = sum_n dg; odd programs: the
-    same tile of dW1^T = z^T da and db1 = sum_n da. One launch for both layers."""
-    pid = tl.program_id(0)
+    """Even blocks `pid`: a tile of dW2 = dg^T act(a) and db2 = sum_n dg; odd blocks: the
+    same tile of dW1^T = z^T da and db1 = sum_n da."""
     which, tile = pid % 2, pid // 2
     s_blocks = tl.cdiv(S, BLOCK_S)
     cb, sb = tile // s_blocks, tile % s_blocks
@@ -530,3 +529,25 @@ def _weight_grad_kernel(
         # dW1[s, c] at s * C + c
         _weight_grad_tile(z_ptr, da_ptr, dw1_ptr, db1_ptr, N, C, S, cb, sb, 1, C,
                           0, False, BLOCK_N, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _mlp_grads_kernel(
+    dg_ptr, a_ptr, da_ptr, z_ptr, w1_ptr, count_ptr,
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dx_avg_ptr, dx_max_ptr,
+    N, C, S, P, splits, nc, weight_programs,
+    ACT: tl.constexpr, POOL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    WG_BLOCK_N: tl.constexpr, WG_BLOCK_C: tl.constexpr, WG_BLOCK_S: tl.constexpr,
+):
+    """The two independent consumers of dg and da in one launch: the first weight_programs
+    programs the weight gradients (_weight_grad_block, [WG_BLOCK_C, WG_BLOCK_S] tiles), the
+    rest dz and the per-channel terms of dx (_squeeze_fc_backward_block)."""
+    pid = tl.program_id(0)
+    if pid < weight_programs:
+        _weight_grad_block(pid, dg_ptr, a_ptr, da_ptr, z_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+                           N, C, S, ACT, WG_BLOCK_N, WG_BLOCK_C, WG_BLOCK_S)
+    else:
+        _squeeze_fc_backward_block(pid - weight_programs, da_ptr, w1_ptr, count_ptr, dx_avg_ptr,
+                                   dx_max_ptr, N, C, S, P, splits, nc, POOL,
+                                   BLOCK_N, BLOCK_C, BLOCK_S)
