@@ -48,20 +48,27 @@ def test_small_tiles(driver, tiny_tiles, case):
     check_against_reference(case, DEVICE, "triton")
 
 
-def test_int64_indexing_path(driver, monkeypatch):
-    """The WIDE (int64 offsets) variant of the passes, forced on a small tensor: the
-    arithmetic must be the same. (Real >2**31-element tensors are tested on the GPU.)"""
-    real_view = driver._view
-    monkeypatch.setattr(driver, "_view",
-                        lambda x, cl: dataclasses.replace(real_view(x, cl), wide=True))
-    driver.forget_plans()  # plans cached from earlier calls would not see the patch
+def check_replanned(driver, monkeypatch, **patches) -> None:
+    """Checks an option-heavy case in both layouts with the driver's attributes patched, on
+    plans made afresh (plans cached from earlier calls would not see the patches)."""
+    for name, value in patches.items():
+        monkeypatch.setattr(driver, name, value)
+    driver.forget_plans()
     try:
         for layout in ("nchw", "channels_last"):
-            check_against_reference(Case(n=2, c=6, h=3, w=5, s=2, pool="avgmax", residual=True,
+            check_against_reference(Case(n=3, c=6, h=3, w=5, s=2, pool="avgmax", residual=True,
                                          out_activation="relu", layout=layout), DEVICE, "triton")
     finally:
         monkeypatch.undo()
         driver.forget_plans()
+
+
+def test_int64_indexing_path(driver, monkeypatch):
+    """The WIDE (int64 offsets) variant of the passes, forced on a small tensor: the
+    arithmetic must be the same. (Real >2**31-element tensors are tested on the GPU.)"""
+    real_view = driver._view
+    check_replanned(driver, monkeypatch,
+                    _view=lambda x, cl: dataclasses.replace(real_view(x, cl), wide=True))
 
 
 @pytest.mark.parametrize("backwards", [False, True], ids=["forwards", "backwards"])
@@ -75,16 +82,8 @@ def test_map_passes_walk_either_way(driver, monkeypatch, backwards):
             walks.append(meta["BACKWARDS"])
         launch(kernel, programs, *args, **meta)
 
-    monkeypatch.setattr(driver, "_launch", recording_launch)
-    monkeypatch.setattr(driver, "map_walks_backwards", lambda *args: backwards)
-    driver.forget_plans()
-    try:
-        for layout in ("nchw", "channels_last"):
-            check_against_reference(Case(n=3, c=6, h=3, w=5, s=2, pool="avgmax", residual=True,
-                                         out_activation="relu", layout=layout), DEVICE, "triton")
-    finally:
-        monkeypatch.undo()
-        driver.forget_plans()
+    check_replanned(driver, monkeypatch, _launch=recording_launch,
+                    map_walks_backwards=lambda *args: backwards)
     assert walks and set(walks) == {backwards}
 
 
