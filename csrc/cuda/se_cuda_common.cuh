@@ -692,8 +692,9 @@ __device__ __forceinline__ int64_t take_ticket(const Counters& sync) {
 }
 
 // Stages interface (per direction), each relative to the samples [n0, n0 + n) of a group g:
-//   void reduce(int64_t tile, int64_t g, int64_t n0, int64_t n);    partials of the group
-//   void combine(int64_t g, int64_t n0, int64_t n);                  every (n, c) of it
+//   void reduce(int64_t tile, int64_t g, int64_t n0, int64_t n);    partials of the group, or
+//                                                       (unsplit rows) its finished (n, c)
+//   void combine(int64_t g, int64_t n0, int64_t n);    every (n, c) of it, from the partials
 //   void mlp1(int64_t item, int64_t n0, int64_t n); void mlp2(...);
 //   void map(int64_t tile, int64_t n0, int64_t n);
 // Tickets are taken in order; ticket t is item t % step_items of step t / step_items
@@ -715,7 +716,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
       case kReduce:
         stages.reduce(item, g, n0, n);
         if (publish(sync.reduced(g)) == p.pass.ctas - 1) {
-          stages.combine(g, n0, n);
+          if (p.pass.pieces > 1) stages.combine(g, n0, n);
           publish(sync.reduced(g));
         }
         break;
