@@ -1,7 +1,8 @@
 """Kernel launches of the GPU backends' schedules, from their own planning code (no GPU).
 
 Triton: runs the real drivers (se_kernels/backends/triton/driver.py) on fake CUDA tensors
-with the GPU profile, recording each launch instead of making it. CUDA: compiles
+with the GPU profile, recording each launch instead of making it (the trace behind
+`se-kernels plan --backend triton`, se_kernels/backends/triton/trace.py). CUDA: compiles
 benchmarks/cuda_launch_counts.cpp, which asks csrc/cuda/'s plan_forward / plan_backward
 for an H100's SM count and L2 (needs the CUDA toolkit's headers, not a GPU; about a minute).
 Prints the markdown tables of DESIGN.md §3. Run it without TRITON_INTERPRET (the
@@ -17,9 +18,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from se_kernels.vocabulary import AVG, NONE, RELU, SIGMOID
+from se_kernels.vocabulary import AVG
 
 SHAPES = [  # (label, C, S, H*W): SE layers of ResNet-50 and MobileNetV3-Large
     ("resnet50 C256 56x56", 256, 16, 56 * 56),
@@ -30,24 +30,13 @@ BATCHES = (1, 32, 256)
 
 
 def record(n: int, c: int, s: int, p: int, channels_last: bool) -> tuple[list, list]:
-    from se_kernels.backends.triton import driver, heuristics
+    from se_kernels.backends.triton import heuristics, trace
+    from se_kernels.plan import PlanCall
 
-    launches: list = []
-    driver._launch = lambda kernel, programs, *args, **meta: launches.append(
-        (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, programs))
-    driver.device_profile = lambda device: heuristics.GPU_PROFILE
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    with FakeTensorMode():
-        x = torch.empty(n, c, p, 1, **bf16).contiguous(memory_format=fmt)
-        w1, w2 = torch.empty(s, c, **bf16), torch.empty(c, s, **bf16)
-        b1, b2 = torch.empty(s, **bf16), torch.empty(c, **bf16)
-        options = (RELU, SIGMOID, AVG, NONE)
-        out, z, zmax, a, g = driver.forward(x, w1, b1, w2, b2, None, *options, fmt)
-        forward = list(launches)
-        launches.clear()
-        driver.backward(torch.empty_like(out), x, out, w1, w2, z, zmax, a, g, *options, False, fmt)
-    return forward, list(launches)
+    call = PlanCall(n, c, p, 1, s, torch.bfloat16, channels_last)
+    forward, backward, _ = trace.record(call, heuristics.GPU_PROFILE)
+    return tuple([(trace.kernel_name(k), programs) for k, programs, _, _ in launches]
+            for launches in (forward, backward))
 
 
 def cuda_schedule():
