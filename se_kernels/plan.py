@@ -11,13 +11,15 @@ programs walk them. One evaluator turns a trace into modeled DRAM bytes for a GP
     half the L2; otherwise it costs DRAM bytes. Only a re-read of the same range as an
     earlier access, or of a range inside one, is recognised.
 
-predicted_us = launches * launch_us + dram_bytes / bandwidth, and the floor is the bytes no
-schedule can avoid (DESIGN.md §2), over the same bandwidth:
+dram_bytes counts the tensors of the floor (x, residual, out, grad_out, dx, dresidual);
+other_dram_bytes the rest of the trace: weights, weight gradients and the [N, C]-sized
+vectors and partial sums, which the floor leaves out. predicted_us = launches * launch_us +
+(dram_bytes + other_dram_bytes) / bandwidth, and the floor is the bytes no schedule can
+avoid (DESIGN.md §2), over the same bandwidth:
   forward:  read x (+ residual), write out;
   backward: read grad_out and x (+ out under the output ReLU), write dx (+ dresidual when
             there is a residual and the output ReLU: without it dresidual is grad_out itself
             and nothing is written).
-Weights and [N, C]-sized vectors are left out of the floor, and counted in the traces.
 
 Trace tensor names: PLAN_TENSORS, kernel names of the cuda backend: PLAN_KERNELS (both in
 se_kernels.vocabulary).
@@ -97,13 +99,18 @@ class PlanCall:
         return self.n * self.c * self.p * self.element_size
 
 
+# The tensors of the floor; every other tensor of a trace is counted in other_dram_bytes.
+FLOOR_TENSORS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
+
+
 @dataclass(frozen=True)
 class PassPlan:
     launches: int
-    dram_bytes: int
+    dram_bytes: int        # the floor's tensors
     floor_bytes: int
     predicted_us: float
     floor_us: float
+    other_dram_bytes: int  # weights, weight gradients, vectors, partial sums
 
 
 # Trace decoding and evaluation
@@ -128,8 +135,9 @@ def decode_cuda_trace(codes) -> list[Launch]:
     return launches
 
 
-def dram_bytes(trace: list[Launch], l2_bytes: int) -> int:
-    """Modeled DRAM bytes of a trace (the rules in this module's docstring)."""
+def dram_bytes(trace: list[Launch], l2_bytes: int, tensors=None) -> int:
+    """Modeled DRAM bytes of a trace (the rules in this module's docstring), of the tensors
+    named in `tensors` (default: all). Every access takes its place in the L2 window."""
     window = l2_bytes // 2
     touched = 0  # bytes touched before the current access, all tensors
     earlier: dict[str, list[tuple[int, int, int]]] = {}  # tensor -> [(touched at start, lo, hi)]
@@ -145,7 +153,7 @@ def dram_bytes(trace: list[Launch], l2_bytes: int) -> int:
                     if lo <= offset and offset + nbytes <= hi:
                         hit = True
                         break
-            if not hit:
+            if not hit and (tensors is None or tensor in tensors):
                 total += nbytes
             earlier.setdefault(tensor, []).append((touched, offset, offset + nbytes))
             touched = end
@@ -160,10 +168,11 @@ def floor_bytes(call: PlanCall, backward: bool) -> int:
 
 
 def plan_pass(trace: list[Launch], floor: int, gpu: GpuProfile) -> PassPlan:
-    dram = dram_bytes(trace, gpu.l2_bytes)
+    dram = dram_bytes(trace, gpu.l2_bytes, FLOOR_TENSORS)
+    other = dram_bytes(trace, gpu.l2_bytes) - dram
     return PassPlan(launches=len(trace), dram_bytes=dram, floor_bytes=floor,
-                    predicted_us=len(trace) * gpu.launch_us + dram / gpu.bandwidth * 1e6,
-                    floor_us=floor / gpu.bandwidth * 1e6)
+                    predicted_us=len(trace) * gpu.launch_us + (dram + other) / gpu.bandwidth * 1e6,
+                    floor_us=floor / gpu.bandwidth * 1e6, other_dram_bytes=other)
 
 
 # The backends' planners
@@ -244,9 +253,11 @@ def call_from_args(args: argparse.Namespace) -> PlanCall:
 
 
 def table(plans: dict[str, PassPlan]) -> str:
-    header = ["pass", "launches", "DRAM bytes", "floor bytes", "DRAM/floor", "predicted us", "floor us"]
+    header = ["pass", "launches", "DRAM bytes", "floor bytes", "DRAM/floor", "other DRAM bytes",
+              "predicted us", "floor us"]
     rows = [[name, str(p.launches), f"{p.dram_bytes:,}", f"{p.floor_bytes:,}",
-             f"{p.dram_bytes / p.floor_bytes:.3f}", f"{p.predicted_us:.1f}", f"{p.floor_us:.1f}"]
+             f"{p.dram_bytes / p.floor_bytes:.3f}", f"{p.other_dram_bytes:,}",
+             f"{p.predicted_us:.1f}", f"{p.floor_us:.1f}"]
             for name, p in plans.items()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(width) if i else cell.ljust(width)

@@ -101,7 +101,25 @@ def test_floor_and_prediction():
     gpu = plan.GPUS["h200"]
     result = plan.plan_pass(plan.decode_cuda_trace(encode(
         ("map", 1, [("x", 0, 4300, False)]), ("map", 1, [("out", 0, 4300, True)]))), 8600, gpu)
-    assert result == plan.PassPlan(2, 8600, 8600, 2 * 2.5 + 8600 / 4.3e12 * 1e6, 8600 / 4.3e12 * 1e6)
+    assert result == plan.PassPlan(2, 8600, 8600, 2 * 2.5 + 8600 / 4.3e12 * 1e6,
+                                   8600 / 4.3e12 * 1e6, 0)
+
+
+def test_weights_and_scratch_count_apart_from_the_floors_tensors():
+    """dram_bytes counts the floor's tensors; weights and scratch go to other_dram_bytes,
+    yet take their place in the L2 window (here they push x's re-read out of it)."""
+    gpu = plan.GPUS["h200"]
+    trace = plan.decode_cuda_trace(encode(
+        ("reduce", 1, [("x", 0, 10 * MB, False), ("scratch", 0, MB, True)]),
+        ("mlp", 1, [("weights", 0, 2 * MB, False)]),
+        ("map", 1, [("x", 0, 10 * MB, False), ("out", 0, 10 * MB, True)])))
+    result = plan.plan_pass(trace, 20 * MB, gpu)
+    assert (result.dram_bytes, result.other_dram_bytes) == (20 * MB, 3 * MB)
+    assert result.predicted_us == pytest.approx(3 * 2.5 + 23 * MB / 4.3e12 * 1e6)
+    crowded = plan.decode_cuda_trace(encode(
+        ("reduce", 1, [("x", 0, 10 * MB, False)]), ("mlp", 1, [("weights", 0, 11 * MB, False)]),
+        ("map", 1, [("x", 0, 10 * MB, False)])))
+    assert plan.plan_pass(crowded, 20 * MB, gpu).dram_bytes == 20 * MB  # 31 MB > 30 MB
 
 
 def test_plan_command_json_for_triton(capsys):
@@ -113,8 +131,9 @@ def test_plan_command_json_for_triton(capsys):
     x = 32 * 256 * 56 * 56 * 2
     for name, floor in (("forward", 3 * x), ("backward", 5 * x)):
         half = result[name]
-        assert set(half) == {"launches", "dram_bytes", "floor_bytes", "predicted_us", "floor_us"}
-        for key in ("launches", "dram_bytes", "floor_bytes"):
+        assert set(half) == {"launches", "dram_bytes", "floor_bytes", "predicted_us", "floor_us",
+                             "other_dram_bytes"}
+        for key in ("launches", "dram_bytes", "floor_bytes", "other_dram_bytes"):
             assert isinstance(half[key], int), (name, key)
         for key in ("predicted_us", "floor_us"):
             assert isinstance(half[key], float), (name, key)
