@@ -10,7 +10,8 @@
 # (GPU_CHECK_BUDGET seconds, default 470), so a slow stage costs the later ones, never the
 # whole run:
 #   1 setup       wheels, the prebuilt extension (or a 16-job build when it does not load)
-#   2 info        versions, nvidia-smi, se-kernels info
+#   2 info        versions, nvidia-smi, se-kernels info, se-kernels plan for ResNet-50's
+#                 first SE layer
 #   3 tests       the GPU tests: cuda and triton vs the fp64 reference, CUDA graphs,
 #                 > 2^31 elements, streams, a second device where present, AOTInductor
 #   4 block       ResNet-50 SE shapes, N = 256 and 32, bf16 channels_last, fwd and fwd+bwd,
@@ -108,6 +109,13 @@ versions() {
   "$python" -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
   "$python" -m se_kernels info
+  # What the plans predict for the block stage's shapes, beside what it measures.
+  for backend in cuda triton; do
+    for n in 256 32; do
+      "$python" -m se_kernels plan --backend "$backend" --shape "$n,256,56,56" \
+        --residual --out-activation relu
+    done
+  done
 }
 
 export -f setup versions extension_ok

@@ -1,10 +1,11 @@
 """Kernel launches of the GPU backends' schedules, from their own planning code (no GPU).
 
 Triton: runs the real drivers (se_kernels/backends/triton/driver.py) on fake CUDA tensors
-with the GPU profile, recording each launch instead of making it. CUDA: compiles
-benchmarks/cuda_launch_counts.cpp, which asks csrc/cuda/'s plan_forward / plan_backward
-for an H100's SM count and L2 (needs the CUDA toolkit's headers, not a GPU; about a minute).
-Prints the markdown tables of DESIGN.md §3. Run it without TRITON_INTERPRET (the
+with the GPU profile, recording each launch instead of making it (the trace behind
+`se-kernels plan --backend triton`, se_kernels/backends/triton/trace.py). CUDA: the trace
+that the extension's se_kernels::cuda_schedule makes with csrc/cuda/se_plan.h, the planning
+code the kernels launch from, on both schedules. Both for the h200 profile of
+se_kernels/plan.py. Prints the markdown tables of DESIGN.md §3. Run it without TRITON_INTERPRET (the
 interpreter has its own launch profile):
 
     python benchmarks/launch_counts.py
@@ -14,12 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from se_kernels.vocabulary import AVG, NONE, RELU, SIGMOID
 
 SHAPES = [  # (label, C, S, H*W): SE layers of ResNet-50 and MobileNetV3-Large
     ("resnet50 C256 56x56", 256, 16, 56 * 56),
@@ -30,38 +28,22 @@ BATCHES = (1, 32, 256)
 
 
 def record(n: int, c: int, s: int, p: int, channels_last: bool) -> tuple[list, list]:
-    from se_kernels.backends.triton import driver, heuristics
+    from se_kernels.backends.triton import heuristics, trace
+    from se_kernels.plan import PlanCall
 
-    launches: list = []
-    driver._launch = lambda kernel, programs, *args, **meta: launches.append(
-        (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, programs))
-    driver.device_profile = lambda device: heuristics.GPU_PROFILE
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    with FakeTensorMode():
-        x = torch.empty(n, c, p, 1, **bf16).contiguous(memory_format=fmt)
-        w1, w2 = torch.empty(s, c, **bf16), torch.empty(c, s, **bf16)
-        b1, b2 = torch.empty(s, **bf16), torch.empty(c, **bf16)
-        options = (RELU, SIGMOID, AVG, NONE)
-        out, z, zmax, a, g = driver.forward(x, w1, b1, w2, b2, None, *options, fmt)
-        forward = list(launches)
-        launches.clear()
-        driver.backward(torch.empty_like(out), x, out, w1, w2, z, zmax, a, g, *options, False, fmt)
-    return forward, list(launches)
+    call = PlanCall(n, c, p, 1, s, torch.bfloat16, channels_last)
+    forward, backward, _ = trace.record(call, heuristics.GPU_PROFILE)
+    return tuple([(trace.kernel_name(k), programs) for k, programs, _, _ in launches]
+            for launches in (forward, backward))
 
 
-def cuda_schedule():
-    from torch.utils.cpp_extension import load
+def cuda_launches(n: int, c: int, s: int, p: int, channels_last: bool, schedule: str) -> list:
+    """[forward, backward] launch lists of the cuda backend's `schedule`."""
+    from se_kernels import plan
 
-    here = Path(__file__).resolve().parent
-    cuda_home = os.environ.get("CUDA_HOME") or f"/usr/local/cuda-{torch.version.cuda}"
-    load(name="se_schedule", sources=[str(here / "cuda_launch_counts.cpp")],
-         extra_include_paths=[f"{cuda_home}/include", str(here.parent / "tests" / "cuda_emulator")],
-         extra_cflags=["-O0", "-Wno-attributes", "-Wno-unknown-pragmas",
-                       "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"],
-         is_python_module=False)
-    return torch.ops.se_schedule.cuda_launches
+    os.environ["SE_KERNELS_CUDA_SCHEDULE"] = schedule  # read by the planner on every call
+    call = plan.PlanCall(n, c, p, 1, s, torch.bfloat16, channels_last)
+    return [plan.cuda_trace(call, plan.GPUS["h200"], backward) for backward in (False, True)]
 
 
 def print_table(title: str, columns: list[str], row) -> None:
@@ -89,16 +71,17 @@ def main() -> None:
         sys.exit("run without TRITON_INTERPRET: the interpreter has its own launch profile")
     print_table("Triton, bf16, pool avg, no residual: launches and programs per launch",
                 ["forward: programs per launch", "backward: programs per launch"], triton_row)
-    launches = cuda_schedule()
 
     def cuda_row(n, c, s, p, channels_last):
-        fwd, bwd, fgroup, bgroup, pieces = launches(n, c, p, s, 2, channels_last, AVG, False)
-        return [f"{fgroup}, {bgroup}", pieces, fwd, bwd]
+        cells = [f"{len(launches)}: " + " + ".join(f"{launch.kernel} {launch.programs}"
+                                                   for launch in launches)
+                 for launches in cuda_launches(n, c, s, p, channels_last, "pipelined")]
+        grouped = cuda_launches(n, c, s, p, channels_last, "grouped")
+        return [*cells, f"{len(grouped[0])}, {len(grouped[1])}"]
 
-    print_table("CUDA, bf16, pool avg, no output ReLU, 132 SMs and 50 MiB of L2 (H100 SXM)",
-                ["samples per L2 group (fwd, bwd)", "pieces per row", "forward launches",
-                 "backward launches"], cuda_row)
-
+    print_table("CUDA, bf16, pool avg, no output ReLU: launches and CTAs per launch",
+                ["forward (pipelined)", "backward (pipelined)",
+                 "forward, backward launches (grouped)"], cuda_row)
 
 if __name__ == "__main__":
     main()

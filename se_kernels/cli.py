@@ -4,6 +4,8 @@
   se-kernels bench   time SE blocks of real networks (and whole models) against eager and
                      torch.compile; writes CSV, markdown and a plot (needs se-kernels[bench])
   se-kernels flops   the SE paper's FLOP and parameter tables, recounted
+  se-kernels plan    one call's launches, modeled DRAM bytes and predicted time on a GPU,
+                     from a GPU backend's own planning code (no GPU needed)
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def flops(args: argparse.Namespace) -> int:
     return flops_tables.main(args)
 
 
+def plan(args: argparse.Namespace) -> int:
+    from . import plan as planner
+
+    return planner.main(args)
+
+
 def _add_bench_parser(commands) -> None:
     parser = commands.add_parser(
         "bench", help="time SE blocks and models against eager and torch.compile",
@@ -130,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     flops_parser = commands.add_parser("flops", help="the SE paper's FLOP/parameter tables, recounted")
     flops_parser.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
     flops_parser.set_defaults(func=flops)
+    plan_parser = commands.add_parser(
+        "plan", help="launches, modeled DRAM bytes and predicted time of one call on a GPU",
+        description="Runs a GPU backend's planning code for one SE call (no GPU needed) and "
+                    "models its DRAM traffic against the bandwidth floor.")
+    from .plan import add_arguments
+    add_arguments(plan_parser)
+    plan_parser.set_defaults(func=plan)
     return parser
 
 

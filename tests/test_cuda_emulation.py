@@ -241,18 +241,17 @@ PLAN_CASES = [
 
 
 def planned_launches(case: Case, backward: bool) -> list[tuple[int, int]]:
-    """(kernel code, CTAs) of every launch in se_kernels::cuda_schedule's trace."""
-    from se_kernels import _C  # noqa: F401 - registers se_kernels::cuda_schedule
+    """(kernel code, CTAs) of every launch of the plan (se_kernels::cuda_schedule's trace,
+    as `se-kernels plan` decodes it) for the emulated device."""
+    from se_kernels import plan
+    from se_kernels.vocabulary import PLAN_KERNELS
 
-    trace = torch.ops.se_kernels.cuda_schedule(
-        case.n, case.c, case.h * case.w, case.s, case.dtype.itemsize,
-        case.layout == "channels_last", case.residual, case.pool,
-        case.out_activation == "relu", backward, *EMULATED_DEVICE)
-    launches, i = [], 0
-    while i < len(trace):
-        launches.append((trace[i], trace[i + 1]))
-        i += 3 + 4 * trace[i + 2]
-    return launches
+    device = plan.GpuProfile("emulated", *EMULATED_DEVICE, bandwidth=1.0, launch_us=0.0)
+    call = plan.PlanCall(case.n, case.c, case.h, case.w, case.s, case.dtype,
+                         case.layout == "channels_last", case.residual,
+                         case.out_activation == "relu", case.pool)
+    return [(PLAN_KERNELS.index(launch.kernel), launch.programs)
+            for launch in plan.cuda_trace(call, device, backward)]
 
 
 @pytest.mark.parametrize("schedule", ["pipelined", "grouped"])

@@ -35,30 +35,60 @@ def test_pass_config_invariants(n, c, hw, channels_last, elem_size):
     groups, channels = (n, c) if channels_last else (1, n * c)
     programs = groups * math.ceil(channels / cfg.block_c) * cfg.splits
     target = profile.programs_per_sm * profile.sm_count
+    # The partial sums of the pieces stay a small share of x's bytes.
+    assert 4 * cfg.splits <= max(4, p * elem_size * profile.partial_share)
     if cfg.splits > 1:  # split only as far as needed to fill the GPU
         assert groups * math.ceil(channels / cfg.block_c) * (cfg.splits - 1) < target
-    else:  # or because a piece would get too little work
-        assert programs >= target or p <= cfg.block_p * profile.min_tiles_per_piece * 2
+    else:  # or because a piece would get too little work, or its partial sums cost too much
+        assert (programs >= target or p <= cfg.block_p * profile.min_tiles_per_piece * 2
+                or 4 * 2 > p * elem_size * profile.partial_share)
+    if channels_last and programs < target:  # channel blocks were cut down to short rows first
+        assert cfg.block_c * elem_size < 2 * profile.min_row_bytes or cfg.block_c == 1 or \
+            cfg.block_c >= c
 
 
 def test_pass_config_choices():
     gpu = heuristics.GPU_PROFILE
-    # NCHW 56x56: 256-pixel blocks pad 3136 by 6%; 1024 would pad it by 31%.
+    # NCHW 56x56: 256-pixel blocks pad 3136 by 6%; 1024 would pad it by 31%. 16 rows per
+    # tile give 512 programs; 8 rows fill the GPU's 528 without cutting H*W into pieces.
     cfg = heuristics.pass_config(32, 256, 3136, False, 2, gpu)
-    assert (cfg.block_p, cfg.block_c, cfg.num_warps) == (256, 16, 8)
+    assert (cfg.block_p, cfg.block_c, cfg.num_warps, cfg.splits) == (256, 8, 4, 1)
     # NCHW 7x7: the whole row, rounded up to 64 pixels, and no split at N=32.
     cfg = heuristics.pass_config(32, 2048, 49, False, 2, gpu)
     assert (cfg.block_p, cfg.block_c, cfg.splits) == (64, 64, 1)
-    # channels-last: C is the contiguous axis, whole up to 1024 channels.
+    # The NCHW map passes take flat runs of a whole tile, 16 elements per thread.
+    assert (cfg.flat_block, cfg.flat_warps) == (4096, 8)
+    # channels-last: C is the contiguous axis, cut into 128-byte rows until the grid fills
+    # the GPU (32 x 2048 channels: 1024 programs of 64 channels), not into pieces of H*W.
     cfg = heuristics.pass_config(32, 2048, 49, True, 2, gpu)
-    assert (cfg.block_c, cfg.block_p) == (1024, 4)
+    assert (cfg.block_c, cfg.block_p, cfg.splits, cfg.flat_block) == (64, 64, 1, 0)
     cfg = heuristics.pass_config(32, 672, 196, True, 4, gpu)
-    assert (cfg.block_c, cfg.block_p, cfg.num_warps) == (1024, 2, 4)
+    assert (cfg.block_c, cfg.block_p, cfg.num_warps) == (32, 64, 4)
     # N=1 inference: H*W is split so the grid still fills the GPU.
     cfg = heuristics.pass_config(1, 256, 3136, True, 2, gpu)
-    assert cfg.splits > 1
+    assert cfg.block_c == 64 and cfg.splits > 1
+    # ...but not into pieces whose partial sums would cost more than 1/32 of x: 7x7 in bf16
+    # is 98 bytes a channel, less than 32 partial sums of 4 bytes.
+    assert heuristics.pass_config(1, 2048, 49, True, 2, gpu).splits == 1
     # Big batches need no split.
     assert heuristics.pass_config(256, 256, 3136, False, 2, gpu).splits == 1
+
+
+def test_map_walk_direction():
+    """The map pass walks backwards once the reduction pass alone overflows the half of the
+    L2 the model allows, and forwards while the whole call re-reads from L2."""
+    gpu = heuristics.GPU_PROFILE  # 50 MiB of L2: a 25 MiB window
+    mib = 2**20
+    # 8 samples of 1 MiB, x read then x + out: 8 + 2 * 7 + 1 = 23 MiB for the last sample.
+    assert not heuristics.map_walks_backwards(8, mib, 2 * mib, mib, gpu)
+    # 16 samples: forwards, the 16 MiB reduction leaves room for (25 - 16 - 1) / 1 + 1 = 9
+    # samples; backwards, (25 - 2) / 3 + 1 = 8. Forwards still.
+    assert not heuristics.map_walks_backwards(16, mib, 2 * mib, mib, gpu)
+    # 20 samples: forwards 5, backwards 8.
+    assert heuristics.map_walks_backwards(20, mib, 2 * mib, mib, gpu)
+    # ResNet-50's first SE at N = 256 (1.6 MB a sample): nothing hits forwards.
+    sample = 256 * 56 * 56 * 2
+    assert heuristics.map_walks_backwards(256, sample, 3 * sample, sample, gpu)
 
 
 def test_configs_are_cached():

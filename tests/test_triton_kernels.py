@@ -18,7 +18,9 @@ from triton_support import DEVICE, backward_args
 
 TINY = dict(sm_count=4, tile_bytes=256, elems_per_thread=4, contiguous_max=16,
             programs_per_sm=2, min_tiles_per_piece=2, mlp_tile=256, mlp_block_max=4,
-            mlp_inner_max=8, max_warps=4)
+            mlp_inner_max=8, max_warps=4, min_row_bytes=1 << 20,
+            partial_share=1.0,  # H*W is split rather than the channel blocks cut
+            l2_bytes=1 << 15)  # the map passes of the larger cases walk backwards
 
 SMALL_TILE_CASES = [
     Case(n=3, c=37, h=6, w=7, s=9, pool="avgmax", residual=True, out_activation="relu"),
@@ -46,15 +48,43 @@ def test_small_tiles(driver, tiny_tiles, case):
     check_against_reference(case, DEVICE, "triton")
 
 
+def check_replanned(driver, monkeypatch, **patches) -> None:
+    """Checks an option-heavy case in both layouts with the driver's attributes patched, on
+    plans made afresh (plans cached from earlier calls would not see the patches)."""
+    for name, value in patches.items():
+        monkeypatch.setattr(driver, name, value)
+    driver.forget_plans()
+    try:
+        for layout in ("nchw", "channels_last"):
+            check_against_reference(Case(n=3, c=6, h=3, w=5, s=2, pool="avgmax", residual=True,
+                                         out_activation="relu", layout=layout), DEVICE, "triton")
+    finally:
+        monkeypatch.undo()
+        driver.forget_plans()
+
+
 def test_int64_indexing_path(driver, monkeypatch):
     """The WIDE (int64 offsets) variant of the passes, forced on a small tensor: the
     arithmetic must be the same. (Real >2**31-element tensors are tested on the GPU.)"""
     real_view = driver._view
-    monkeypatch.setattr(driver, "_view",
-                        lambda x, cl: dataclasses.replace(real_view(x, cl), wide=True))
-    for layout in ("nchw", "channels_last"):
-        check_against_reference(Case(n=2, c=6, h=3, w=5, s=2, pool="avgmax", residual=True,
-                                     out_activation="relu", layout=layout), DEVICE, "triton")
+    check_replanned(driver, monkeypatch,
+                    _view=lambda x, cl: dataclasses.replace(real_view(x, cl), wide=True))
+
+
+@pytest.mark.parametrize("backwards", [False, True], ids=["forwards", "backwards"])
+def test_map_passes_walk_either_way(driver, monkeypatch, backwards):
+    """The map passes give the same results whichever way their programs walk x."""
+    walks = []
+    launch = driver._launch
+
+    def recording_launch(kernel, programs, *args, **meta):
+        if "BACKWARDS" in meta:
+            walks.append(meta["BACKWARDS"])
+        launch(kernel, programs, *args, **meta)
+
+    check_replanned(driver, monkeypatch, _launch=recording_launch,
+                    map_walks_backwards=lambda *args: backwards)
+    assert walks and set(walks) == {backwards}
 
 
 def test_runs_are_bit_identical(driver, tiny_tiles):

@@ -79,3 +79,19 @@ def test_torch_modules_map_to_names():
     assert vocabulary.TORCH_GATES == {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
     for classes in (vocabulary.ACTIVATION_CLASSES, vocabulary.GATE_CLASSES):
         assert set(classes.values()) <= set(vocabulary.ACTIVATIONS + vocabulary.GATES)
+
+
+def snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+@pytest.mark.parametrize("enum, names", [("TraceKernel", vocabulary.PLAN_KERNELS),
+                                         ("TraceTensor", vocabulary.PLAN_TENSORS)])
+def test_plan_trace_codes_agree_with_the_cuda_planner(enum, names):
+    """The codes of the cuda schedule's trace (csrc/cuda/se_plan.h) index the names that
+    se_kernels.plan decodes them with, in order."""
+    text = (HEADER.parent / "cuda" / "se_plan.h").read_text()
+    body = re.search(rf"enum class {enum} : int64_t \{{([^}}]*)\}}", text).group(1)
+    members = re.findall(r"\b([A-Z]\w*)", body)
+    assert members[0] + " = 0" in " ".join(body.split())
+    assert tuple(snake_case(m) for m in members) == names

@@ -48,6 +48,8 @@ def run_python_with(code: str, env_changes: dict[str, str | None]) -> str:
 
 
 def pythonpath_with_tests() -> str:
-    """PYTHONPATH for a subprocess that imports these test modules."""
+    """PYTHONPATH for a subprocess that imports these test modules, and se_kernels from this
+    checkout (not another one installed in the environment)."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    return os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    return os.pathsep.join(filter(None, [tests_dir, os.path.dirname(tests_dir),
+                                         os.environ.get("PYTHONPATH")]))

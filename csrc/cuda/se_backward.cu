@@ -306,7 +306,7 @@ struct BackwardStages {
   }
 
   __device__ A* group_partial(int64_t gi) const {
-    return partial + gi * 2 * pass.pieces * group * C;
+    return pass.pieces > 1 ? partial + gi * 2 * pass.pieces * group * C : nullptr;
   }
   __device__ void reduce(int64_t tile, int64_t gi, int64_t n0, int64_t n) const {
     reduce_tile<T>(terms(n0, true), pass, n, C, P, group_partial(gi), tile);
@@ -383,7 +383,7 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   } else {
     for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
       const int64_t n = std::min(plan.group, N - n0);
-      const PassPlan pass = plan_pass(n, C, P, pb.channels_last, plan.width, plan.sm_count);
+      const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
       run_reduce<T>(st.terms(n0, false), pass, n, C, P, st.partial, stream);
       const MlpTiling m1 = cols_dot_tiling(S, n), m2 = cols_dot_tiling(C, n);
       launch(TraceKernel::Mlp, cols_dot_kernel<T, HiddenGradEpilogue<T>>, m1.items, kThreads,

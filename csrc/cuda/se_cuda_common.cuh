@@ -230,19 +230,26 @@ void launch(TraceKernel what, void (*kernel)(Params...), int64_t ctas, int threa
 
 // ---- the streaming tiles --------------------------------------------------------------
 
+// Loads a thread keeps in flight while walking a pass: kBatch, or fewer when a loaded
+// element is large (the backward's map reads up to three tensors and keeps four
+// per-channel values per lane), so that the pass fits 128 registers without spilling.
+template <typename Loaded>
+constexpr int walk_batch() { return sizeof(Loaded) > 32 ? kBatch / 2 : kBatch; }
+
 // Visits off = start, start + stride, ... < end, loading a whole batch before using it so
-// that kBatch independent loads are in flight per thread.
+// that several independent loads are in flight per thread.
 template <typename Load, typename Use>
 __device__ __forceinline__ void walk(int64_t start, int64_t end, int64_t stride, const Load& load,
                                      const Use& use) {
   using Loaded = decltype(load(start));
+  constexpr int kB = walk_batch<Loaded>();
   int64_t off = start;
-  for (; off + (kBatch - 1) * stride < end; off += kBatch * stride) {
-    Loaded e[kBatch];
+  for (; off + (kB - 1) * stride < end; off += kB * stride) {
+    Loaded e[kB];
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) e[b] = load(off + b * stride);
+    for (int b = 0; b < kB; ++b) e[b] = load(off + b * stride);
 #pragma unroll
-    for (int b = 0; b < kBatch; ++b) use(off + b * stride, e[b]);
+    for (int b = 0; b < kB; ++b) use(off + b * stride, e[b]);
   }
   for (; off < end; off += stride) use(off, load(off));
 }
@@ -692,8 +699,9 @@ __device__ __forceinline__ int64_t take_ticket(const Counters& sync) {
 }
 
 // Stages interface (per direction), each relative to the samples [n0, n0 + n) of a group g:
-//   void reduce(int64_t tile, int64_t g, int64_t n0, int64_t n);    partials of the group
-//   void combine(int64_t g, int64_t n0, int64_t n);                  every (n, c) of it
+//   void reduce(int64_t tile, int64_t g, int64_t n0, int64_t n);    partials of the group, or
+//                                                       (unsplit rows) its finished (n, c)
+//   void combine(int64_t g, int64_t n0, int64_t n);    every (n, c) of it, from the partials
 //   void mlp1(int64_t item, int64_t n0, int64_t n); void mlp2(...);
 //   void map(int64_t tile, int64_t n0, int64_t n);
 // Tickets are taken in order; ticket t is item t % step_items of step t / step_items
@@ -715,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
       case kReduce:
         stages.reduce(item, g, n0, n);
         if (publish(sync.reduced(g)) == p.pass.ctas - 1) {
-          stages.combine(g, n0, n);
+          if (p.pass.pieces > 1) stages.combine(g, n0, n);
           publish(sync.reduced(g));
         }
         break;

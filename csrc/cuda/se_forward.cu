@@ -167,7 +167,7 @@ struct ForwardStages {
     return {x + n0 * C * P, z + n0 * C, zmax != nullptr ? zmax + n0 * C : nullptr, opt.pool, P};
   }
   __device__ A* group_partial(int64_t g) const {
-    return partial + g * 2 * pass.pieces * group * C;
+    return pass.pieces > 1 ? partial + g * 2 * pass.pieces * group * C : nullptr;
   }
   __device__ void reduce(int64_t tile, int64_t gi, int64_t n0, int64_t n) const {
     reduce_tile<T>(pool_terms(n0), pass, n, C, P, group_partial(gi), tile);
@@ -234,7 +234,7 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   }
   for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
     const int64_t n = std::min(plan.group, N - n0);
-    const PassPlan pass = plan_pass(n, C, P, pb.channels_last, plan.width, plan.sm_count);
+    const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
     const PoolTerms<T> pool{st.x + n0 * C * P, st.z + n0 * C,
                             st.zmax != nullptr ? st.zmax + n0 * C : nullptr, pb.opt.pool, P};
     run_reduce<T>(pool, pass, n, C, P, st.partial, stream);

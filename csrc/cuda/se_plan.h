@@ -90,19 +90,27 @@ inline int lanes_for(int64_t units) {
   return lanes;
 }
 
-// How a pass over `n` samples of C x P elements is split into tiles. NCHW rows with P not a
-// multiple of `width` still use 16-byte accesses: each piece peels its unaligned ends.
-inline PassPlan plan_pass(int64_t n, int64_t C, int64_t P, bool channels_last, int width,
-                          int sm_count) {
+// A piece of a split row (NCHW) or of a channel block's pixels (channels-last) is at least
+// this many bytes per channel: its partial sums (2 x 4 bytes) stay under 1/32 of its data.
+constexpr int64_t kMinPieceBytes = 256;
+
+// How a pass over `n` samples of pb's C x P elements is split into tiles. NCHW rows with P not
+// a multiple of `width` still use 16-byte accesses: each piece peels its unaligned ends.
+// Channels-last tiles take at most a warp's worth of channel vectors (512 contiguous bytes a
+// pixel), so wide layers give several channel blocks before pixels are split.
+inline PassPlan plan_pass(const Problem& pb, int64_t n, int width, int sm_count) {
+  const int64_t C = pb.C, P = pb.P;
   const int64_t target = int64_t(sm_count) * kTargetCtasPerSm;
+  const int64_t min_piece = ceil_div(kMinPieceBytes, element_size(pb.dtype));  // elements
   PassPlan p{};
-  p.channels_last = channels_last;
+  p.channels_last = pb.channels_last;
   p.width = width;
-  if (!channels_last) {
+  if (!pb.channels_last) {
     const int64_t units = ceil_div(P, width);
     const int64_t rows = n * C;
     const int64_t unsplit = ceil_div(rows, kThreads / lanes_for(units));
-    const int64_t max_pieces = std::max<int64_t>(1, units / (32 * kUnitsPerLane));
+    const int64_t min_units = std::max<int64_t>(32 * kUnitsPerLane, ceil_div(min_piece, width));
+    const int64_t max_pieces = std::max<int64_t>(1, units / min_units);
     const int64_t want = std::clamp<int64_t>(ceil_div(target, unsplit), 1, max_pieces);
     const int64_t piece_units = ceil_div(units, want);
     p.pieces = static_cast<int>(ceil_div(units, piece_units));
@@ -113,12 +121,13 @@ inline PassPlan plan_pass(int64_t n, int64_t C, int64_t P, bool channels_last, i
     p.ctas = p.row_blocks * p.pieces;
   } else {
     const int64_t cvecs = C / width;  // width divides C on the vector path
-    p.cblocks = ceil_div(cvecs, kThreads);
+    p.cblocks = ceil_div(cvecs, 32);
     p.tc = static_cast<int>(ceil_div(cvecs, p.cblocks));
     p.tp = std::max(1, kThreads / p.tc);
     p.threads = static_cast<int>(ceil_div(int64_t(p.tc) * p.tp, 32) * 32);
     const int64_t unsplit = n * p.cblocks;
-    const int64_t max_pieces = std::max<int64_t>(1, P / (int64_t(p.tp) * kUnitsPerLane));
+    const int64_t min_pixels = std::max<int64_t>(int64_t(p.tp) * kUnitsPerLane, min_piece);
+    const int64_t max_pieces = std::max<int64_t>(1, P / min_pixels);
     const int64_t want = std::clamp<int64_t>(ceil_div(target, unsplit), 1, max_pieces);
     p.piece_len = ceil_div(P, want);
     p.pieces = static_cast<int>(ceil_div(P, p.piece_len));
@@ -148,8 +157,9 @@ inline MlpTiling cols_dot_tiling(int64_t cols, int64_t n) {
 }
 
 // The weight gradients dW = sum_n u[n, r] v[n, k] (+ db = sum_n u[n, r]) for both weights:
-// 32 x 32 output tiles, the batch cut into `chunks` summed by separate CTAs; with more than
-// one chunk a second kernel adds the chunks' partial sums in chunk order.
+// 32 x 32 output tiles, the batch cut into `chunks` summed by separate CTAs when the tiles
+// alone give fewer than 2 CTAs per SM; with more than one chunk a second kernel adds the
+// chunks' partial sums (weight-sized, so only worth it for small weights) in chunk order.
 struct OuterPlan {
   int64_t tiles2, tiles1;  // output tiles of dW2 [C, S] and dW1 [S, C]
   int64_t chunks;          // batch chunks
@@ -163,7 +173,7 @@ inline OuterPlan plan_outer(int64_t N, int64_t C, int64_t S, int sm_count) {
   OuterPlan o{};
   o.tiles2 = ceil_div(C, kOuterRows) * ceil_div(S, kOuterCols);
   o.tiles1 = ceil_div(S, kOuterRows) * ceil_div(C, kOuterCols);
-  const int64_t target = int64_t(sm_count) * kTargetCtasPerSm;
+  const int64_t target = int64_t(sm_count) * kMinCtasPerSm;
   const int64_t max_chunks = std::max<int64_t>(1, N / kOuterMinChunk);
   o.chunks = std::clamp<int64_t>(ceil_div(target, o.tiles2 + o.tiles1), 1, max_chunks);
   o.chunk_len = std::max<int64_t>(1, ceil_div(N, o.chunks));
@@ -282,7 +292,7 @@ inline Pipeline plan_pipeline(const Problem& pb, bool backward, int width, int s
                         : std::clamp<int64_t>((budget / (p.lag + 1) - weights) / per_sample, 1,
                                               pb.N);
   p.groups = ceil_div(pb.N, p.group);
-  p.pass = plan_pass(p.group, pb.C, pb.P, pb.channels_last, width, sm_count);
+  p.pass = plan_pass(pb, p.group, width, sm_count);
   if (!backward) {
     p.mlp1 = rows_dot_tiling(pb.S, pb.C, p.group);
     p.mlp2 = rows_dot_tiling(pb.C, pb.S, p.group);
@@ -344,11 +354,12 @@ struct WorkspaceLayout {
 inline int64_t reduce_partial_elems(const Plan& plan) {
   const Problem& pb = plan.problem;
   if (plan.schedule == Schedule::Pipelined)  // every group keeps its own partials
-    return plan.pipe.groups * 2 * plan.pipe.pass.pieces * plan.pipe.group * pb.C;
+    return plan.pipe.pass.pieces > 1
+               ? plan.pipe.groups * 2 * plan.pipe.pass.pieces * plan.pipe.group * pb.C : 0;
   int64_t elems = 0;  // a full group or the last, smaller one, which may split rows more
   for (const int64_t n : {std::min(plan.group, pb.N), pb.N % plan.group}) {
     if (n == 0) continue;
-    const PassPlan pass = plan_pass(n, pb.C, pb.P, pb.channels_last, plan.width, plan.sm_count);
+    const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
     if (pass.pieces > 1) elems = std::max(elems, 2 * pass.pieces * n * pb.C);
   }
   return elems;
@@ -421,9 +432,19 @@ inline void trace_weight_grads(const Plan& plan, Trace& t) {
   t.access(TraceTensor::Weights, 0, 2 * weights + (pb.C + pb.S) * esize, true);
 }
 
-// What the stages of one group of n samples starting at sample n0 touch.
-inline void trace_stage(const Plan& plan, bool backward, int stage, int64_t n0, int64_t n,
-                        Trace& t) {
+// The reduce tiles' partial sums, 2 per (piece, sample, channel), when rows are split:
+// written by the tiles, read back by the combine.
+inline void trace_partials(const Plan& plan, const PassPlan& pass, int64_t n0, int64_t n,
+                           bool write, Trace& t) {
+  if (pass.pieces == 1) return;
+  const int64_t per_sample = 2 * pass.pieces * plan.problem.C * acc_size(plan.problem.dtype);
+  const int64_t at = plan.schedule == Schedule::Pipelined ? n0 * per_sample : 0;  // own or reused
+  t.access(TraceTensor::Scratch, at, n * per_sample, write);
+}
+
+// What the stages of one group of n samples starting at sample n0, tiled by `pass`, touch.
+inline void trace_stage(const Plan& plan, bool backward, int stage, const PassPlan& pass,
+                        int64_t n0, int64_t n, Trace& t) {
   const Problem& pb = plan.problem;
   const int64_t plane = pb.C * pb.P * element_size(pb.dtype);
   const int64_t off = n0 * plane, bytes = n * plane;
@@ -441,6 +462,7 @@ inline void trace_stage(const Plan& plan, bool backward, int stage, int64_t n0, 
         if (relu) t.access(TT::Out, off, bytes, false);
         if (pipelined && dres) t.access(TT::Dresidual, off, bytes, true);
       }
+      trace_partials(plan, pass, n0, n, true, t);
       break;
     case kMlp1:
     case kMlp2:
@@ -483,24 +505,28 @@ inline std::vector<int64_t> trace(const Plan& plan, bool backward) {
       for (int s = 0; s < kStages; ++s) {
         const int64_t g = k - p.stage_lag(s);
         if (g < 0 || g >= p.groups) continue;
-        const int64_t n0 = g * p.group;
-        trace_stage(plan, backward, s, n0, std::min(p.group, pb.N - n0), t);
+        const int64_t n0 = g * p.group, n = std::min(p.group, pb.N - n0);
+        trace_stage(plan, backward, s, p.pass, n0, n, t);
+        if (s == kReduce) trace_partials(plan, p.pass, n0, n, false, t);  // the combine
       }
   } else {
     for (int64_t n0 = 0; n0 < pb.N; n0 += plan.group) {
       const int64_t n = std::min(plan.group, pb.N - n0);
-      const PassPlan pass = plan_pass(n, pb.C, pb.P, pb.channels_last, plan.width, plan.sm_count);
+      const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
       t.launch(TraceKernel::Reduce, pass.ctas);
-      trace_stage(plan, backward, kReduce, n0, n, t);
-      if (pass.pieces > 1) t.launch(TraceKernel::Combine, ceil_div(n * pb.C, kThreads));
+      trace_stage(plan, backward, kReduce, pass, n0, n, t);
+      if (pass.pieces > 1) {
+        t.launch(TraceKernel::Combine, ceil_div(n * pb.C, kThreads));
+        trace_partials(plan, pass, n0, n, false, t);
+      }
       const MlpTiling m1 = backward ? cols_dot_tiling(pb.S, n) : rows_dot_tiling(pb.S, pb.C, n);
       const MlpTiling m2 = backward ? cols_dot_tiling(pb.C, n) : rows_dot_tiling(pb.C, pb.S, n);
       t.launch(TraceKernel::Mlp, m1.items);
-      trace_stage(plan, backward, kMlp1, n0, n, t);
+      trace_stage(plan, backward, kMlp1, pass, n0, n, t);
       t.launch(TraceKernel::Mlp, m2.items);
-      trace_stage(plan, backward, kMlp2, n0, n, t);
+      trace_stage(plan, backward, kMlp2, pass, n0, n, t);
       t.launch(TraceKernel::Map, pass.ctas);
-      trace_stage(plan, backward, kMap, n0, n, t);
+      trace_stage(plan, backward, kMap, pass, n0, n, t);
     }
   }
   if (backward) trace_weight_grads(plan, t);

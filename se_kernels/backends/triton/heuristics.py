@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,16 @@ class DeviceProfile:
     mlp_block_max: int        # longest MLP block along an output axis
     mlp_inner_max: int        # longest MLP block along the reduction
     max_warps: int
+    min_row_bytes: int = 128      # smallest row (channels-last) or tile (NCHW) when cutting blocks
+    partial_share: float = 1 / 32  # most bytes of partial sums per byte of x
+    l2_bytes: int = 50 * 2**20    # the L2 the map passes' walking order plans for
+
+    def __hash__(self) -> int:  # part of every call's plan key: hash the fields once
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(self.__dict__[f] for f in self.__dataclass_fields__))
 
 
 GPU_PROFILE = DeviceProfile(sm_count=132, tile_bytes=8192, elems_per_thread=16,
@@ -70,12 +81,15 @@ INTERPRETER_PROFILE = DeviceProfile(sm_count=1, tile_bytes=1 << 18, elems_per_th
 @dataclass(frozen=True)
 class PassConfig:
     """Launch config of the passes over x: [block_c, block_p] tiles; the reduction passes
-    cut H*W into `splits` pieces of `p_per_split` pixels (a multiple of block_p)."""
+    cut H*W into `splits` pieces of `p_per_split` pixels (a multiple of block_p). NCHW map
+    passes take flat blocks of `flat_block` elements with `flat_warps` warps (0: tiles)."""
     block_c: int
     block_p: int
     num_warps: int
     splits: int
     p_per_split: int
+    flat_block: int = 0
+    flat_warps: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,22 +122,60 @@ def _contiguous_block(extent: int, largest: int) -> int:
 def pass_config(n: int, c: int, p: int, channels_last: bool, elem_size: int,
                 profile: DeviceProfile) -> PassConfig:
     tile = max(256, profile.tile_bytes // elem_size)
-    num_warps = max(1, min(profile.max_warps, tile // (32 * profile.elems_per_thread)))
+    wanted = profile.programs_per_sm * profile.sm_count
     if channels_last:
         block_c = _contiguous_block(c, min(profile.contiguous_max, tile))
+        # Fill the GPU with narrower channel blocks before cutting H*W into pieces (pieces
+        # cost partial sums in memory), down to rows of min_row_bytes.
+        while (block_c > 1 and n * math.ceil(c / block_c) < wanted
+               and block_c * elem_size >= 2 * profile.min_row_bytes):
+            block_c //= 2
         block_p = min(_pow2(p), max(1, tile // block_c))
         groups, channels = n, c
     else:
         block_p = _contiguous_block(p, min(profile.contiguous_max, tile))
         block_c = min(_pow2(n * c), max(1, tile // block_p))
+        while (block_c > 1 and math.ceil(n * c / block_c) < wanted
+               and block_c * block_p * elem_size >= 2 * profile.min_row_bytes):
+            block_c //= 2
         groups, channels = 1, n * c
+    num_warps = _warps(block_c * block_p, profile)
     base = max(1, groups * math.ceil(channels / block_c))
-    wanted = math.ceil(profile.programs_per_sm * profile.sm_count / base)
+    # The pieces' partial sums take 4 bytes per piece and channel, against p * elem_size
+    # bytes of x per channel: written and read again, they are traffic the floor has not.
+    affordable = max(1, int(p * elem_size * profile.partial_share) // 4)
     most = max(1, math.ceil(p / (block_p * profile.min_tiles_per_piece)))
-    splits = max(1, min(wanted, most))
+    splits = max(1, min(math.ceil(wanted / base), most, affordable))
     p_per_split = math.ceil(math.ceil(p / splits) / block_p) * block_p
     splits = math.ceil(p / p_per_split)
-    return PassConfig(block_c, block_p, num_warps, splits, p_per_split)
+    # The NCHW map passes walk x as a flat run in blocks of a whole tile.
+    flat_block = tile if not channels_last else 0
+    return PassConfig(block_c, block_p, num_warps, splits, p_per_split, flat_block,
+                      _warps(flat_block, profile) if flat_block else num_warps)
+
+
+def _warps(elements: int, profile: DeviceProfile) -> int:
+    """Warps for a tile of `elements`: elems_per_thread each, within 1..max_warps."""
+    return max(1, min(profile.max_warps, elements // (32 * profile.elems_per_thread)))
+
+
+def map_walks_backwards(samples: int, first: int, second: int, reread: int,
+                        profile: DeviceProfile) -> bool:
+    """Whether the map pass should walk the samples last to first. Per sample, the reduction
+    pass touches `first` bytes, the map pass `second`, of which `reread` are re-reads of the
+    reduction's. A re-read hits L2 when at most half the L2 was touched since the first read
+    (se_kernels.plan's model). Walking forwards, sample k waits for the reduction's rest
+    and the map pass's first k samples: all hit when the call is small, none once the
+    reduction alone fills the window. Walking backwards, the last samples hit whatever the
+    batch. The MLP's bytes in between are small and left out."""
+    window = profile.l2_bytes // 2
+
+    def hits(limit: float, per_sample: int) -> int:
+        return max(0, min(samples, math.floor(limit / per_sample) + 1 if limit >= 0 else 0))
+
+    forwards = hits(window - reread - samples * first, max(1, second - first))
+    backwards = hits(window - reread - first, first + second)
+    return backwards > forwards
 
 
 def _square_tiles(rows: int, cols: int, inner: int, inner_max: int, acc_size: int,
@@ -172,7 +224,8 @@ def weight_grad_config(n: int, c: int, s: int, acc_size: int,
 @functools.lru_cache(maxsize=16)
 def _cuda_profile(index: int) -> DeviceProfile:
     props = torch.cuda.get_device_properties(index)
-    return DeviceProfile(**{**GPU_PROFILE.__dict__, "sm_count": props.multi_processor_count})
+    return dataclasses.replace(GPU_PROFILE, sm_count=props.multi_processor_count,
+                               l2_bytes=getattr(props, "L2_cache_size", GPU_PROFILE.l2_bytes))
 
 
 def device_profile(device: torch.device) -> DeviceProfile:

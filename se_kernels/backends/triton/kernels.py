@@ -12,8 +12,9 @@ Backward:
   _grad_reduce_kernel          one pass over grad_out and x: ds = sum_p dy*x (and, for max
                                pooling, count = how many x equal zmax)
   _excite_fc_backward_kernel   dg = ds * gate'(g), dh = dg W2, da = dh * act'(a)
-  _weight_grad_kernel          dW2 = dg^T h, db2, dW1 = da^T z, db1: sums over N in one program
-  _squeeze_fc_backward_kernel  dz = da W1, turned into the per-channel terms dx_avg, dx_max
+  _mlp_grads_kernel            dW2 = dg^T h, db2, dW1 = da^T z, db1 (sums over N in one
+                               program), and, in the same launch, dz = da W1, turned into
+                               the per-channel terms dx_avg, dx_max
   _grad_input_kernel           one pass: dx = dy * s + dx_avg + [x == zmax] dx_max,
                                dresidual = dy
 
@@ -26,7 +27,8 @@ bug (triton#11584).
 Both layouts run through the same kernels. A pass sees x as [groups, channels, P] with
 strides: NCHW is one group of N*C rows of P contiguous pixels, channels-last is N groups of
 P pixels of C contiguous channels. Triton specializes the stride that equals 1, so loads
-along the contiguous axis are vectorized in both layouts.
+along the contiguous axis are vectorized in both layouts. The NCHW map passes see x as one
+flat run instead, so their accesses stay 16-byte vectors when H*W is not a multiple of 8.
 """
 
 from __future__ import annotations
@@ -128,27 +130,44 @@ def _piece_program(channels, P, p_per_split, splits, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
-def _tile_program(channels, P, stride_n, stride_c, stride_p,
-                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
-    """A map pass's program: the indices into [N*C] vectors of its rows, and the offsets
-    into x and the mask of its one [BLOCK_C, BLOCK_P] tile."""
+def _map_program(channels, P, total, stride_n, stride_c, stride_p,
+                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
+                 BACKWARDS: tl.constexpr, WIDE: tl.constexpr):
+    """A map pass's program: the indices into [N*C] vectors of its elements and their mask,
+    shaped to broadcast against its offsets into x and their mask.
+
+    BACKWARDS: the programs walk the tensor from its end to its start, so the first ones
+    find in L2 what the reduction pass before read last (heuristics.map_walks_backwards).
+    FLAT (NCHW): the programs take BLOCK_P consecutive elements of the flat N*C*P run, so
+    loads and stores are 16-byte vectors whatever H*W is; otherwise a [BLOCK_C, BLOCK_P]
+    tile."""
     pid = tl.program_id(0)
-    p_blocks = tl.cdiv(P, BLOCK_P)
-    c_blocks = tl.cdiv(channels, BLOCK_C)
-    pb, rest = pid % p_blocks, pid // p_blocks
-    group, c, chan, c_mask = _channel_block(rest // c_blocks, rest % c_blocks, channels,
-                                            BLOCK_C, WIDE)
-    offs, mask = _tile(group, c, c_mask, pb * BLOCK_P, P, stride_n, stride_c, stride_p, BLOCK_P,
-                       WIDE)
-    return chan, c_mask, offs, mask
+    if BACKWARDS:
+        pid = tl.num_programs(0) - 1 - pid
+    if WIDE:  # x has 2**31 elements or more: index in int64
+        pid = pid.to(tl.int64)
+    if FLAT:
+        offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = offs < total
+        return offs // P, mask, offs, mask
+    else:
+        p_blocks = tl.cdiv(P, BLOCK_P)
+        c_blocks = tl.cdiv(channels, BLOCK_C)
+        pb, rest = pid % p_blocks, pid // p_blocks
+        group, c, chan, c_mask = _channel_block(rest // c_blocks, rest % c_blocks, channels,
+                                                BLOCK_C, WIDE)
+        offs, mask = _tile(group, c, c_mask, pb * BLOCK_P, P, stride_n, stride_c, stride_p,
+                           BLOCK_P, WIDE)
+        return chan[:, None], c_mask[:, None], offs, mask
 
 
 @triton.jit
-def _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t: tl.constexpr, OUT_RELU: tl.constexpr):
+def _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t: tl.constexpr, OUT_RELU: tl.constexpr,
+               EVICT: tl.constexpr):
     """dy = grad_out, zeroed where out <= 0 under an output ReLU."""
-    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(acc_t)
+    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(acc_t)
     if OUT_RELU:
-        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(acc_t)
         dy = tl.where(o > 0, dy, 0.0)
     return dy
 
@@ -169,7 +188,7 @@ def _pool_kernel(
     for p0 in range(p_lo, p_hi, BLOCK_P):
         offs, mask = _tile(group, c, c_mask, p0, p_hi, stride_n, stride_c, stride_p, BLOCK_P,
                            WIDE)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(acc_t)
         total += v
         if USE_MAX:
             peak = tl.maximum(peak, tl.where(mask, v, float("-inf")),
@@ -183,21 +202,26 @@ def _pool_kernel(
 @triton.jit
 def _scale_kernel(
     x_ptr, res_ptr, out_ptr, g_ptr,
-    channels, P, stride_n, stride_c, stride_p,
+    channels, P, total, stride_n, stride_c, stride_p,
     GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr, BACKWARDS: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
-    """out = out_act(gate(g) * x + residual) on one [BLOCK_C, BLOCK_P] tile."""
+    """out = out_act(gate(g) * x + residual) on one block of x (_map_program). This is the
+    last use of x and the only one of the residual and out: evict_first keeps them from
+    pushing out of L2 what the programs still to come re-read."""
     acc_t = g_ptr.dtype.element_ty
-    chan, c_mask, offs, mask = _tile_program(channels, P, stride_n, stride_c, stride_p,
-                                             BLOCK_C, BLOCK_P, WIDE)
+    chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
+                                            BLOCK_C, BLOCK_P, FLAT, BACKWARDS, WIDE)
     s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
-    y = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t) * s[:, None]
+    y = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t) * s
     if HAS_RESIDUAL:
-        y += tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        y += tl.load(res_ptr + offs, mask=mask, other=0.0,
+                     eviction_policy="evict_first").to(acc_t)
     if OUT_RELU:
         y = tl.where(y < 0, 0.0, y)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask,
+             eviction_policy="evict_first")
 
 
 @triton.jit
@@ -208,7 +232,8 @@ def _grad_reduce_kernel(
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Partial sums over one H*W piece of ds = dy * x, and (max pooling) of count, how many
-    x equal the channel's max."""
+    x equal the channel's max. grad_out and out (and x under max pooling) are read again by
+    _grad_input_kernel: evict_last."""
     acc_t = ds_ptr.dtype.element_ty
     split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
                                                                BLOCK_C, WIDE)
@@ -219,8 +244,9 @@ def _grad_reduce_kernel(
     for p0 in range(p_lo, p_hi, BLOCK_P):
         offs, mask = _tile(group, c, c_mask, p0, p_hi, stride_n, stride_c, stride_p, BLOCK_P,
                            WIDE)
-        dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_last")
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0,
+                    eviction_policy="evict_last" if USE_MAX else "evict_first").to(acc_t)
         total += dy * v
         if USE_MAX:
             count += (mask & (v == peak[:, None])).to(tl.int32)
@@ -233,27 +259,31 @@ def _grad_reduce_kernel(
 @triton.jit
 def _grad_input_kernel(
     dout_ptr, out_ptr, x_ptr, g_ptr, zmax_ptr, dx_avg_ptr, dx_max_ptr, dx_ptr, dres_ptr,
-    channels, P, stride_n, stride_c, stride_p,
+    channels, P, total, stride_n, stride_c, stride_p,
     GATE: tl.constexpr, OUT_RELU: tl.constexpr, HAS_AVG: tl.constexpr, USE_MAX: tl.constexpr,
-    WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+    WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
+    BACKWARDS: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """dx = dy * s + dx_avg + [x == zmax] * dx_max on one tile; dresidual = dy."""
+    """dx = dy * s + dx_avg + [x == zmax] * dx_max on one block (_map_program); dresidual =
+    dy. Last uses and writes: evict_first (see _scale_kernel)."""
     acc_t = g_ptr.dtype.element_ty
-    chan, c_mask, offs, mask = _tile_program(channels, P, stride_n, stride_c, stride_p,
-                                             BLOCK_C, BLOCK_P, WIDE)
-    dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU)
+    chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
+                                            BLOCK_C, BLOCK_P, FLAT, BACKWARDS, WIDE)
+    dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_first")
     s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
-    dx = dy * s[:, None]
+    dx = dy * s
     if HAS_AVG:
-        dx += tl.load(dx_avg_ptr + chan, mask=c_mask, other=0.0)[:, None]
+        dx += tl.load(dx_avg_ptr + chan, mask=c_mask, other=0.0)
     if USE_MAX:
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_t)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)
         peak = tl.load(zmax_ptr + chan, mask=c_mask, other=0.0)
         share = tl.load(dx_max_ptr + chan, mask=c_mask, other=0.0)
-        dx += tl.where(v == peak[:, None], share[:, None], 0.0)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx += tl.where(v == peak, share, 0.0)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask,
+             eviction_policy="evict_first")
     if WRITE_DRES:
-        tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)
+        tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask,
+                 eviction_policy="evict_first")
 
 
 # The MLP kernels work on [N, C] / [N, S] vectors and the [S, C] / [C, S] weights. Each
@@ -265,11 +295,10 @@ def _grad_input_kernel(
 
 
 @triton.jit
-def _mlp_block(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The samples n and output features m of this program's [BLOCK_N, BLOCK_M] block,
-    their masks, and whether it is in the first block of features (whose programs store
-    the [N, K] vectors they compute on the way)."""
-    pid = tl.program_id(0)
+def _mlp_block(pid, N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The samples n and output features m of block `pid`, [BLOCK_N, BLOCK_M], their masks,
+    and whether it is in the first block of features (whose programs store the [N, K]
+    vectors they compute on the way)."""
     m_blocks = tl.cdiv(M, BLOCK_M)
     nb, mb = pid // m_blocks, pid % m_blocks
     n = (nb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -343,7 +372,7 @@ def _squeeze_fc_kernel(
     """z (and zmax) from the pooling pieces, and a = z W1^T + b1, for BLOCK_N samples and
     BLOCK_S hidden units. The programs of the first S block also store z and zmax."""
     acc_t = a_ptr.dtype.element_ty
-    n, s, n_mask, s_mask, first = _mlp_block(N, S, BLOCK_N, BLOCK_S)
+    n, s, n_mask, s_mask, first = _mlp_block(tl.program_id(0), N, S, BLOCK_N, BLOCK_S)
     acc = tl.zeros([BLOCK_N, BLOCK_S, BLOCK_C], acc_t)
     for c0 in range(0, C, BLOCK_C):
         c, c_mask, idx, mask = _mlp_step(c0, n, n_mask, C, BLOCK_C)
@@ -367,7 +396,7 @@ def _excite_fc_kernel(
 ):
     """g = act(a) W2^T + b2 for BLOCK_N samples and BLOCK_C channels."""
     acc_t = g_ptr.dtype.element_ty
-    n, c, n_mask, c_mask, first = _mlp_block(N, C, BLOCK_N, BLOCK_C)
+    n, c, n_mask, c_mask, first = _mlp_block(tl.program_id(0), N, C, BLOCK_N, BLOCK_C)
     acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], acc_t)
     for s0 in range(0, S, BLOCK_S):
         s, s_mask, idx, mask = _mlp_step(s0, n, n_mask, S, BLOCK_S)
@@ -388,7 +417,7 @@ def _excite_fc_backward_kernel(
     da = dh * act'(a) for BLOCK_N samples and BLOCK_S hidden units. The programs of the
     first S block also store dg."""
     acc_t = da_ptr.dtype.element_ty
-    n, s, n_mask, s_mask, first = _mlp_block(N, S, BLOCK_N, BLOCK_S)
+    n, s, n_mask, s_mask, first = _mlp_block(tl.program_id(0), N, S, BLOCK_N, BLOCK_S)
     acc = tl.zeros([BLOCK_N, BLOCK_S, BLOCK_C], acc_t)
     for c0 in range(0, C, BLOCK_C):
         c, c_mask, idx, mask = _mlp_step(c0, n, n_mask, C, BLOCK_C)
@@ -407,17 +436,17 @@ def _excite_fc_backward_kernel(
 
 
 @triton.jit
-def _squeeze_fc_backward_kernel(
-    da_ptr, w1_ptr, count_ptr, dx_avg_ptr, dx_max_ptr,
+def _squeeze_fc_backward_block(
+    pid, da_ptr, w1_ptr, count_ptr, dx_avg_ptr, dx_max_ptr,
     N, C, S, P, splits, nc,
     POOL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dz = da W1 for BLOCK_N samples and BLOCK_C channels, stored as what dx adds per
-    channel: dx_avg = dz / P everywhere, dx_max = dz / count at the max (halves of each
-    for avgmax)."""
+    """dz = da W1 for block `pid` of BLOCK_N samples and BLOCK_C channels, stored as what dx
+    adds per channel: dx_avg = dz / P everywhere, dx_max = dz / count at the max (halves of
+    each for avgmax)."""
     acc_t = da_ptr.dtype.element_ty
-    n, c, n_mask, c_mask, first = _mlp_block(N, C, BLOCK_N, BLOCK_C)
+    n, c, n_mask, c_mask, first = _mlp_block(pid, N, C, BLOCK_N, BLOCK_C)
     acc = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], acc_t)
     for s0 in range(0, S, BLOCK_S):
         s, s_mask, idx, mask = _mlp_step(s0, n, n_mask, S, BLOCK_S)
@@ -482,14 +511,13 @@ def _weight_grad_tile(
 
 
 @triton.jit
-def _weight_grad_kernel(
-    dg_ptr, a_ptr, da_ptr, z_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+def _weight_grad_block(
+    pid, dg_ptr, a_ptr, da_ptr, z_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
     N, C, S,
     ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Even programs: a tile of dW2 = dg^T act(a) and db2 = sum_n dg; odd programs: the
-    same tile of dW1^T = z^T da and db1 = sum_n da. One launch for both layers."""
-    pid = tl.program_id(0)
+    """Even blocks `pid`: a tile of dW2 = dg^T act(a) and db2 = sum_n dg; odd blocks: the
+    same tile of dW1^T = z^T da and db1 = sum_n da."""
     which, tile = pid % 2, pid // 2
     s_blocks = tl.cdiv(S, BLOCK_S)
     cb, sb = tile // s_blocks, tile % s_blocks
@@ -501,3 +529,25 @@ def _weight_grad_kernel(
         # dW1[s, c] at s * C + c
         _weight_grad_tile(z_ptr, da_ptr, dw1_ptr, db1_ptr, N, C, S, cb, sb, 1, C,
                           0, False, BLOCK_N, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _mlp_grads_kernel(
+    dg_ptr, a_ptr, da_ptr, z_ptr, w1_ptr, count_ptr,
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dx_avg_ptr, dx_max_ptr,
+    N, C, S, P, splits, nc, weight_programs,
+    ACT: tl.constexpr, POOL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    WG_BLOCK_N: tl.constexpr, WG_BLOCK_C: tl.constexpr, WG_BLOCK_S: tl.constexpr,
+):
+    """The two independent consumers of dg and da in one launch: the first weight_programs
+    programs the weight gradients (_weight_grad_block, [WG_BLOCK_C, WG_BLOCK_S] tiles), the
+    rest dz and the per-channel terms of dx (_squeeze_fc_backward_block)."""
+    pid = tl.program_id(0)
+    if pid < weight_programs:
+        _weight_grad_block(pid, dg_ptr, a_ptr, da_ptr, z_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+                           N, C, S, ACT, WG_BLOCK_N, WG_BLOCK_C, WG_BLOCK_S)
+    else:
+        _squeeze_fc_backward_block(pid - weight_programs, da_ptr, w1_ptr, count_ptr, dx_avg_ptr,
+                                   dx_max_ptr, N, C, S, P, splits, nc, POOL,
+                                   BLOCK_N, BLOCK_C, BLOCK_S)

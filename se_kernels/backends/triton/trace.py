@@ -1,0 +1,157 @@
+"""The Triton backend's schedule as a plan trace (se_kernels.plan), from the drivers themselves.
+
+The drivers run on fake CUDA tensors (no GPU, no memory) with a given device profile and
+their launches recorded instead of made (driver.recording). Each recorded launch becomes a
+plan launch whose accesses come from the kernel's actual arguments: ACCESSES says which
+pointer parameters a kernel reads and writes, in the order a program touches them, and the
+arguments say which tensor each one is and, for the x-sized streams, which samples the
+launch walks. The streams are listed per sample, interleaved as a program touches them
+(reads, then writes), in the order the programs walk the samples: first to last, or last
+to first for a map pass launched with BACKWARDS (kernels._map_program); the [N, C] vectors
+and weights are read whole before the streams and written whole after them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from ...plan import Access, GpuProfile, Launch, PlanCall
+from ...vocabulary import NONE, OUT_RELU, RELU, SIGMOID, code
+from . import driver
+from .heuristics import GPU_PROFILE, DeviceProfile
+
+STREAMS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
+READ, WRITE = False, True
+
+
+def _pool_is(*pools):
+    codes = {code("pool", p) for p in pools}
+    return lambda meta: meta["POOL"] in codes
+
+
+# kernel -> (pointer parameter, WRITE or READ, when it is touched: None = always, or a
+# predicate of the launch's constexprs), in the order a program touches them. A parameter
+# whose constexpr branch is off gets x as a stand-in (driver.py), never touched.
+ACCESSES = {
+    "_pool_kernel": (("x_ptr", READ, None), ("sum_ptr", WRITE, None),
+                     ("max_ptr", WRITE, lambda m: m["USE_MAX"])),
+    "_squeeze_fc_kernel": (("sum_ptr", READ, None), ("max_ptr", READ, _pool_is("max", "avgmax")),
+                           ("w1_ptr", READ, None), ("b1_ptr", READ, lambda m: m["HAS_BIAS"]),
+                           ("z_ptr", WRITE, None), ("zmax_ptr", WRITE, _pool_is("max", "avgmax")),
+                           ("a_ptr", WRITE, None)),
+    "_excite_fc_kernel": (("a_ptr", READ, None), ("w2_ptr", READ, None),
+                          ("b2_ptr", READ, lambda m: m["HAS_BIAS"]), ("g_ptr", WRITE, None)),
+    "_scale_kernel": (("g_ptr", READ, None), ("x_ptr", READ, None),
+                      ("res_ptr", READ, lambda m: m["HAS_RESIDUAL"]), ("out_ptr", WRITE, None)),
+    "_grad_reduce_kernel": (("zmax_ptr", READ, lambda m: m["USE_MAX"]), ("dout_ptr", READ, None),
+                            ("out_ptr", READ, lambda m: m["OUT_RELU"]), ("x_ptr", READ, None),
+                            ("ds_ptr", WRITE, None), ("count_ptr", WRITE, lambda m: m["USE_MAX"])),
+    "_excite_fc_backward_kernel": (("ds_ptr", READ, None), ("g_ptr", READ, None),
+                                   ("w2_ptr", READ, None), ("a_ptr", READ, None),
+                                   ("dg_ptr", WRITE, None), ("da_ptr", WRITE, None)),
+    "_mlp_grads_kernel": (("dg_ptr", READ, None), ("a_ptr", READ, None), ("z_ptr", READ, None),
+                          ("da_ptr", READ, None), ("w1_ptr", READ, None),
+                          ("count_ptr", READ, _pool_is("max", "avgmax")),
+                          ("dw2_ptr", WRITE, None), ("db2_ptr", WRITE, None),
+                          ("dw1_ptr", WRITE, None), ("db1_ptr", WRITE, None),
+                          ("dx_avg_ptr", WRITE, _pool_is("avg", "avgmax")),
+                          ("dx_max_ptr", WRITE, _pool_is("max", "avgmax"))),
+    "_grad_input_kernel": (("g_ptr", READ, None), ("zmax_ptr", READ, lambda m: m["USE_MAX"]),
+                           ("dx_avg_ptr", READ, lambda m: m["HAS_AVG"]),
+                           ("dx_max_ptr", READ, lambda m: m["USE_MAX"]),
+                           ("dout_ptr", READ, None), ("out_ptr", READ, lambda m: m["OUT_RELU"]),
+                           ("x_ptr", READ, lambda m: m["USE_MAX"]), ("dx_ptr", WRITE, None),
+                           ("dres_ptr", WRITE, lambda m: m["WRITE_DRES"])),
+}
+
+
+def kernel_name(kernel) -> str:
+    return getattr(kernel, "fn", kernel).__name__
+
+
+def device_profile_for(gpu: GpuProfile) -> DeviceProfile:
+    """The launch heuristics' profile of a plan's GPU."""
+    return dataclasses.replace(GPU_PROFILE, sm_count=gpu.sm_count, l2_bytes=gpu.l2_bytes)
+
+
+def record(call: PlanCall, profile: DeviceProfile, device: str = "cuda"):
+    """Runs the drivers' forward and backward of `call` on fake tensors with `profile`,
+    recording the launches. Returns (forward launches, backward launches, names): each
+    launch is (kernel, programs, args, meta); names maps the storages of the call's
+    x-sized tensors and weights to their plan tensor names."""
+    fmt = torch.channels_last if call.channels_last else torch.contiguous_format
+    options = (RELU, SIGMOID, call.pool, OUT_RELU if call.out_relu else NONE)
+    with FakeTensorMode():
+        like = dict(device=device, dtype=call.dtype)
+        x = torch.empty(call.n, call.c, call.h, call.w, **like).contiguous(memory_format=fmt)
+        residual = torch.empty_like(x) if call.residual else None
+        weights = (torch.empty(call.squeeze, call.c, **like), torch.empty(call.squeeze, **like),
+                   torch.empty(call.c, call.squeeze, **like), torch.empty(call.c, **like))
+        w1, b1, w2, b2 = weights
+        with driver.recording(profile) as forward:
+            out, z, zmax, a, g = driver.forward(x, w1, b1, w2, b2, residual, *options, fmt)
+        grad_out = torch.empty_like(out)
+        with driver.recording(profile) as backward:
+            dx, *weight_grads, dres = driver.backward(grad_out, x, out, w1, w2, z, zmax, a, g,
+                                                      *options, call.residual, fmt)
+    names = {StorageWeakRef(t.untyped_storage()): name for name, t in
+             (("x", x), ("residual", residual), ("out", out), ("grad_out", grad_out), ("dx", dx),
+              ("dresidual", dres)) if t is not None and t.numel()}
+    for t in (*weights, *weight_grads):
+        names[StorageWeakRef(t.untyped_storage())] = "weights"
+    return forward, backward, names
+
+
+class _Places:
+    """Where each [N, C] vector and weight lies in its trace tensor ("scratch" or
+    "weights"): storages one after another, in the order they are first met."""
+
+    def __init__(self):
+        self.base: dict = {}
+        self.end: dict[str, int] = {}
+
+    def __call__(self, name: str, storage: StorageWeakRef, nbytes: int) -> int:
+        if storage not in self.base:
+            self.base[storage] = self.end.get(name, 0)
+            self.end[name] = self.base[storage] + nbytes
+        return self.base[storage]
+
+
+def _accesses(kernel, args, meta, names, places: _Places) -> list[Access]:
+    bound = dict(zip(kernel.arg_names, args))
+    before, streams, after = [], [], []
+    for param, write, when in ACCESSES[kernel_name(kernel)]:
+        if when is not None and not when(meta):
+            continue
+        tensor = bound[param]
+        storage = StorageWeakRef(tensor.untyped_storage())
+        name = names.get(storage, "scratch")
+        if name == "x" and param != "x_ptr":
+            raise AssertionError(f"{kernel_name(kernel)} touches {param}, bound to x's stand-in")
+        offset = tensor.storage_offset() * tensor.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
+        if name in STREAMS:
+            streams.append((name, offset, nbytes, write))
+        else:
+            offset += places(name, storage, tensor.untyped_storage().nbytes())
+            (after if write else before).append(Access(name, offset, nbytes, write))
+    streams.sort(key=lambda stream: stream[3])  # a program reads, then writes
+    samples = int(bound["x_ptr"].shape[0]) if streams else 0
+    order = range(samples)
+    if meta.get("BACKWARDS"):
+        order = reversed(order)
+    walked = [Access(name, offset + sample * (nbytes // samples), nbytes // samples, write)
+              for sample in order for name, offset, nbytes, write in streams]
+    return before + walked + after
+
+
+def schedule_trace(call: PlanCall, profile: DeviceProfile, backward: bool) -> list[Launch]:
+    """The plan trace of `call`'s forward or backward, planned with `profile`."""
+    forward, backward_launches, names = record(call, profile)
+    places = _Places()
+    return [Launch(kernel_name(kernel), programs, _accesses(kernel, args, meta, names, places))
+            for kernel, programs, args, meta in (backward_launches if backward else forward)]

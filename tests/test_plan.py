@@ -1,0 +1,185 @@
+"""se_kernels.plan: decoding a schedule trace, the DRAM model, the floor, and the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from se_kernels import cli, plan
+from se_kernels.vocabulary import PLAN_KERNELS, PLAN_TENSORS
+
+MB = 10**6
+L2 = 60 * MB  # the h200 profile's
+
+
+def encode(*launches) -> list[int]:
+    """The cuda_schedule encoding of launches given as (kernel, ctas, [(tensor, offset,
+    nbytes, write), ...])."""
+    codes = []
+    for kernel, ctas, accesses in launches:
+        codes += [PLAN_KERNELS.index(kernel), ctas, len(accesses)]
+        for tensor, offset, nbytes, write in accesses:
+            codes += [PLAN_TENSORS.index(tensor), offset, nbytes, int(write)]
+    return codes
+
+
+def test_decode_round_trip():
+    codes = encode(("reduce", 264, [("x", 0, 40 * MB, False), ("scratch", 0, 4096, True)]),
+                   ("map", 132, [("x", 0, 40 * MB, False), ("out", 0, 40 * MB, True)]))
+    trace = plan.decode_cuda_trace(codes)
+    assert [(launch.kernel, launch.programs) for launch in trace] == [("reduce", 264), ("map", 132)]
+    assert trace[0].accesses == [plan.Access("x", 0, 40 * MB, False),
+                                 plan.Access("scratch", 0, 4096, True)]
+    assert trace[1].accesses[1] == plan.Access("out", 0, 40 * MB, True)
+
+
+@pytest.mark.parametrize("codes", [[3, 10, 2, 0, 0, 8, 0], [99, 1, 0], [3, 1, 1, 42, 0, 8, 0]])
+def test_decode_rejects_malformed(codes):
+    with pytest.raises(ValueError, match="malformed"):
+        plan.decode_cuda_trace(codes)
+
+
+def dram(*launches) -> int:
+    return plan.dram_bytes(plan.decode_cuda_trace(encode(*launches)), L2)
+
+
+@pytest.mark.parametrize("size, expected", [
+    (40 * MB, 80 * MB),  # 80 MB touched from the first read through the second
+    (20 * MB, 40 * MB),  # 40 MB > 30 MB
+    (15 * MB + 1, 30 * MB + 2),
+    (15 * MB, 15 * MB),  # exactly half the L2: a hit
+    (14 * MB, 14 * MB),
+])
+def test_back_to_back_reread_hits_only_within_half_the_l2(size, expected):
+    read = ("reduce", 1, [("x", 0, size, False)])
+    assert dram(read, read) == expected
+
+
+def test_writes_always_cost_dram():
+    write = ("map", 1, [("out", 0, MB, True)])
+    assert dram(write, write) == 2 * MB
+
+
+def test_reading_what_was_written_hits():
+    assert dram(("map", 1, [("scratch", 0, MB, True)]),
+                ("mlp", 1, [("scratch", 0, MB, False)])) == MB
+
+
+def test_contained_reread_hits_and_overlap_does_not():
+    first = ("reduce", 1, [("x", 0, 4 * MB, False)])
+    inside = ("map", 1, [("x", MB, 2 * MB, False)])
+    straddling = ("map", 1, [("x", 3 * MB, 2 * MB, False)])
+    assert dram(first, inside) == 4 * MB
+    assert dram(first, straddling) == 6 * MB
+
+
+def test_window_counts_every_tensor_and_the_rereading_access():
+    # x (10 MB), then 15 MB of residual, then x again: 35 MB touched > 30 MB.
+    assert dram(("reduce", 1, [("x", 0, 10 * MB, False)]),
+                ("map", 1, [("residual", 0, 15 * MB, False), ("x", 0, 10 * MB, False)])) == 35 * MB
+    # With 5 MB of residual: 25 MB, a hit; accesses after the re-read do not count.
+    assert dram(("reduce", 1, [("x", 0, 10 * MB, False)]),
+                ("map", 1, [("residual", 0, 5 * MB, False), ("x", 0, 10 * MB, False),
+                            ("out", 0, 40 * MB, True)])) == 55 * MB
+
+
+def test_tensors_do_not_alias():
+    assert dram(("reduce", 1, [("x", 0, MB, False)]),
+                ("reduce", 1, [("grad_out", 0, MB, False)])) == 2 * MB
+
+
+def test_floor_and_prediction():
+    call = plan.PlanCall(n=2, c=8, h=4, w=4, squeeze=2, dtype=torch.bfloat16, channels_last=True,
+                         residual=True, out_relu=True)
+    x = 2 * 8 * 16 * 2
+    assert plan.floor_bytes(call, backward=False) == 3 * x
+    assert plan.floor_bytes(call, backward=True) == 5 * x
+    plain = plan.PlanCall(2, 8, 4, 4, 2, torch.float32, False, residual=True)
+    assert plan.floor_bytes(plain, backward=True) == 3 * 2 * x  # dresidual is grad_out itself
+    gpu = plan.GPUS["h200"]
+    result = plan.plan_pass(plan.decode_cuda_trace(encode(
+        ("map", 1, [("x", 0, 4300, False)]), ("map", 1, [("out", 0, 4300, True)]))), 8600, gpu)
+    assert result == plan.PassPlan(2, 8600, 8600, 2 * 2.5 + 8600 / 4.3e12 * 1e6,
+                                   8600 / 4.3e12 * 1e6, 0)
+
+
+def test_weights_and_scratch_count_apart_from_the_floors_tensors():
+    """dram_bytes counts the floor's tensors; weights and scratch go to other_dram_bytes,
+    yet take their place in the L2 window (here they push x's re-read out of it)."""
+    gpu = plan.GPUS["h200"]
+    trace = plan.decode_cuda_trace(encode(
+        ("reduce", 1, [("x", 0, 10 * MB, False), ("scratch", 0, MB, True)]),
+        ("mlp", 1, [("weights", 0, 2 * MB, False)]),
+        ("map", 1, [("x", 0, 10 * MB, False), ("out", 0, 10 * MB, True)])))
+    result = plan.plan_pass(trace, 20 * MB, gpu)
+    assert (result.dram_bytes, result.other_dram_bytes) == (20 * MB, 3 * MB)
+    assert result.predicted_us == pytest.approx(3 * 2.5 + 23 * MB / 4.3e12 * 1e6)
+    crowded = plan.decode_cuda_trace(encode(
+        ("reduce", 1, [("x", 0, 10 * MB, False)]), ("mlp", 1, [("weights", 0, 11 * MB, False)]),
+        ("map", 1, [("x", 0, 10 * MB, False)])))
+    assert plan.plan_pass(crowded, 20 * MB, gpu).dram_bytes == 20 * MB  # 31 MB > 30 MB
+
+
+def test_plan_command_json_for_triton(capsys):
+    assert cli.main(["plan", "--backend", "triton", "--shape", "32,256,56,56", "--dtype", "bf16",
+                     "--layout", "channels_last", "--residual", "--out-activation", "relu",
+                     "--gpu", "h200", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"forward", "backward"}
+    x = 32 * 256 * 56 * 56 * 2
+    for name, floor in (("forward", 3 * x), ("backward", 5 * x)):
+        half = result[name]
+        assert set(half) == {"launches", "dram_bytes", "floor_bytes", "predicted_us", "floor_us",
+                             "other_dram_bytes"}
+        for key in ("launches", "dram_bytes", "floor_bytes", "other_dram_bytes"):
+            assert isinstance(half[key], int), (name, key)
+        for key in ("predicted_us", "floor_us"):
+            assert isinstance(half[key], float), (name, key)
+        assert half["floor_bytes"] == floor
+        assert half["dram_bytes"] >= floor and half["launches"] >= 2
+        assert half["predicted_us"] > half["floor_us"] == pytest.approx(floor / 4.3e6)
+
+
+def test_plan_command_table(capsys):
+    assert cli.main(["plan", "--backend", "triton", "--shape", "8,64,14,14", "--layout", "nchw"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["pass", "launches", "DRAM"]
+    assert [line.split()[0] for line in lines[2:]] == ["forward", "backward"]
+
+
+def test_plan_command_rejects_a_bad_shape(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--backend", "triton", "--shape", "8,64,14"])
+    assert "--shape must be N,C,H,W" in capsys.readouterr().err
+
+
+def test_plan_command_for_cuda(capsys):
+    """The cuda backend's plan, decoded from the extension's cuda_schedule op."""
+    from se_kernels.backends import native
+
+    if native.EXTENSION_ERROR is not None:
+        pytest.skip(f"no compiled extension: {native.EXTENSION_ERROR}")
+    call = plan.PlanCall(32, 2048, 7, 7, 128, torch.bfloat16, False, residual=True, out_relu=True)
+    trace = plan.cuda_trace(call, plan.GPUS["h200"], backward=False)
+    assert trace and all(launch.kernel in PLAN_KERNELS and launch.programs > 0 for launch in trace)
+    assert {access.tensor for launch in trace for access in launch.accesses} >= {"x", "residual", "out"}
+    assert cli.main(["plan", "--backend", "cuda", "--shape", "32,2048,7,7", "--layout", "nchw",
+                     "--residual", "--out-activation", "relu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    x = 32 * 2048 * 49 * 2
+    assert (result["forward"]["floor_bytes"], result["backward"]["floor_bytes"]) == (3 * x, 5 * x)
+    assert result["forward"]["dram_bytes"] >= 3 * x and result["backward"]["dram_bytes"] >= 5 * x
+
+
+def test_plan_command_says_why_a_plan_cannot_be_made(capsys, monkeypatch):
+    def missing():
+        raise plan.PlanUnavailable("the loaded extension se_kernels._C has no cuda_schedule op")
+
+    monkeypatch.setattr(plan, "cuda_schedule_op", missing)
+    assert cli.main(["plan", "--backend", "cuda", "--shape", "2,8,4,4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("se-kernels plan: the loaded extension se_kernels._C has no "
+                            "cuda_schedule op\n")
