@@ -372,14 +372,7 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   workspace_region("outer", outer.partial, plan.outer.partial_elems * sizeof(A));
 
   if (N > 0 && plan.schedule == Schedule::Pipelined) {
-    const Pipeline& p = plan.pipe;
-    st.group = p.group;
-    st.pass = p.pass;
-    st.tiling1 = p.mlp1;
-    st.tiling2 = p.mlp2;
-    auto* counters = reinterpret_cast<unsigned*>(ws + layout.counters);
-    workspace_region("counters", counters, p.counters * sizeof(unsigned));
-    run_pipeline(TraceKernel::BackwardPipeline, st, p, N, counters, stream);
+    run_pipeline(TraceKernel::BackwardPipeline, st, plan.pipe, N, ws + layout.counters, stream);
   } else {
     for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
       const int64_t n = std::min(plan.group, N - n0);

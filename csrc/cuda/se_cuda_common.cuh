@@ -745,12 +745,20 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   }
 }
 
+// A pipelined call: `stages` (its pointers set) take the pipeline's tiling; the sync
+// counters live at `counters` in the workspace.
 template <typename Stages>
-void run_pipeline(TraceKernel what, const Stages& stages, const Pipeline& p, int64_t N,
-                  unsigned* counters, cudaStream_t stream) {
+void run_pipeline(TraceKernel what, Stages stages, const Pipeline& p, int64_t N, void* counters,
+                  cudaStream_t stream) {
+  stages.group = p.group;
+  stages.pass = p.pass;
+  stages.tiling1 = p.mlp1;
+  stages.tiling2 = p.mlp2;
+  auto* sync = static_cast<unsigned*>(counters);
+  workspace_region("counters", sync, p.counters * sizeof(unsigned));
   launch(TraceKernel::ZeroSync, zero_kernel<unsigned>, ceil_div(p.counters, kThreads), kThreads,
-         stream, counters, p.counters);
-  launch(what, pipeline_kernel<Stages>, p.ctas, kThreads, stream, stages, p, N, counters);
+         stream, sync, p.counters);
+  launch(what, pipeline_kernel<Stages>, p.ctas, kThreads, stream, stages, p, N, sync);
 }
 
 // Calls fn(tag) with the CUDA type of `dtype`.

@@ -222,14 +222,7 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   workspace_region("partial", st.partial, reduce_partial_elems(plan) * sizeof(A));
 
   if (plan.schedule == Schedule::Pipelined) {
-    const Pipeline& p = plan.pipe;
-    st.group = p.group;
-    st.pass = p.pass;
-    st.tiling1 = p.mlp1;
-    st.tiling2 = p.mlp2;
-    auto* counters = reinterpret_cast<unsigned*>(ws + layout.counters);
-    workspace_region("counters", counters, p.counters * sizeof(unsigned));
-    run_pipeline(TraceKernel::ForwardPipeline, st, p, N, counters, stream);
+    run_pipeline(TraceKernel::ForwardPipeline, st, plan.pipe, N, ws + layout.counters, stream);
     return;
   }
   for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
