@@ -115,13 +115,17 @@ def _map_launch(view: _View, cfg, total: int, backwards: bool, **constexprs) -> 
                         BACKWARDS=backwards, WIDE=view.wide, num_warps=warps))
 
 
-def _reduce_launch(view: _View, cfg, **constexprs) -> _Launch:
-    """The reduction pass (_pool_kernel, _grad_reduce_kernel)."""
+def _reduce_launch(view: _View, cfg, elem_size: int, **constexprs) -> _Launch:
+    """The reduction pass (_pool_kernel, _grad_reduce_kernel). NCHW rows are read in 16-byte
+    vectors of VEC elements, with EDGES when a row or a piece of it starts or ends off a
+    vector boundary (kernels._row_body)."""
+    vec = 1 if view.channels_last else max(1, 16 // elem_size)
+    edges = vec > 1 and (view.p % vec != 0 or (cfg.splits > 1 and cfg.p_per_split % vec != 0))
     return _Launch(view.groups * math.ceil(view.channels / cfg.block_c) * cfg.splits,
                    (view.groups, view.channels, view.p, view.stride_n, view.stride_c,
                     view.stride_p, cfg.p_per_split, cfg.splits),
-                   dict(constexprs, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, WIDE=view.wide,
-                        num_warps=cfg.num_warps))
+                   dict(constexprs, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p, VEC=vec,
+                        EDGES=edges, WIDE=view.wide, num_warps=cfg.num_warps))
 
 
 def _mlp_launch(programs: int, cfg, scalars: tuple, names: tuple[str, str, str],
@@ -178,7 +182,7 @@ def _forward_plan(shape, s, dtype, channels_last, has_residual, has_b1, has_b2, 
         fc1 = mlp_config(n, s, c, acc.itemsize, profile)
         fc2 = mlp_config(n, c, s, acc.itemsize, profile)
         launches = (
-            _reduce_launch(view, cfg, USE_MAX=use_max),
+            _reduce_launch(view, cfg, elem, USE_MAX=use_max),
             _mlp_launch(math.ceil(n / fc1.block_n) * math.ceil(s / fc1.block_m),
                         fc1, (n, c, s, view.p, cfg.splits, n * c), ("BLOCK_N", "BLOCK_S", "BLOCK_C"),
                         POOL=code("pool", pool), HAS_BIAS=has_b1),
@@ -272,7 +276,7 @@ def _backward_plan(shape, s, dtype, channels_last, activation, gate, pool, out_a
     bwd1 = mlp_config(n, c, s, acc.itemsize, profile)
     weight_programs = 2 * math.ceil(c / wg.block_m) * math.ceil(s / wg.block_k)
     launches = (
-        _reduce_launch(view, cfg, OUT_RELU=out_relu, USE_MAX=use_max),
+        _reduce_launch(view, cfg, elem, OUT_RELU=out_relu, USE_MAX=use_max),
         _mlp_launch(math.ceil(n / bwd2.block_n) * math.ceil(s / bwd2.block_m),
                     bwd2, (n, c, s, cfg.splits, n * c), ("BLOCK_N", "BLOCK_S", "BLOCK_C"),
                     ACT=code("activation", activation), GATE=code("gate", gate)),

@@ -130,6 +130,49 @@ def _piece_program(channels, P, p_per_split, splits, BLOCK_C: tl.constexpr,
 
 
 @triton.jit
+def _row_body(c, p_lo, p_hi, P, VEC: tl.constexpr):
+    """NCHW (rows of P contiguous pixels): the whole VEC-element vectors that a row's piece
+    [c*P + p_lo, c*P + p_hi) holds, as their start and length, both multiples of VEC, so
+    the loads of the body are 16-byte vectors even where the rows start unaligned."""
+    start, end = c * P + p_lo, c * P + p_hi
+    body_lo = tl.multiple_of((start + VEC - 1) // VEC * VEC, VEC)
+    body_hi = tl.maximum(body_lo, end // VEC * VEC)
+    return start, end, body_lo, tl.multiple_of(body_hi - body_lo, VEC)
+
+
+@triton.jit
+def _body_tile(group, c, c_mask, p_lo, p_hi, body_lo, body_len, step, stride_n, stride_c,
+               stride_p, BLOCK_P: tl.constexpr, VEC: tl.constexpr, WIDE: tl.constexpr):
+    """Offsets into x of a reduction's tile `step` of its piece, and its mask: with VEC > 1
+    (NCHW) along each row's aligned body (_row_body), else the strided [BLOCK_C, BLOCK_P]
+    tile at pixel p_lo + step * BLOCK_P."""
+    if VEC > 1:
+        p = step * BLOCK_P + tl.arange(0, BLOCK_P)
+        if WIDE:
+            p = p.to(tl.int64)
+        return (body_lo[:, None] + p[None, :],
+                c_mask[:, None] & (p[None, :] < body_len[:, None]))
+    else:
+        return _tile(group, c, c_mask, p_lo + step * BLOCK_P, p_hi, stride_n, stride_c,
+                     stride_p, BLOCK_P, WIDE)
+
+
+@triton.jit
+def _row_edges(start, end, body_lo, body_len, c_mask, VEC: tl.constexpr):
+    """Offsets and mask of what a row's piece holds outside its body: the head
+    [start, body_lo) in the first VEC columns, the tail [body_lo + body_len, end) in the
+    last VEC (fewer than VEC elements each; a piece shorter than a vector is all head)."""
+    j = tl.arange(0, 2 * VEC)
+    head = j < VEC
+    tail_lo = body_lo + body_len
+    offs = tl.where(head[None, :], start[:, None] + j[None, :],
+                    tail_lo[:, None] + (j - VEC)[None, :])
+    lens = tl.where(head[None, :], (tl.minimum(body_lo, end) - start)[:, None],
+                    (end - tail_lo)[:, None])
+    return offs, c_mask[:, None] & (tl.where(head, j, j - VEC)[None, :] < lens)
+
+
+@triton.jit
 def _map_program(channels, P, total, stride_n, stride_c, stride_p,
                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
                  BACKWARDS: tl.constexpr, WIDE: tl.constexpr):
@@ -173,30 +216,53 @@ def _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t: tl.constexpr, OUT_RELU: tl.
 
 
 @triton.jit
+def _pool_values(x_ptr, offs, mask, acc_t: tl.constexpr, total, peak, USE_MAX: tl.constexpr):
+    """Adds one tile of x to the running sums (and maxima)."""
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(acc_t)
+    total += v
+    if USE_MAX:
+        peak = tl.maximum(peak, tl.where(mask, v, float("-inf")),
+                          propagate_nan=tl.PropagateNan.ALL)
+    return total, peak
+
+
+@triton.jit
 def _pool_kernel(
     x_ptr, sum_ptr, max_ptr,
     groups, channels, P, stride_n, stride_c, stride_p, p_per_split, splits,
-    USE_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+    USE_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    VEC: tl.constexpr, EDGES: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Partial sums (and maxima) over the H*W piece `split` of BLOCK_C channels:
-    sum_ptr[split, n*C + c]."""
+    sum_ptr[split, n*C + c]. VEC > 1 (NCHW): the rows' aligned bodies in tiles, and, with
+    EDGES (rows or pieces that start or end off a vector boundary), their heads and tails
+    in one small tile (_row_body, _row_edges)."""
     acc_t = sum_ptr.dtype.element_ty
     split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
                                                                BLOCK_C, WIDE)
+    start, end, body_lo, body_len = _row_body(chan, p_lo, p_hi, P, VEC)
     total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
     peak = tl.full([BLOCK_C, BLOCK_P], float("-inf"), acc_t)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        offs, mask = _tile(group, c, c_mask, p0, p_hi, stride_n, stride_c, stride_p, BLOCK_P,
-                           WIDE)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(acc_t)
-        total += v
-        if USE_MAX:
-            peak = tl.maximum(peak, tl.where(mask, v, float("-inf")),
-                              propagate_nan=tl.PropagateNan.ALL)
-    out = split * (groups * channels) + chan
-    tl.store(sum_ptr + out, tl.sum(total, 1), mask=c_mask)
+    for step in range(0, tl.cdiv(p_hi - p_lo, BLOCK_P)):
+        offs, mask = _body_tile(group, c, c_mask, p_lo, p_hi, body_lo, body_len, step,
+                                stride_n, stride_c, stride_p, BLOCK_P, VEC, WIDE)
+        total, peak = _pool_values(x_ptr, offs, mask, acc_t, total, peak, USE_MAX)
+    row_sum = tl.sum(total, 1)
     if USE_MAX:
-        tl.store(max_ptr + out, _nan_max_reduce(peak, 1), mask=c_mask)
+        row_max = _nan_max_reduce(peak, 1)
+    if EDGES:
+        offs, mask = _row_edges(start, end, body_lo, body_len, c_mask, VEC)
+        edge_total, edge_peak = _pool_values(
+            x_ptr, offs, mask, acc_t, tl.zeros([BLOCK_C, 2 * VEC], acc_t),
+            tl.full([BLOCK_C, 2 * VEC], float("-inf"), acc_t), USE_MAX)
+        row_sum += tl.sum(edge_total, 1)
+        if USE_MAX:
+            row_max = tl.maximum(row_max, _nan_max_reduce(edge_peak, 1),
+                                 propagate_nan=tl.PropagateNan.ALL)
+    out = split * (groups * channels) + chan
+    tl.store(sum_ptr + out, row_sum, mask=c_mask)
+    if USE_MAX:
+        tl.store(max_ptr + out, row_max, mask=c_mask)
 
 
 @triton.jit
@@ -225,35 +291,57 @@ def _scale_kernel(
 
 
 @triton.jit
+def _grad_reduce_values(dout_ptr, out_ptr, x_ptr, offs, mask, peak, acc_t: tl.constexpr,
+                        total, count, OUT_RELU: tl.constexpr, USE_MAX: tl.constexpr):
+    """Adds one tile's dy * x to the running sums (and x == zmax to the counts)."""
+    dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_last")
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0,
+                eviction_policy="evict_last" if USE_MAX else "evict_first").to(acc_t)
+    total += dy * v
+    if USE_MAX:
+        count += (mask & (v == peak[:, None])).to(tl.int32)
+    return total, count
+
+
+@triton.jit
 def _grad_reduce_kernel(
     dout_ptr, out_ptr, x_ptr, zmax_ptr, ds_ptr, count_ptr,
     groups, channels, P, stride_n, stride_c, stride_p, p_per_split, splits,
     OUT_RELU: tl.constexpr, USE_MAX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """Partial sums over one H*W piece of ds = dy * x, and (max pooling) of count, how many
-    x equal the channel's max. grad_out and out (and x under max pooling) are read again by
-    _grad_input_kernel: evict_last."""
+    x equal the channel's max, walked as in _pool_kernel. grad_out and out (and x under max
+    pooling) are read again by _grad_input_kernel: evict_last."""
     acc_t = ds_ptr.dtype.element_ty
     split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
                                                                BLOCK_C, WIDE)
+    start, end, body_lo, body_len = _row_body(chan, p_lo, p_hi, P, VEC)
+    peak = tl.zeros([BLOCK_C], acc_t)
     if USE_MAX:
         peak = tl.load(zmax_ptr + chan, mask=c_mask, other=0.0)
     total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
     count = tl.zeros([BLOCK_C, BLOCK_P], tl.int32)
-    for p0 in range(p_lo, p_hi, BLOCK_P):
-        offs, mask = _tile(group, c, c_mask, p0, p_hi, stride_n, stride_c, stride_p, BLOCK_P,
-                           WIDE)
-        dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_last")
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0,
-                    eviction_policy="evict_last" if USE_MAX else "evict_first").to(acc_t)
-        total += dy * v
-        if USE_MAX:
-            count += (mask & (v == peak[:, None])).to(tl.int32)
+    for step in range(0, tl.cdiv(p_hi - p_lo, BLOCK_P)):
+        offs, mask = _body_tile(group, c, c_mask, p_lo, p_hi, body_lo, body_len, step,
+                                stride_n, stride_c, stride_p, BLOCK_P, VEC, WIDE)
+        total, count = _grad_reduce_values(dout_ptr, out_ptr, x_ptr, offs, mask, peak, acc_t,
+                                           total, count, OUT_RELU, USE_MAX)
+    row_ds = tl.sum(total, 1)
+    row_count = tl.sum(count, 1)
+    if EDGES:
+        offs, mask = _row_edges(start, end, body_lo, body_len, c_mask, VEC)
+        edge_total, edge_count = _grad_reduce_values(
+            dout_ptr, out_ptr, x_ptr, offs, mask, peak, acc_t,
+            tl.zeros([BLOCK_C, 2 * VEC], acc_t), tl.zeros([BLOCK_C, 2 * VEC], tl.int32),
+            OUT_RELU, USE_MAX)
+        row_ds += tl.sum(edge_total, 1)
+        row_count += tl.sum(edge_count, 1)
     out = split * (groups * channels) + chan
-    tl.store(ds_ptr + out, tl.sum(total, 1), mask=c_mask)
+    tl.store(ds_ptr + out, row_ds, mask=c_mask)
     if USE_MAX:
-        tl.store(count_ptr + out, tl.sum(count, 1), mask=c_mask)
+        tl.store(count_ptr + out, row_count, mask=c_mask)
 
 
 @triton.jit
