@@ -160,8 +160,10 @@ def streaming_kernels(capability: int) -> list[dict]:
     """The passes over x of real SE calls (bf16, the GPU profile, every constexpr branch that
     adds loads: max pooling, residual, output ReLU), compiled ahead of time: per launch the
     kernel, layout, warps, registers and local memory (spills) from the cubin, and its
-    global loads and stores from the SASS. Needs a process where the kernels are not
+    global loads and stores from the SASS (kinds, and how many instructions of each), and the
+    reduction passes' tile rows and vector width. Needs a process where the kernels are not
     interpreted."""
+    import collections
     import re
 
     from se_kernels.backends.triton import trace
@@ -182,12 +184,14 @@ def streaming_kernels(capability: int) -> list[dict]:
                 compiled = _compile(kernel, args, meta, capability)
                 usage = _cuobjdump(compiled, "--dump-resource-usage")
                 sass = _cuobjdump(compiled, "-sass")
+                counts = collections.Counter(re.findall(r"\b(?:LDG|STG)\.E[\w.]*", sass))
                 rows.append(dict(
                     kernel=name, shape=f"{n}x{c}x{h}x{h}",
                     layout="channels_last" if channels_last else "nchw",
                     warps=meta["num_warps"], regs=int(re.search(r"REG:(\d+)", usage).group(1)),
                     local=int(re.search(r"LOCAL:(\d+)", usage).group(1)),
-                    accesses=sorted(set(re.findall(r"\b(?:LDG|STG)\.E[\w.]*", sass)))))
+                    accesses=sorted(counts), counts=dict(counts),
+                    block_c=meta["BLOCK_C"], vec=meta.get("VEC", 1)))
     return rows
 
 
@@ -221,3 +225,22 @@ def test_nchw_map_passes_use_16_byte_accesses(sm90_streaming_kernels):
     assert {row["shape"] for row in rows} == {"32x256x56x56", "32x672x14x14", "32x2048x7x7"}
     for row in rows:
         assert set(row["accesses"]) == {"LDG.E", "LDG.E.EF.128", "STG.E.EF.128"}, row
+
+
+def test_nchw_reduction_passes_use_16_byte_loads(sm90_streaming_kernels):
+    """H*W = 196 and 49: the NCHW reduction passes load each row's aligned body in 16-byte
+    vectors (LDG.E.EL.128; EL: evict-last, for the map pass's re-read), and only its head
+    and tail, fewer than 8 elements each, in 2-byte loads: one [BLOCK_C, 16] tile per
+    x-sized operand (x; grad_out, out and x backward), spread over the program's threads.
+    The 4-byte LDG.E are the [N*C] zmax loads of the backward."""
+    rows = [row for row in sm90_streaming_kernels if row["layout"] == "nchw" and
+            row["kernel"] in ("_pool_kernel", "_grad_reduce_kernel")
+            and row["shape"] in ("32x672x14x14", "32x2048x7x7")]
+    assert len(rows) == 4, rows
+    for row in rows:
+        backward = row["kernel"] == "_grad_reduce_kernel"
+        assert set(row["accesses"]) == ({"LDG.E"} if backward else set()) | {
+            "LDG.E.EL.128", "LDG.E.EL.U16", "STG.E"}, row
+        operands = 3 if backward else 1
+        edge_loads = 2 * row["vec"] * row["block_c"] // (32 * row["warps"])
+        assert row["vec"] == 8 and row["counts"]["LDG.E.EL.U16"] <= operands * edge_loads, row
