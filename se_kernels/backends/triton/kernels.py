@@ -27,8 +27,11 @@ bug (triton#11584).
 Both layouts run through the same kernels. A pass sees x as [groups, channels, P] with
 strides: NCHW is one group of N*C rows of P contiguous pixels, channels-last is N groups of
 P pixels of C contiguous channels. Triton specializes the stride that equals 1, so loads
-along the contiguous axis are vectorized in both layouts. The NCHW map passes see x as one
-flat run instead, so their accesses stay 16-byte vectors when H*W is not a multiple of 8.
+along the contiguous axis are vectorized in both layouts where rows start on 16-byte
+boundaries. NCHW rows do not when H*W is not a multiple of 8 (fp16, bf16) or 4 (fp32): the
+NCHW map passes see x as one flat run instead, and the NCHW reduction passes read each
+row's aligned body in vectors and its head and tail apart (_row_body), so their x-sized
+accesses stay 16-byte vectors.
 """
 
 from __future__ import annotations
