@@ -78,6 +78,18 @@ SHAPE_CASES = [
 ]
 
 
+def cuda_launches(case: Case, sm_count: int, l2_bytes: int, backward: bool) -> list:
+    """The launches the cuda backend's plan (`se-kernels plan`, from the kernels' own
+    planning code) lists for `case` on a device with these SMs and L2."""
+    from se_kernels import plan
+
+    device = plan.GpuProfile("device", sm_count, l2_bytes, bandwidth=1.0, launch_us=0.0)
+    call = plan.PlanCall(case.n, case.c, case.h, case.w, case.s, case.dtype,
+                         case.layout == "channels_last", case.residual,
+                         case.out_activation == "relu", case.pool)
+    return plan.cuda_trace(call, device, backward)
+
+
 def make_inputs(case: Case, device, seed: int = 0) -> dict[str, torch.Tensor | None]:
     """Fresh random SE inputs for `case` on `device`, x in the case's layout. Scaled so the
     hidden units and the gate logits span both sides of their nonlinearities' kinks."""

@@ -28,7 +28,7 @@ from se_kernels.options import make_call
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import (Case, check_against_reference, compare_with_oracle,  # noqa: E402
-                     grad_output, make_inputs, run_se)
+                     cuda_launches, grad_output, make_inputs, run_se)
 
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
 SCHEDULE_ENV = "SE_KERNELS_CUDA_SCHEDULE"
@@ -169,17 +169,9 @@ def run_ops(inputs: dict, options: tuple, grad: torch.Tensor) -> tuple:
 
 
 def planned_kernels(case: Case, backward: bool) -> int:
-    """Launches se_kernels::cuda_schedule lists for `case` on the current GPU."""
+    """Launches the plan lists for `case` on the current GPU."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    trace = torch.ops.se_kernels.cuda_schedule(
-        case.n, case.c, case.h * case.w, case.s, case.dtype.itemsize,
-        case.layout == "channels_last", case.residual, case.pool,
-        case.out_activation == "relu", backward, props.multi_processor_count,
-        props.L2_cache_size)
-    launches, i = 0, 0
-    while i < len(trace):
-        launches, i = launches + 1, i + 3 + 4 * trace[i + 2]
-    return launches
+    return len(cuda_launches(case, props.multi_processor_count, props.L2_cache_size, backward))
 
 
 @pytest.mark.cuda

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from helpers import (OPTION_CASES, SHAPE_CASES, Case, assert_all_differ, compare_with_oracle,
-                     grad_output, make_inputs)
+                     cuda_launches, grad_output, make_inputs)
 
 HERE = Path(__file__).resolve().parent
 EMULATOR = HERE / "cuda_emulator"
@@ -241,17 +241,11 @@ PLAN_CASES = [
 
 
 def planned_launches(case: Case, backward: bool) -> list[tuple[int, int]]:
-    """(kernel code, CTAs) of every launch of the plan (se_kernels::cuda_schedule's trace,
-    as `se-kernels plan` decodes it) for the emulated device."""
-    from se_kernels import plan
+    """(kernel code, CTAs) of every launch the plan lists for the emulated device."""
     from se_kernels.vocabulary import PLAN_KERNELS
 
-    device = plan.GpuProfile("emulated", *EMULATED_DEVICE, bandwidth=1.0, launch_us=0.0)
-    call = plan.PlanCall(case.n, case.c, case.h, case.w, case.s, case.dtype,
-                         case.layout == "channels_last", case.residual,
-                         case.out_activation == "relu", case.pool)
     return [(PLAN_KERNELS.index(launch.kernel), launch.programs)
-            for launch in plan.cuda_trace(call, device, backward)]
+            for launch in cuda_launches(case, *EMULATED_DEVICE, backward)]
 
 
 @pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
