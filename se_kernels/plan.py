@@ -135,13 +135,12 @@ def decode_cuda_trace(codes) -> list[Launch]:
     return launches
 
 
-def dram_bytes(trace: list[Launch], l2_bytes: int, tensors=None) -> int:
-    """Modeled DRAM bytes of a trace (the rules in this module's docstring), of the tensors
-    named in `tensors` (default: all). Every access takes its place in the L2 window."""
+def dram_bytes_by_tensor(trace: list[Launch], l2_bytes: int) -> dict[str, int]:
+    """Modeled DRAM bytes of a trace (the rules in this module's docstring), per tensor."""
     window = l2_bytes // 2
     touched = 0  # bytes touched before the current access, all tensors
     earlier: dict[str, list[tuple[int, int, int]]] = {}  # tensor -> [(touched at start, lo, hi)]
-    total = 0
+    total: dict[str, int] = {}
     for launch in trace:
         for tensor, offset, nbytes, write in launch.accesses:
             end = touched + nbytes
@@ -153,11 +152,16 @@ def dram_bytes(trace: list[Launch], l2_bytes: int, tensors=None) -> int:
                     if lo <= offset and offset + nbytes <= hi:
                         hit = True
                         break
-            if not hit and (tensors is None or tensor in tensors):
-                total += nbytes
+            if not hit:
+                total[tensor] = total.get(tensor, 0) + nbytes
             earlier.setdefault(tensor, []).append((touched, offset, offset + nbytes))
             touched = end
     return total
+
+
+def dram_bytes(trace: list[Launch], l2_bytes: int) -> int:
+    """Modeled DRAM bytes of a trace, every tensor."""
+    return sum(dram_bytes_by_tensor(trace, l2_bytes).values())
 
 
 def floor_bytes(call: PlanCall, backward: bool) -> int:
@@ -168,8 +172,9 @@ def floor_bytes(call: PlanCall, backward: bool) -> int:
 
 
 def plan_pass(trace: list[Launch], floor: int, gpu: GpuProfile) -> PassPlan:
-    dram = dram_bytes(trace, gpu.l2_bytes, FLOOR_TENSORS)
-    other = dram_bytes(trace, gpu.l2_bytes) - dram
+    by_tensor = dram_bytes_by_tensor(trace, gpu.l2_bytes)
+    dram = sum(by_tensor.get(tensor, 0) for tensor in FLOOR_TENSORS)
+    other = sum(by_tensor.values()) - dram
     return PassPlan(launches=len(trace), dram_bytes=dram, floor_bytes=floor,
                     predicted_us=len(trace) * gpu.launch_us + (dram + other) / gpu.bandwidth * 1e6,
                     floor_us=floor / gpu.bandwidth * 1e6, other_dram_bytes=other)
