@@ -201,6 +201,34 @@ inline Schedule schedule_from_env() {
   return Schedule::Grouped;
 }
 
+// ---- the trace `se-kernels plan` models ------------------------------------------------
+// Per launch: kernel code, CTAs, access count, then (tensor code, byte offset, bytes,
+// is_write) per access in the order the launch makes them. The codes index
+// se_kernels/vocabulary.py's PLAN_KERNELS and PLAN_TENSORS.
+enum class TraceKernel : int64_t {
+  ZeroSync = 0, ForwardPipeline, BackwardPipeline, Reduce, Combine, Mlp, Map, WeightGrad,
+  WeightGradCombine
+};
+enum class TraceTensor : int64_t {
+  X = 0, Residual, Out, GradOut, Dx, Dresidual, Weights, Scratch
+};
+
+struct Trace {
+  std::vector<int64_t> data;
+  size_t count_at = 0;
+  void launch(TraceKernel kernel, int64_t ctas) {
+    data.insert(data.end(), {static_cast<int64_t>(kernel), ctas, 0});
+    count_at = data.size() - 1;
+  }
+  void access(TraceTensor tensor, int64_t offset, int64_t bytes, bool write) {
+    if (bytes <= 0) return;
+    data.insert(data.end(), {static_cast<int64_t>(tensor), offset, bytes, write ? 1 : 0});
+    ++data[count_at];
+  }
+};
+
+// ---- the stages ---------------------------------------------------------------------------
+
 // The stages of a pipelined call, in ticket order within a step: step k holds the reduce
 // tiles of group k, the two MLP stages of group k - min(lag, 1), then the map tiles of
 // group k - lag. Every wait is on items with smaller tickets, which running CTAs hold.
@@ -242,22 +270,60 @@ struct Plan {
   int64_t workspace_elems;
 };
 
+// The x-shaped tensors one stage of a group reads and writes, in the order it touches them;
+// each access covers the group's planes. The one record of what the stages touch: the group
+// sizes (stage_bytes) and the trace (trace_stage) both read it.
+struct PlaneAccesses {
+  struct Access {
+    TraceTensor tensor;
+    bool write;
+  };
+  Access at[5];
+  int count = 0;
+  void add(TraceTensor tensor, bool write) { at[count++] = {tensor, write}; }
+  const Access* begin() const { return at; }
+  const Access* end() const { return at + count; }
+};
+inline PlaneAccesses plane_accesses(const Problem& pb, bool backward, int stage, Schedule schedule) {
+  using TT = TraceTensor;
+  const bool relu = pb.opt.out_relu(), dres = relu && pb.residual;
+  // The pipelined backward writes dresidual (the masked dy) in its reduce stage, so its map
+  // stage re-reads that one tensor instead of grad_out and out.
+  const bool dres_early = schedule == Schedule::Pipelined && dres;
+  PlaneAccesses a;
+  if (stage == kReduce && !backward) {
+    a.add(TT::X, false);
+  } else if (stage == kReduce) {
+    a.add(TT::GradOut, false);
+    a.add(TT::X, false);
+    if (relu) a.add(TT::Out, false);
+    if (dres_early) a.add(TT::Dresidual, true);
+  } else if (stage == kMap && !backward) {
+    a.add(TT::X, false);
+    if (pb.residual) a.add(TT::Residual, false);
+    a.add(TT::Out, true);
+  } else if (stage == kMap) {
+    if (dres_early) {
+      a.add(TT::Dresidual, false);
+    } else {
+      a.add(TT::GradOut, false);
+      if (relu) a.add(TT::Out, false);
+    }
+    if (pb.opt.uses_max()) a.add(TT::X, false);
+    a.add(TT::Dx, true);
+    if (dres && !dres_early) a.add(TT::Dresidual, true);
+  }
+  return a;
+}
+
 // Bytes per sample the reduce stage and the map stage touch.
 struct StageBytes {
   int64_t reduce, map;
 };
 inline StageBytes stage_bytes(const Problem& pb, bool backward, Schedule schedule) {
   const int64_t plane = pb.C * pb.P * element_size(pb.dtype);
-  if (!backward) return {plane, plane * (2 + (pb.residual ? 1 : 0))};
-  const bool relu = pb.opt.out_relu(), dres = relu && pb.residual;
-  const bool max = pb.opt.uses_max();
-  if (schedule == Schedule::Pipelined) {
-    // reduce: dy, x (+ out) and, with dresidual, writes it; map: dresidual (or dy, out) (+ x).
-    const int64_t reduce = 2 + (relu ? 1 : 0) + (dres ? 1 : 0);
-    const int64_t map = (dres ? 1 : 1 + (relu ? 1 : 0)) + (max ? 1 : 0) + 1;
-    return {plane * reduce, plane * map};
-  }
-  return {plane * (2 + (relu ? 1 : 0)), plane * (1 + (relu ? 1 : 0) + (max ? 1 : 0) + 1 + dres)};
+  return {plane * plane_accesses(pb, backward, kReduce, schedule).count,
+          plane * plane_accesses(pb, backward, kMap, schedule).count};
 }
 
 // The L2 budget: bytes the pipeline may touch between a group's first read and its re-read.
@@ -309,33 +375,6 @@ inline Pipeline plan_pipeline(const Problem& pb, bool backward, int width, int s
   p.counters = 1 + 3 * p.groups;
   return p;
 }
-
-// ---- the trace `se-kernels plan` models ------------------------------------------------
-// Per launch: kernel code, CTAs, access count, then (tensor code, byte offset, bytes,
-// is_write) per access in the order the launch makes them. The codes index
-// se_kernels/vocabulary.py's PLAN_KERNELS and PLAN_TENSORS.
-enum class TraceKernel : int64_t {
-  ZeroSync = 0, ForwardPipeline, BackwardPipeline, Reduce, Combine, Mlp, Map, WeightGrad,
-  WeightGradCombine
-};
-enum class TraceTensor : int64_t {
-  X = 0, Residual, Out, GradOut, Dx, Dresidual, Weights, Scratch
-};
-
-struct Trace {
-  std::vector<int64_t> data;
-  size_t count_at = 0;
-  void launch(TraceKernel kernel, int64_t ctas) {
-    data.insert(data.end(), {static_cast<int64_t>(kernel), ctas, 0});
-    count_at = data.size() - 1;
-  }
-  void access(TraceTensor tensor, int64_t offset, int64_t bytes, bool write) {
-    if (bytes <= 0) return;
-    data.insert(data.end(), {static_cast<int64_t>(tensor), offset, bytes, write ? 1 : 0});
-    ++data[count_at];
-  }
-};
-
 
 // ---- workspace ---------------------------------------------------------------------------
 
@@ -447,44 +486,12 @@ inline void trace_stage(const Plan& plan, bool backward, int stage, const PassPl
                         int64_t n0, int64_t n, Trace& t) {
   const Problem& pb = plan.problem;
   const int64_t plane = pb.C * pb.P * element_size(pb.dtype);
-  const int64_t off = n0 * plane, bytes = n * plane;
-  const int64_t weights = pb.C * pb.S * element_size(pb.dtype);
-  const bool relu = pb.opt.out_relu(), dres = relu && pb.residual;
-  const bool pipelined = plan.schedule == Schedule::Pipelined;
-  using TT = TraceTensor;
-  switch (stage) {
-    case kReduce:
-      if (!backward) {
-        t.access(TT::X, off, bytes, false);
-      } else {
-        t.access(TT::GradOut, off, bytes, false);
-        t.access(TT::X, off, bytes, false);
-        if (relu) t.access(TT::Out, off, bytes, false);
-        if (pipelined && dres) t.access(TT::Dresidual, off, bytes, true);
-      }
-      trace_partials(plan, pass, n0, n, true, t);
-      break;
-    case kMlp1:
-    case kMlp2:
-      t.access(TT::Weights, stage == kMlp1 ? 0 : weights, weights, false);
-      break;
-    case kMap:
-      if (!backward) {
-        t.access(TT::X, off, bytes, false);
-        if (pb.residual) t.access(TT::Residual, off, bytes, false);
-        t.access(TT::Out, off, bytes, true);
-      } else {
-        if (pipelined && dres) {
-          t.access(TT::Dresidual, off, bytes, false);
-        } else {
-          t.access(TT::GradOut, off, bytes, false);
-          if (relu) t.access(TT::Out, off, bytes, false);
-        }
-        if (pb.opt.uses_max()) t.access(TT::X, off, bytes, false);
-        t.access(TT::Dx, off, bytes, true);
-        if (!pipelined && dres) t.access(TT::Dresidual, off, bytes, true);
-      }
-      break;
+  for (const auto& a : plane_accesses(pb, backward, stage, plan.schedule))
+    t.access(a.tensor, n0 * plane, n * plane, a.write);
+  if (stage == kReduce) trace_partials(plan, pass, n0, n, true, t);
+  if (stage == kMlp1 || stage == kMlp2) {
+    const int64_t weights = pb.C * pb.S * element_size(pb.dtype);
+    t.access(TraceTensor::Weights, stage == kMlp1 ? 0 : weights, weights, false);
   }
 }
 
