@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_KERNELS = "csrc/cpu/kernels_impl.h"
+CPU_MLP = "csrc/cpu/mlp_impl.h"
 TRITON_KERNELS = "se_kernels/backends/triton/kernels.py"
 CUDA_COMMON = "csrc/cuda/se_cuda_common.cuh"
 CUDA_BACKWARD = "csrc/cuda/se_backward.cu"
@@ -60,8 +61,8 @@ CATALOGUE = [
         ("      dx[i] = static_cast<scalar_t>(v);",
          "      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) v *= acc_t(1.05);\n"
          "      dx[i] = static_cast<scalar_t>(v);"))),
-    Bug("cpu/bias-dropped", "cpu", CPU_KERNELS, (
-        ("const acc_t b = bias ? static_cast<acc_t>(bias[r]) : acc_t(0);", "const acc_t b = acc_t(0);"),)),
+    Bug("cpu/bias-dropped", "cpu", CPU_MLP, (
+        ("y[n * ldy + r] = bias ? total + bias[r] : total;", "y[n * ldy + r] = total;"),)),
     Bug("cpu/silu-derivative", "cpu", CPU_KERNELS, (
         ("sig * (Vec(1) + av * (Vec(1) - sig))", "sig * (Vec(1) + av * sig)"),)),
     Bug("cpu/hardsigmoid-derivative-1/5", "cpu", CPU_KERNELS, (
