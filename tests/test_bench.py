@@ -339,3 +339,19 @@ def test_auto_is_labelled_with_the_backend_each_mode_runs():
     assert block.runs_backend(peers.AUTO, x, eager, "fwd") == "torch"
     assert block.runs_backend(peers.AUTO, x.requires_grad_(), eager, "fwd+bwd") == "cpu"
     assert block.runs_backend("cpu", x, eager, "fwd") == "cpu"
+
+
+def test_the_busy_note_does_not_count_the_runs_own_threads(monkeypatch):
+    """A 2-thread CPU run puts about 2 on a 2-core machine's load by itself: that alone is
+    not a busy machine, while other work on top of it is."""
+    from se_kernels.bench import runner
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (2.0, 1.5, 1.0))
+    assert runner._busy_note(cpu, own_threads=2) is None
+    assert "load average 2.0 on 2 cores" in runner._busy_note(cpu)
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (3.9, 3.0, 2.0))
+    note = runner._busy_note(cpu, own_threads=2)
+    assert note.startswith("the machine was busy (1-minute load average 3.9 on 2 cores, "
+                           "2 of it this run's own threads)")

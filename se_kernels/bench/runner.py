@@ -91,19 +91,22 @@ def positive_ints(text: str | None, flag: str) -> list[int] | None:
     return values
 
 
-def _busy_note(device: torch.device) -> str | None:
-    """A warning when other work competes for the CPU that runs (or feeds) the benchmark."""
+def _busy_note(device: torch.device, own_threads: int = 0) -> str | None:
+    """A warning when other work competes for the CPU that runs (or feeds) the benchmark.
+    own_threads: how much of the load the run itself put there (its busiest thread count),
+    not counted as other work."""
     try:
         load = os.getloadavg()[0]
     except OSError:
         return None
     cores = os.cpu_count() or 1
-    if load <= 0.75 * cores:
+    if load - own_threads <= 0.75 * cores:
         return None
     hint = (f"; with {torch.get_num_threads()} torch threads each parallel op waits for the "
             "slowest thread's time slice: --threads 1 is steadier" if device.type == "cpu"
             and torch.get_num_threads() > 1 else "")
-    return (f"the machine was busy (1-minute load average {load:.1f} on {cores} cores): "
+    own = f", {own_threads} of it this run's own threads" if own_threads else ""
+    return (f"the machine was busy (1-minute load average {load:.1f} on {cores} cores{own}): "
             f"timings are noisy{hint}")
 
 
@@ -219,7 +222,9 @@ def main(args, argv: list[str]) -> int:
                                    "in rounds after a warm-up step")
                      + "; train = forward, cross-entropy, backward, SGD step; infer = forward "
                        "under inference_mode")
-    busy = busy or _busy_note(device)
+    # By now the 1-minute load includes the run's own threads (one feeding a GPU).
+    own_threads = max(plan.threads or [torch.get_num_threads()]) if device.type == "cpu" else 1
+    busy = busy or _busy_note(device, own_threads)
     if busy:
         notes.append(busy)
     notes.append(f"machine load: at the start {load_at_start}; at the end {load_note()}")
