@@ -200,8 +200,9 @@ def cuda_schedule_op():
 
 
 def cuda_trace(call: PlanCall, gpu: GpuProfile, backward: bool) -> list[Launch]:
-    codes = cuda_schedule_op()(call.n, call.c, call.p, call.squeeze, call.element_size, call.channels_last,
-                     call.residual, call.pool, call.out_relu, backward, gpu.sm_count, gpu.l2_bytes)
+    codes = cuda_schedule_op()(call.n, call.c, call.p, call.squeeze, call.element_size,
+                               call.channels_last, call.residual, call.pool, call.out_relu,
+                               backward, gpu.sm_count, gpu.l2_bytes)
     return decode_cuda_trace(codes)
 
 
