@@ -65,9 +65,9 @@ CATALOGUE = [
         ("y[n * ldy + r] = bias ? total + bias[r] : total;", "y[n * ldy + r] = total;"),)),
     Bug("cpu/second-fc-bias-dropped-on-the-transposed-walk", "cpu", CPU_KERNELS, (
         ("if (b2) std::copy_n(b2, C, g + n * C);", "if (false) std::copy_n(b2, C, g + n * C);"),)),
-    Bug("cpu/silu-derivative", "cpu", CPU_KERNELS, (
+    Bug("cpu/silu-derivative", "cpu", CPU_MLP, (
         ("sig * (Vec(1) + av * (Vec(1) - sig))", "sig * (Vec(1) + av * sig)"),)),
-    Bug("cpu/hardsigmoid-derivative-1/5", "cpu", CPU_KERNELS, (
+    Bug("cpu/hardsigmoid-derivative-1/5", "cpu", CPU_MLP, (
         ("Vec(acc_t(1) / 6)", "Vec(acc_t(1) / 5)"),)),
     Bug("cpu/residual-grad-not-masked", "cpu", CPU_KERNELS, (
         ("if (dresidual) L::store(dresidual + i, dy[0], dy[1]);",
