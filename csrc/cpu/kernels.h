@@ -24,9 +24,8 @@ struct ForwardArgs {
   void* out;
   const void* w1;  // [S, C]
   const void* b1;  // [S] or nullptr
-  const void* w2;   // [C, S]
-  const void* w2t;  // [S, C]: W2 transposed, or nullptr: the second FC walks W2's rows
-  const void* b2;   // [C] or nullptr
+  const void* w2;  // [C, S]
+  const void* b2;  // [C] or nullptr
   void* z;         // [N, C] written: the pooled vector fed to the MLP
   void* zmax;      // [N, C] written for max pooling; nullptr for avg
   void* a;         // [N, S] written: pre-activation hidden units

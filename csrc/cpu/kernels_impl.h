@@ -420,17 +420,7 @@ void forward_group(const ForwardArgs& p) {
   const auto* w2 = static_cast<const acc_t*>(p.w2);
   M::dot_rows(z, N, w1, S, C, static_cast<const acc_t*>(p.b1), a);
   M::activation(p.opt.activation, N * S, a, h.data(), nullptr, nullptr);
-  const auto* b2 = static_cast<const acc_t*>(p.b2);
-  if (const auto* w2t = static_cast<const acc_t*>(p.w2t)) {
-    // g = b2 + h W2^T along C, from W2's transpose (se_cpu.cpp says when it is given).
-    for (int64_t n = 0; n < N; ++n) {
-      if (b2) std::copy_n(b2, C, g + n * C);
-      else std::fill_n(g + n * C, C, acc_t(0));
-    }
-    M::sum_rows(h.data(), S, 1, N, S, w2t, C, g, true);
-  } else {
-    M::dot_rows(h.data(), N, w2, C, S, b2, g);
-  }
+  M::dot_rows(h.data(), N, w2, C, S, static_cast<const acc_t*>(p.b2), g);
   M::gate(p.opt.gate, N * C, g, s.data(), nullptr, nullptr);
 
   // Scale: out = out_act(s * x + residual).

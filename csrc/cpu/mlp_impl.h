@@ -3,10 +3,8 @@
 //
 // Two products cover the forward and the backward:
 //   dot_rows   y[n, r] = b[r] + sum_k x[n, k] w[r, k]        the FCs (both operands along k)
-//   sum_rows   y[m, k] (+)= sum_r u(m, r) v[r, k]            the input gradients, the second
-//                                                            FC from W2's transpose when S is
-//                                                            short, and with u read
-//                                                            transposed, the weights'
+//   sum_rows   y[m, k] (+)= sum_r u(m, r) v[r, k]            the input gradients, and with u
+//                                                            read transposed, the weights'
 // Each works on register tiles (several weight rows or columns times several samples), so
 // a loaded vector feeds several FMAs and enough independent sums are in flight to hide the
 // FMA latency: at batch 1 the weights stream at cache bandwidth, at batch 32 the tiles run

@@ -42,13 +42,6 @@ int64_t samples_per_group(int64_t N, int64_t bytes_per_sample, int64_t weight_by
   return std::clamp<int64_t>(std::max(fits, amortizes), 1, std::max<int64_t>(1, N));
 }
 
-// The second FC's dot products run along S. Shorter than kShortDot, each is mostly its
-// horizontal sum and scalar tail, so from kTransposeBatch samples on the call transposes W2
-// once (C x S elements) and accumulates along C instead; below that the transpose costs
-// more than it saves.
-constexpr int64_t kShortDot = 64;
-constexpr int64_t kTransposeBatch = 4;
-
 // Byte offset of sample n0 / row n0 in a dense tensor.
 const void* at_sample(const at::Tensor& t, int64_t n0) {
   return t.defined() ? static_cast<const char*>(t.const_data_ptr()) + n0 * t.stride(0) * t.element_size()
@@ -70,8 +63,6 @@ ForwardResult se_forward_cpu(const at::Tensor& x, const at::Tensor& w1,
   const int64_t N = geo.N;
   const auto acc = t.z.scalar_type();
   const at::Tensor w1_acc = t.w1.to(acc), w2_acc = t.w2.to(acc);
-  const bool transpose_w2 = t.S < kShortDot && N >= kTransposeBatch;
-  const at::Tensor w2t_acc = transpose_w2 ? w2_acc.t().contiguous() : at::Tensor();
   const at::Tensor b1_acc = t.b1.defined() ? t.b1.to(acc) : at::Tensor();
   const at::Tensor b2_acc = t.b2.defined() ? t.b2.to(acc) : at::Tensor();
   const int64_t group = samples_per_group(N, geo.C * geo.P * t.x.element_size(),
@@ -88,7 +79,6 @@ ForwardResult se_forward_cpu(const at::Tensor& x, const at::Tensor& w1,
     args.w1 = w1_acc.const_data_ptr();
     args.b1 = at_sample(b1_acc, 0);
     args.w2 = w2_acc.const_data_ptr();
-    args.w2t = transpose_w2 ? w2t_acc.const_data_ptr() : nullptr;
     args.b2 = at_sample(b2_acc, 0);
     args.z = at_sample(t.z, n0);
     args.zmax = t.opt.uses_max() ? at_sample(t.zmax, n0) : nullptr;
