@@ -159,11 +159,6 @@ def dram_bytes_by_tensor(trace: list[Launch], l2_bytes: int) -> dict[str, int]:
     return total
 
 
-def dram_bytes(trace: list[Launch], l2_bytes: int) -> int:
-    """Modeled DRAM bytes of a trace, every tensor."""
-    return sum(dram_bytes_by_tensor(trace, l2_bytes).values())
-
-
 def floor_bytes(call: PlanCall, backward: bool) -> int:
     x = call.x_bytes
     if not backward:

@@ -42,7 +42,8 @@ def test_decode_rejects_malformed(codes):
 
 
 def dram(*launches) -> int:
-    return plan.dram_bytes(plan.decode_cuda_trace(encode(*launches)), L2)
+    """Modeled DRAM bytes of the launches, every tensor."""
+    return sum(plan.dram_bytes_by_tensor(plan.decode_cuda_trace(encode(*launches)), L2).values())
 
 
 @pytest.mark.parametrize("size, expected", [
