@@ -126,6 +126,11 @@ def _add_bench_parser(commands) -> None:
     parser.add_argument("--image-size", type=int, help="model suite image size")
     parser.add_argument("--model-compile", action="store_true",
                         help="model suite: also time torch.compile'd models")
+    parser.add_argument("--keep-malloc-defaults", action="store_true",
+                        help="CPU: leave glibc's malloc as it is (by default the run fixes its "
+                             "mmap and trim thresholds, so that large tensors reuse freed memory "
+                             "instead of page-faulting it in on some calls; see "
+                             "benchmarks/README.md)")
     parser.set_defaults(func=bench)
 
 

@@ -124,7 +124,8 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
 
     markdown = stem.with_suffix(".md").read_text()
     assert "- command: `se-kernels bench --device cpu --suite mobilenetv3" in markdown
-    for needle in ("torch " + torch.__version__, "se_kernels ", "copy bandwidth", "| shape |",
+    for needle in ("torch " + torch.__version__, "se_kernels ", "copy bandwidth", "host malloc: ",
+                   "| shape |",
                    f"]({stem.name}.png)", "## Change against old.csv"):
         assert needle in markdown, needle
     assert "old us" in printed and "x faster" in printed
@@ -355,3 +356,62 @@ def test_the_busy_note_does_not_count_the_runs_own_threads(monkeypatch):
     note = runner._busy_note(cpu, own_threads=2)
     assert note.startswith("the machine was busy (1-minute load average 3.9 on 2 cores, "
                            "2 of it this run's own threads)")
+
+
+FAULTS_PER_ALLOCATION = """
+import resource, sys, torch
+from se_kernels.bench.host_memory import keep_freed_memory
+if sys.argv[1] == "set":
+    print(keep_freed_memory(), file=sys.stderr)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(16):  # the first ones grow the heap, and small blocks may split a freed one
+    if i == 8:
+        start = faults()
+    torch.empty(48 << 20, dtype=torch.uint8).fill_(1)  # above glibc's largest dynamic threshold
+print((faults() - start) / 8)
+"""
+
+
+def test_the_cpu_bench_reuses_freed_memory_instead_of_faulting_it_in():
+    """With glibc's defaults a 48 MiB block is a fresh mapping on every allocation, each of
+    its pages faulted in again; with the bench's thresholds, once the heap has grown, each
+    allocation reuses the block freed before it. Run in child processes: the setting lasts
+    for the process."""
+    import subprocess
+    import sys
+
+    from se_kernels.bench import host_memory
+
+    if host_memory._glibc() is None:
+        pytest.skip("the bench changes malloc settings only under glibc")
+
+    def faults_per_allocation(mode: str) -> tuple[float, str]:
+        done = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, mode],
+                              capture_output=True, text=True, check=True)
+        return float(done.stdout), done.stderr
+
+    default, _ = faults_per_allocation("default")
+    tuned, note = faults_per_allocation("set")
+    assert note.startswith("host malloc: glibc ") and "trim threshold 2 GiB" in note, note
+    if "mmap threshold 1 GiB" not in note:
+        pytest.skip(f"this glibc caps the mmap threshold below a 48 MiB block: {note}")
+    assert default >= 10, f"{default} page faults per 48 MiB allocation with glibc's defaults"
+    assert tuned < default / 4, (tuned, default)
+
+
+def test_the_cpu_bench_notes_its_malloc_setting(monkeypatch):
+    from se_kernels.bench import host_memory
+
+    monkeypatch.setattr(host_memory, "_glibc", lambda: None)
+    assert host_memory.keep_freed_memory() == "host malloc: not glibc, left as it is"
+    calls = []
+
+    def refusing(param, value):
+        calls.append((param, value))
+        return 0
+
+    monkeypatch.setattr(host_memory, "_glibc", lambda: (refusing, "2.99"))
+    assert "refused a fixed mmap threshold" in host_memory.keep_freed_memory()
+    # Both mmap thresholds tried, and no trim threshold set without one.
+    assert calls == [(host_memory.M_MMAP_THRESHOLD, t) for t in host_memory.MMAP_THRESHOLDS]

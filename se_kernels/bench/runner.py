@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import report
+from .host_memory import keep_freed_memory
 from .shapes import NETWORKS, evenly_spaced, network_shapes
 
 SUITES = {
@@ -192,6 +193,11 @@ def main(args, argv: list[str]) -> int:
     plan = make_plan(args, device)
     if len(plan.threads) == 1:  # the model suite's too
         torch.set_num_threads(plan.threads[0])
+    malloc_note = None
+    if device.type == "cpu":
+        malloc_note = ("host malloc: left as it is (--keep-malloc-defaults)"
+                       if args.keep_malloc_defaults
+                       else keep_freed_memory())
     load_at_start = load_note()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +234,8 @@ def main(args, argv: list[str]) -> int:
     if busy:
         notes.append(busy)
     notes.append(f"machine load: at the start {load_at_start}; at the end {load_note()}")
+    if malloc_note:
+        notes.append(malloc_note)
     if device.type == "cpu":
         notes.append("torch threads: " + ", ".join(map(str, plan.threads or [torch.get_num_threads()])))
     refusals = [r for r in block_rows if r["check"] != "ok"]
