@@ -62,7 +62,10 @@ CATALOGUE = [
          "      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) v *= acc_t(1.05);\n"
          "      dx[i] = static_cast<scalar_t>(v);"))),
     Bug("cpu/bias-dropped", "cpu", CPU_MLP, (
-        ("y[n * ldy + r] = bias ? total + bias[r] : total;", "y[n * ldy + r] = total;"),)),
+        ("y[n * ldy + r] = bias ? total[n * kRows + r] + bias[r] : total[n * kRows + r];",
+         "y[n * ldy + r] = total[n * kRows + r];"),)),
+    Bug("cpu/fc-tail-dropped", "cpu", CPU_MLP, (
+        ("if (kv < K) step(kv,", "if (false) step(kv,"),)),
     Bug("cpu/silu-derivative", "cpu", CPU_MLP, (
         ("sig * (Vec(1) + av * (Vec(1) - sig))", "sig * (Vec(1) + av * sig)"),)),
     Bug("cpu/hardsigmoid-derivative-1/5", "cpu", CPU_MLP, (

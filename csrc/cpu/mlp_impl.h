@@ -9,8 +9,8 @@
 // a loaded vector feeds several FMAs and enough independent sums are in flight to hide the
 // FMA latency: at batch 1 the weights stream at cache bandwidth, at batch 32 the tiles run
 // near the FMA throughput. Every output element is one thread's sum in one fixed order
-// (vector lanes over k then a fixed lane reduction, or r ascending), whatever the tile it
-// falls in: results do not depend on the thread count.
+// (vector lanes over k then a fixed pairwise lane reduction, or r ascending), whatever the
+// tile it falls in: results do not depend on the thread count.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -18,7 +18,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <functional>
+#include <type_traits>
 
 #include "../se_common.h"
 
@@ -43,28 +43,78 @@ struct Mlp {
 
   // ---- dot_rows -------------------------------------------------------------------------
 
-  // kRows weight rows x kSamples samples; x and w at their first row, y at [n0, r0].
+  // kRows weight rows x kSamples samples; x and w at their first row, y at [n0, r0]. The
+  // last K % kLanes terms go through the same vector lanes (masked loads, zeros past them),
+  // and the tile's lane sums are taken together: the MLPs' second FC has K = S, often 20-50,
+  // where a horizontal sum and a scalar tail per output cost more than the products.
   template <int kRows, int kSamples>
   static void dot_tile(const acc_t* x, const acc_t* w, int64_t K, const acc_t* bias, acc_t* y,
                        int64_t ldy) {
     Vec acc[kSamples][kRows];
     for (auto& row : acc)
       for (auto& v : row) v = Vec(acc_t(0));
-    const int64_t kv = K - K % kLanes;
-    for (int64_t k = 0; k < kv; k += kLanes) {
+    auto step = [&](int64_t k, auto load) {
       Vec wv[kRows];
-      for (int r = 0; r < kRows; ++r) wv[r] = Vec::loadu(w + r * K + k);
+      for (int r = 0; r < kRows; ++r) wv[r] = load(w + r * K + k);
       for (int n = 0; n < kSamples; ++n) {
-        const Vec xv = Vec::loadu(x + n * K + k);
+        const Vec xv = load(x + n * K + k);
         for (int r = 0; r < kRows; ++r) acc[n][r] = at::vec::fmadd(wv[r], xv, acc[n][r]);
       }
-    }
+    };
+    const int64_t kv = K - K % kLanes;
+    for (int64_t k = 0; k < kv; k += kLanes) step(k, [](const acc_t* p) { return Vec::loadu(p); });
+    if (kv < K) step(kv, [&](const acc_t* p) { return load_first(p, K - kv); });
+    acc_t total[kSamples * kRows];
+    sum_lanes(&acc[0][0], kSamples * kRows, total);
     for (int n = 0; n < kSamples; ++n)
-      for (int r = 0; r < kRows; ++r) {
-        acc_t total = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), acc[n][r]);
-        for (int64_t k = kv; k < K; ++k) total += x[n * K + k] * w[r * K + k];
-        y[n * ldy + r] = bias ? total + bias[r] : total;
+      for (int r = 0; r < kRows; ++r)
+        y[n * ldy + r] = bias ? total[n * kRows + r] + bias[r] : total[n * kRows + r];
+  }
+
+  // The count (< kLanes) elements at p, zeros in the lanes after them.
+  static Vec load_first(const acc_t* p, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) {  // lanes past count are not read
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lane));
+    }
+#endif
+    return Vec::loadu(p, count);
+  }
+
+  // out[i] = the sum of v[i]'s lanes, for i < count, every one in the same order: adjacent
+  // pairs, then pairs of those (((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) for 8
+  // lanes). An output's value does not depend on the tile it falls in.
+  static void sum_lanes(const Vec* v, int count, acc_t* out) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      // Eight vectors at a time: two rounds of pairwise adds (hadd) leave lanes 0-3's and
+      // 4-7's sums of each vector in the two 128-bit halves; one add of the halves ends it.
+      for (int i = 0; i < count; i += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = i + j < count ? __m256(v[i + j]) : _mm256_setzero_ps();
+        const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+        const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
+        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20),
+                                          _mm256_permute2f128_ps(a, b, 0x31));
+        if (count - i >= 8) {
+          _mm256_storeu_ps(out + i, sums);
+        } else {
+          alignas(32) float lanes[8];
+          _mm256_store_ps(lanes, sums);
+          std::copy_n(lanes, count - i, out + i);
+        }
       }
+      return;
+    }
+#endif
+    for (int i = 0; i < count; ++i) {
+      alignas(64) acc_t lanes[kLanes];
+      v[i].store(lanes);
+      for (int64_t width = kLanes; width > 1; width /= 2)
+        for (int64_t j = 0; j < width / 2; ++j) lanes[j] = lanes[2 * j] + lanes[2 * j + 1];
+      out[i] = lanes[0];
+    }
   }
 
   // Tiles of kRows rows x up to kSamples samples (fewer for the last samples); rows past
