@@ -55,8 +55,7 @@ def keep_freed_memory() -> str:
     mmap = next((t for t in MMAP_THRESHOLDS if mallopt(M_MMAP_THRESHOLD, t)), None)
     if mmap is None:
         return f"host malloc: glibc {version} refused a fixed mmap threshold, left as it is"
-    trim = TRIM_THRESHOLD if mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) else None
+    trim = _size(TRIM_THRESHOLD + 1) if mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) else "refused"
     return (f"host malloc: glibc {version} with mmap threshold {_size(mmap)}, trim threshold "
-            + (_size(trim + 1) if trim else "its default")
-            + " (mallopt): blocks up to the mmap threshold are reused from the heap, not "
-              "page-faulted in again on every call; --keep-malloc-defaults leaves glibc as it is")
+            f"{trim} (mallopt): blocks up to the mmap threshold are reused from the heap, not "
+            "page-faulted in again on every call; --keep-malloc-defaults leaves glibc as it is")
