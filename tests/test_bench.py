@@ -125,12 +125,32 @@ def test_bench_cli_end_to_end(tmp_path, capsys):
     markdown = stem.with_suffix(".md").read_text()
     assert "- command: `se-kernels bench --device cpu --suite mobilenetv3" in markdown
     for needle in ("torch " + torch.__version__, "se_kernels ", "copy bandwidth", "host malloc: ",
+                   "results held for as many calls",
                    "| shape |",
                    f"]({stem.name}.png)", "## Change against old.csv"):
         assert needle in markdown, needle
     assert "old us" in printed and "x faster" in printed
     assert "matched 1 of 12 new rows; 0 rows of the old file are not in this run" in printed
     assert "eager: geometric mean x faster" in printed
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "bwd"])
+def test_a_step_holds_its_last_results_so_outputs_land_in_cold_memory(mode):
+    """With hold=k a step keeps the results of its last k calls alive and frees older ones,
+    so the allocator cannot hand a call the block its previous call just wrote; without
+    hold every result is freed as soon as the caller drops it."""
+    import weakref
+
+    shape = shapes.network_shapes("mobilenetv3")[0]
+    case = block.Case(shape, 1, "fp32", "nchw", mode)
+    eager = block.peers_mod.eager_module(shape, torch.device("cpu"), torch.float32)
+    inputs = block.make_inputs(case, torch.device("cpu"))
+    params = list(eager.parameters())
+    for hold in (0, 1, 3):
+        step = block.make_step(eager, params, inputs, mode, hold=hold)
+        alive = [weakref.ref(step()[0]) for _ in range(5)]
+        held = [ref() is not None for ref in alive]
+        assert held == [False] * (5 - hold) + [True] * hold, (hold, held)
 
 
 def test_compare_reports_ratio_old_over_new():
@@ -328,7 +348,7 @@ def test_speedup_summary_gives_geomean_and_worst_case():
     assert all("| eager |" not in line for line in lines)
 
 
-def test_auto_is_labelled_with_the_backend_each_mode_runs():
+def test_auto_is_labelled_with_the_backend_each_mode_runs(monkeypatch):
     """A CPU shape class for inference only sends fwd to the composition while fwd+bwd stays
     fused: the auto row names what ran in its own mode."""
     from se_kernels.bench import peers
@@ -336,7 +356,10 @@ def test_auto_is_labelled_with_the_backend_each_mode_runs():
     shape = shapes.SEShape("efficientnet_b0", "features.1", 32, 8, 112, 112, "silu", "sigmoid")
     eager = peers.eager_module(shape, torch.device("cpu"), torch.float32)
     x = torch.randn(8, 32, 112, 112)
-    assert dispatch.CPU_COMPOSITION_CLASSES, "the shipped rule has a class for this shape"
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "CPU_COMPOSITION_CLASSES", (dispatch.ShapeClass(
+        "large maps, inference", batch=(8, 8), pixels=(112 * 112, 112 * 112),
+        weights=(256, 256), training=False),))
     assert block.runs_backend(peers.AUTO, x, eager, "fwd") == "torch"
     assert block.runs_backend(peers.AUTO, x.requires_grad_(), eager, "fwd+bwd") == "cpu"
     assert block.runs_backend("cpu", x, eager, "fwd") == "cpu"

@@ -147,20 +147,26 @@ def test_cpu_shape_classes_send_auto_to_the_composition(monkeypatch):
 
 
 
-def test_the_cpu_rule_covers_the_shapes_its_table_measured():
-    """The shipped classes send the calls their table measured slower fused to the
-    composition, and keep the neighbours the fused kernel won (batch 1 and 32, training,
-    a larger MLP) on it; the table is in the repository."""
+def test_the_cpu_rule_agrees_with_its_table():
+    """The table the rule names is in the repository, and the rule sends to the composition
+    exactly the layers where the table has the composition ahead of the fused kernel and
+    the fused kernel below 0.95x eager (none in the shipped table); every other layer it
+    measured, at every batch and in training too, runs the fused kernel."""
+    import csv
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    assert (root / dispatch.CPU_RULE_SOURCE).is_file()
-    measured_slower = [(8, 32, 8, 112), (8, 144, 6, 56)]  # N, C, S, H = W
-    fused_won = [(1, 32, 8, 112), (32, 144, 6, 56), (8, 256, 16, 56), (8, 240, 10, 28)]
-    for n, c, s, h in measured_slower:
+    table = (Path(__file__).resolve().parent.parent / dispatch.CPU_RULE_SOURCE).with_suffix(".csv")
+    rows = list(csv.DictReader(table.open()))
+    speedup = {(r["network"], r["channels"], r["squeeze"], r["height"], r["batch"],
+                r["threads"], r["peer"]): float(r["x_eager"]) for r in rows}
+    layers = {key[:6] for key in speedup if key[6] == "cpu"}
+    assert len(layers) >= 27, "the table covers every layer of the four networks"
+    for key in layers:
+        _, c, s, h, n, _ = key
+        fused, composition = speedup[(*key, "cpu")], speedup[(*key, "torch")]
+        wants_class = composition > fused and fused < 0.95
         with torch.no_grad():
-            assert se_kernels.explain(_call_of(n, c, h, h, s)).auto == "torch", (n, c, s, h)
-        assert se_kernels.select(_call_of(n, c, h, h, s, requires_grad=True)).name == "cpu"
-    with torch.no_grad():
-        for n, c, s, h in fused_won:
-            assert se_kernels.select(_call_of(n, c, h, h, s)).name == "cpu", (n, c, s, h)
+            chosen = se_kernels.select(_call_of(int(n), int(c), int(h), int(h), int(s))).name
+        assert chosen == ("torch" if wants_class else "cpu"), (key, fused, composition)
+        assert se_kernels.select(_call_of(int(n), int(c), int(h), int(h), int(s),
+                                          requires_grad=True)).name == "cpu"

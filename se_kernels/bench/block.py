@@ -7,7 +7,12 @@ A case is one SE shape of a network at one batch, dtype, layout and mode:
 Gradients are taken with torch.autograd.grad, so no peer pays for accumulating into .grad.
 
 Each case draws fresh random inputs (never zeros) and, when one set would fit in the cache,
-cycles through enough sets to make twice its size. Every peer's output (and, with a
+cycles through enough sets to make twice its size. On the CPU each peer also keeps its
+results alive for as many calls as there are sets, so that no call writes its output into
+the memory the call before it wrote and freed (still in cache, and reused by the
+allocator): a network's SE layer never finds its destination warm from its own previous
+call, and a back-to-back loop would flatter whichever peer's writes happen to find it
+there. (The GPU timer flushes L2 before every call instead.) Every peer's output (and, with a
 backward, its gradients) is checked against eager's before it is timed: a peer that
 disagrees, or fails, is not timed and gets no speed-up; its row shows the error instead, and
 the run ends with a non-zero exit (see runner.main).
@@ -15,6 +20,7 @@ the run ends with a non-zero exit (see runner.main).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -77,29 +83,38 @@ def make_inputs(case: Case, device: torch.device) -> list[tuple[torch.Tensor, to
     return sets
 
 
-def make_step(module, params: list[torch.Tensor], inputs, mode: str) -> Step:
+def make_step(module, params: list[torch.Tensor], inputs, mode: str, *, hold: int = 0) -> Step:
     """A call that runs `mode` once on the next input set. fwd returns out; fwd+bwd returns
-    (out, dx, dparams...); bwd returns (dx, dparams...)."""
+    (out, dx, dparams...); bwd returns (dx, dparams...). With hold > 0 the step keeps the
+    results of its last `hold` calls alive (see the module docstring)."""
     order = itertools.cycle(range(len(inputs)))
     if mode == "fwd":
-        def step():
+        def run():
             x, _ = inputs[next(order)]
             with torch.no_grad():
                 return (module(x),)
     elif mode == "fwd+bwd":
-        def step():
+        def run():
             x, dout = inputs[next(order)]
             out = module(x)
             return (out.detach(), *torch.autograd.grad(out, [x, *params], dout))
     elif mode == "bwd":
         outs = [module(x) for x, _ in inputs]
 
-        def step():
+        def run():
             i = next(order)
             x, dout = inputs[i]
             return torch.autograd.grad(outs[i], [x, *params], dout, retain_graph=True)
     else:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if hold <= 0:
+        return run
+    held = collections.deque(maxlen=hold)
+
+    def step():
+        results = run()
+        held.append(results)
+        return results
     return step
 
 
@@ -171,7 +186,8 @@ def run_case(case: Case, requested: list[str], device: torch.device, *, quick: b
             with context:
                 synchronize(device)
                 start = time.perf_counter()
-                step = make_step(module, params, inputs, case.mode)
+                step = make_step(module, params, inputs, case.mode,
+                                 hold=len(inputs) if device.type == "cpu" else 0)
                 first = step()
                 synchronize(device)
                 if name in peers_mod.COMPILE_MODES:

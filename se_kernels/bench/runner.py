@@ -173,7 +173,10 @@ def block_notes(kind: str, copy_gbps: float) -> list[str]:
                       "before every call; median and p20/p80 of per-call times"
                       if kind == "cuda" else
                       "torch.utils.benchmark Timer in blocks of >= 2 ms, all peers interleaved "
-                      "in rounds; median and p20/p80 of the per-call times of the blocks"),
+                      "in rounds; median and p20/p80 of the per-call times of the blocks; "
+                      "inputs rotated through sets twice the size of the last-level cache, and "
+                      "each peer's results held for as many calls, so that no call finds its "
+                      "inputs, or the memory its output goes to, in cache"),
         "GB/s on floor bytes: fwd reads x and writes out once, bwd reads dout and x and writes "
         "dx once (plus the weights and their gradients); % copy: of the copy bandwidth",
         "x eager / x compile: speed-up over eager torchvision SE / its torch.compile (mode "
