@@ -157,10 +157,10 @@ class ShapeClass:
 # is below 0.95x eager.
 #
 # There is none. On every SE layer of the four networks at batch 8, forward, on one and
-# two threads, the fused kernel measured 0.995x eager or better (the composition: down to
-# 0.881x) and ahead of the composition on all but one layer, where both beat eager
-# (EfficientNet-B0 C144 56x56, two threads: 1.16x against 1.21x). That includes the
-# large-map, small-MLP layers that once had a class, which came from runs that freed each
+# two threads, the fused kernel measured 0.995x eager or better; the composition, down to
+# 0.881x, was ahead of it in 5 of the 54 cases (by most on ResNet-50 C256 56x56, two
+# threads: 1.10x against 1.00x). The large-map, small-MLP layers that once had a class
+# measured fused ahead in 7 of their 8 cases. That class came from runs that freed each
 # result at once: every composition call then wrote its output into the block its previous
 # call had just written, still in cache. The bench now holds results for as many calls as
 # it has input sets (benchmarks/README.md).
