@@ -156,7 +156,8 @@ def test_the_cpu_rule_agrees_with_its_table():
     from pathlib import Path
 
     table = (Path(__file__).resolve().parent.parent / dispatch.CPU_RULE_SOURCE).with_suffix(".csv")
-    rows = list(csv.DictReader(table.open()))
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
     speedup = {(r["network"], r["channels"], r["squeeze"], r["height"], r["batch"],
                 r["threads"], r["peer"]): float(r["x_eager"]) for r in rows}
     layers = {key[:6] for key in speedup if key[6] == "cpu"}
