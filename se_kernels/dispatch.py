@@ -5,7 +5,7 @@ compute capability, overall and per dtype); not_supported_reasons checks those d
 for every backend in one place and adds what only the backend can know (whether its kernels
 were built or can be imported). An empty list of reasons means the backend will run the
 call. With backend="auto" the first willing backend in the call's preference order runs;
-the order comes from a fixed rule on the call's device and shape class (see `ranking`),
+the order comes from a fixed rule on the call's device (see `ranking`),
 never from timing the call. An explicit name, or the SE_KERNELS_BACKEND environment
 variable when backend="auto", must be willing or the call fails with the backend's
 reasons. While torch.onnx.export traces a model, every call runs the "torch" backend,
@@ -18,25 +18,22 @@ from __future__ import annotations
 import abc
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 
+from . import _compat
 from ._ops import DTYPES
 from .options import SECall
+from .vocabulary import NAMES
 
 BACKEND_ENV = "SE_KERNELS_BACKEND"
 
 
 def constant_under_compile(fn):
-    """Mark `fn` as torch.compiler.assume_constant_result does: torch.compile calls it once
-    while tracing and bakes in the result, instead of tracing into it. For facts fixed for
-    the life of the process (what was built, what the GPU is). This sets the marker
-    directly because the public decorator imports torch._dynamo, which would add seconds
-    to `import se_kernels`; tests/test_ops.py compiles through it."""
-    fn._dynamo_marked_constant = True
-    return fn
-
+    """Marks `fn`, a fact fixed for the life of the process (what was built, what the GPU
+    is), as a constant to torch.compile: it calls `fn` once while tracing and bakes in the
+    result (tests/test_ops.py compiles through it)."""
+    return _compat.mark_constant_under_compile(fn)
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend refused the call."""
@@ -54,6 +51,10 @@ class Backend(abc.ABC):
     name: str
     SUPPORTED_DEVICES: tuple[str, ...] | None = None  # device types; None: any device
     SUPPORTED_DTYPES: tuple[torch.dtype, ...] = DTYPES
+    # Option argument -> the names of it this backend computes. Declared by each backend,
+    # never inherited, so that a name new to the vocabulary is refused, with the reason,
+    # by every backend that has not implemented it yet.
+    SUPPORTED_OPTIONS: dict[str, tuple[str, ...]]
     CUDA_MINIMUM_COMPUTE_CAPABILITY: tuple[int, int] | None = None
     CUDA_DTYPE_MINIMUM_CAPABILITY: dict[torch.dtype, tuple[int, int]] = {}
 
@@ -92,6 +93,11 @@ def not_supported_reasons(backend: Backend, call: SECall) -> list[str]:
         return [f"x is on {device.type}; this backend runs {backend.devices_text()}"]
     if dtype not in backend.SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} is not supported")
+    for argument in NAMES:
+        value, supported = getattr(call, argument), backend.SUPPORTED_OPTIONS[argument]
+        if value not in supported:
+            reasons.append(f"{argument} {value!r} is not implemented here (this backend has "
+                           f"{', '.join(map(repr, supported))})")
     if device.type == "cuda" and backend.checks_cuda_capability(call):
         capability = cuda_capability(device.index or 0)
         have = f"this GPU is {capability[0]}.{capability[1]}"
@@ -125,68 +131,19 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def candidates(call: SECall) -> list[str]:
-    """The backends auto chooses among for x's device, in a fixed order."""
-    if call.x.device.type == "cuda":
-        return ["triton", "cuda", "torch"]
-    return ["cpu", "torch"]
-
-
-@dataclass(frozen=True)
-class ShapeClass:
-    """CPU calls on which the fused kernel measured slower than the torch composition:
-    batch, H*W and C*S (the MLP's weights) within inclusive bounds, for inference (no
-    gradient wanted), training, or both (training None)."""
-
-    name: str
-    batch: tuple[int, int]
-    pixels: tuple[int, int]
-    weights: tuple[int, int]
-    training: bool | None = None
-
-    def matches(self, call: SECall, training: bool) -> bool:
-        n, c, h, w = call.x.shape
-        return (self.batch[0] <= n <= self.batch[1] and self.pixels[0] <= h * w <= self.pixels[1]
-                and self.weights[0] <= c * call.w1.shape[0] <= self.weights[1]
-                and self.training in (None, training))
-
-
-# Where auto runs the torch composition instead of the fused CPU kernel, from the block
-# benchmark's table named in CPU_RULE_SOURCE (README.md, "Backends and dispatch"). A class
-# belongs where, in every run, the composition beats the fused kernel and the fused kernel
-# is below 0.95x eager.
-#
-# There is none. On every SE layer of the four networks at batch 8, forward, on one and
-# two threads, the fused kernel measured 0.995x eager or better; the composition, down to
-# 0.881x, was ahead of it in 5 of the 54 cases (by most on ResNet-50 C256 56x56, two
-# threads: 1.10x against 1.00x). The large-map, small-MLP layers that once had a class
-# measured fused ahead in 7 of their 8 cases. That class came from runs that freed each
-# result at once: every composition call then wrote its output into the block its previous
-# call had just written, still in cache. The bench now holds results for as many calls as
-# it has input sets (benchmarks/README.md).
-CPU_COMPOSITION_CLASSES: tuple[ShapeClass, ...] = ()
+# auto's rule on CPU tensors, and the table it rests on: the fused kernel measured 0.995x
+# eager or better on every SE layer of the four networks at batch 8, forward, on one and two
+# threads, and nowhere was the torch composition ahead of it while it was below 0.95x eager
+# (tests/test_dispatch.py checks the rule against this table).
 CPU_RULE_SOURCE = "benchmarks/results/cpu-amd-epyc-2026-11-30-164639.md"
 
 
-def composition_class(call: SECall) -> ShapeClass | None:
-    """The CPU shape class of CPU_COMPOSITION_CLASSES that `call` falls in, if any."""
-    if call.x.device.type != "cpu" or not CPU_COMPOSITION_CLASSES:
-        return None
-    # Whether gradients are wanted matters only to the shape classes: with none, the
-    # common call pays nothing for it.
-    training = call.wants_gradient()
-    for shape_class in CPU_COMPOSITION_CLASSES:
-        if shape_class.matches(call, training):
-            return shape_class
-    return None
-
-
 def preference(call: SECall) -> list[str]:
-    """Backends to try for `call`, fastest first (`ranking` says why)."""
+    """Backends auto tries for `call`, in order (`ranking` says why)."""
     if call.x.device.type == "cuda":
-        return candidates(call)
+        return ["triton", "cuda", "torch"]
     # Triton on CPU tensors is the interpreter, a testing tool: only when asked for by name.
-    return ["torch", "cpu"] if composition_class(call) is not None else ["cpu", "torch"]
+    return ["cpu", "torch"]
 
 
 def ranking(call: SECall) -> tuple[list[str], str]:
@@ -198,12 +155,7 @@ def ranking(call: SECall) -> tuple[list[str], str]:
         # checks against the reference; the CUDA kernels are checked only by an emulator.
         # Replace with the measured per-shape-class order once there are GPU results.
         return order, "CUDA tensors: triton, then cuda, then torch (no GPU timing has set an order yet)"
-    shape_class = composition_class(call)
-    if shape_class is not None:
-        return order, (f"CPU shape class {shape_class.name!r}: the torch composition, faster "
-                       f"there than the fused kernel in {CPU_RULE_SOURCE}")
-    return order, ("CPU: the fused kernel (no CPU shape class of the rule, from "
-                   f"{CPU_RULE_SOURCE}, sends this call to the torch composition)")
+    return order, f"CPU: the fused kernel, at 0.95x eager or better on every layer of {CPU_RULE_SOURCE}"
 
 
 class Explanation(dict):

@@ -1,4 +1,4 @@
-"""Backends' declared support (devices, dtypes, CUDA capabilities), checked for every
+"""Backends' declared support (devices, dtypes, option values, CUDA capabilities), checked for every
 backend in one place: se_kernels.dispatch.not_supported_reasons."""
 
 import torch
@@ -10,13 +10,16 @@ from se_kernels.options import make_call
 
 def test_declared_support_is_checked_in_one_place(monkeypatch):
     """A backend's declarations alone make dispatch refuse: a device it does not run, a
-    dtype it does not take, a GPU below its least capability."""
+    dtype it does not take, an option value it does not compute, a GPU below its least
+    capability."""
     class Declared(dispatch.Backend):
         name = "declared"
         SUPPORTED_DEVICES = ("cuda",)
         SUPPORTED_DTYPES = (torch.float32,)
         CUDA_MINIMUM_COMPUTE_CAPABILITY = (8, 0)
         CUDA_DTYPE_MINIMUM_CAPABILITY = {torch.float32: (9, 0)}
+        SUPPORTED_OPTIONS = {"activation": ("relu",), "gate": ("sigmoid",), "pool": ("avg",),
+                             "out_activation": ("none",)}
 
         def run(self, call):
             raise AssertionError("not run")
@@ -28,6 +31,11 @@ def test_declared_support_is_checked_in_one_place(monkeypatch):
     assert backend.refusals(call) == ["x is on cpu; this backend runs cuda tensors"]
     monkeypatch.setattr(Declared, "SUPPORTED_DEVICES", ("cpu",))
     assert backend.refusals(call) == ["dtype torch.float64 is not supported"]
+    gated = make_call(x, call.w1, None, call.w2, None, gate="hardsigmoid", pool="max")
+    assert backend.refusals(gated) == [
+        "dtype torch.float64 is not supported",
+        "gate 'hardsigmoid' is not implemented here (this backend has 'sigmoid')",
+        "pool 'max' is not implemented here (this backend has 'avg')"]
     monkeypatch.setattr(Declared, "SUPPORTED_DEVICES", ("cuda",))
     with FakeTensorMode():  # CUDA tensors without a GPU
         x = torch.empty(1, 4, 2, 2, device="cuda")

@@ -349,20 +349,20 @@ def test_speedup_summary_gives_geomean_and_worst_case():
 
 
 def test_auto_is_labelled_with_the_backend_each_mode_runs(monkeypatch):
-    """A CPU shape class for inference only sends fwd to the composition while fwd+bwd stays
-    fused: the auto row names what ran in its own mode."""
+    """When auto picks a different backend per mode (here the cpu backend refuses calls
+    that want no gradient), the auto row names what ran in its own mode."""
     from se_kernels.bench import peers
 
     shape = shapes.SEShape("efficientnet_b0", "features.1", 32, 8, 112, 112, "silu", "sigmoid")
     eager = peers.eager_module(shape, torch.device("cpu"), torch.float32)
     x = torch.randn(8, 32, 112, 112)
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
-    monkeypatch.setattr(dispatch, "CPU_COMPOSITION_CLASSES", (dispatch.ShapeClass(
-        "large maps, inference", batch=(8, 8), pixels=(112 * 112, 112 * 112),
-        weights=(256, 256), training=False),))
+    cpu = dispatch.get_backend("cpu")
+    refusals = cpu.refusals
+    monkeypatch.setattr(cpu, "refusals", lambda call: refusals(call) + (
+        [] if call.wants_gradient() else ["pretend: inference only elsewhere"]))
     assert block.runs_backend(peers.AUTO, x, eager, "fwd") == "torch"
     assert block.runs_backend(peers.AUTO, x.requires_grad_(), eager, "fwd+bwd") == "cpu"
-    assert block.runs_backend("cpu", x, eager, "fwd") == "cpu"
 
 
 def test_the_busy_note_does_not_count_the_runs_own_threads(monkeypatch):

@@ -128,25 +128,6 @@ def _call_of(n, c, h, w, s, requires_grad=False):
     return make_call(x, torch.randn(s, c), None, torch.randn(c, s), None)
 
 
-def test_cpu_shape_classes_send_auto_to_the_composition(monkeypatch):
-    """A call inside a shape class runs the torch composition, and explain names the class;
-    the class's bounds, and whether it is for inference or training, are respected."""
-    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
-    rule = dispatch.ShapeClass("tiny batch-1 inference", batch=(1, 1), pixels=(1, 64),
-                               weights=(1, 4096), training=False)
-    monkeypatch.setattr(dispatch, "CPU_COMPOSITION_CLASSES", (rule,))
-    inside = _call_of(1, 16, 4, 4, 4)
-    assert se_kernels.select(inside).name == "torch"
-    explanation = se_kernels.explain(inside)
-    assert explanation.auto == "torch" and "'tiny batch-1 inference'" in explanation.why
-    for outside in (_call_of(2, 16, 4, 4, 4), _call_of(1, 16, 9, 9, 4),
-                    _call_of(1, 128, 4, 4, 64), _call_of(1, 16, 4, 4, 4, requires_grad=True)):
-        assert se_kernels.select(outside).name == "cpu", outside.x.shape
-    with torch.no_grad():  # no gradient wanted: inference, whatever the tensors say
-        assert se_kernels.select(_call_of(1, 16, 4, 4, 4, requires_grad=True)).name == "torch"
-
-
-
 def test_the_cpu_rule_agrees_with_its_table():
     """The table the rule names is in the repository, and the rule sends to the composition
     exactly the layers where the table has the composition ahead of the fused kernel and
@@ -171,3 +152,31 @@ def test_the_cpu_rule_agrees_with_its_table():
         assert chosen == ("torch" if wants_class else "cpu"), (key, fused, composition)
         assert se_kernels.select(_call_of(int(n), int(c), int(h), int(h), int(s),
                                           requires_grad=True)).name == "cpu"
+
+
+def test_every_backend_declares_its_option_values():
+    """Each backend names, per option argument, values of the vocabulary only; today every
+    backend computes every value."""
+    from se_kernels.vocabulary import NAMES
+
+    for name in dispatch.backend_names():
+        declared = dispatch.get_backend(name).SUPPORTED_OPTIONS
+        assert set(declared) == set(NAMES), name
+        for argument, values in declared.items():
+            assert set(values) == set(NAMES[argument]), (name, argument, values)
+
+
+def test_an_option_value_a_backend_lacks_is_refused_with_the_reason(monkeypatch):
+    """A value a backend has not implemented is one of its refusals: auto passes it over,
+    an explicit name fails with the reason, and explain says so."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
+    cpu = dispatch.get_backend("cpu")
+    monkeypatch.setattr(cpu, "SUPPORTED_OPTIONS", dict(cpu.SUPPORTED_OPTIONS, activation=("relu",)))
+    x = torch.randn(1, 4, 2, 2)
+    silu = make_call(x, torch.randn(1, 4), None, torch.randn(4, 1), None, activation="silu")
+    assert se_kernels.select(silu).name == "torch"
+    assert se_kernels.select(cpu_call()).name == "cpu"
+    reason = "activation 'silu' is not implemented here (this backend has 'relu')"
+    assert se_kernels.explain(silu)["cpu"] == [reason]
+    with pytest.raises(dispatch.BackendUnavailableError, match="not implemented here"):
+        se_kernels.select(silu, "cpu")

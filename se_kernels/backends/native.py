@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ops, dispatch
+from .. import _compat, _ops, dispatch
 from ..options import SECall
+from ..vocabulary import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
 
 try:
     from .. import _C  # noqa: F401 - importing registers the kernels with the ops
@@ -31,7 +32,7 @@ def has_kernel(device_type: str) -> bool:
     if device_type in _KERNELS_FOUND:
         return True
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    found = torch._C._dispatch_has_kernel_for_dispatch_key("se_kernels::se_forward", key)
+    found = _compat.has_dispatch_kernel("se_kernels::se_forward", key)
     if found:
         _KERNELS_FOUND.add(device_type)
     return found
@@ -73,8 +74,12 @@ def build_refusals(device_type: str, device_index: int) -> tuple[str, ...]:
 
 
 class NativeBackend(dispatch.Backend):
-    """Every dtype, layout and option on its device; the CUDA kernels' archs are checked
-    against the GPU (build_refusals) rather than declared."""
+    """Every dtype and layout on its device; the CUDA kernels' archs are checked against the
+    GPU (build_refusals) rather than declared."""
+
+    # What the C++ kernels' exhaustive switches over csrc/se_options.h compute.
+    SUPPORTED_OPTIONS = {"activation": (RELU, SILU), "gate": (SIGMOID, HARDSIGMOID),
+                         "pool": (AVG, MAX, AVGMAX), "out_activation": (NONE, OUT_RELU)}
 
     def __init__(self, device_type: str):
         self.name = device_type

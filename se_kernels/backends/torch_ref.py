@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from .._ops import accumulate_dtype
-from ..vocabulary import AVG, MAX, OUT_RELU, RELU, SIGMOID
+from ..vocabulary import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
 from ..options import SECall
 
 
@@ -25,31 +25,41 @@ def hardsigmoid(g: torch.Tensor) -> torch.Tensor:
     return torch.where((g > -3) & (g < 3), (g + 3) / 6, (g > 0).to(g.dtype))
 
 
+def _avgmax(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x.mean(dim=(2, 3)) + 0.5 * x.amax(dim=(2, 3))
+
+
+# One table per option (DESIGN.md §1.3): the backend's declaration of what it computes is
+# these tables' keys.
+POOLS = {AVG: lambda x: x.mean(dim=(2, 3)), MAX: lambda x: x.amax(dim=(2, 3)), AVGMAX: _avgmax}
+ACTIVATIONS = {RELU: F.relu, SILU: F.silu}
+GATES = {SIGMOID: torch.sigmoid, HARDSIGMOID: hardsigmoid}
+OUT_ACTIVATIONS = {NONE: None, OUT_RELU: F.relu}
+
+
 def reference_forward(call: SECall) -> torch.Tensor:
     # Everything in the accumulation dtype from the start, so that the backward, too,
     # rounds each gradient to its dtype once (x.grad is one cast of an fp32 sum).
     acc = accumulate_dtype(call.x.dtype)
     x = call.x.to(acc)
-    if call.pool == AVG:
-        z = x.mean(dim=(2, 3))
-    elif call.pool == MAX:
-        z = x.amax(dim=(2, 3))
-    else:
-        z = 0.5 * x.mean(dim=(2, 3)) + 0.5 * x.amax(dim=(2, 3))
+    z = POOLS[call.pool](x)
     a = F.linear(z, call.w1.to(acc), None if call.b1 is None else call.b1.to(acc))
-    h = F.relu(a) if call.activation == RELU else F.silu(a)
+    h = ACTIVATIONS[call.activation](a)
     g = F.linear(h, call.w2.to(acc), None if call.b2 is None else call.b2.to(acc))
-    s = torch.sigmoid(g) if call.gate == SIGMOID else hardsigmoid(g)
+    s = GATES[call.gate](g)
     y = x * s[:, :, None, None]
     if call.residual is not None:
         y = y + call.residual.to(acc)
-    if call.out_activation == OUT_RELU:
-        y = F.relu(y)
+    out_activation = OUT_ACTIVATIONS[call.out_activation]
+    if out_activation is not None:
+        y = out_activation(y)
     return y.to(call.x.dtype)
 
 
 class TorchBackend(dispatch.Backend):
     name = "torch"  # any device and dtype: the declarations' defaults
+    SUPPORTED_OPTIONS = {"activation": tuple(ACTIVATIONS), "gate": tuple(GATES),
+                         "pool": tuple(POOLS), "out_activation": tuple(OUT_ACTIVATIONS)}
 
     def run(self, call: SECall) -> torch.Tensor:
         return reference_forward(call)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import se_kernels
-from se_kernels import dispatch
+from se_kernels import _compat, dispatch
 from se_kernels.options import make_call
 from se_kernels.vocabulary import TORCH_ACTIVATIONS, TORCH_GATES
 
@@ -64,7 +64,7 @@ def default_backends(x: torch.Tensor, eager: nn.Module) -> list[str]:
     run it, in dispatch's order (Triton on CPU tensors is its interpreter, a testing tool:
     only when named)."""
     call = _call(x, eager)
-    return [AUTO] + [name for name in dispatch.candidates(call)
+    return [AUTO] + [name for name in dispatch.preference(call)
                      if name in dispatch.backend_names() and not backend_refusals(name, x, eager)]
 
 
@@ -84,7 +84,6 @@ def replayable_backward(name: str):
     """A context under which a compiled peer's backward may be run again on the same graph
     (bwd mode): AOTAutograd's donated buffers forbid retain_graph. They save memory, not
     time."""
-    config = torch._functorch.config
-    if name in COMPILE_MODES and hasattr(config, "donated_buffer"):
-        return config.patch(donated_buffer=False)
+    if name in COMPILE_MODES:
+        return _compat.compiled_backward_replayable()
     return contextlib.nullcontext()

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ... import _ops, dispatch
 from ...options import SECall
+from ...vocabulary import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
 from .interpreter import interpreter_requested, keep_opaque_under_interpreter, kernels_interpreted
 
 FORWARD_NAME = "se_kernels::se_forward_triton"
@@ -97,6 +98,9 @@ se_backward = _ops._op_packet(BACKWARD_NAME).default
 
 class TritonBackend(dispatch.Backend):
     name = "triton"
+    # What the kernels' constexpr switches (kernels.py) compute.
+    SUPPORTED_OPTIONS = {"activation": (RELU, SILU), "gate": (SIGMOID, HARDSIGMOID),
+                         "pool": (AVG, MAX, AVGMAX), "out_activation": (NONE, OUT_RELU)}
     SUPPORTED_DEVICES = ("cuda", "cpu")
     CUDA_MINIMUM_COMPUTE_CAPABILITY = (7, 0)
     CUDA_DTYPE_MINIMUM_CAPABILITY = {torch.bfloat16: (8, 0)}
