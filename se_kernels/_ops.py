@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from . import _compat
 from .vocabulary import (ACTIVATIONS, AVG, AVGMAX, GATES, NAMES, OUT_ACTIVATIONS, OUT_RELU, POOLS,
                          check_choice)
 
@@ -217,7 +218,7 @@ def run_forward(forward: torch._ops.OpOverload, call) -> torch.Tensor:
     args = call.op_args()
     if call.wants_gradient() or torch.compiler.is_compiling():
         return forward(*args)[0]
-    with torch._C._AutoDispatchBelowAutograd():
+    with _compat.below_autograd():
         return forward(*args)[0]
 
 

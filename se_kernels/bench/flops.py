@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import _compat
 from .report import number, table
 
 # The paper's Table 2 (GFLOPs = multiply-adds, at 224x224) and Table 10 (SE-ResNet-50 params
@@ -38,12 +39,11 @@ def count(build: Callable[[], nn.Module], *, v1_strides: bool = False) -> dict:
     """FLOPs (total and per op) of one 224x224 forward at batch 1, the parameter count, and
     the elements of all bottleneck outputs (= the residual additions, which FlopCounterMode
     does not count)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     # FakeTensorMode goes on first so that the counter, entered above it, sees every op
     # before the fake tensors answer it.
-    with FakeTensorMode():
+    with _compat.fake_tensor_mode():
         model = build().eval()
         if v1_strides:
             to_v1_strides(model)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from ... import _compat
 from ...plan import Access, GpuProfile, Launch, PlanCall
 from ...vocabulary import NONE, OUT_RELU, RELU, SIGMOID, code
 from . import driver
@@ -85,7 +85,7 @@ def record(call: PlanCall, profile: DeviceProfile, device: str = "cuda"):
     x-sized tensors and weights to their plan tensor names."""
     fmt = torch.channels_last if call.channels_last else torch.contiguous_format
     options = (RELU, SIGMOID, call.pool, OUT_RELU if call.out_relu else NONE)
-    with FakeTensorMode():
+    with _compat.fake_tensor_mode():
         like = dict(device=device, dtype=call.dtype)
         x = torch.empty(call.n, call.c, call.h, call.w, **like).contiguous(memory_format=fmt)
         residual = torch.empty_like(x) if call.residual else None
