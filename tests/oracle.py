@@ -57,7 +57,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass
-class B:
+class Bounded:
     """A float64 value and an absolute bound on a correct fp32/fp64 kernel's error in it."""
     v: torch.Tensor
     e: torch.Tensor
@@ -77,10 +77,10 @@ class Analysis:
         nu = max(n, 1) * self.u
         return nu / (1 - nu)
 
-    def exact(self, v: torch.Tensor) -> B:
-        return B(v, torch.zeros_like(v))
+    def exact(self, v: torch.Tensor) -> Bounded:
+        return Bounded(v, torch.zeros_like(v))
 
-    def linear(self, x: B, w: torch.Tensor, b: torch.Tensor | None) -> B:
+    def linear(self, x: Bounded, w: torch.Tensor, b: torch.Tensor | None) -> Bounded:
         """x @ w.T (+ b), w exact: n = in_features (+1 for the bias) terms per output."""
         n = w.shape[1] + (b is not None)
         v = x.v @ w.t()
@@ -88,38 +88,38 @@ class Analysis:
         if b is not None:
             v = v + b
             e = e + self.gamma(n) * b.abs()
-        return B(v, e)
+        return Bounded(v, e)
 
-    def matmul_exact_right(self, x: B, w: torch.Tensor) -> B:
+    def matmul_exact_right(self, x: Bounded, w: torch.Tensor) -> Bounded:
         """x @ w, w exact, n = w.shape[0] terms."""
-        return B(x.v @ w, x.e @ w.abs() + self.gamma(w.shape[0]) * (x.mag @ w.abs()))
+        return Bounded(x.v @ w, x.e @ w.abs() + self.gamma(w.shape[0]) * (x.mag @ w.abs()))
 
-    def outer_sum(self, a: B, b: B) -> B:
+    def outer_sum(self, a: Bounded, b: Bounded) -> Bounded:
         """a.T @ b (sum over the batch), both inexact."""
         v = a.v.t() @ b.v
         e = a.e.t() @ b.mag + a.v.abs().t() @ b.e + self.gamma(a.v.shape[0]) * (a.mag.t() @ b.mag)
-        return B(v, e)
+        return Bounded(v, e)
 
-    def batch_sum(self, a: B) -> B:
-        return B(a.v.sum(0), a.e.sum(0) + self.gamma(a.v.shape[0]) * a.mag.sum(0))
+    def batch_sum(self, a: Bounded) -> Bounded:
+        return Bounded(a.v.sum(0), a.e.sum(0) + self.gamma(a.v.shape[0]) * a.mag.sum(0))
 
-    def mul(self, a: B, b: B) -> B:
+    def mul(self, a: Bounded, b: Bounded) -> Bounded:
         v = a.v * b.v
-        return B(v, a.e * b.mag + a.v.abs() * b.e + self.u * (a.mag * b.mag))
+        return Bounded(v, a.e * b.mag + a.v.abs() * b.e + self.u * (a.mag * b.mag))
 
-    def scale(self, a: B, c: float) -> B:
+    def scale(self, a: Bounded, c: float) -> Bounded:
         """a * c for a float64 constant c that the kernel may hold rounded to its dtype."""
         v = a.v * c
-        return B(v, a.e * abs(c) + 2 * self.u * a.mag * abs(c))
+        return Bounded(v, a.e * abs(c) + 2 * self.u * a.mag * abs(c))
 
-    def add(self, a: B, b: B) -> B:
+    def add(self, a: Bounded, b: Bounded) -> Bounded:
         v = a.v + b.v
-        return B(v, a.e + b.e + self.u * (a.mag + b.mag))
+        return Bounded(v, a.e + b.e + self.u * (a.mag + b.mag))
 
-    def transcendental(self, x: B, value: torch.Tensor, lipschitz: float, magnitude=None) -> B:
+    def transcendental(self, x: Bounded, value: torch.Tensor, lipschitz: float, magnitude=None) -> Bounded:
         """f(x) for f with |f'| <= lipschitz, evaluated with relative error (32 + |x|) u."""
         mag = value.abs() if magnitude is None else magnitude
-        return B(value, lipschitz * x.e + (32 + x.v.abs()) * self.u * mag)
+        return Bounded(value, lipschitz * x.e + (32 + x.v.abs()) * self.u * mag)
 
 
 @dataclass
@@ -169,7 +169,7 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     # squeeze: z = mean (sum of P terms, then * 1/P), max (exact), or their halves' sum
     if p == 0:
         raise ValueError("the oracle needs H*W >= 1")
-    z_avg = B(x.sum(-1) / p, an.gamma(p + 2) * x.abs().sum(-1) / p)
+    z_avg = Bounded(x.sum(-1) / p, an.gamma(p + 2) * x.abs().sum(-1) / p)
     x_max = x.amax(-1)
     is_max = x == x_max[..., None]
     ties = is_max.sum(-1).to(F64)
@@ -184,7 +184,7 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     if opts.activation == "relu":
         alive = a.v > 0 if decisions.hidden is None else decisions.hidden
         uncertain_hidden = (a.v.abs() <= a.e) & (a.e > 0)
-        h = B(torch.where(alive, a.v, 0.0), a.e)  # 1-Lipschitz; where flipped, |a| <= e
+        h = Bounded(torch.where(alive, a.v, 0.0), a.e)  # 1-Lipschitz; where flipped, |a| <= e
     else:
         sig_a = torch.sigmoid(a.v)
         h = an.transcendental(a, a.v * sig_a, 1.1)  # |silu'| <= 1.1
@@ -198,18 +198,18 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
         inside = (g.v > -3) & (g.v < 3) if decisions.gate is None else decisions.gate
         s_v = torch.where(inside, (g.v + 3) / 6, torch.where(g.v > 0, 1.0, 0.0))
         # (g + 3) * 1/6 or g * 1/6 + 1/2 with a rounded 1/6: a few u of |g|/6 + 1/2.
-        s = B(s_v, g.e * ONE_SIXTH + 4 * an.u * (g.v.abs() * ONE_SIXTH + 0.5))
+        s = Bounded(s_v, g.e * ONE_SIXTH + 4 * an.u * (g.v.abs() * ONE_SIXTH + 0.5))
         # s may round to 0 or 1 within 6 u of the edges: either region is then correct.
         band = g.e + 12 * an.u * (g.v.abs() + 3)
         uncertain_gate = (((g.v + 3).abs() <= band) | ((g.v - 3).abs() <= band)) & (band > 0)
 
-    sx = an.mul(B(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)), an.exact(x))
+    sx = an.mul(Bounded(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)), an.exact(x))
     y = sx if r is None else an.add(sx, an.exact(r))
     relu_uncertain = torch.zeros_like(x, dtype=torch.bool)
     if opts.out_activation == "relu":
         out_bound = final_bound(y, out_dtype, truncates)
         relu_uncertain = (y.v.abs() <= out_bound) & (out_bound > 0)
-        out = B(torch.where(y.v > 0, y.v, 0.0), y.e)
+        out = Bounded(torch.where(y.v > 0, y.v, 0.0), y.e)
     else:
         out = y
 
@@ -218,18 +218,18 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     # correct: dy carries |dout| as its error there, which bounds what a flip changes.
     dy = dout if opts.out_activation != "relu" else torch.where(y.v > 0, dout, 0.0)
     dy_e = torch.where(relu_uncertain, dout.abs(), 0.0)
-    ds = B((dy * x).sum(-1), an.gamma(p) * (dy * x).abs().sum(-1) + (dy_e * x.abs()).sum(-1))
+    ds = Bounded((dy * x).sum(-1), an.gamma(p) * (dy * x).abs().sum(-1) + (dy_e * x.abs()).sum(-1))
     if opts.gate == "sigmoid":
         sp = s.v * (1 - s.v)
-        sp_b = B(sp, s.e * (1 + s.e) + 3 * an.u * sp)
+        sp_b = Bounded(sp, s.e * (1 + s.e) + 3 * an.u * sp)
         dg = an.mul(ds, sp_b)
     else:
-        dg = an.scale(B(torch.where(inside, ds.v, 0.0), torch.where(inside, ds.e, 0.0)), ONE_SIXTH)
+        dg = an.scale(Bounded(torch.where(inside, ds.v, 0.0), torch.where(inside, ds.e, 0.0)), ONE_SIXTH)
     dw2 = an.outer_sum(dg, h)
     db2 = an.batch_sum(dg)
     dh = an.matmul_exact_right(dg, w2)
     if opts.activation == "relu":
-        da = B(torch.where(alive, dh.v, 0.0), torch.where(alive, dh.e, 0.0))
+        da = Bounded(torch.where(alive, dh.v, 0.0), torch.where(alive, dh.e, 0.0))
     else:
         silu_p = sig_a * (1 + a.v * (1 - sig_a))
         silu_p_b = an.transcendental(a, silu_p, 0.5, magnitude=1 + a.v.abs())  # |silu''| <= 0.5
@@ -238,7 +238,7 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     db1 = an.batch_sum(da)
     dz = an.matmul_exact_right(da, w1)
 
-    dys = an.mul(B(dy, dy_e), B(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)))
+    dys = an.mul(Bounded(dy, dy_e), Bounded(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)))
     to_avg = {"avg": 1.0, "max": 0.0, "avgmax": 0.5}[opts.pool]
     share = torch.zeros_like(x)
     share_e = torch.zeros_like(x)
@@ -250,11 +250,11 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
         per_tie_e = (1 - to_avg) * (dz.e + 3 * an.u * dz.mag) / ties
         share = share + torch.where(is_max, per_tie[..., None], 0.0)
         share_e = share_e + torch.where(is_max, per_tie_e[..., None], 0.0)
-    dx = an.add(dys, B(share, share_e))
+    dx = an.add(dys, Bounded(share, share_e))
 
     values = {"out": out, "x": dx, "w1": dw1, "b1": db1 if b1 is not None else None,
               "w2": dw2, "b2": db2 if b2 is not None else None,
-              "residual": B(dy, dy_e) if r is not None else None}
+              "residual": Bounded(dy, dy_e) if r is not None else None}
     shapes = {"out": x4.shape, "x": x4.shape, "residual": x4.shape,
               "w1": t["w1"].shape, "w2": t["w2"].shape}
     result_values, result_bounds = {}, {}
@@ -269,7 +269,7 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
                         uncertain_hidden, uncertain_gate, a.v, g.v, y.v.reshape(x4.shape))
 
 
-def final_bound(b: B, dtype: torch.dtype, truncates: bool = False) -> torch.Tensor:
+def final_bound(b: Bounded, dtype: torch.dtype, truncates: bool = False) -> torch.Tensor:
     """Accumulation error, then one rounding to dtype (half its smallest subnormal at worst;
     twice that for a truncating conversion)."""
     if dtype == F64:

@@ -5,9 +5,9 @@ run time to the largest block freed so far, up to 32 MiB) with a fresh mapping, 
 the top of the heap back to the system once more than twice that threshold lies free
 there. A step that allocates a multi-megabyte output on every call then pays, on some
 calls, for page faults that zero each page again. Which calls, and which peers, depends on
-the order of everything allocated before, so the same layer timed 1.5 ms in one process and
-4.2 ms in the next (EfficientNet-B0 C672 14x14, batch 32, one thread, four peers
-interleaved), and a peer's place in the table could be the allocator's doing.
+the order of everything allocated before, so the same layer can time 1.5 ms in one process
+and 4.2 ms in the next (EfficientNet-B0 C672 14x14, batch 32, one thread, four peers
+interleaved), and a peer's place in the table would be the allocator's doing.
 
 Fixing both thresholds (what MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ do at
 start-up, here through mallopt) keeps freed blocks in the process for the next call, the
