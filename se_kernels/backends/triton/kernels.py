@@ -43,17 +43,22 @@ from ...vocabulary import Activation, Gate, Pool
 
 # The options' codes (se_kernels.vocabulary), which the drivers pass as constexprs; globals
 # that @triton.jit code reads must be tl.constexpr.
-RELU = tl.constexpr(int(Activation.RELU))
-SIGMOID = tl.constexpr(int(Gate.SIGMOID))
-AVG, MAX = tl.constexpr(int(Pool.AVG)), tl.constexpr(int(Pool.MAX))
+RELU, SILU = tl.constexpr(int(Activation.RELU)), tl.constexpr(int(Activation.SILU))
+SIGMOID, HARDSIGMOID = tl.constexpr(int(Gate.SIGMOID)), tl.constexpr(int(Gate.HARDSIGMOID))
+AVG, MAX, AVGMAX = (tl.constexpr(int(Pool.AVG)), tl.constexpr(int(Pool.MAX)),
+                   tl.constexpr(int(Pool.AVGMAX)))
 
 
+# The option math of DESIGN.md §1.3, one exhaustive switch per function over the codes: a
+# code without its branch fails to compile (static_assert), never falls into another's.
 @triton.jit
 def _activation(a, ACT: tl.constexpr):
     if ACT == RELU:
         h = tl.where(a < 0, 0.0, a)  # keeps NaN, as torch.relu does
-    else:
+    elif ACT == SILU:
         h = a / (1.0 + tl.exp(-a))
+    else:
+        tl.static_assert(False, "unknown activation code")
     return h
 
 
@@ -61,9 +66,11 @@ def _activation(a, ACT: tl.constexpr):
 def _activation_grad(a, dh, ACT: tl.constexpr):
     if ACT == RELU:
         da = tl.where(a > 0, dh, 0.0)
-    else:
+    elif ACT == SILU:
         sig = 1.0 / (1.0 + tl.exp(-a))
         da = dh * sig * (1.0 + a * (1.0 - sig))
+    else:
+        tl.static_assert(False, "unknown activation code")
     return da
 
 
@@ -71,8 +78,10 @@ def _activation_grad(a, dh, ACT: tl.constexpr):
 def _gate(g, GATE: tl.constexpr):
     if GATE == SIGMOID:
         s = 1.0 / (1.0 + tl.exp(-g))
-    else:
+    elif GATE == HARDSIGMOID:
         s = tl.minimum(tl.maximum(g + 3.0, 0.0), 6.0) / 6.0
+    else:
+        tl.static_assert(False, "unknown gate code")
     return s
 
 
@@ -81,10 +90,12 @@ def _gate_grad(g, GATE: tl.constexpr):
     if GATE == SIGMOID:
         s = 1.0 / (1.0 + tl.exp(-g))
         d = s * (1.0 - s)
-    else:
+    elif GATE == HARDSIGMOID:
         # The open interval of torch's hardsigmoid_backward. The division happens in g's
         # dtype: a literal 1.0 / 6.0 would be a float32 constant, 3e-8 off in fp64.
         d = tl.where((g > -3.0) & (g < 3.0), 1.0, 0.0).to(g.dtype) / 6.0
+    else:
+        tl.static_assert(False, "unknown gate code")
     return d
 
 
@@ -448,8 +459,10 @@ def _combine_pool(sum_ptr, max_ptr, idx, mask, nc, splits, P, POOL: tl.constexpr
         z = total / P
     elif POOL == MAX:
         z = peak
-    else:
+    elif POOL == AVGMAX:
         z = 0.5 * (total / P) + 0.5 * peak
+    else:
+        tl.static_assert(False, "unknown pool code")
     return tl.where(mask, z, 0.0), peak
 
 
@@ -555,20 +568,22 @@ def _squeeze_fc_backward_block(
         count = tl.where(count > 0, count, 1).to(acc_t)  # 0 only off the edge, or for NaN rows
         if POOL == MAX:
             tl.store(dx_max_ptr + idx, dz / count, mask=mask)
-        else:
+        elif POOL == AVGMAX:
             tl.store(dx_avg_ptr + idx, dz * 0.5 / P, mask=mask)
             tl.store(dx_max_ptr + idx, dz * 0.5 / count, mask=mask)
+        else:
+            tl.static_assert(False, "unknown pool code")
 
 
 @triton.jit
 def _weight_grad_tile(
     u_ptr, v_ptr, out_ptr, bias_ptr, N, U, V, ub, vb, out_stride_u, out_stride_v,
-    ACT_ON_V: tl.constexpr, BIAS_FROM_U: tl.constexpr,
+    ACTIVATE_V: tl.constexpr, ACT: tl.constexpr, BIAS_FROM_U: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """out[u, v] = sum_n u[n, u] * f(v[n, v]) for one [BLOCK_U, BLOCK_V] tile, with the
-    samples summed in order; bias = sum_n of the u (or v) operand, stored by the tiles of
-    the first v (or u) block."""
+    samples summed in order, f the activation ACT when ACTIVATE_V, else the identity;
+    bias = sum_n of the u (or v) operand, stored by the tiles of the first v (or u) block."""
     acc_t = u_ptr.dtype.element_ty
     iu = ub * BLOCK_U + tl.arange(0, BLOCK_U)
     iv = vb * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -583,8 +598,8 @@ def _weight_grad_tile(
                     mask=n_mask[:, None] & u_mask[None, :], other=0.0)
         v = tl.load(v_ptr + n[:, None] * V + iv[None, :],
                     mask=n_mask[:, None] & v_mask[None, :], other=0.0)
-        if ACT_ON_V:
-            v = _activation(v, ACT_ON_V - 1)
+        if ACTIVATE_V:
+            v = _activation(v, ACT)
         acc += u[:, :, None] * v[:, None, :]
         if BIAS_FROM_U:
             bias_u += u
@@ -615,11 +630,11 @@ def _weight_grad_block(
     if which == 0:
         # dW2[c, s] at c * S + s
         _weight_grad_tile(dg_ptr, a_ptr, dw2_ptr, db2_ptr, N, C, S, cb, sb, S, 1,
-                          ACT + 1, True, BLOCK_N, BLOCK_C, BLOCK_S)
+                          True, ACT, True, BLOCK_N, BLOCK_C, BLOCK_S)
     else:
         # dW1[s, c] at s * C + c
         _weight_grad_tile(z_ptr, da_ptr, dw1_ptr, db1_ptr, N, C, S, cb, sb, 1, C,
-                          0, False, BLOCK_N, BLOCK_C, BLOCK_S)
+                          False, ACT, False, BLOCK_N, BLOCK_C, BLOCK_S)
 
 
 @triton.jit
