@@ -126,7 +126,7 @@ def cpu_avx2_library(torch) -> list:
                           "csrc/se_common.h", "csrc/se_options.h", "setup.py"]},
         "include_dirs": include_paths(),
         "macros": [("CPU_CAPABILITY", "AVX2"), ("CPU_CAPABILITY_AVX2", None)],
-        "cflags": ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
+        "cflags": ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-Werror=switch", "-mavx2", "-mfma", "-mf16c",
                    f"-D_GLIBCXX_USE_CXX11_ABI={abi}"],
     })]
 
@@ -167,7 +167,9 @@ def extensions():
     libraries = cpu_avx2_library(torch)
     # at::parallel_for is an inline OpenMP region: without -fopenmp it runs on one thread.
     # The OpenMP runtime linked is torch's own (its libgomp.so.1 is loaded first).
-    cxx_flags = ["-O3", "-fopenmp"] + (["-DSE_KERNELS_CPU_AVX2"] if libraries else [])
+    # -Werror=switch: an option value without its case in a switch is a compile error
+    # (csrc/se_options.h).
+    cxx_flags = ["-O3", "-fopenmp", "-Werror=switch"] + (["-DSE_KERNELS_CPU_AVX2"] if libraries else [])
     link_flags = ["-fopenmp"]
     info = {"torch": torch.__version__, "cpu_avx2": bool(libraries), "cuda": False, "nvcc": None,
             "cuda_archs": []}
@@ -187,7 +189,8 @@ def extensions():
         return libraries, [CUDAExtension(
             "se_kernels._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DSE_KERNELS_WITH_CUDA"],
-                                "nvcc": ["-O3", "-DSE_KERNELS_WITH_CUDA", *gencode]},
+                                "nvcc": ["-O3", "-DSE_KERNELS_WITH_CUDA", "-Xcompiler=-Werror=switch",
+                                         *gencode]},
             extra_link_args=link_flags,
         )], BuildExtension
     write_build_info(info)

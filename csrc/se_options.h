@@ -3,7 +3,9 @@
 //
 // Names and codes are those of se_kernels/vocabulary.py (the Python side, whose codes the
 // Triton kernels take); tests/test_vocabulary.py reads this file and checks that both agree.
-// The math behind each option is in DESIGN.md §1.
+// The math behind each option is in DESIGN.md §1. Code that computes an option switches over
+// it with one case per value and no default: the build's -Werror=switch makes a value without
+// its case a compile error, never a silent fall into another value's math.
 #pragma once
 
 #include <cstddef>
@@ -17,14 +19,27 @@ enum class Gate : int { Sigmoid = 0, HardSigmoid = 1 };
 enum class Pool : int { Avg = 0, Max = 1, AvgMax = 2 };
 enum class OutActivation : int { None = 0, ReLU = 1 };
 
+// The squeeze's weights: z = avg·mean_p(x) + max·max_p(x) (DESIGN.md §1.2's w_avg, w_max).
+struct PoolWeights {
+  double avg, max;
+};
+constexpr PoolWeights pool_weights(Pool pool) {
+  switch (pool) {
+    case Pool::Avg: return {1.0, 0.0};
+    case Pool::Max: return {0.0, 1.0};
+    case Pool::AvgMax: return {0.5, 0.5};
+  }
+  return {0.0, 0.0};  // not reached: the switch covers every Pool
+}
+
 struct Options {
   Activation activation;
   Gate gate;
   Pool pool;
   OutActivation out_activation;
 
-  constexpr bool uses_avg() const { return pool != Pool::Max; }
-  constexpr bool uses_max() const { return pool != Pool::Avg; }
+  constexpr bool uses_avg() const { return pool_weights(pool).avg != 0.0; }
+  constexpr bool uses_max() const { return pool_weights(pool).max != 0.0; }
   constexpr bool out_relu() const { return out_activation == OutActivation::ReLU; }
 };
 

@@ -401,10 +401,11 @@ void forward_group(const ForwardArgs& p) {
     const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, true>{x}, acc);
     const acc_t* sum = sums.const_data_ptr<acc_t>();
     const acc_t* max = sum + N * C;
-    const bool mean = p.opt.pool == Pool::AvgMax;
+    const PoolWeights w = pool_weights(p.opt.pool);
+    const acc_t w_avg = static_cast<acc_t>(w.avg), w_max = static_cast<acc_t>(w.max);
     for (int64_t i = 0; i < N * C; ++i) {
       zmax[i] = max[i];
-      z[i] = mean ? acc_t(0.5) * (sum[i] * inv_p) + acc_t(0.5) * max[i] : max[i];
+      z[i] = w_avg != 0 ? w_avg * (sum[i] * inv_p) + w_max * max[i] : max[i];
     }
   } else {
     const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, false>{x}, acc);
@@ -474,8 +475,8 @@ void backward_group(const BackwardArgs& p) {
 
   // dz reaches x through the pooling: dz / P everywhere (avg), dz / count at the max.
   std::vector<acc_t> dx_avg, dx_max;
-  const acc_t avg_share = p.opt.pool == Pool::Avg ? acc_t(1) : p.opt.pool == Pool::AvgMax ? acc_t(0.5) : acc_t(0);
-  const acc_t max_share = acc_t(1) - avg_share;
+  const acc_t avg_share = static_cast<acc_t>(pool_weights(p.opt.pool).avg);
+  const acc_t max_share = static_cast<acc_t>(pool_weights(p.opt.pool).max);
   if (avg_share != 0) {
     dx_avg.resize(N * C);
     const acc_t scale = avg_share / static_cast<acc_t>(geo.P);

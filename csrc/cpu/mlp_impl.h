@@ -256,12 +256,15 @@ struct Mlp {
     map(count, [&](int64_t i, int64_t n) {
       const Vec gv = Vec::loadu(g + i, n);
       Vec sv, dgate;
-      if (kind == Gate::Sigmoid) {
-        sv = sigmoid(gv);
-        dgate = sv * (Vec(1) - sv);
-      } else {  // hardsigmoid; its derivative is 1/6 on the open interval, as in torch
-        sv = at::vec::clamp(gv / Vec(6) + Vec(0.5), Vec(0), Vec(1));
-        dgate = Vec::blendv(Vec(0), Vec(acc_t(1) / 6), (gv > Vec(-3)) & (gv < Vec(3)));
+      switch (kind) {
+        case Gate::Sigmoid:
+          sv = sigmoid(gv);
+          dgate = sv * (Vec(1) - sv);
+          break;
+        case Gate::HardSigmoid:  // its derivative is 1/6 on the open interval, as in torch
+          sv = at::vec::clamp(gv / Vec(6) + Vec(0.5), Vec(0), Vec(1));
+          dgate = Vec::blendv(Vec(0), Vec(acc_t(1) / 6), (gv > Vec(-3)) & (gv < Vec(3)));
+          break;
       }
       sv.store(s + i, n);
       if (dg) (Vec::loadu(ds + i, n) * dgate).store(dg + i, n);
@@ -273,13 +276,17 @@ struct Mlp {
                          acc_t* da) {
     map(count, [&](int64_t i, int64_t n) {
       const Vec av = Vec::loadu(a + i, n);
-      if (kind == Activation::ReLU) {
-        at::vec::clamp_min(av, Vec(0)).store(h + i, n);
-        if (da) Vec::blendv(Vec(0), Vec::loadu(dh + i, n), av > Vec(0)).store(da + i, n);
-      } else {
-        const Vec sig = sigmoid(av);
-        (av * sig).store(h + i, n);
-        if (da) (Vec::loadu(dh + i, n) * sig * (Vec(1) + av * (Vec(1) - sig))).store(da + i, n);
+      switch (kind) {
+        case Activation::ReLU:
+          at::vec::clamp_min(av, Vec(0)).store(h + i, n);
+          if (da) Vec::blendv(Vec(0), Vec::loadu(dh + i, n), av > Vec(0)).store(da + i, n);
+          break;
+        case Activation::SiLU: {
+          const Vec sig = sigmoid(av);
+          (av * sig).store(h + i, n);
+          if (da) (Vec::loadu(dh + i, n) * sig * (Vec(1) + av * (Vec(1) - sig))).store(da + i, n);
+          break;
+        }
       }
     });
   }
