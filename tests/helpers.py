@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import se_kernels
 from se_kernels.options import make_call
+from se_kernels.vocabulary import ACTIVATIONS, GATES, POOLS
 from oracle import GRAD_NAMES, OracleResult, decision_variants, se_oracle
 
 
@@ -60,8 +61,7 @@ class Case:
 EPILOGUES = ((False, None), (True, None), (True, "relu"), (False, "relu"))
 OPTION_CASES = [
     Case(activation=a, gate=g, pool=p, residual=r, out_activation=o)
-    for a, g, p, (r, o) in itertools.product(("relu", "silu"), ("sigmoid", "hardsigmoid"),
-                                             ("avg", "max", "avgmax"), EPILOGUES)
+    for a, g, p, (r, o) in itertools.product(ACTIVATIONS, GATES, POOLS, EPILOGUES)
 ]
 # Odd shapes: C=1, C=3, H*W=1, C not divisible by the reduction, N=1, N=0, no biases,
 # wide rows and tall channel counts (vector bodies and scalar tails of the kernels).

@@ -142,6 +142,64 @@ class OracleResult:
     y: torch.Tensor  # [N, C, H, W] before the output activation
 
 
+# ---- the options (DESIGN.md §1.3), one entry each -------------------------------------
+# An activation maps the bounded pre-activation a to (h, the positions where rounding may flip
+# a decision, what its derivative needs); its derivative maps (dh, that) to da. A gate does
+# the same for g -> s and ds -> dg. `decision` is the override of Decisions for it, if any.
+
+
+def _relu(an, a, decision):
+    alive = a.v > 0 if decision is None else decision
+    uncertain = (a.v.abs() <= a.e) & (a.e > 0)
+    return Bounded(torch.where(alive, a.v, 0.0), a.e), uncertain, alive  # 1-Lipschitz
+
+
+def _relu_grad(an, a, dh, alive):
+    return Bounded(torch.where(alive, dh.v, 0.0), torch.where(alive, dh.e, 0.0))
+
+
+def _silu(an, a, decision):
+    sig_a = torch.sigmoid(a.v)
+    h = an.transcendental(a, a.v * sig_a, 1.1)  # |silu'| <= 1.1
+    return h, torch.zeros_like(a.v, dtype=torch.bool), sig_a
+
+
+def _silu_grad(an, a, dh, sig_a):
+    silu_p = sig_a * (1 + a.v * (1 - sig_a))
+    return an.mul(dh, an.transcendental(a, silu_p, 0.5, magnitude=1 + a.v.abs()))  # |silu''| <= 0.5
+
+
+def _sigmoid(an, g, decision):
+    s = an.transcendental(g, torch.sigmoid(g.v), 0.25)
+    return s, torch.zeros_like(g.v, dtype=torch.bool), s
+
+
+def _sigmoid_grad(an, g, ds, s):
+    sp = s.v * (1 - s.v)
+    return an.mul(ds, Bounded(sp, s.e * (1 + s.e) + 3 * an.u * sp))
+
+
+def _hardsigmoid(an, g, decision):
+    inside = (g.v > -3) & (g.v < 3) if decision is None else decision
+    s_v = torch.where(inside, (g.v + 3) / 6, torch.where(g.v > 0, 1.0, 0.0))
+    # (g + 3) * 1/6 or g * 1/6 + 1/2 with a rounded 1/6: a few u of |g|/6 + 1/2.
+    s = Bounded(s_v, g.e * ONE_SIXTH + 4 * an.u * (g.v.abs() * ONE_SIXTH + 0.5))
+    # s may round to 0 or 1 within 6 u of the edges: either region is then correct.
+    band = g.e + 12 * an.u * (g.v.abs() + 3)
+    uncertain = (((g.v + 3).abs() <= band) | ((g.v - 3).abs() <= band)) & (band > 0)
+    return s, uncertain, inside
+
+
+def _hardsigmoid_grad(an, g, ds, inside):
+    return an.scale(Bounded(torch.where(inside, ds.v, 0.0), torch.where(inside, ds.e, 0.0)), ONE_SIXTH)
+
+
+ACTIVATIONS = {"relu": (_relu, _relu_grad), "silu": (_silu, _silu_grad)}
+GATES = {"sigmoid": (_sigmoid, _sigmoid_grad), "hardsigmoid": (_hardsigmoid, _hardsigmoid_grad)}
+POOL_WEIGHTS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "avgmax": (0.5, 0.5)}  # (w_avg, w_max)
+OUT_RELU = {"none": False, "relu": True}
+
+
 def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
               decisions: Decisions | None = None, truncates: bool = False) -> OracleResult:
     """Forward and backward of the SE block, float64, with error bounds for a kernel that
@@ -173,40 +231,26 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     x_max = x.amax(-1)
     is_max = x == x_max[..., None]
     ties = is_max.sum(-1).to(F64)
-    if opts.pool == "avg":
+    w_avg, w_max = POOL_WEIGHTS[opts.pool]
+    if w_max == 0:
         z = z_avg
-    elif opts.pool == "max":
+    elif w_avg == 0:
         z = an.exact(x_max)
     else:
-        z = an.add(an.scale(z_avg, 0.5), an.exact(0.5 * x_max))
+        z = an.add(an.scale(z_avg, w_avg), an.exact(w_max * x_max))
 
+    activation, activation_grad = ACTIVATIONS[opts.activation]
+    gate, gate_grad = GATES[opts.gate]
     a = an.linear(z, w1, b1)
-    if opts.activation == "relu":
-        alive = a.v > 0 if decisions.hidden is None else decisions.hidden
-        uncertain_hidden = (a.v.abs() <= a.e) & (a.e > 0)
-        h = Bounded(torch.where(alive, a.v, 0.0), a.e)  # 1-Lipschitz; where flipped, |a| <= e
-    else:
-        sig_a = torch.sigmoid(a.v)
-        h = an.transcendental(a, a.v * sig_a, 1.1)  # |silu'| <= 1.1
-        uncertain_hidden = torch.zeros_like(a.v, dtype=torch.bool)
-
+    h, uncertain_hidden, hidden_state = activation(an, a, decisions.hidden)
     g = an.linear(h, w2, b2)
-    if opts.gate == "sigmoid":
-        s = an.transcendental(g, torch.sigmoid(g.v), 0.25)
-        uncertain_gate = torch.zeros_like(g.v, dtype=torch.bool)
-    else:
-        inside = (g.v > -3) & (g.v < 3) if decisions.gate is None else decisions.gate
-        s_v = torch.where(inside, (g.v + 3) / 6, torch.where(g.v > 0, 1.0, 0.0))
-        # (g + 3) * 1/6 or g * 1/6 + 1/2 with a rounded 1/6: a few u of |g|/6 + 1/2.
-        s = Bounded(s_v, g.e * ONE_SIXTH + 4 * an.u * (g.v.abs() * ONE_SIXTH + 0.5))
-        # s may round to 0 or 1 within 6 u of the edges: either region is then correct.
-        band = g.e + 12 * an.u * (g.v.abs() + 3)
-        uncertain_gate = (((g.v + 3).abs() <= band) | ((g.v - 3).abs() <= band)) & (band > 0)
+    s, uncertain_gate, gate_state = gate(an, g, decisions.gate)
 
     sx = an.mul(Bounded(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)), an.exact(x))
     y = sx if r is None else an.add(sx, an.exact(r))
     relu_uncertain = torch.zeros_like(x, dtype=torch.bool)
-    if opts.out_activation == "relu":
+    out_relu = OUT_RELU[opts.out_activation or "none"]
+    if out_relu:
         out_bound = final_bound(y, out_dtype, truncates)
         relu_uncertain = (y.v.abs() <= out_bound) & (out_bound > 0)
         out = Bounded(torch.where(y.v > 0, y.v, 0.0), y.e)
@@ -216,38 +260,27 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     # ---- backward ----
     # dy = dout * [out > 0]; where the decision is within rounding, either outcome is
     # correct: dy carries |dout| as its error there, which bounds what a flip changes.
-    dy = dout if opts.out_activation != "relu" else torch.where(y.v > 0, dout, 0.0)
+    dy = torch.where(y.v > 0, dout, 0.0) if out_relu else dout
     dy_e = torch.where(relu_uncertain, dout.abs(), 0.0)
     ds = Bounded((dy * x).sum(-1), an.gamma(p) * (dy * x).abs().sum(-1) + (dy_e * x.abs()).sum(-1))
-    if opts.gate == "sigmoid":
-        sp = s.v * (1 - s.v)
-        sp_b = Bounded(sp, s.e * (1 + s.e) + 3 * an.u * sp)
-        dg = an.mul(ds, sp_b)
-    else:
-        dg = an.scale(Bounded(torch.where(inside, ds.v, 0.0), torch.where(inside, ds.e, 0.0)), ONE_SIXTH)
+    dg = gate_grad(an, g, ds, gate_state)
     dw2 = an.outer_sum(dg, h)
     db2 = an.batch_sum(dg)
     dh = an.matmul_exact_right(dg, w2)
-    if opts.activation == "relu":
-        da = Bounded(torch.where(alive, dh.v, 0.0), torch.where(alive, dh.e, 0.0))
-    else:
-        silu_p = sig_a * (1 + a.v * (1 - sig_a))
-        silu_p_b = an.transcendental(a, silu_p, 0.5, magnitude=1 + a.v.abs())  # |silu''| <= 0.5
-        da = an.mul(dh, silu_p_b)
+    da = activation_grad(an, a, dh, hidden_state)
     dw1 = an.outer_sum(da, z)
     db1 = an.batch_sum(da)
     dz = an.matmul_exact_right(da, w1)
 
     dys = an.mul(Bounded(dy, dy_e), Bounded(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)))
-    to_avg = {"avg": 1.0, "max": 0.0, "avgmax": 0.5}[opts.pool]
     share = torch.zeros_like(x)
     share_e = torch.zeros_like(x)
-    if to_avg:
-        share = share + (to_avg / p) * dz.v[..., None]
-        share_e = share_e + (to_avg / p) * (dz.e + 2 * an.u * dz.mag)[..., None]
-    if to_avg < 1:
-        per_tie = (1 - to_avg) * dz.v / ties
-        per_tie_e = (1 - to_avg) * (dz.e + 3 * an.u * dz.mag) / ties
+    if w_avg:
+        share = share + (w_avg / p) * dz.v[..., None]
+        share_e = share_e + (w_avg / p) * (dz.e + 2 * an.u * dz.mag)[..., None]
+    if w_max:
+        per_tie = w_max * dz.v / ties
+        per_tie_e = w_max * (dz.e + 3 * an.u * dz.mag) / ties
         share = share + torch.where(is_max, per_tie[..., None], 0.0)
         share_e = share_e + torch.where(is_max, per_tie_e[..., None], 0.0)
     dx = an.add(dys, Bounded(share, share_e))

@@ -9,7 +9,8 @@ import pytest
 from torch import nn
 
 from se_kernels import vocabulary
-from se_kernels.vocabulary import Activation, Gate, OutActivation, Pool
+from se_kernels.vocabulary import (ACTIVATIONS, GATES, OUT_ACTIVATIONS, POOLS, Activation, Gate,
+                                   OutActivation, Pool)
 
 HEADER = Path(__file__).resolve().parent.parent / "csrc" / "se_options.h"
 KINDS = {"Activation": Activation, "Gate": Gate, "Pool": Pool, "OutActivation": OutActivation}
@@ -95,3 +96,14 @@ def test_plan_trace_codes_agree_with_the_cuda_planner(enum, names):
     members = re.findall(r"\b([A-Z]\w*)", body)
     assert members[0] + " = 0" in " ".join(body.split())
     assert tuple(snake_case(m) for m in members) == names
+
+
+def test_the_oracle_has_one_entry_per_option_value():
+    """The float64 oracle writes each option value's math once, in a table keyed by the
+    vocabulary's names: a value without its entry fails here, not as a wrong answer."""
+    import oracle
+
+    assert tuple(oracle.ACTIVATIONS) == ACTIVATIONS
+    assert tuple(oracle.GATES) == GATES
+    assert tuple(oracle.POOL_WEIGHTS) == POOLS
+    assert tuple(oracle.OUT_RELU) == OUT_ACTIVATIONS
