@@ -133,7 +133,7 @@ def get_backend(name: str) -> Backend:
 
 # auto's rule on CPU tensors, and the table it rests on: the fused kernel measured 0.995x
 # eager or better on every SE layer of the four networks at batch 8, forward, on one and two
-# threads, and nowhere was the torch composition ahead of it while it was below 0.95x eager
+# threads, and nowhere was the torch backend ahead of it while it was below 0.95x eager
 # (tests/test_dispatch.py checks the rule against this table).
 CPU_RULE_SOURCE = "benchmarks/results/cpu-amd-epyc-2026-11-30-164639.md"
 
@@ -200,7 +200,7 @@ def exporting_to_onnx() -> bool:
 
 def select(call: SECall, backend: str = "auto") -> Backend:
     if exporting_to_onnx():
-        # ONNX has no fused SE op: the model is exported as the reference composition,
+        # ONNX has no fused SE op: the model is exported through the torch backend,
         # which is made of standard ONNX operators, whatever backend the call names.
         return _REGISTRY["torch"]
     if backend == "auto":

@@ -129,8 +129,8 @@ def _call_of(n, c, h, w, s, requires_grad=False):
 
 
 def test_the_cpu_rule_agrees_with_its_table():
-    """The table the rule names is in the repository, and the rule sends to the composition
-    exactly the layers where the table has the composition ahead of the fused kernel and
+    """The table the rule names is in the repository, and the rule sends to the torch backend
+    exactly the layers where the table has the torch backend ahead of the fused kernel and
     the fused kernel below 0.95x eager (none in the shipped table); every other layer it
     measured, at every batch and in training too, runs the fused kernel."""
     import csv
@@ -145,11 +145,11 @@ def test_the_cpu_rule_agrees_with_its_table():
     assert len(layers) >= 27, "the table covers every layer of the four networks"
     for key in layers:
         _, c, s, h, n, _ = key
-        fused, composition = speedup[(*key, "cpu")], speedup[(*key, "torch")]
-        wants_class = composition > fused and fused < 0.95
+        fused, torch_ops = speedup[(*key, "cpu")], speedup[(*key, "torch")]
+        wants_torch = torch_ops > fused and fused < 0.95
         with torch.no_grad():
             chosen = se_kernels.select(_call_of(int(n), int(c), int(h), int(h), int(s))).name
-        assert chosen == ("torch" if wants_class else "cpu"), (key, fused, composition)
+        assert chosen == ("torch" if wants_torch else "cpu"), (key, fused, torch_ops)
         assert se_kernels.select(_call_of(int(n), int(c), int(h), int(h), int(s),
                                           requires_grad=True)).name == "cpu"
 

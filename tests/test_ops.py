@@ -159,7 +159,7 @@ def test_calls_autograd_will_not_record_skip_the_python_autograd_wrapper():
 def test_gradient_of_any_one_input_goes_through_autograd(grad_of):
     """Whether autograd records the call is decided over every tensor, so a gradient
     wanted for one input alone (a frozen backbone's SE weights, a residual branch) is
-    computed, and matches the torch composition's."""
+    computed, and matches the torch backend's."""
     t = make_inputs(Case(n=2, c=6, h=3, w=4, s=2, dtype=torch.float64, residual=True), "cpu")
     grads = []
     for backend in ("cpu", "torch"):

@@ -1,3 +1,3 @@
 """The backends; importing this package registers them with se_kernels.dispatch."""
 
-from . import native, torch_ref, triton  # noqa: F401
+from . import native, torch_backend, triton  # noqa: F401

@@ -2,8 +2,8 @@
 
 Pairs (each SE model is compared with the plain model of its own family):
   torchvision resnet50          vs  se_kernels.models.se_resnet50(reduction=16), once per
-                                    se_kernels backend usable here ("torch" is the SE as a
-                                    composition of PyTorch ops, i.e. eager)
+                                    se_kernels backend usable here ("torch" runs the SE as
+                                    plain PyTorch ops, i.e. eager)
   timm resnet50                 vs  timm seresnet50 as timm builds it (eager SEModule), and
                                     the same after se_kernels.convert_se_modules(backend="auto")
 

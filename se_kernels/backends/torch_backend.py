@@ -1,4 +1,4 @@
-"""The "torch" backend: SE as a composition of PyTorch ops.
+"""The "torch" backend: SE as PyTorch ops.
 
 It is the fallback that runs anywhere, checked like every backend against the float64
 oracle of tests/oracle.py; autograd differentiates it. It follows the kernels' numerics:
@@ -37,7 +37,7 @@ GATES = {SIGMOID: torch.sigmoid, HARDSIGMOID: hardsigmoid}
 OUT_ACTIVATIONS = {NONE: None, OUT_RELU: F.relu}
 
 
-def reference_forward(call: SECall) -> torch.Tensor:
+def torch_forward(call: SECall) -> torch.Tensor:
     # Everything in the accumulation dtype from the start, so that the backward, too,
     # rounds each gradient to its dtype once (x.grad is one cast of an fp32 sum).
     acc = accumulate_dtype(call.x.dtype)
@@ -62,7 +62,7 @@ class TorchBackend(dispatch.Backend):
                          "pool": tuple(POOLS), "out_activation": tuple(OUT_ACTIVATIONS)}
 
     def run(self, call: SECall) -> torch.Tensor:
-        return reference_forward(call)
+        return torch_forward(call)
 
 
 dispatch.register(TorchBackend())
