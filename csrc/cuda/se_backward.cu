@@ -309,7 +309,7 @@ struct BackwardStages {
     return pass.pieces > 1 ? partial + gi * 2 * pass.pieces * group * C : nullptr;
   }
   __device__ void reduce(int64_t tile, int64_t gi, int64_t n0, int64_t n) const {
-    reduce_tile<T>(terms(n0, true), pass, n, C, P, group_partial(gi), tile);
+    reduce_tile<T>(terms(n0, true), pass, n0, n, C, P, group_partial(gi), tile);
   }
   __device__ void combine(int64_t gi, int64_t n0, int64_t n) const {
     const GradTerms<T> t = terms(n0, true);
@@ -323,7 +323,7 @@ struct BackwardStages {
     cols_dot_item(w1, da + n0 * S, n, S, C, tiling2, pool_grad(n0), item);
   }
   __device__ void map(int64_t tile, int64_t n0, int64_t n) const {
-    map_tile<T>(grad_input(n0, true), pass, n, C, P, tile);
+    map_tile<T>(grad_input(n0, true), pass, n0, n, C, P, tile);
   }
 };
 
@@ -377,13 +377,13 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
     for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
       const int64_t n = std::min(plan.group, N - n0);
       const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
-      run_reduce<T>(st.terms(n0, false), pass, n, C, P, st.partial, stream);
+      run_reduce<T>(st.terms(n0, false), pass, n0, n, C, P, st.partial, stream);
       const MlpTiling m1 = cols_dot_tiling(S, n), m2 = cols_dot_tiling(C, n);
       launch(TraceKernel::Mlp, cols_dot_kernel<T, HiddenGradEpilogue<T>>, m1.items, kThreads,
              stream, st.w2, st.dg + n0 * C, n, C, S, m1, st.hidden_grad(n0));
       launch(TraceKernel::Mlp, cols_dot_kernel<T, PoolGradEpilogue<T>>, m2.items, kThreads,
              stream, st.w1, st.da + n0 * S, n, S, C, m2, st.pool_grad(n0));
-      run_map<T>(st.grad_input(n0, false), pass, n, C, P, stream);
+      run_map<T>(st.grad_input(n0, false), pass, n0, n, C, P, stream);
     }
   }
   run_outer<T>(outer, plan.outer, N, C, S, stream);

@@ -7,8 +7,10 @@
 // A tile (one CTA's share of a pass, see PassPlan in se_plan.h) walks x in its layout:
 //   NCHW:          a row (n, c) holds P contiguous elements. A group of `lanes` threads of
 //                  one warp (a power of two, sized to the row) walks one row; rows are
-//                  consecutive, so a warp reads one contiguous span. Rows whose ends are
-//                  not 16-byte aligned (P not a multiple of the width) peel them.
+//                  consecutive, so a warp reads one contiguous span. A row's ends that
+//                  are not 16-byte aligned (P, or the elements before the row, not a
+//                  multiple of the width) are peeled; alignment is that of the offset in
+//                  the whole tensor, as a sample group may start off a 16-byte boundary.
 //   channels-last: a pixel (n, p) holds C contiguous channels. A CTA has tc x tp threads:
 //                  tc threads cover a block of channels, each `width` wide, and tp of them
 //                  walk interleaved pixels; per-channel values stay in registers.
@@ -183,8 +185,9 @@ DeviceInfo current_device_info();  // se_forward.cu
 
 // Vector width for tensors whose base pointers are `ptrs` and whose contiguous row is `row`
 // long: 16-byte accesses when every pointer is 16-aligned (the tensors share one layout, so
-// every row then starts at the same offset in all of them) and, for channels-last (`row` =
-// C), the row is a whole number of vectors; NCHW rows peel their unaligned ends.
+// an element's offset from a 16-byte boundary is then the same in all of them) and, for
+// channels-last (`row` = C), the row is a whole number of vectors; NCHW rows peel their
+// unaligned ends, wherever in the tensor the row starts (walk_row).
 template <typename T>
 int pass_width(int64_t row, bool channels_last, std::initializer_list<const void*> ptrs) {
   constexpr int w = vector_width<T>();
@@ -255,18 +258,21 @@ __device__ __forceinline__ void walk(int64_t start, int64_t end, int64_t stride,
 }
 
 // Visits elements [begin, end) of one NCHW row with `lanes` threads (this one is `sub`):
-// W-wide accesses from the first W-aligned offset to the last, single elements around them.
+// W-wide accesses over the 16-byte-aligned body, single elements around it. Offsets are
+// relative to a sample group that starts `phase` elements (mod W) past a 16-byte boundary
+// (tile_phase), so the body begins at the first offset with (phase + off) % W == 0: a group
+// need not start on a boundary, as n0 * C * P is a multiple of W only for some shapes.
 // visit(Width<V>, off) handles V elements at off.
 template <int V>
 struct Width {
   static constexpr int kWidth = V;
 };
 template <int W, typename Visit>
-__device__ __forceinline__ void walk_row(int64_t begin, int64_t end, int lanes, int sub,
-                                         const Visit& visit) {
+__device__ __forceinline__ void walk_row(int64_t begin, int64_t end, int phase, int lanes,
+                                         int sub, const Visit& visit) {
   int64_t body = begin, body_end = end;
   if constexpr (W > 1) {
-    body = min64(end, (begin + W - 1) / W * W);
+    body = min64(end, begin + (W - (begin + phase) % W) % W);
     body_end = body + (end - body) / W * W;
     for (int64_t off = begin + sub; off < body; off += lanes) visit(Width<1>{}, off);
     for (int64_t off = body_end + sub; off < end; off += lanes) visit(Width<1>{}, off);
@@ -287,11 +293,19 @@ __device__ __forceinline__ void walk_row(int64_t begin, int64_t end, int lanes, 
 //   template <int W, int AW> void store(int64_t off, const Loaded<W>&, const A (&cv)[kChan][AW]);
 // Offsets are relative to the tile's sample group, as are the Terms' and Op's pointers.
 
+// Where the group of samples from n0 starts relative to a 16-byte boundary, in elements mod W,
+// for tensors whose bases are 16-byte aligned (pass_width's condition for W > 1). The NCHW
+// walk aligns its vectors with it; channels-last needs none, as W divides C there.
+template <int W>
+__device__ __forceinline__ int tile_phase(int64_t n0, int64_t C, int64_t P) {
+  return static_cast<int>(n0 * C * P % W);
+}
+
 // One reduce tile of an NCHW pass over `rows` rows: writes the tile's partial per row, or
 // finalizes rows directly when `partial` is nullptr (an unsplit pass).
 template <typename Terms, int W>
 __device__ __forceinline__ void reduce_nchw_tile(const Terms& terms, const PassPlan& plan,
-                                                 int64_t rows, int64_t P,
+                                                 int64_t rows, int64_t P, int phase,
                                                  typename Terms::A* partial, int64_t block) {
   using A = typename Terms::A;
   constexpr int kQ = Terms::kQ;
@@ -308,7 +322,7 @@ __device__ __forceinline__ void reduce_nchw_tile(const Terms& terms, const PassP
     terms.template channel<1>(row, cv);
     const int64_t begin = row * P + piece * plan.piece_len;
     const int64_t end = row * P + min64(P, (piece + 1) * plan.piece_len);
-    walk_row<W>(begin, end, lanes, sub, [&](auto width, int64_t start, auto... range) {
+    walk_row<W>(begin, end, phase, lanes, sub, [&](auto width, int64_t start, auto... range) {
       constexpr int V = decltype(width)::kWidth;
       auto load = [&](int64_t off) { return terms.template load<V>(off); };
       auto fold = [&](int64_t off, const auto& e) { terms.template fold<V, 1>(off, acc, e, cv); };
@@ -434,7 +448,7 @@ __device__ __forceinline__ void combine_one(const Terms& terms, const typename T
 // One map tile of an NCHW pass.
 template <typename Op, int W>
 __device__ __forceinline__ void map_nchw_tile(const Op& op, const PassPlan& plan, int64_t rows,
-                                              int64_t P, int64_t block) {
+                                              int64_t P, int phase, int64_t block) {
   using A = typename Op::A;
   const int lanes = plan.lanes;
   const int64_t piece = block / plan.row_blocks;
@@ -445,7 +459,7 @@ __device__ __forceinline__ void map_nchw_tile(const Op& op, const PassPlan& plan
   op.template channel<1>(row, cv);
   const int64_t begin = row * P + piece * plan.piece_len;
   const int64_t end = row * P + min64(P, (piece + 1) * plan.piece_len);
-  walk_row<W>(begin, end, lanes, sub, [&](auto width, int64_t start, auto... range) {
+  walk_row<W>(begin, end, phase, lanes, sub, [&](auto width, int64_t start, auto... range) {
     constexpr int V = decltype(width)::kWidth;
     auto load = [&](int64_t off) { return op.template load<V>(off); };
     auto store = [&](int64_t off, const auto& e) { op.template store<V, 1>(off, e, cv); };
@@ -474,27 +488,30 @@ __device__ __forceinline__ void map_cl_tile(const Op& op, const PassPlan& plan, 
        [&](int64_t off, const auto& e) { op.template store<W, W>(off, e, cv); });
 }
 
-// The tile `block` of a pass over n samples, in the plan's layout and width.
+// The tile `block` of a pass over the n samples from sample n0, in the plan's layout and
+// width; the Terms' or Op's pointers start at sample n0.
 template <typename T, typename Terms>
-__device__ __forceinline__ void reduce_tile(const Terms& terms, const PassPlan& plan, int64_t n,
-                                            int64_t C, int64_t P, typename Terms::A* partial,
-                                            int64_t block) {
+__device__ __forceinline__ void reduce_tile(const Terms& terms, const PassPlan& plan, int64_t n0,
+                                            int64_t n, int64_t C, int64_t P,
+                                            typename Terms::A* partial, int64_t block) {
   constexpr int kW = vector_width<T>();
   if (!plan.channels_last) {
-    if (plan.width == kW) reduce_nchw_tile<Terms, kW>(terms, plan, n * C, P, partial, block);
-    else reduce_nchw_tile<Terms, 1>(terms, plan, n * C, P, partial, block);
+    const int phase = tile_phase<kW>(n0, C, P);
+    if (plan.width == kW) reduce_nchw_tile<Terms, kW>(terms, plan, n * C, P, phase, partial, block);
+    else reduce_nchw_tile<Terms, 1>(terms, plan, n * C, P, 0, partial, block);
   } else {
     if (plan.width == kW) reduce_cl_tile<Terms, kW>(terms, plan, n, C, P, partial, block);
     else reduce_cl_tile<Terms, 1>(terms, plan, n, C, P, partial, block);
   }
 }
 template <typename T, typename Op>
-__device__ __forceinline__ void map_tile(const Op& op, const PassPlan& plan, int64_t n, int64_t C,
-                                         int64_t P, int64_t block) {
+__device__ __forceinline__ void map_tile(const Op& op, const PassPlan& plan, int64_t n0,
+                                         int64_t n, int64_t C, int64_t P, int64_t block) {
   constexpr int kW = vector_width<T>();
   if (!plan.channels_last) {
-    if (plan.width == kW) map_nchw_tile<Op, kW>(op, plan, n * C, P, block);
-    else map_nchw_tile<Op, 1>(op, plan, n * C, P, block);
+    const int phase = tile_phase<kW>(n0, C, P);
+    if (plan.width == kW) map_nchw_tile<Op, kW>(op, plan, n * C, P, phase, block);
+    else map_nchw_tile<Op, 1>(op, plan, n * C, P, 0, block);
   } else {
     if (plan.width == kW) map_cl_tile<Op, kW>(op, plan, n, C, P, block);
     else map_cl_tile<Op, 1>(op, plan, n, C, P, block);
@@ -588,9 +605,9 @@ __device__ __forceinline__ void cols_dot_item(const T* weight, const acc_t<T>* i
 
 template <typename T, typename Terms>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
-    reduce_kernel(Terms terms, PassPlan plan, int64_t n, int64_t C, int64_t P,
+    reduce_kernel(Terms terms, PassPlan plan, int64_t n0, int64_t n, int64_t C, int64_t P,
                   typename Terms::A* partial) {
-  reduce_tile<T>(terms, plan, n, C, P, partial, blockIdx.x);
+  reduce_tile<T>(terms, plan, n0, n, C, P, partial, blockIdx.x);
 }
 
 template <typename Terms>
@@ -602,8 +619,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename Op>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
-    map_kernel(Op op, PassPlan plan, int64_t n, int64_t C, int64_t P) {
-  map_tile<T>(op, plan, n, C, P, blockIdx.x);
+    map_kernel(Op op, PassPlan plan, int64_t n0, int64_t n, int64_t C, int64_t P) {
+  map_tile<T>(op, plan, n0, n, C, P, blockIdx.x);
 }
 
 template <typename T, typename Epilogue>
@@ -620,13 +637,14 @@ __global__ void __launch_bounds__(kThreads)
   cols_dot_item(weight, in, N, K, cols, tiling, epilogue, blockIdx.x);
 }
 
-// A reduce pass over n samples: partials when the plan splits rows, then the combine kernel.
+// A reduce pass over the n samples from n0 (the Terms' pointers start there): partials when
+// the plan splits rows, then the combine kernel.
 template <typename T, typename Terms>
-void run_reduce(const Terms& terms, const PassPlan& plan, int64_t n, int64_t C, int64_t P,
-                typename Terms::A* partial, cudaStream_t stream) {
+void run_reduce(const Terms& terms, const PassPlan& plan, int64_t n0, int64_t n, int64_t C,
+                int64_t P, typename Terms::A* partial, cudaStream_t stream) {
   typename Terms::A* out = plan.pieces > 1 ? partial : nullptr;
   launch(TraceKernel::Reduce, reduce_kernel<T, Terms>, plan.ctas, plan.threads, stream, terms,
-         plan, n, C, P, out);
+         plan, n0, n, C, P, out);
   if (plan.pieces > 1) {
     const int64_t count = n * C;
     launch(TraceKernel::Combine, combine_kernel<Terms>, ceil_div(count, kThreads), kThreads,
@@ -635,9 +653,10 @@ void run_reduce(const Terms& terms, const PassPlan& plan, int64_t n, int64_t C, 
 }
 
 template <typename T, typename Op>
-void run_map(const Op& op, const PassPlan& plan, int64_t n, int64_t C, int64_t P,
+void run_map(const Op& op, const PassPlan& plan, int64_t n0, int64_t n, int64_t C, int64_t P,
              cudaStream_t stream) {
-  launch(TraceKernel::Map, map_kernel<T, Op>, plan.ctas, plan.threads, stream, op, plan, n, C, P);
+  launch(TraceKernel::Map, map_kernel<T, Op>, plan.ctas, plan.threads, stream, op, plan, n0, n,
+         C, P);
 }
 
 // ---- the pipelined schedule: every stage of every group in one kernel ---------------------
@@ -706,8 +725,12 @@ __device__ __forceinline__ int64_t take_ticket(const Counters& sync) {
 //   void map(int64_t tile, int64_t n0, int64_t n);
 // Tickets are taken in order; ticket t is item t % step_items of step t / step_items
 // (Pipeline::stage_begin), which belongs to group step - stage_lag(stage).
-template <typename Stages>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+// kCtasPerSm (Pipeline::ctas_per_sm, 1 or 2) bounds the registers a thread may use: 128
+// with 2, where the backward's stages spill to local memory; 255 with 1, where they spill
+// little or nothing but an SM holds half the warps. Both variants are built so that a GPU
+// run can tell which costs less (DESIGN.md §3.1).
+template <typename Stages, int kCtasPerSm>
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
     pipeline_kernel(Stages stages, Pipeline p, int64_t N, unsigned* counters) {
   const Counters sync{counters, p.groups};
   const int64_t tickets = p.steps * p.step_items;
@@ -758,7 +781,11 @@ void run_pipeline(TraceKernel what, Stages stages, const Pipeline& p, int64_t N,
   workspace_region("counters", sync, p.counters * sizeof(unsigned));
   launch(TraceKernel::ZeroSync, zero_kernel<unsigned>, ceil_div(p.counters, kThreads), kThreads,
          stream, sync, p.counters);
-  launch(what, pipeline_kernel<Stages>, p.ctas, kThreads, stream, stages, p, N, sync);
+  TORCH_INTERNAL_ASSERT(p.ctas_per_sm == 1 || p.ctas_per_sm == 2);
+  if (p.ctas_per_sm == 1)
+    launch(what, pipeline_kernel<Stages, 1>, p.ctas, kThreads, stream, stages, p, N, sync);
+  else
+    launch(what, pipeline_kernel<Stages, 2>, p.ctas, kThreads, stream, stages, p, N, sync);
 }
 
 // Calls fn(tag) with the CUDA type of `dtype`.

@@ -170,7 +170,7 @@ struct ForwardStages {
     return pass.pieces > 1 ? partial + g * 2 * pass.pieces * group * C : nullptr;
   }
   __device__ void reduce(int64_t tile, int64_t gi, int64_t n0, int64_t n) const {
-    reduce_tile<T>(pool_terms(n0), pass, n, C, P, group_partial(gi), tile);
+    reduce_tile<T>(pool_terms(n0), pass, n0, n, C, P, group_partial(gi), tile);
   }
   __device__ void combine(int64_t gi, int64_t n0, int64_t n) const {
     const PoolTerms<T> terms = pool_terms(n0);
@@ -189,7 +189,7 @@ struct ForwardStages {
     const int64_t off = n0 * C * P;
     const ScaleOp<T> op{x + off, residual != nullptr ? residual + off : nullptr, out + off,
                         s + n0 * C, opt.out_relu()};
-    map_tile<T>(op, pass, n, C, P, tile);
+    map_tile<T>(op, pass, n0, n, C, P, tile);
   }
 };
 
@@ -230,7 +230,7 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
     const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
     const PoolTerms<T> pool{st.x + n0 * C * P, st.z + n0 * C,
                             st.zmax != nullptr ? st.zmax + n0 * C : nullptr, pb.opt.pool, P};
-    run_reduce<T>(pool, pass, n, C, P, st.partial, stream);
+    run_reduce<T>(pool, pass, n0, n, C, P, st.partial, stream);
     const MlpTiling m1 = rows_dot_tiling(S, C, n), m2 = rows_dot_tiling(C, S, n);
     launch(TraceKernel::Mlp, rows_dot_kernel<T, HiddenEpilogue<T>>, m1.items, kThreads, stream,
            st.w1, st.z + n0 * C, n, S, C, m1,
@@ -241,7 +241,7 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
     const int64_t off = n0 * C * P;
     const ScaleOp<T> scale{st.x + off, st.residual != nullptr ? st.residual + off : nullptr,
                            st.out + off, st.s + n0 * C, pb.opt.out_relu()};
-    run_map<T>(scale, pass, n, C, P, stream);
+    run_map<T>(scale, pass, n0, n, C, P, stream);
   }
 }
 

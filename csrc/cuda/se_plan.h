@@ -58,7 +58,7 @@ struct DeviceInfo {
 namespace detail {
 
 constexpr int kThreads = 256;        // every kernel's CTA size (at most)
-constexpr int kMinCtasPerSm = 2;     // __launch_bounds__ of the streaming kernels
+constexpr int kMinCtasPerSm = 2;     // __launch_bounds__ of the grouped streaming kernels
 constexpr int kTargetCtasPerSm = 8;  // a pass is split until it has this many CTAs per SM
 constexpr int kUnitsPerLane = 4;     // accesses per thread below which splitting stops
 constexpr int kTile = 8;             // samples per CTA in the MLP kernels
@@ -201,6 +201,19 @@ inline Schedule schedule_from_env() {
   return Schedule::Grouped;
 }
 
+// CTAs per SM of the pipelined schedule's persistent grid, which is also the minimum that
+// its kernel's __launch_bounds__ promises: 2 (default) caps a thread at 128 registers, and
+// the backward spills; 1 lets it use up to 255, spilling little or nothing, at half the
+// resident warps. SE_KERNELS_CUDA_CTAS_PER_SM=1 selects the latter, so a GPU can measure
+// which costs less (DESIGN.md §3.1).
+inline int pipeline_ctas_per_sm_from_env() {
+  const char* env = std::getenv("SE_KERNELS_CUDA_CTAS_PER_SM");
+  if (env == nullptr || *env == '\0' || std::string_view(env) == "2") return 2;
+  TORCH_CHECK(std::string_view(env) == "1",
+              "se_kernels: SE_KERNELS_CUDA_CTAS_PER_SM must be '1' or '2', got '", env, "'");
+  return 1;
+}
+
 // ---- the trace `se-kernels plan` models ------------------------------------------------
 // Per launch: kernel code, CTAs, access count, then (tensor code, byte offset, bytes,
 // is_write) per access in the order the launch makes them. The codes index
@@ -242,7 +255,8 @@ struct Pipeline {
   MlpTiling mlp1, mlp2;
   int64_t step_items; // tickets per step
   int64_t steps;      // groups + lag
-  int64_t ctas;       // persistent grid
+  int ctas_per_sm;    // 1 or 2: the grid's CTAs per SM, and the kernel's launch bound
+  int64_t ctas;       // persistent grid: ctas_per_sm per SM, or one per ticket if fewer
   int64_t counters;   // uint32 sync counters: one ticket + 3 per group
 
   SE_PLAN_HOST_DEVICE int64_t stage_begin(int s) const {
@@ -347,7 +361,7 @@ inline int64_t grouped_size(int64_t N, int64_t bytes_per_sample, int64_t budget)
 // tiles a step behind the MLP stages they wait on; lag 0 runs a group's stages back to
 // back), then the largest group.
 inline Pipeline plan_pipeline(const Problem& pb, bool backward, int width, int sm_count,
-                              int64_t budget) {
+                              int ctas_per_sm, int64_t budget) {
   const StageBytes b = stage_bytes(pb, backward, Schedule::Pipelined);
   const int64_t per_sample = std::max<int64_t>(b.reduce + b.map, 1);
   const int64_t weights = 2 * pb.C * pb.S * element_size(pb.dtype);
@@ -371,7 +385,8 @@ inline Pipeline plan_pipeline(const Problem& pb, bool backward, int width, int s
   // Tickets are uint32; every CTA takes one past the last.
   TORCH_CHECK(p.steps <= INT64_MAX / p.step_items && p.steps * p.step_items <= UINT32_MAX / 2,
               "se_kernels: the cuda backend's pipeline needs more than 2^31 work items");
-  p.ctas = std::min<int64_t>(int64_t(sm_count) * kMinCtasPerSm, p.steps * p.step_items);
+  p.ctas_per_sm = ctas_per_sm;
+  p.ctas = std::min<int64_t>(int64_t(sm_count) * ctas_per_sm, p.steps * p.step_items);
   p.counters = 1 + 3 * p.groups;
   return p;
 }
@@ -434,17 +449,20 @@ inline WorkspaceLayout workspace_layout(const Plan& plan, bool backward) {
 }
 
 // The whole plan of one call, for a device with `device`'s SMs and L2, on the schedule that
-// SE_KERNELS_CUDA_SCHEDULE selects. `width`: elements per access the pointers allow.
+// SE_KERNELS_CUDA_SCHEDULE selects (pipelined: with SE_KERNELS_CUDA_CTAS_PER_SM's grid).
+// `width`: elements per access the pointers allow.
 inline Plan make_plan(const Problem& pb, bool backward, int width, DeviceInfo device) {
   Plan plan{};
   plan.problem = pb;
   plan.schedule = schedule_from_env();
+  const int ctas_per_sm = pipeline_ctas_per_sm_from_env();  // checked whatever the schedule
   plan.width = width;
   plan.sm_count = std::max(device.sm_count, 1);
   plan.l2_bytes = device.l2_bytes;
   const int64_t budget = l2_budget(device.l2_bytes);
   if (plan.schedule == Schedule::Pipelined) {
-    if (pb.N > 0) plan.pipe = plan_pipeline(pb, backward, width, plan.sm_count, budget);
+    if (pb.N > 0)
+      plan.pipe = plan_pipeline(pb, backward, width, plan.sm_count, ctas_per_sm, budget);
   } else {
     plan.group = grouped_size(pb.N, stage_bytes(pb, backward, Schedule::Grouped).reduce, budget);
   }
