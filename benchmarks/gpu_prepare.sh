@@ -45,11 +45,15 @@ cp "$work"/se_kernels/_C.$pytag-*.so "$work"/se_kernels/_build_info.py .gpu/preb
 # What the check compares to know the binary is of these sources.
 find csrc setup.py -type f | sort | xargs sha256sum | sha256sum | cut -d' ' -f1 > .gpu/prebuilt/SOURCE_HASH
 
-echo "== wheels the GPU machine lacks"
+# expecttest (torch.library.opcheck imports it) is not on the lent machines' image; the
+# pytest plugins the check runs the tests with (pytest-xdist and its execnet, pytest-timeout)
+# are, and travel in case an image lacks them: gpu_check.sh installs a carried wheel only
+# where the machine has no such package, so the image's own versions stay.
+echo "== wheels the GPU machine may lack"
 rm -f .gpu/wheels/*
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-  -d .gpu/wheels expecttest
+  -d .gpu/wheels expecttest pytest-timeout pytest-xdist execnet
 
 du -sh .gpu | sed 's/^/== .gpu: /'
 ls -l .gpu/prebuilt .gpu/wheels

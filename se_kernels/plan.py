@@ -47,12 +47,21 @@ class GpuProfile:
     launch_us: float  # host + device cost of one kernel launch
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.sm_count} SMs, {self.l2_bytes / 1e6:g} MB L2, "
-                f"{self.bandwidth / 1e12:g} TB/s, {self.launch_us:g} us per launch")
+        l2 = (f"{self.l2_bytes // 2**20} MiB" if self.l2_bytes % 2**20 == 0
+              else f"{self.l2_bytes / 1e6:g} MB")
+        return (f"{self.name}: {self.sm_count} SMs, {l2} L2, "
+                f"{self.bandwidth / 1e12:.3g} TB/s, {self.launch_us:g} us per launch")
 
 
-GPUS = {"h200": GpuProfile("h200", sm_count=132, l2_bytes=60_000_000, bandwidth=4.3e12,
-                           launch_us=2.5)}
+# h100: an H100 SXM as the lent machines' reports it: 132 SMs, cudaDevAttrL2CacheSize
+# 52,428,800 bytes (50 MiB), a device-to-device copy at about 3.0 TB/s counting read + write.
+GPUS = {
+    "h100": GpuProfile("h100", sm_count=132, l2_bytes=50 * 2**20, bandwidth=3.0e12,
+                       launch_us=2.5),
+    "h200": GpuProfile("h200", sm_count=132, l2_bytes=60_000_000, bandwidth=4.3e12,
+                       launch_us=2.5),
+}
+CURRENT = "current"  # --gpu: the GPU torch sees (current_gpu)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
 BACKENDS = ("cuda", "triton")
@@ -240,7 +249,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", default=AVG, choices=POOLS)
     parser.add_argument("--residual", action="store_true", help="a residual is added before the output activation")
     parser.add_argument("--out-activation", default="none", choices=["none", "relu"])
-    parser.add_argument("--gpu", default="h200", choices=sorted(GPUS))
+    parser.add_argument("--gpu", default="h200", choices=[*sorted(GPUS), CURRENT],
+                        help="the GPU profile (default h200); current: the GPU torch sees, "
+                             "with its own SM count and L2 size")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -266,9 +277,30 @@ def table(plans: dict[str, PassPlan]) -> str:
                      for row in [header, *rows])
 
 
+def current_gpu(device: torch.device | str | None = None) -> GpuProfile:
+    """The profile of a visible GPU: its own SM count and L2 size (what the cuda backend
+    plans with), with the copy bandwidth and launch cost of the profile its name matches
+    (h100, h200; not the PCIe parts, which have less bandwidth), else the bandwidth of a
+    copy measured now."""
+    if not torch.cuda.is_available():
+        raise PlanUnavailable("--gpu current: no CUDA GPU is visible to torch")
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    props = torch.cuda.get_device_properties(device)
+    name = props.name.lower()
+    known = next((p for key, p in GPUS.items() if key in name and "pcie" not in name), None)
+    if known is not None:
+        bandwidth, launch_us, source = known.bandwidth, known.launch_us, f"{known.name} profile"
+    else:
+        from .bench.timing import copy_bandwidth_gbps
+
+        bandwidth, launch_us, source = copy_bandwidth_gbps(device, quick=True) * 1e9, 2.5, "measured"
+    return GpuProfile(f"{props.name} (cuda:{device.index}; bandwidth {source})",
+                      props.multi_processor_count, props.L2_cache_size, bandwidth, launch_us)
+
+
 def main(args: argparse.Namespace) -> int:
-    gpu = GPUS[args.gpu]
     try:
+        gpu = current_gpu() if args.gpu == CURRENT else GPUS[args.gpu]
         call = call_from_args(args)
         plans = plan(args.backend, call, gpu)
     except (PlanUnavailable, ValueError) as error:

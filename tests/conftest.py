@@ -1,4 +1,5 @@
 import os
+import time
 
 import pytest
 import torch
@@ -30,3 +31,33 @@ def driver():
 
     require_backend("triton", backend_device("triton"))
     return ops.driver()
+
+
+# SE_KERNELS_TEST_LOG=FILE: a line appended to FILE when each test starts and when its result
+# is in (outcome, seconds, node id), written at once. benchmarks/gpu_check.sh reads it: a run
+# cut off by a time limit still names every test that finished, and the tests that started
+# without a result are the ones it was stuck in. Under pytest-xdist the controller writes
+# (the workers' reports reach it), so each line is written once.
+_TEST_LOG = None if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("SE_KERNELS_TEST_LOG")
+
+
+def _log_test(outcome: str, nodeid: str, seconds: str = "") -> None:
+    with open(_TEST_LOG, "a") as log:
+        log.write(f"{time.strftime('%H:%M:%S')} {outcome:8s} {seconds:>8s} {nodeid}\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _TEST_LOG:
+        _log_test("started", nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if not _TEST_LOG or (report.when != "call" and report.outcome == "passed"):
+        return
+    if hasattr(report, "wasxfail"):
+        outcome = "xfailed" if report.skipped else "xpassed"
+    elif report.when in ("call", "setup"):
+        outcome = report.outcome
+    else:  # teardown, or a crashed xdist worker
+        outcome = f"{report.outcome}:{report.when}"
+    _log_test(outcome, report.nodeid, f"{report.duration:.2f}s")

@@ -12,6 +12,7 @@ from se_kernels.vocabulary import PLAN_KERNELS, PLAN_TENSORS
 
 MB = 10**6
 L2 = 60 * MB  # the h200 profile's
+H100 = {"name": "NVIDIA H100 80GB HBM3", "multi_processor_count": 132, "L2_cache_size": 50 * 2**20}
 
 
 def encode(*launches) -> list[int]:
@@ -184,3 +185,60 @@ def test_plan_command_says_why_a_plan_cannot_be_made(capsys, monkeypatch):
     assert captured.out == ""
     assert captured.err == ("se-kernels plan: the loaded extension se_kernels._C has no "
                             "cuda_schedule op\n")
+
+
+def test_gpu_profiles():
+    """h100 is an H100 SXM as the lent machines report it: its L2 as cudaDevAttrL2CacheSize
+    gives it (50 MiB), the copy bandwidth measured there."""
+    h100, h200 = plan.GPUS["h100"], plan.GPUS["h200"]
+    assert (h100.sm_count, h100.l2_bytes, h100.bandwidth, h100.launch_us) == (132, 52_428_800, 3.0e12, 2.5)
+    assert h100.describe() == "h100: 132 SMs, 50 MiB L2, 3 TB/s, 2.5 us per launch"
+    assert h200.describe() == "h200: 132 SMs, 60 MB L2, 4.3 TB/s, 2.5 us per launch"
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_the_cuda_plan_is_made_for_the_profiles_sms_and_l2(monkeypatch, capsys, gpu):
+    """The cuda backend sizes its groups from the device's L2 (the kernels query
+    cudaDevAttrL2CacheSize); the plan hands the profile's SM count and L2 to the same code."""
+    asked = []
+
+    def schedule(*args):
+        asked.append(args[-2:])
+        return encode(("map", 264, [("x", 0, 1000, False), ("out", 0, 1000, True)]))
+
+    monkeypatch.setattr(plan, "cuda_schedule_op", lambda: schedule)
+    assert cli.main(["plan", "--backend", "cuda", "--shape", "2,8,4,4", "--gpu", gpu]) == 0
+    profile = plan.GPUS[gpu]
+    assert asked == [(profile.sm_count, profile.l2_bytes)] * 2  # forward, backward
+    assert profile.describe() in capsys.readouterr().out
+
+
+def _fake_gpu(monkeypatch, **properties):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(**properties))
+
+
+def test_current_gpu_takes_sms_and_l2_from_the_device(monkeypatch):
+    _fake_gpu(monkeypatch, **{**H100, "L2_cache_size": 40 * 2**20, "multi_processor_count": 120})
+    gpu = plan.current_gpu()
+    assert (gpu.sm_count, gpu.l2_bytes) == (120, 40 * 2**20)
+    assert (gpu.bandwidth, gpu.launch_us) == (3.0e12, 2.5)  # the h100 profile's
+    assert gpu.name == "NVIDIA H100 80GB HBM3 (cuda:0; bandwidth h100 profile)"
+
+
+def test_current_gpu_measures_the_bandwidth_of_an_unknown_gpu(monkeypatch):
+    from se_kernels.bench import timing
+
+    _fake_gpu(monkeypatch, **{**H100, "name": "NVIDIA H100 PCIe", "multi_processor_count": 114})
+    monkeypatch.setattr(timing, "copy_bandwidth_gbps", lambda device, quick: 2000.0)
+    gpu = plan.current_gpu()
+    assert (gpu.sm_count, gpu.bandwidth) == (114, 2.0e12) and "measured" in gpu.name
+
+
+def test_plan_for_the_current_gpu_needs_one(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["plan", "--backend", "triton", "--shape", "2,8,4,4", "--gpu", "current"]) == 2
+    assert capsys.readouterr().err == "se-kernels plan: --gpu current: no CUDA GPU is visible to torch\n"

@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -154,7 +155,7 @@ def runs_backend(name: str, x: torch.Tensor, eager, mode: str) -> str:
 
 def run_case(case: Case, requested: list[str], device: torch.device, *, quick: bool,
              copy_gbps: float, refused: dict[str, set[str]]) -> list[dict]:
-    torch._dynamo.reset()  # fresh compiled code per case, never a dynamic-shape recompile
+    torch.compiler.reset()  # fresh compiled code per case, never a dynamic-shape recompile
     if case.threads is not None and device.type == "cpu":
         torch.set_num_threads(case.threads)
     torch.manual_seed(0)
@@ -247,8 +248,10 @@ def cases(shapes: list[SEShape], batches: list[int], dtypes: list[str], layouts:
 
 
 def run(all_cases: list[Case], requested: list[str], device: torch.device, *, quick: bool,
-        copy_gbps: float) -> tuple[list[dict], dict[str, set[str]]]:
-    """Rows of every case (one per peer), and the reasons backends refused."""
+        copy_gbps: float, on_rows: Callable[[list[dict]], None] | None = None,
+        ) -> tuple[list[dict], dict[str, set[str]]]:
+    """Rows of every case (one per peer), and the reasons backends refused. on_rows, if
+    given, gets each case's rows as soon as the case is done (runner.main writes them)."""
     from tqdm import tqdm
 
     rows: list[dict] = []
@@ -259,8 +262,11 @@ def run(all_cases: list[Case], requested: list[str], device: torch.device, *, qu
                   dynamic_ncols=True) as bar:
             for case in bar:
                 bar.set_postfix_str(case.label, refresh=True)
-                rows.extend(run_case(case, requested, device, quick=quick, copy_gbps=copy_gbps,
-                                     refused=refused))
+                done = run_case(case, requested, device, quick=quick, copy_gbps=copy_gbps,
+                                refused=refused)
+                rows.extend(done)
+                if on_rows is not None:
+                    on_rows(done)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:

@@ -123,7 +123,10 @@ def make_step(model: nn.Module, task: str, device: torch.device, batch: int, ima
 
 
 def run(device: torch.device, *, batch: int, image: int, tasks: list[str], quick: bool,
-        backends: list[str] | None, compile_models: bool) -> list[dict]:
+        backends: list[str] | None, compile_models: bool,
+        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Rows of every variant, task by task; on_rows, if given, gets each task's rows as soon
+    as they are timed (runner.main writes them)."""
     from tqdm import tqdm
 
     _, precision, layout = _precision(device)
@@ -152,8 +155,11 @@ def run(device: torch.device, *, batch: int, image: int, tasks: list[str], quick
                 steps[variant] = step
                 bar.update()
             timings = _time(steps, device, quick)
-            rows += _rows(chosen, timings, task, compiled, batch, image, precision, layout,
-                          compile_s, peaks)
+            done = _rows(chosen, timings, task, compiled, batch, image, precision, layout,
+                         compile_s, peaks)
+            rows += done
+            if on_rows is not None:
+                on_rows(done)
             del steps
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -177,13 +177,43 @@ def header(title: str, device: torch.device, argv: list[str], extra: list[str]) 
     return "\n".join(lines + [f"- {line}" for line in extra])
 
 
-def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
+def _csv_values(row: dict) -> dict:
+    return {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+class CsvRows:
+    """A CSV written as rows arrive: the header at once, then each batch of rows appended
+    and flushed, so that a run stopped partway (a time limit, a crash, a kill) leaves every
+    row it finished on disk."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path = path
+        self._handle = path.open("w", newline="")
+        self._writer = csv.DictWriter(self._handle, fieldnames=columns, extrasaction="ignore")
+        self._writer.writeheader()
+        self._handle.flush()
+
+    def add(self, rows: list[dict]) -> None:
         for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                             for k, v in row.items()})
+            self._writer.writerow(_csv_values(row))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
+    out = CsvRows(path, columns)
+    out.add(rows)
+    out.close()
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replaces path's contents in one step: a reader, or a run killed mid-write, sees the
+    old file or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def read_csv(path: Path) -> list[dict]:

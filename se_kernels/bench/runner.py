@@ -188,6 +188,77 @@ def block_notes(kind: str, copy_gbps: float) -> list[str]:
     ]
 
 
+class Results:
+    """The run's files, written as it goes: each CSV row by row (appended and flushed after
+    every block case and every model task), and the markdown rewritten with the rows so far,
+    marked incomplete, so that a run stopped partway (a time limit, a crash, a kill) leaves
+    every finished row behind in both. The plots and the final markdown come at the end."""
+
+    def __init__(self, stem: Path, device: torch.device, argv: list[str], notes: list[str],
+                 cases: int, model_tasks: int):
+        self.stem, self.device, self.argv, self.notes = stem, device, argv, notes
+        self.model_stem = stem.with_name(stem.name + "-model")
+        self.cases, self.model_tasks = cases, model_tasks
+        self.block_rows: list[dict] = []
+        self.model_rows: list[dict] = []
+        self.cases_done = self.model_tasks_done = 0
+        self._files: dict[str, report.CsvRows] = {}
+
+    def _append(self, kind: str, path: Path, columns: list[str], rows: list[dict]) -> None:
+        if kind not in self._files:
+            self._files[kind] = report.CsvRows(path, columns)
+        self._files[kind].add(rows)
+
+    def add_block(self, rows: list[dict]) -> None:
+        self._append("block", self.stem.with_suffix(".csv"), report.BLOCK_COLUMNS, rows)
+        self.block_rows += rows
+        self.cases_done += 1
+        self.write_markdown(final=False)
+
+    def add_model(self, rows: list[dict]) -> None:
+        from . import model
+
+        self._append("model", self.model_stem.with_suffix(".csv"), model.MODEL_COLUMNS, rows)
+        self.model_rows += rows
+        self.model_tasks_done += 1
+        self.write_markdown(final=False)
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+
+    def markdown(self, *, final: bool) -> list[str]:
+        from . import model
+
+        notes = list(self.notes)
+        if not final:
+            done = [f"{self.cases_done} of {self.cases} block cases"] if self.cases else []
+            if self.model_tasks:
+                done.append(f"{self.model_tasks_done} of {self.model_tasks} model tasks")
+            notes.insert(0, f"incomplete: {' and '.join(done)} so far (the run rewrites this "
+                            "file after each one, and once more when it ends)")
+        md = [report.header("SE benchmark", self.device, self.argv, notes)]
+        if self.block_rows:
+            md += ["## Speed-up over eager", "", *summaries(self.block_rows, markdown=True),
+                   "## SE blocks", "", report.block_table(self.block_rows, markdown=True)]
+            if final:
+                md += ["", f"![speed-up over eager]({self.stem.with_suffix('.png').name})"]
+        if self.model_rows:
+            md += ["## Models", "",
+                   "SE/plain: train rows give time(SE) / time(plain), the paper's 209/190 ms = "
+                   f"{model.PAPER_TRAIN_TIME_RATIO:.2f}; infer rows give throughput(SE) / "
+                   "throughput(plain), timm's 0.864 eager / 0.779 compiled (column reference).",
+                   "", report.model_table(self.model_rows, markdown=True)]
+            if final:
+                md += ["", f"![SE / plain]({self.model_stem.with_suffix('.png').name})"]
+        return md
+
+    def write_markdown(self, *, final: bool, extra: list[str] = ()) -> list[str]:
+        md = self.markdown(final=final) + list(extra)
+        report.write_text_atomically(self.stem.with_suffix(".md"), "\n".join(md) + "\n")
+        return md
+
+
 def main(args, argv: list[str]) -> int:
     from . import block, model
 
@@ -213,18 +284,29 @@ def main(args, argv: list[str]) -> int:
                      f"on {name}: {len(plan.cases)} block cases"
                      + (", model suite" if plan.model else ""))
 
-    notes, block_rows, model_rows = [], [], []
-    if plan.cases:
-        from .timing import copy_bandwidth_gbps
+    # While rows come in, the markdown carries the notes known so far.
+    early = [f"machine load: at the start {load_at_start}", *([malloc_note] if malloc_note else [])]
+    model_tasks = len(plan.model["tasks"]) * (1 + plan.model["compile_models"]) if plan.model else 0
+    results = Results(stem, device, argv, early, len(plan.cases), model_tasks)
+    notes: list[str] = []
+    try:
+        if plan.cases:
+            from .timing import copy_bandwidth_gbps
 
-        copy_gbps = copy_bandwidth_gbps(device, quick=plan.quick)
-        block_rows, refused = block.run(plan.cases, plan.requested, device, quick=plan.quick,
-                                        copy_gbps=copy_gbps)
-        notes += block_notes(device.type, copy_gbps)
-        notes += [f"backend {backend!r} not run: {'; '.join(sorted(reasons))}"
-                  for backend, reasons in refused.items()]
+            copy_gbps = copy_bandwidth_gbps(device, quick=plan.quick)
+            notes += block_notes(device.type, copy_gbps)
+            results.notes = notes + early
+            _, refused = block.run(plan.cases, plan.requested, device, quick=plan.quick,
+                                   copy_gbps=copy_gbps, on_rows=results.add_block)
+            notes += [f"backend {backend!r} not run: {'; '.join(sorted(reasons))}"
+                      for backend, reasons in refused.items()]
+            results.notes = notes + early
+        if plan.model:
+            model.run(device, **plan.model, on_rows=results.add_model)
+    finally:
+        results.close()
+    block_rows, model_rows = results.block_rows, results.model_rows
     if plan.model:
-        model_rows = model.run(device, **plan.model)
         notes.append("models: " + ("CUDA events (triton.testing.do_bench where available) per "
                                    "step, after a warm-up step" if device.type == "cuda" else
                                    "each step timed by the host clock, the models interleaved "
@@ -241,38 +323,27 @@ def main(args, argv: list[str]) -> int:
         notes.append(malloc_note)
     if device.type == "cpu":
         notes.append("torch threads: " + ", ".join(map(str, plan.threads or [torch.get_num_threads()])))
+    results.notes = notes
     refusals = [r for r in block_rows if r["check"] != "ok"]
 
     outputs = []
-    md = [report.header("SE benchmark", device, argv, notes)]
     if block_rows:
-        report.write_csv(block_rows, stem.with_suffix(".csv"), report.BLOCK_COLUMNS)
         report.plot_blocks(block_rows, stem.with_suffix(".png"), name)
         outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
-        md += ["## Speed-up over eager", "", *summaries(block_rows, markdown=True),
-               "## SE blocks", "", report.block_table(block_rows, markdown=True), "",
-               f"![speed-up over eager]({stem.with_suffix('.png').name})"]
     if model_rows:
-        model_stem = stem.with_name(stem.name + "-model")
-        report.write_csv(model_rows, model_stem.with_suffix(".csv"), model.MODEL_COLUMNS)
+        model_stem = results.model_stem
         report.plot_models(model_rows, model_stem.with_suffix(".png"), name)
         outputs += [model_stem.with_suffix(".csv"), model_stem.with_suffix(".png")]
-        md += ["## Models", "",
-               "SE/plain: train rows give time(SE) / time(plain), the paper's 209/190 ms = "
-               f"{model.PAPER_TRAIN_TIME_RATIO:.2f}; infer rows give throughput(SE) / "
-               "throughput(plain), timm's 0.864 eager / 0.779 compiled (column reference).", "",
-               report.model_table(model_rows, markdown=True), "",
-               f"![SE / plain]({model_stem.with_suffix('.png').name})"]
 
-    comparison = None
+    comparison, extra = None, []
     if args.compare:
         old_rows = report.read_csv(Path(args.compare))
         new_rows = model_rows if old_rows and "task" in old_rows[0] else block_rows
         comparison = report.compare(old_rows, new_rows, markdown=False)
-        md += ["", f"## Change against {Path(args.compare).name}", "",
-               report.compare(old_rows, new_rows, markdown=True)]
+        extra = ["", f"## Change against {Path(args.compare).name}", "",
+                 report.compare(old_rows, new_rows, markdown=True)]
 
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    md = results.write_markdown(final=True, extra=extra)
     outputs.insert(0, stem.with_suffix(".md"))
 
     print("\n".join(md[0].splitlines()[2:]))
