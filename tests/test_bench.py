@@ -438,3 +438,44 @@ def test_the_cpu_bench_notes_its_malloc_setting(monkeypatch):
     assert "refused a fixed mmap threshold" in host_memory.keep_freed_memory()
     # Both mmap thresholds tried, and no trim threshold set without one.
     assert calls == [(host_memory.M_MMAP_THRESHOLD, t) for t in host_memory.MMAP_THRESHOLDS]
+
+
+def test_bench_writes_each_case_as_it_finishes(tmp_path, monkeypatch):
+    """The CSV gets each case's rows as soon as the case is done, and the markdown is
+    rewritten with them, marked incomplete: a run stopped partway (here the third case
+    raises) keeps every row it finished."""
+    from se_kernels.bench import timing
+
+    def fake_case(case, requested, device, *, quick, copy_gbps, refused):
+        done = len(report.read_csv(next(out.glob("*.csv")))) if list(out.glob("*.csv")) else 0
+        seen.append(done)
+        if len(seen) == 3:
+            raise RuntimeError("stopped")
+        s = case.shape
+        return [{"network": s.network, "layer": s.layer, "count": s.count, "batch": case.batch,
+                 "channels": s.channels, "squeeze": s.squeeze, "height": s.height,
+                 "width": s.width, "activation": s.activation, "gate": s.gate,
+                 "dtype": case.dtype, "layout": case.layout, "mode": case.mode, "threads": 1,
+                 "peer": peer, "runs": "", "median_us": 2.0, "p20_us": 1.0, "p80_us": 3.0,
+                 "samples": 5, "floor_bytes": 100, "gbps": 1.0, "pct_copy_bw": 1.0,
+                 "x_eager": 1.0, "x_compile": math.nan, "wall_us": math.nan,
+                 "x_eager_wall": math.nan, "peak_mib": math.nan, "compile_s": math.nan,
+                 "max_rel_err": 0.0, "check": "ok", "input_sets": 1} for peer in ("eager", "torch")]
+
+    seen: list[int] = []
+    out = tmp_path / "results"
+    monkeypatch.setattr(block, "run_case", fake_case)
+    monkeypatch.setattr(timing, "copy_bandwidth_gbps", lambda device, quick: 1.0)
+    with pytest.raises(RuntimeError, match="stopped"):
+        main(["bench", "--device", "cpu", "--suite", "mobilenetv3", "--quick", "--batch", "1",
+              "--modes", "fwd,fwd+bwd", "--backends", "torch", "--threads", "1",
+              "--out", str(out)])
+    assert seen == [0, 2, 4]  # rows on disk when each case started
+    rows = report.read_csv(next(out.glob("*.csv")))
+    assert [(r["channels"], r["mode"], r["peer"]) for r in rows] == [
+        ("72", "fwd", "eager"), ("72", "fwd", "torch"),
+        ("72", "fwd+bwd", "eager"), ("72", "fwd+bwd", "torch")]
+    markdown = next(out.glob("*.md")).read_text()
+    assert "- incomplete: 2 of 4 block cases so far" in markdown
+    assert markdown.count("| mobilenetv3 C72 S24 28x28 | 1 |") == 4
+    assert not list(out.glob("*.png")) and not list(out.glob("*.partial"))
