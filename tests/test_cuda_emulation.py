@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 EMULATOR = HERE / "cuda_emulator"
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
 SCHEDULE_ENV = "SE_KERNELS_CUDA_SCHEDULE"
+CTAS_PER_SM_ENV = "SE_KERNELS_CUDA_CTAS_PER_SM"
 EMULATED_DEVICE = (132, 50 * 2 ** 20)  # an H100's SM count and L2
 ALL_MODES_ENV = "SE_KERNELS_EMULATOR_ALL_MODES"
 
@@ -83,7 +84,7 @@ def emu():
                   ("emulated_forward.cpp", "emulated_backward.cpp", "emulated_ops.cpp",
                    "planted_bugs.cpp")],
          extra_include_paths=[str(include)],
-         extra_cflags=["-O1", "-Wno-attributes", "-Wno-unknown-pragmas",
+         extra_cflags=["-O1", "-Wno-attributes", "-Wno-unknown-pragmas", "-Werror=switch",
                        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"],
          is_python_module=False)
@@ -218,6 +219,45 @@ def test_groups(emu, monkeypatch, group_bytes, layout, schedule):
                                  residual=True, out_activation="relu"))
 
 
+ODD_PLANE_CASES = [
+    # C·H·W = 147: whole rows, avgmax (the backward's map also reads x)
+    Case(n=7, c=3, h=7, w=7, s=2, pool="avgmax", residual=True, out_activation="relu"),
+    # C·H·W = 6345: rows split into pieces (for every dtype), the pieces' ends peeled
+    Case(n=3, c=3, h=45, w=47, s=2, residual=True, out_activation="relu"),
+    # channels-last takes vectors only when the width divides C, so its groups start on
+    # 16-byte boundaries whatever H·W is
+    Case(n=7, c=8, h=7, w=7, s=2, pool="max", layout="channels_last", residual=True,
+         out_activation="relu"),
+]
+
+
+@pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=str)
+def test_groups_starting_off_16_byte_boundaries(emu, monkeypatch, dtype, schedule):
+    """Sample groups after the first start n0·C·H·W elements into 16-byte-aligned tensors,
+    which for an odd C·H·W is not a multiple of the vector width: the NCHW vector path must
+    place its 16-byte accesses by the offset in the tensor, not in the group, in every
+    pass (forward out; backward dresidual, dx), whole rows and split ones, one sample per
+    group (every phase) and several; channels-last groups stay on 16-byte boundaries. The
+    emulator fails any misaligned 16-byte access."""
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
+    for case in ODD_PLANE_CASES:
+        case = case.with_(dtype=dtype)
+        plane = case.c * case.h * case.w * case.dtype.itemsize
+        for budget in (1, 6 * plane, 40 * plane):
+            monkeypatch.setenv(GROUP_ENV, str(budget))
+            starts = {access.offset % 16 for backward in (False, True)
+                      for launch in cuda_launches(case, *EMULATED_DEVICE, backward)
+                      for access in launch.accesses if access.tensor == "x"}
+            if case.layout == "channels_last":
+                assert starts == {0}, starts
+            elif budget == 1:  # the plan does put groups off 16-byte boundaries
+                assert starts - {0}, starts
+            check_emulated(emu, case)
+            assert emu.last_vector_accesses() > 0
+
+
 @pytest.mark.parametrize("sm_count", [1, 7])
 def test_device_sizes(emu, sm_count):
     """Other SM counts change how rows are split; results must not depend on it beyond
@@ -248,14 +288,18 @@ def planned_launches(case: Case, backward: bool) -> list[tuple[int, int]]:
             for launch in cuda_launches(case, *EMULATED_DEVICE, backward)]
 
 
+@pytest.mark.parametrize("ctas_per_sm", ["1", "2"])
 @pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
-@pytest.mark.parametrize("group_bytes", ["", "20000", "60000"])
+@pytest.mark.parametrize("group_bytes", ["", "1", "20000", "60000"])
 @pytest.mark.parametrize("case", PLAN_CASES, ids=str)
-def test_launches_match_the_plan(emu, monkeypatch, case, group_bytes, schedule):
+def test_launches_match_the_plan(emu, monkeypatch, case, group_bytes, schedule, ctas_per_sm):
     """The kernels launched are those the plan (`se-kernels plan`'s source) lists, with the
-    same CTA counts, forward and backward; the pipelined schedule makes at most 2 and 4."""
+    same CTA counts, forward and backward; the pipelined schedule makes at most 2 and 4, its
+    persistent grid at most SE_KERNELS_CUDA_CTAS_PER_SM CTAs per SM (more than one per SM
+    with 2 and enough tickets: the batch of 40 in 40 groups)."""
     monkeypatch.setenv(GROUP_ENV, group_bytes)
     monkeypatch.setenv(SCHEDULE_ENV, schedule)
+    monkeypatch.setenv(CTAS_PER_SM_ENV, ctas_per_sm)
     set_mode(emu, STRICT, 0)
     inputs, grad = make_inputs(case, "cpu", 0), grad_output(case, "cpu", 1)
     options = (case.activation, case.gate, case.pool, case.out_activation or "none")
@@ -272,6 +316,11 @@ def test_launches_match_the_plan(emu, monkeypatch, case, group_bytes, schedule):
     assert pairs(backward) == planned_launches(case, backward=True)
     if schedule == "pipelined":
         assert len(forward) // 2 == 2 and len(backward) // 2 <= 4
+        grid = int(ctas_per_sm) * EMULATED_DEVICE[0]
+        assert forward[3] <= grid and backward[3] <= grid
+        if case.n == 40 and group_bytes == "1":  # 40 groups: more tickets than SMs
+            fewest = min(forward[3], backward[3])
+            assert fewest == grid if ctas_per_sm == "1" else fewest > EMULATED_DEVICE[0]
 
 
 def test_bitwise_reproducible(emu, monkeypatch):
@@ -308,6 +357,48 @@ def test_schedule_must_be_known(emu, monkeypatch):
     with pytest.raises(RuntimeError, match="SE_KERNELS_CUDA_SCHEDULE must be 'pipelined' or "
                                            "'grouped', got 'fastest'"):
         check_emulated(emu, Case())
+
+
+@pytest.mark.parametrize("schedule", ["pipelined", "grouped"])
+@pytest.mark.parametrize("value", ["0", "3", "one", " 1"])
+def test_ctas_per_sm_must_be_1_or_2(emu, monkeypatch, schedule, value):
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
+    monkeypatch.setenv(CTAS_PER_SM_ENV, value)
+    with pytest.raises(RuntimeError, match=f"SE_KERNELS_CUDA_CTAS_PER_SM must be '1' or '2', "
+                                           f"got '{value}'"):
+        check_emulated(emu, Case())
+
+
+@pytest.mark.parametrize("case", [
+    Case(n=7, c=24, h=5, w=5, s=6, residual=True, out_activation="relu", pool="avgmax"),
+    Case(n=3, c=5, h=7, w=7, s=2, dtype=torch.bfloat16, pool="max", residual=True,
+         out_activation="relu"),
+    Case(n=2, c=16, h=32, w=40, s=4, dtype=torch.bfloat16, layout="channels_last",
+         activation="silu", gate="hardsigmoid"),
+], ids=str)
+def test_pipeline_ctas_per_sm_variants(emu, monkeypatch, case):
+    """Both variants of the persistent kernel (SE_KERNELS_CUDA_CTAS_PER_SM=1 and 2, unset
+    meaning 2) on a 3-SM device, the batch in groups (budgets of 60000 bytes and of 1 byte):
+    each launches the grid the plan lists (3 and 6 CTAs), matches the oracle, and gives the
+    same bits as the other, as the grid only changes which CTA takes which ticket."""
+    emu.set_device(3, 6 * 2 ** 20)
+    try:
+        for group_bytes in ("60000", "1"):
+            monkeypatch.setenv(GROUP_ENV, group_bytes)
+            results = []
+            for ctas_per_sm in ("1", "2", ""):
+                monkeypatch.setenv(CTAS_PER_SM_ENV, ctas_per_sm)
+                results.append(check_emulated(emu, case, seed=1))
+                launches = emu.last_launches()
+                planned = cuda_launches(case, 3, 6 * 2 ** 20, backward=True)
+                assert [launch.programs for launch in planned] == launches[1::2]
+                assert launches[3] == 3 * int(ctas_per_sm or "2")
+            for other in results[1:]:
+                for name, value in results[0].items():
+                    if isinstance(value, torch.Tensor):
+                        assert torch.equal(value, other[name]), name
+    finally:
+        emu.set_device(*EMULATED_DEVICE)
 
 
 def test_fresh_inputs_each_seed(emu):
