@@ -43,7 +43,7 @@ def cuda_launches(n: int, c: int, s: int, p: int, channels_last: bool, schedule:
 
     os.environ["SE_KERNELS_CUDA_SCHEDULE"] = schedule  # read by the planner on every call
     call = plan.PlanCall(n, c, p, 1, s, torch.bfloat16, channels_last)
-    return [plan.cuda_trace(call, plan.GPUS["h200"], backward) for backward in (False, True)]
+    return [plan.trace("cuda", call, plan.GPUS["h200"], backward) for backward in (False, True)]
 
 
 def print_table(title: str, columns: list[str], row) -> None:

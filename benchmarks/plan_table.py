@@ -17,7 +17,7 @@ from se_kernels.bench.shapes import NETWORKS, network_shapes
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=plan.BACKENDS, default="triton")
+    parser.add_argument("--backend", choices=plan.planning_backends(), default="triton")
     parser.add_argument("--batch", default="32,256")
     parser.add_argument("--gpu", default="h200", choices=sorted(plan.GPUS))
     args = parser.parse_args()

@@ -55,6 +55,8 @@ class Backend(abc.ABC):
     # never inherited, so that a name new to the vocabulary is refused, with the reason,
     # by every backend that has not implemented it yet.
     SUPPORTED_OPTIONS: dict[str, tuple[str, ...]]
+    # Whether schedule_trace can plan this backend's GPU schedule (se-kernels plan).
+    PLANS_SCHEDULE = False
     CUDA_MINIMUM_COMPUTE_CAPABILITY: tuple[int, int] | None = None
     CUDA_DTYPE_MINIMUM_CAPABILITY: dict[torch.dtype, tuple[int, int]] = {}
 
@@ -81,6 +83,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, call: SECall) -> torch.Tensor:
         """The SE output for `call`, differentiable with respect to its tensors."""
+
+    def schedule_trace(self, call, gpu, backward: bool) -> list:
+        """The launches, with the bytes each touches in order, of the forward (or backward)
+        of `call` (a se_kernels.schedule.PlanCall) on `gpu` (a GpuProfile), from the
+        backend's own planning code, without a GPU: se_kernels.schedule.Launch records."""
+        from .schedule import PlanUnavailable
+        raise PlanUnavailable(f"the {self.name} backend has no GPU schedule to plan")
 
 
 def not_supported_reasons(backend: Backend, call: SECall) -> list[str]:

@@ -21,8 +21,8 @@ avoid (DESIGN.md §2), over the same bandwidth:
             there is a residual and the output ReLU: without it dresidual is grad_out itself
             and nothing is written).
 
-Trace tensor names: PLAN_TENSORS, kernel names of the cuda backend: PLAN_KERNELS (both in
-se_kernels.vocabulary).
+The traces come from the backends themselves (their `schedule_trace`); their data types are
+in se_kernels.schedule.
 """
 
 from __future__ import annotations
@@ -31,89 +31,20 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 
 import torch
 
-from .vocabulary import AVG, PLAN_KERNELS, PLAN_TENSORS, POOLS
+from . import dispatch
+from .schedule import GPUS, STREAMS, GpuProfile, Launch, PlanCall, PlanUnavailable
+from .vocabulary import AVG, POOLS
 
-
-@dataclass(frozen=True)
-class GpuProfile:
-    name: str
-    sm_count: int
-    l2_bytes: int
-    bandwidth: float  # bytes per second of a device-to-device copy, read + write counted
-    launch_us: float  # host + device cost of one kernel launch
-
-    def describe(self) -> str:
-        l2 = (f"{self.l2_bytes // 2**20} MiB" if self.l2_bytes % 2**20 == 0
-              else f"{self.l2_bytes / 1e6:g} MB")
-        return (f"{self.name}: {self.sm_count} SMs, {l2} L2, "
-                f"{self.bandwidth / 1e12:.3g} TB/s, {self.launch_us:g} us per launch")
-
-
-# h100: an H100 SXM as the lent machines' reports it: 132 SMs, cudaDevAttrL2CacheSize
-# 52,428,800 bytes (50 MiB), a device-to-device copy at about 3.0 TB/s counting read + write.
-GPUS = {
-    "h100": GpuProfile("h100", sm_count=132, l2_bytes=50 * 2**20, bandwidth=3.0e12,
-                       launch_us=2.5),
-    "h200": GpuProfile("h200", sm_count=132, l2_bytes=60_000_000, bandwidth=4.3e12,
-                       launch_us=2.5),
-}
 CURRENT = "current"  # --gpu: the GPU torch sees (current_gpu)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
-BACKENDS = ("cuda", "triton")
-
-
-class Access(NamedTuple):
-    tensor: str  # one of PLAN_TENSORS
-    offset: int  # bytes from the tensor's start
-    nbytes: int
-    write: bool
-
-
-@dataclass
-class Launch:
-    kernel: str
-    programs: int
-    accesses: list[Access]
 
 
 @dataclass(frozen=True)
-class PlanCall:
-    """The arguments of an SE call that shape its schedule."""
-    n: int
-    c: int
-    h: int
-    w: int
-    squeeze: int
-    dtype: torch.dtype
-    channels_last: bool
-    residual: bool = False
-    out_relu: bool = False
-    pool: str = AVG
-
-    @property
-    def p(self) -> int:
-        return self.h * self.w
-
-    @property
-    def element_size(self) -> int:
-        return self.dtype.itemsize
-
-    @property
-    def x_bytes(self) -> int:
-        return self.n * self.c * self.p * self.element_size
-
-
-# The tensors of the floor; every other tensor of a trace is counted in other_dram_bytes.
-FLOOR_TENSORS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
-
-
-@dataclass(frozen=True)
-class PassPlan:
+class PassCost:
     launches: int
     dram_bytes: int        # the floor's tensors
     floor_bytes: int
@@ -122,27 +53,7 @@ class PassPlan:
     other_dram_bytes: int  # weights, weight gradients, vectors, partial sums
 
 
-# Trace decoding and evaluation
-
-def decode_cuda_trace(codes) -> list[Launch]:
-    """The trace of the cuda backend's schedule from its flat int encoding: per launch
-    [kernel code, CTAs, accesses, then per access tensor code, offset, bytes, is_write]."""
-    codes = [int(v) for v in codes]
-    launches, i = [], 0
-    try:
-        while i < len(codes):
-            kernel, ctas, count = codes[i:i + 3]
-            if len(codes) < i + 3 + 4 * count or count < 0:
-                raise IndexError
-            accesses = [Access(PLAN_TENSORS[t], off, nbytes, bool(write))
-                        for t, off, nbytes, write in
-                        (codes[j:j + 4] for j in range(i + 3, i + 3 + 4 * count, 4))]
-            launches.append(Launch(PLAN_KERNELS[kernel], ctas, accesses))
-            i += 3 + 4 * count
-    except (IndexError, ValueError) as error:
-        raise ValueError(f"malformed schedule encoding at position {i} of {len(codes)}") from error
-    return launches
-
+# Trace evaluation
 
 def dram_bytes_by_tensor(trace: list[Launch], l2_bytes: int) -> dict[str, int]:
     """Modeled DRAM bytes of a trace (the rules in this module's docstring), per tensor."""
@@ -175,55 +86,28 @@ def floor_bytes(call: PlanCall, backward: bool) -> int:
     return x * (3 + call.out_relu + (call.residual and call.out_relu))
 
 
-def plan_pass(trace: list[Launch], floor: int, gpu: GpuProfile) -> PassPlan:
+def pass_cost(trace: list[Launch], floor: int, gpu: GpuProfile) -> PassCost:
     by_tensor = dram_bytes_by_tensor(trace, gpu.l2_bytes)
-    dram = sum(by_tensor.get(tensor, 0) for tensor in FLOOR_TENSORS)
+    dram = sum(by_tensor.get(tensor, 0) for tensor in STREAMS)
     other = sum(by_tensor.values()) - dram
-    return PassPlan(launches=len(trace), dram_bytes=dram, floor_bytes=floor,
+    return PassCost(launches=len(trace), dram_bytes=dram, floor_bytes=floor,
                     predicted_us=len(trace) * gpu.launch_us + (dram + other) / gpu.bandwidth * 1e6,
                     floor_us=floor / gpu.bandwidth * 1e6, other_dram_bytes=other)
 
 
-# The backends' planners
-
-class PlanUnavailable(RuntimeError):
-    """The backend's planning code cannot run here (the message says why)."""
-
-
-def cuda_schedule_op():
-    """se_kernels::cuda_schedule from the compiled extension (PlanUnavailable if missing)."""
-    from .backends import native
-
-    if native.EXTENSION_ERROR is not None:
-        raise PlanUnavailable(f"the cuda plan needs the compiled extension: {native.EXTENSION_ERROR}")
-    try:
-        return torch.ops.se_kernels.cuda_schedule
-    except (AttributeError, RuntimeError):
-        raise PlanUnavailable("the loaded extension se_kernels._C has no cuda_schedule op: "
-                              "rebuild it from this source") from None
+def planning_backends() -> list[str]:
+    """The registered backends whose GPU schedule can be planned."""
+    return [name for name in dispatch.backend_names() if dispatch.get_backend(name).PLANS_SCHEDULE]
 
 
-def cuda_trace(call: PlanCall, gpu: GpuProfile, backward: bool) -> list[Launch]:
-    codes = cuda_schedule_op()(call.n, call.c, call.p, call.squeeze, call.element_size,
-                               call.channels_last, call.residual, call.pool, call.out_relu,
-                               backward, gpu.sm_count, gpu.l2_bytes)
-    return decode_cuda_trace(codes)
+def trace(backend: str, call: PlanCall, gpu: GpuProfile, backward: bool) -> list[Launch]:
+    """The trace of `backend`'s forward or backward of `call` on `gpu`, from its own planning
+    code."""
+    return dispatch.get_backend(backend).schedule_trace(call, gpu, backward)
 
 
-def triton_trace(call: PlanCall, gpu: GpuProfile, backward: bool) -> list[Launch]:
-    try:
-        from .backends.triton import trace
-    except ImportError as error:
-        raise PlanUnavailable(f"the triton plan needs triton: {error}") from None
-    return trace.schedule_trace(call, trace.device_profile_for(gpu), backward)
-
-
-TRACERS = {"cuda": cuda_trace, "triton": triton_trace}
-
-
-def plan(backend: str, call: PlanCall, gpu: GpuProfile) -> dict[str, PassPlan]:
-    tracer = TRACERS[backend]
-    return {name: plan_pass(tracer(call, gpu, backward), floor_bytes(call, backward), gpu)
+def plan(backend: str, call: PlanCall, gpu: GpuProfile) -> dict[str, PassCost]:
+    return {name: pass_cost(trace(backend, call, gpu, backward), floor_bytes(call, backward), gpu)
             for name, backward in (("forward", False), ("backward", True))}
 
 
@@ -240,7 +124,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", required=True, choices=BACKENDS)
+    parser.add_argument("--backend", required=True, choices=planning_backends())
     parser.add_argument("--shape", required=True, type=parse_shape, metavar="N,C,H,W")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--layout", default="channels_last", choices=LAYOUTS)
@@ -264,7 +148,7 @@ def call_from_args(args: argparse.Namespace) -> PlanCall:
                     args.residual, args.out_activation == "relu", args.pool)
 
 
-def table(plans: dict[str, PassPlan]) -> str:
+def table(plans: dict[str, PassCost]) -> str:
     header = ["pass", "launches", "DRAM bytes", "floor bytes", "DRAM/floor", "other DRAM bytes",
               "predicted us", "floor us"]
     rows = [[name, str(p.launches), f"{p.dram_bytes:,}", f"{p.floor_bytes:,}",

@@ -121,11 +121,3 @@ def _torch_modules(classes: dict[str, str]) -> dict[type, str]:
 # The torch.nn modules SqueezeExcitation takes (nn.ReLU -> "relu", ...), and back.
 TORCH_ACTIVATIONS = _torch_modules(ACTIVATION_CLASSES)
 TORCH_GATES = _torch_modules(GATE_CLASSES)
-
-
-# The names in schedule traces (se_kernels.plan): the tensors a launch touches, and the cuda
-# backend's kernels. The cuda backend's cuda_schedule op encodes both as indices into these
-# lists, which csrc/ must spell in the same order.
-PLAN_TENSORS = ("x", "residual", "out", "grad_out", "dx", "dresidual", "weights", "scratch")
-PLAN_KERNELS = ("zero_sync", "forward_pipeline", "backward_pipeline", "reduce", "combine", "mlp",
-                "map", "weight_grad", "weight_grad_combine")

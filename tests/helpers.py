@@ -87,7 +87,7 @@ def cuda_launches(case: Case, sm_count: int, l2_bytes: int, backward: bool) -> l
     call = plan.PlanCall(case.n, case.c, case.h, case.w, case.s, case.dtype,
                          case.layout == "channels_last", case.residual,
                          case.out_activation == "relu", case.pool)
-    return plan.cuda_trace(call, device, backward)
+    return plan.trace("cuda", call, device, backward)
 
 
 def make_inputs(case: Case, device, seed: int = 0) -> dict[str, torch.Tensor | None]:

@@ -282,9 +282,9 @@ PLAN_CASES = [
 
 def planned_launches(case: Case, backward: bool) -> list[tuple[int, int]]:
     """(kernel code, CTAs) of every launch the plan lists for the emulated device."""
-    from se_kernels.vocabulary import PLAN_KERNELS
+    from se_kernels.schedule import CUDA_TRACE_KERNELS
 
-    return [(PLAN_KERNELS.index(launch.kernel), launch.programs)
+    return [(CUDA_TRACE_KERNELS.index(launch.kernel), launch.programs)
             for launch in cuda_launches(case, *EMULATED_DEVICE, backward)]
 
 

@@ -65,12 +65,12 @@ def test_grouped_schedule_is_selectable(monkeypatch):
     assert pipelined["forward"].launches == 2 and pipelined["backward"].launches == 4
     assert grouped["forward"].launches > 20 and grouped["backward"].launches > 40
     assert grouped["forward"].dram_bytes > 1.2 * grouped["forward"].floor_bytes
-    kernels = {launch.kernel for launch in plan.cuda_trace(call, GPU, backward=False)}
+    kernels = {launch.kernel for launch in plan.trace("cuda", call, GPU, backward=False)}
     assert kernels == {"reduce", "combine", "mlp", "map"}
     monkeypatch.setenv(SCHEDULE_ENV, "fastest")
     with pytest.raises(RuntimeError, match="SE_KERNELS_CUDA_SCHEDULE must be 'pipelined' or "
                                            "'grouped', got 'fastest'"):
-        plan.cuda_trace(call, GPU, backward=False)
+        plan.trace("cuda", call, GPU, backward=False)
 
 
 def test_the_l2_budget_sets_the_groups(monkeypatch):
@@ -79,7 +79,7 @@ def test_the_l2_budget_sets_the_groups(monkeypatch):
     call = plan.PlanCall(8, 256, 28, 28, 16, torch.bfloat16, False)
 
     def x_reads() -> int:
-        trace = plan.cuda_trace(call, GPU, backward=False)
+        trace = plan.trace("cuda", call, GPU, backward=False)
         assert len(trace) == 2
         return sum(access.tensor == "x" for launch in trace for access in launch.accesses)
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from se_kernels import cli, plan
-from se_kernels.vocabulary import PLAN_KERNELS, PLAN_TENSORS
+from se_kernels import schedule
+from se_kernels.backends import native
+from se_kernels.schedule import CUDA_TRACE_KERNELS, TRACE_TENSORS
 
 MB = 10**6
 L2 = 60 * MB  # the h200 profile's
@@ -20,31 +22,31 @@ def encode(*launches) -> list[int]:
     nbytes, write), ...])."""
     codes = []
     for kernel, ctas, accesses in launches:
-        codes += [PLAN_KERNELS.index(kernel), ctas, len(accesses)]
+        codes += [CUDA_TRACE_KERNELS.index(kernel), ctas, len(accesses)]
         for tensor, offset, nbytes, write in accesses:
-            codes += [PLAN_TENSORS.index(tensor), offset, nbytes, int(write)]
+            codes += [TRACE_TENSORS.index(tensor), offset, nbytes, int(write)]
     return codes
 
 
 def test_decode_round_trip():
     codes = encode(("reduce", 264, [("x", 0, 40 * MB, False), ("scratch", 0, 4096, True)]),
                    ("map", 132, [("x", 0, 40 * MB, False), ("out", 0, 40 * MB, True)]))
-    trace = plan.decode_cuda_trace(codes)
+    trace = schedule.decode_cuda_trace(codes)
     assert [(launch.kernel, launch.programs) for launch in trace] == [("reduce", 264), ("map", 132)]
-    assert trace[0].accesses == [plan.Access("x", 0, 40 * MB, False),
-                                 plan.Access("scratch", 0, 4096, True)]
-    assert trace[1].accesses[1] == plan.Access("out", 0, 40 * MB, True)
+    assert trace[0].accesses == [schedule.Access("x", 0, 40 * MB, False),
+                                 schedule.Access("scratch", 0, 4096, True)]
+    assert trace[1].accesses[1] == schedule.Access("out", 0, 40 * MB, True)
 
 
 @pytest.mark.parametrize("codes", [[3, 10, 2, 0, 0, 8, 0], [99, 1, 0], [3, 1, 1, 42, 0, 8, 0]])
 def test_decode_rejects_malformed(codes):
     with pytest.raises(ValueError, match="malformed"):
-        plan.decode_cuda_trace(codes)
+        schedule.decode_cuda_trace(codes)
 
 
 def dram(*launches) -> int:
     """Modeled DRAM bytes of the launches, every tensor."""
-    return sum(plan.dram_bytes_by_tensor(plan.decode_cuda_trace(encode(*launches)), L2).values())
+    return sum(plan.dram_bytes_by_tensor(schedule.decode_cuda_trace(encode(*launches)), L2).values())
 
 
 @pytest.mark.parametrize("size, expected", [
@@ -101,9 +103,9 @@ def test_floor_and_prediction():
     plain = plan.PlanCall(2, 8, 4, 4, 2, torch.float32, False, residual=True)
     assert plan.floor_bytes(plain, backward=True) == 3 * 2 * x  # dresidual is grad_out itself
     gpu = plan.GPUS["h200"]
-    result = plan.plan_pass(plan.decode_cuda_trace(encode(
+    result = plan.pass_cost(schedule.decode_cuda_trace(encode(
         ("map", 1, [("x", 0, 4300, False)]), ("map", 1, [("out", 0, 4300, True)]))), 8600, gpu)
-    assert result == plan.PassPlan(2, 8600, 8600, 2 * 2.5 + 8600 / 4.3e12 * 1e6,
+    assert result == plan.PassCost(2, 8600, 8600, 2 * 2.5 + 8600 / 4.3e12 * 1e6,
                                    8600 / 4.3e12 * 1e6, 0)
 
 
@@ -111,17 +113,17 @@ def test_weights_and_scratch_count_apart_from_the_floors_tensors():
     """dram_bytes counts the floor's tensors; weights and scratch go to other_dram_bytes,
     yet take their place in the L2 window (here they push x's re-read out of it)."""
     gpu = plan.GPUS["h200"]
-    trace = plan.decode_cuda_trace(encode(
+    trace = schedule.decode_cuda_trace(encode(
         ("reduce", 1, [("x", 0, 10 * MB, False), ("scratch", 0, MB, True)]),
         ("mlp", 1, [("weights", 0, 2 * MB, False)]),
         ("map", 1, [("x", 0, 10 * MB, False), ("out", 0, 10 * MB, True)])))
-    result = plan.plan_pass(trace, 20 * MB, gpu)
+    result = plan.pass_cost(trace, 20 * MB, gpu)
     assert (result.dram_bytes, result.other_dram_bytes) == (20 * MB, 3 * MB)
     assert result.predicted_us == pytest.approx(3 * 2.5 + 23 * MB / 4.3e12 * 1e6)
-    crowded = plan.decode_cuda_trace(encode(
+    crowded = schedule.decode_cuda_trace(encode(
         ("reduce", 1, [("x", 0, 10 * MB, False)]), ("mlp", 1, [("weights", 0, 11 * MB, False)]),
         ("map", 1, [("x", 0, 10 * MB, False)])))
-    assert plan.plan_pass(crowded, 20 * MB, gpu).dram_bytes == 20 * MB  # 31 MB > 30 MB
+    assert plan.pass_cost(crowded, 20 * MB, gpu).dram_bytes == 20 * MB  # 31 MB > 30 MB
 
 
 def test_plan_command_json_for_triton(capsys):
@@ -164,8 +166,8 @@ def test_plan_command_for_cuda(capsys):
     if native.EXTENSION_ERROR is not None:
         pytest.skip(f"no compiled extension: {native.EXTENSION_ERROR}")
     call = plan.PlanCall(32, 2048, 7, 7, 128, torch.bfloat16, False, residual=True, out_relu=True)
-    trace = plan.cuda_trace(call, plan.GPUS["h200"], backward=False)
-    assert trace and all(launch.kernel in PLAN_KERNELS and launch.programs > 0 for launch in trace)
+    trace = plan.trace("cuda", call, plan.GPUS["h200"], backward=False)
+    assert trace and all(launch.kernel in CUDA_TRACE_KERNELS and launch.programs > 0 for launch in trace)
     assert {access.tensor for launch in trace for access in launch.accesses} >= {"x", "residual", "out"}
     assert cli.main(["plan", "--backend", "cuda", "--shape", "32,2048,7,7", "--layout", "nchw",
                      "--residual", "--out-activation", "relu", "--json"]) == 0
@@ -179,7 +181,7 @@ def test_plan_command_says_why_a_plan_cannot_be_made(capsys, monkeypatch):
     def missing():
         raise plan.PlanUnavailable("the loaded extension se_kernels._C has no cuda_schedule op")
 
-    monkeypatch.setattr(plan, "cuda_schedule_op", missing)
+    monkeypatch.setattr(native, "cuda_schedule_op", missing)
     assert cli.main(["plan", "--backend", "cuda", "--shape", "2,8,4,4"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -206,7 +208,7 @@ def test_the_cuda_plan_is_made_for_the_profiles_sms_and_l2(monkeypatch, capsys, 
         asked.append(args[-2:])
         return encode(("map", 264, [("x", 0, 1000, False), ("out", 0, 1000, True)]))
 
-    monkeypatch.setattr(plan, "cuda_schedule_op", lambda: schedule)
+    monkeypatch.setattr(native, "cuda_schedule_op", lambda: schedule)
     assert cli.main(["plan", "--backend", "cuda", "--shape", "2,8,4,4", "--gpu", gpu]) == 0
     profile = plan.GPUS[gpu]
     assert asked == [(profile.sm_count, profile.l2_bytes)] * 2  # forward, backward

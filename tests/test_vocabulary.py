@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from se_kernels import vocabulary
+from se_kernels import schedule, vocabulary
 from se_kernels.vocabulary import (ACTIVATIONS, GATES, OUT_ACTIVATIONS, POOLS, Activation, Gate,
                                    OutActivation, Pool)
 
@@ -86,8 +86,8 @@ def snake_case(name: str) -> str:
     return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
 
 
-@pytest.mark.parametrize("enum, names", [("TraceKernel", vocabulary.PLAN_KERNELS),
-                                         ("TraceTensor", vocabulary.PLAN_TENSORS)])
+@pytest.mark.parametrize("enum, names", [("TraceKernel", schedule.CUDA_TRACE_KERNELS),
+                                         ("TraceTensor", schedule.TRACE_TENSORS)])
 def test_plan_trace_codes_agree_with_the_cuda_planner(enum, names):
     """The codes of the cuda schedule's trace (csrc/cuda/se_plan.h) index the names that
     se_kernels.plan decodes them with, in order."""

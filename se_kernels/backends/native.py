@@ -73,6 +73,19 @@ def build_refusals(device_type: str, device_index: int) -> tuple[str, ...]:
     return ()
 
 
+def cuda_schedule_op():
+    """se_kernels::cuda_schedule from the compiled extension (PlanUnavailable if missing)."""
+    from ..schedule import PlanUnavailable
+
+    if EXTENSION_ERROR is not None:
+        raise PlanUnavailable(f"the cuda plan needs the compiled extension: {EXTENSION_ERROR}")
+    try:
+        return torch.ops.se_kernels.cuda_schedule
+    except (AttributeError, RuntimeError):
+        raise PlanUnavailable("the loaded extension se_kernels._C has no cuda_schedule op: "
+                              "rebuild it from this source") from None
+
+
 class NativeBackend(dispatch.Backend):
     """Every dtype and layout on its device; the CUDA kernels' archs are checked against the
     GPU (build_refusals) rather than declared."""
@@ -84,6 +97,7 @@ class NativeBackend(dispatch.Backend):
     def __init__(self, device_type: str):
         self.name = device_type
         self.SUPPORTED_DEVICES = (device_type,)
+        self.PLANS_SCHEDULE = device_type == "cuda"
 
     def call_refusals(self, call: SECall) -> list[str]:
         device = call.x.device
@@ -91,6 +105,18 @@ class NativeBackend(dispatch.Backend):
 
     def run(self, call: SECall) -> torch.Tensor:
         return _ops.run_forward(_ops.se_forward, call)
+
+    def schedule_trace(self, call, gpu, backward: bool) -> list:
+        """The cuda kernels' plan (csrc/cuda/se_plan.h), through the extension's
+        cuda_schedule op, which runs the same planning code as a call."""
+        if not self.PLANS_SCHEDULE:
+            return super().schedule_trace(call, gpu, backward)
+        from ..schedule import decode_cuda_trace
+
+        codes = cuda_schedule_op()(call.n, call.c, call.p, call.squeeze, call.element_size,
+                         call.channels_last, call.residual, call.pool, call.out_relu, backward,
+                         gpu.sm_count, gpu.l2_bytes)
+        return decode_cuda_trace(codes)
 
 
 dispatch.register(NativeBackend("cuda"))

@@ -13,7 +13,6 @@ they overlap). The schedule, with its launches and bytes, is in DESIGN.md §3.2.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -34,34 +33,10 @@ if INTERPRETED:
     interpreter.squeeze_loop_bounds()
 
 
-# While `recording` is active: the profile every call plans with, and the list its launches
-# go to instead of the GPU.
-_recording: tuple[DeviceProfile, list] | None = None
-
-
-@contextlib.contextmanager
-def recording(profile: DeviceProfile):
-    """Calls plan with `profile` and record their launches as (kernel, programs, args, meta)
-    in the list this yields, launching nothing (se_kernels.plan's traces)."""
-    global _recording
-    launches: list = []
-    previous, _recording = _recording, (profile, launches)
-    try:
-        yield launches
-    finally:
-        _recording = previous
-
-
-def _profile(device: torch.device) -> DeviceProfile:
-    return device_profile(device) if _recording is None else _recording[0]
-
-
 def _launch(kernel, programs: int, *args, **meta) -> None:
     if programs == 0:
         return
-    if _recording is not None:
-        _recording[1].append((kernel, programs, args, meta))
-    elif INTERPRETED:
+    if INTERPRETED:
         interpreter.launch(kernel, programs, *args, **meta)
     else:
         torch.library.wrap_triton(kernel)[(programs,)](*args, **meta)
@@ -206,7 +181,12 @@ def forget_plans() -> None:
     _backward_plan.cache_clear()
 
 
-def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation, memory_format):
+def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation, memory_format,
+            *, profile: DeviceProfile | None = None, launch=None):
+    """The forward's outputs (out, z, zmax, a, g). `profile` (default: x's device's) is what
+    the launches are planned for, and `launch(kernel, programs, *args, **meta)` (default:
+    launch on the GPU, or interpret) makes them: se_kernels.plan records them instead."""
+    launch = _launch if launch is None else launch
     x = x.contiguous(memory_format=memory_format)
     residual = None if residual is None else residual.contiguous(memory_format=memory_format)
     w1, w2 = w1.contiguous(), w2.contiguous()
@@ -216,7 +196,7 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
     plan = _forward_plan(tuple(map(int, x.shape)), int(w1.shape[0]), x.dtype,
                          memory_format == torch.channels_last, residual is not None,
                          b1 is not None, b2 is not None, activation, gate, pool, out_activation,
-                         _profile(device))
+                         device_profile(device) if profile is None else profile)
     acc = plan.acc
     out = torch.empty_strided(*plan.x, dtype=x.dtype, device=device)
     z = torch.empty_strided(*plan.nc, dtype=acc, device=device)
@@ -228,12 +208,12 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
     pool_pass, squeeze_fc, excite_fc, scale = plan.launches
     sums = torch.empty_strided(*plan.partials, dtype=acc, device=device)
     maxes = torch.empty_strided(*plan.partials, dtype=acc, device=device) if plan.use_max else x
-    _launch(_pool_kernel, pool_pass.programs, x, sums, maxes, *pool_pass.scalars, **pool_pass.meta)
-    _launch(_squeeze_fc_kernel, squeeze_fc.programs, sums, maxes, z, zmax if plan.use_max else x,
+    launch(_pool_kernel, pool_pass.programs, x, sums, maxes, *pool_pass.scalars, **pool_pass.meta)
+    launch(_squeeze_fc_kernel, squeeze_fc.programs, sums, maxes, z, zmax if plan.use_max else x,
             a, w1, x if b1 is None else b1, *squeeze_fc.scalars, **squeeze_fc.meta)
-    _launch(_excite_fc_kernel, excite_fc.programs, a, g, w2, x if b2 is None else b2,
+    launch(_excite_fc_kernel, excite_fc.programs, a, g, w2, x if b2 is None else b2,
             *excite_fc.scalars, **excite_fc.meta)
-    _launch(_scale_kernel, scale.programs, x, x if residual is None else residual, out, g,
+    launch(_scale_kernel, scale.programs, x, x if residual is None else residual, out, g,
             *scale.scalars, **scale.meta)
     return out, z, zmax, a, g
 
@@ -300,7 +280,10 @@ def _backward_plan(shape, s, dtype, channels_last, activation, gate, pool, out_a
 
 
 def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, out_activation,
-             residual_grad, memory_format):
+             residual_grad, memory_format, *, profile: DeviceProfile | None = None, launch=None):
+    """The backward's gradients (dx, dw1, db1, dw2, db2, dresidual); `profile` and `launch`
+    as for forward."""
+    launch = _launch if launch is None else launch
     x = x.contiguous(memory_format=memory_format)
     grad_out = grad_out.contiguous(memory_format=memory_format)
     out_relu = out_activation == OUT_RELU
@@ -311,7 +294,8 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     device = x.device
     plan = _backward_plan(tuple(map(int, x.shape)), int(w1.shape[0]), x.dtype,
                           memory_format == torch.channels_last, activation, gate, pool,
-                          out_activation, bool(residual_grad), _profile(device))
+                          out_activation, bool(residual_grad),
+                          device_profile(device) if profile is None else profile)
     acc = plan.acc
     dx = torch.empty_strided(*plan.x, dtype=x.dtype, device=device)
     dres = torch.empty_strided(*(plan.x if plan.write_dres else plan.nothing), dtype=x.dtype,
@@ -324,17 +308,17 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     ds = torch.empty_strided(*plan.partials, dtype=acc, device=device)
     count = torch.empty_strided(*plan.partials, dtype=torch.int32, device=device) if plan.use_max else x
     stand_in_zmax = x if zmax is None else zmax
-    _launch(_grad_reduce_kernel, reduce_pass.programs, grad_out, x if out is None else out, x,
+    launch(_grad_reduce_kernel, reduce_pass.programs, grad_out, x if out is None else out, x,
             stand_in_zmax, ds, count, *reduce_pass.scalars, **reduce_pass.meta)
     dg = torch.empty_strided(*plan.nc, dtype=acc, device=device)
     da = torch.empty_strided(*plan.ns, dtype=acc, device=device)
-    _launch(_excite_fc_backward_kernel, excite_fc.programs, ds, g, a, w2, dg, da,
+    launch(_excite_fc_backward_kernel, excite_fc.programs, ds, g, a, w2, dg, da,
             *excite_fc.scalars, **excite_fc.meta)
     dx_avg = torch.empty_strided(*plan.nc, dtype=acc, device=device) if plan.has_avg else x
     dx_max = torch.empty_strided(*plan.nc, dtype=acc, device=device) if plan.use_max else x
-    _launch(_mlp_grads_kernel, mlp_grads.programs, dg, a, da, z, w1, count, dw1, db1, dw2, db2,
+    launch(_mlp_grads_kernel, mlp_grads.programs, dg, a, da, z, w1, count, dw1, db1, dw2, db2,
             dx_avg, dx_max, *mlp_grads.scalars, **mlp_grads.meta)
-    _launch(_grad_input_kernel, grad_input.programs, grad_out, x if out is None else out, x, g,
+    launch(_grad_input_kernel, grad_input.programs, grad_out, x if out is None else out, x, g,
             stand_in_zmax, dx_avg, dx_max, dx, dres if plan.write_dres else x,
             *grad_input.scalars, **grad_input.meta)
     return dx, dw1, db1, dw2, db2, dres

@@ -49,6 +49,32 @@ AVG, MAX, AVGMAX = (tl.constexpr(int(Pool.AVG)), tl.constexpr(int(Pool.MAX)),
                    tl.constexpr(int(Pool.AVGMAX)))
 
 
+# ---- what each kernel touches ------------------------------------------------------------
+# Beside each kernel, @touches declares the pointer parameters it reads and writes, in the
+# order a program touches them, each always or when a predicate of the launch's constexprs
+# holds: the plan (trace.py) turns a recorded launch into byte ranges with it. A parameter
+# whose constexpr branch is off gets x as a stand-in (driver.py) and is not listed then.
+READ, WRITE = False, True
+
+
+def _pool_uses(*pools: Pool):
+    codes = {int(p) for p in pools}
+    return lambda meta: meta["POOL"] in codes
+
+
+def _constexpr(name: str):
+    return lambda meta: bool(meta[name])
+
+
+def touches(*accesses):
+    """Declares a kernel's accesses: (pointer parameter, READ or WRITE, None (always) or a
+    predicate of the launch's constexprs)."""
+    def declare(kernel):
+        kernel.accesses = accesses
+        return kernel
+    return declare
+
+
 # The option math of DESIGN.md §1.3, one exhaustive switch per function over the codes: a
 # code without its branch fails to compile (static_assert), never falls into another's.
 @triton.jit
@@ -240,6 +266,7 @@ def _pool_values(x_ptr, offs, mask, acc_t: tl.constexpr, total, peak, USE_MAX: t
     return total, peak
 
 
+@touches(("x_ptr", READ, None), ("sum_ptr", WRITE, None), ("max_ptr", WRITE, _constexpr("USE_MAX")))
 @triton.jit
 def _pool_kernel(
     x_ptr, sum_ptr, max_ptr,
@@ -279,6 +306,8 @@ def _pool_kernel(
         tl.store(max_ptr + out, row_max, mask=c_mask)
 
 
+@touches(("g_ptr", READ, None), ("x_ptr", READ, None), ("res_ptr", READ, _constexpr("HAS_RESIDUAL")),
+         ("out_ptr", WRITE, None))
 @triton.jit
 def _scale_kernel(
     x_ptr, res_ptr, out_ptr, g_ptr,
@@ -317,6 +346,9 @@ def _grad_reduce_values(dout_ptr, out_ptr, x_ptr, offs, mask, peak, acc_t: tl.co
     return total, count
 
 
+@touches(("zmax_ptr", READ, _constexpr("USE_MAX")), ("dout_ptr", READ, None),
+         ("out_ptr", READ, _constexpr("OUT_RELU")), ("x_ptr", READ, None), ("ds_ptr", WRITE, None),
+         ("count_ptr", WRITE, _constexpr("USE_MAX")))
 @triton.jit
 def _grad_reduce_kernel(
     dout_ptr, out_ptr, x_ptr, zmax_ptr, ds_ptr, count_ptr,
@@ -358,6 +390,11 @@ def _grad_reduce_kernel(
         tl.store(count_ptr + out, row_count, mask=c_mask)
 
 
+@touches(("g_ptr", READ, None), ("zmax_ptr", READ, _constexpr("USE_MAX")),
+         ("dx_avg_ptr", READ, _constexpr("HAS_AVG")), ("dx_max_ptr", READ, _constexpr("USE_MAX")),
+         ("dout_ptr", READ, None), ("out_ptr", READ, _constexpr("OUT_RELU")),
+         ("x_ptr", READ, _constexpr("USE_MAX")), ("dx_ptr", WRITE, None),
+         ("dres_ptr", WRITE, _constexpr("WRITE_DRES")))
 @triton.jit
 def _grad_input_kernel(
     dout_ptr, out_ptr, x_ptr, g_ptr, zmax_ptr, dx_avg_ptr, dx_max_ptr, dx_ptr, dres_ptr,
@@ -466,6 +503,9 @@ def _combine_pool(sum_ptr, max_ptr, idx, mask, nc, splits, P, POOL: tl.constexpr
     return tl.where(mask, z, 0.0), peak
 
 
+@touches(("sum_ptr", READ, None), ("max_ptr", READ, _pool_uses(Pool.MAX, Pool.AVGMAX)),
+         ("w1_ptr", READ, None), ("b1_ptr", READ, _constexpr("HAS_BIAS")), ("z_ptr", WRITE, None),
+         ("zmax_ptr", WRITE, _pool_uses(Pool.MAX, Pool.AVGMAX)), ("a_ptr", WRITE, None))
 @triton.jit
 def _squeeze_fc_kernel(
     sum_ptr, max_ptr, z_ptr, zmax_ptr, a_ptr, w1_ptr, b1_ptr,
@@ -491,6 +531,8 @@ def _squeeze_fc_kernel(
     _store_fc(a_ptr, acc, b1_ptr, n, n_mask, s, s_mask, S, HAS_BIAS)
 
 
+@touches(("a_ptr", READ, None), ("w2_ptr", READ, None), ("b2_ptr", READ, _constexpr("HAS_BIAS")),
+         ("g_ptr", WRITE, None))
 @triton.jit
 def _excite_fc_kernel(
     a_ptr, g_ptr, w2_ptr, b2_ptr,
@@ -510,6 +552,8 @@ def _excite_fc_kernel(
     _store_fc(g_ptr, acc, b2_ptr, n, n_mask, c, c_mask, C, HAS_BIAS)
 
 
+@touches(("ds_ptr", READ, None), ("g_ptr", READ, None), ("w2_ptr", READ, None), ("a_ptr", READ, None),
+         ("dg_ptr", WRITE, None), ("da_ptr", WRITE, None))
 @triton.jit
 def _excite_fc_backward_kernel(
     ds_ptr, g_ptr, a_ptr, w2_ptr, dg_ptr, da_ptr,
@@ -637,6 +681,11 @@ def _weight_grad_block(
                           False, ACT, False, BLOCK_N, BLOCK_C, BLOCK_S)
 
 
+@touches(("dg_ptr", READ, None), ("a_ptr", READ, None), ("z_ptr", READ, None), ("da_ptr", READ, None),
+         ("w1_ptr", READ, None), ("count_ptr", READ, _pool_uses(Pool.MAX, Pool.AVGMAX)),
+         ("dw2_ptr", WRITE, None), ("db2_ptr", WRITE, None), ("dw1_ptr", WRITE, None),
+         ("db1_ptr", WRITE, None), ("dx_avg_ptr", WRITE, _pool_uses(Pool.AVG, Pool.AVGMAX)),
+         ("dx_max_ptr", WRITE, _pool_uses(Pool.MAX, Pool.AVGMAX)))
 @triton.jit
 def _mlp_grads_kernel(
     dg_ptr, a_ptr, da_ptr, z_ptr, w1_ptr, count_ptr,

@@ -101,6 +101,7 @@ class TritonBackend(dispatch.Backend):
     # What the kernels' constexpr switches (kernels.py) compute.
     SUPPORTED_OPTIONS = {"activation": (RELU, SILU), "gate": (SIGMOID, HARDSIGMOID),
                          "pool": (AVG, MAX, AVGMAX), "out_activation": (NONE, OUT_RELU)}
+    PLANS_SCHEDULE = True
     SUPPORTED_DEVICES = ("cuda", "cpu")
     CUDA_MINIMUM_COMPUTE_CAPABILITY = (7, 0)
     CUDA_DTYPE_MINIMUM_CAPABILITY = {torch.bfloat16: (8, 0)}
@@ -132,6 +133,16 @@ class TritonBackend(dispatch.Backend):
 
     def run(self, call: SECall) -> torch.Tensor:
         return se_forward(*call.op_args())[0]
+
+    def schedule_trace(self, call, gpu, backward: bool) -> list:
+        """The drivers' own launches for `call`, recorded on fake tensors (trace.py)."""
+        from ...schedule import PlanUnavailable
+
+        try:
+            from . import trace
+        except ImportError as error:
+            raise PlanUnavailable(f"the triton plan needs triton: {error}") from None
+        return trace.schedule_trace(call, trace.device_profile_for(gpu), backward)
 
 
 dispatch.register(TritonBackend())

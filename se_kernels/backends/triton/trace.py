@@ -1,9 +1,10 @@
 """The Triton backend's schedule as a plan trace (se_kernels.plan), from the drivers themselves.
 
-The drivers run on fake CUDA tensors (no GPU, no memory) with a given device profile and
-their launches recorded instead of made (driver.recording). Each recorded launch becomes a
-plan launch whose accesses come from the kernel's actual arguments: ACCESSES says which
-pointer parameters a kernel reads and writes, in the order a program touches them, and the
+The drivers run on fake CUDA tensors (no GPU, no memory) with a given device profile and a
+`launch` that records their launches instead of making them. Each recorded launch becomes a
+plan launch whose accesses come from the kernel's actual arguments: the kernel's @touches
+declaration (kernels.py) says which pointer parameters it reads and writes, in the order a
+program touches them, and the
 arguments say which tensor each one is and, for the x-sized streams, which samples the
 launch walks. The streams are listed per sample, interleaved as a program touches them
 (reads, then writes), in the order the programs walk the samples: first to last, or last
@@ -19,54 +20,10 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ... import _compat
-from ...plan import Access, GpuProfile, Launch, PlanCall
-from ...vocabulary import NONE, OUT_RELU, RELU, SIGMOID, code
+from ...schedule import STREAMS, Access, GpuProfile, Launch, PlanCall
+from ...vocabulary import NONE, OUT_RELU, RELU, SIGMOID
 from . import driver
 from .heuristics import GPU_PROFILE, DeviceProfile
-
-STREAMS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
-READ, WRITE = False, True
-
-
-def _pool_is(*pools):
-    codes = {code("pool", p) for p in pools}
-    return lambda meta: meta["POOL"] in codes
-
-
-# kernel -> (pointer parameter, WRITE or READ, when it is touched: None = always, or a
-# predicate of the launch's constexprs), in the order a program touches them. A parameter
-# whose constexpr branch is off gets x as a stand-in (driver.py), never touched.
-ACCESSES = {
-    "_pool_kernel": (("x_ptr", READ, None), ("sum_ptr", WRITE, None),
-                     ("max_ptr", WRITE, lambda m: m["USE_MAX"])),
-    "_squeeze_fc_kernel": (("sum_ptr", READ, None), ("max_ptr", READ, _pool_is("max", "avgmax")),
-                           ("w1_ptr", READ, None), ("b1_ptr", READ, lambda m: m["HAS_BIAS"]),
-                           ("z_ptr", WRITE, None), ("zmax_ptr", WRITE, _pool_is("max", "avgmax")),
-                           ("a_ptr", WRITE, None)),
-    "_excite_fc_kernel": (("a_ptr", READ, None), ("w2_ptr", READ, None),
-                          ("b2_ptr", READ, lambda m: m["HAS_BIAS"]), ("g_ptr", WRITE, None)),
-    "_scale_kernel": (("g_ptr", READ, None), ("x_ptr", READ, None),
-                      ("res_ptr", READ, lambda m: m["HAS_RESIDUAL"]), ("out_ptr", WRITE, None)),
-    "_grad_reduce_kernel": (("zmax_ptr", READ, lambda m: m["USE_MAX"]), ("dout_ptr", READ, None),
-                            ("out_ptr", READ, lambda m: m["OUT_RELU"]), ("x_ptr", READ, None),
-                            ("ds_ptr", WRITE, None), ("count_ptr", WRITE, lambda m: m["USE_MAX"])),
-    "_excite_fc_backward_kernel": (("ds_ptr", READ, None), ("g_ptr", READ, None),
-                                   ("w2_ptr", READ, None), ("a_ptr", READ, None),
-                                   ("dg_ptr", WRITE, None), ("da_ptr", WRITE, None)),
-    "_mlp_grads_kernel": (("dg_ptr", READ, None), ("a_ptr", READ, None), ("z_ptr", READ, None),
-                          ("da_ptr", READ, None), ("w1_ptr", READ, None),
-                          ("count_ptr", READ, _pool_is("max", "avgmax")),
-                          ("dw2_ptr", WRITE, None), ("db2_ptr", WRITE, None),
-                          ("dw1_ptr", WRITE, None), ("db1_ptr", WRITE, None),
-                          ("dx_avg_ptr", WRITE, _pool_is("avg", "avgmax")),
-                          ("dx_max_ptr", WRITE, _pool_is("max", "avgmax"))),
-    "_grad_input_kernel": (("g_ptr", READ, None), ("zmax_ptr", READ, lambda m: m["USE_MAX"]),
-                           ("dx_avg_ptr", READ, lambda m: m["HAS_AVG"]),
-                           ("dx_max_ptr", READ, lambda m: m["USE_MAX"]),
-                           ("dout_ptr", READ, None), ("out_ptr", READ, lambda m: m["OUT_RELU"]),
-                           ("x_ptr", READ, lambda m: m["USE_MAX"]), ("dx_ptr", WRITE, None),
-                           ("dres_ptr", WRITE, lambda m: m["WRITE_DRES"])),
-}
 
 
 def kernel_name(kernel) -> str:
@@ -76,6 +33,14 @@ def kernel_name(kernel) -> str:
 def device_profile_for(gpu: GpuProfile) -> DeviceProfile:
     """The launch heuristics' profile of a plan's GPU."""
     return dataclasses.replace(GPU_PROFILE, sm_count=gpu.sm_count, l2_bytes=gpu.l2_bytes)
+
+
+def _recorder(launches: list):
+    """A driver `launch` that records (kernel, programs, args, meta) instead of launching."""
+    def record_launch(kernel, programs: int, *args, **meta) -> None:
+        if programs:
+            launches.append((kernel, programs, args, meta))
+    return record_launch
 
 
 def record(call: PlanCall, profile: DeviceProfile, device: str = "cuda"):
@@ -92,12 +57,13 @@ def record(call: PlanCall, profile: DeviceProfile, device: str = "cuda"):
         weights = (torch.empty(call.squeeze, call.c, **like), torch.empty(call.squeeze, **like),
                    torch.empty(call.c, call.squeeze, **like), torch.empty(call.c, **like))
         w1, b1, w2, b2 = weights
-        with driver.recording(profile) as forward:
-            out, z, zmax, a, g = driver.forward(x, w1, b1, w2, b2, residual, *options, fmt)
+        forward, backward = [], []
+        out, z, zmax, a, g = driver.forward(x, w1, b1, w2, b2, residual, *options, fmt,
+                                            profile=profile, launch=_recorder(forward))
         grad_out = torch.empty_like(out)
-        with driver.recording(profile) as backward:
-            dx, *weight_grads, dres = driver.backward(grad_out, x, out, w1, w2, z, zmax, a, g,
-                                                      *options, call.residual, fmt)
+        dx, *weight_grads, dres = driver.backward(grad_out, x, out, w1, w2, z, zmax, a, g,
+                                                  *options, call.residual, fmt, profile=profile,
+                                                  launch=_recorder(backward))
     names = {StorageWeakRef(t.untyped_storage()): name for name, t in
              (("x", x), ("residual", residual), ("out", out), ("grad_out", grad_out), ("dx", dx),
               ("dresidual", dres)) if t is not None and t.numel()}
@@ -124,7 +90,7 @@ class _Places:
 def _accesses(kernel, args, meta, names, places: _Places) -> list[Access]:
     bound = dict(zip(kernel.arg_names, args))
     before, streams, after = [], [], []
-    for param, write, when in ACCESSES[kernel_name(kernel)]:
+    for param, write, when in kernel.accesses:
         if when is not None and not when(meta):
             continue
         tensor = bound[param]
