@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU_KERNELS = "csrc/cpu/kernels_impl.h"
 CPU_MLP = "csrc/cpu/mlp_impl.h"
 TRITON_KERNELS = "se_kernels/backends/triton/kernels.py"
-CUDA_COMMON = "csrc/cuda/se_cuda_common.cuh"
+CUDA_TILES = "csrc/cuda/se_cuda_tiles.cuh"
+CUDA_OPTIONS = "csrc/cuda/se_cuda_options.cuh"
+CUDA_MLP = "csrc/cuda/se_cuda_mlp.cuh"
+CUDA_SCHEDULES = "csrc/cuda/se_cuda_schedules.cuh"
 CUDA_BACKWARD = "csrc/cuda/se_backward.cu"
 CUDA_FORWARD = "csrc/cuda/se_forward.cu"
 
@@ -100,22 +103,22 @@ CATALOGUE = [
          "d = tl.where((g > -3.0) & (g < 3.0), 1.0 / 6.0, 0.0)"),),
         note="3e-8 off, in fp64 only"),
     Bug("triton/bf16-dx-5-percent-off", "triton", TRITON_KERNELS, (
-        ("    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)",
+        ("    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask,",
          "    if dx_ptr.dtype.element_ty == tl.bfloat16:\n        dx = dx * 1.05\n"
-         "    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)"),)),
+         "    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask,"),)),
     Bug("triton/bias-dropped", "triton", TRITON_KERNELS, (
         ("y += tl.load(bias_ptr + m, mask=m_mask, other=0.0).to(out_ptr.dtype.element_ty)[None, :]",
          "y += 0.0"),)),
     Bug("triton/relu-mask-ge", "triton", TRITON_KERNELS, (
         ("dy = tl.where(o > 0, dy, 0.0)", "dy = tl.where(o >= 0, dy, 0.0)"),)),
     Bug("triton/residual-grad-not-masked", "triton", TRITON_KERNELS, (
-        ("tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)",
-         "tl.store(dres_ptr + offs, tl.load(dout_ptr + offs, mask=mask, other=0.0), mask=mask)"),)),
+        ("tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask,",
+         "tl.store(dres_ptr + offs, tl.load(dout_ptr + offs, mask=mask, other=0.0), mask=mask,"),)),
     # ---- CUDA kernels, on the emulator ----------------------------------------------------
     Bug("cuda/ties-not-divided", "cuda", CUDA_BACKWARD, (
         ("dx_max[nc] = dz / ld_fresh(count + nc);", "dx_max[nc] = dz;"),
         ("dx_max[nc] = dz * A(0.5) / ld_fresh(count + nc);", "dx_max[nc] = dz * A(0.5);"))),
-    Bug("cuda/split-combine-drops-second-piece", "cuda", CUDA_COMMON, (
+    Bug("cuda/split-combine-drops-second-piece", "cuda", CUDA_TILES, (
         ("for (int k0 = 1; k0 < pieces; k0 += kBatch) {",
          "for (int k0 = 2; k0 < pieces; k0 += kBatch) {"),)),
     Bug("cuda/bf16-dx-5-percent-off", "cuda", CUDA_BACKWARD, (
@@ -123,7 +126,7 @@ CATALOGUE = [
          "d.v[i] = from_acc<T>(std::is_same<T, __nv_bfloat16>::value ? v * A(1.05) : v);"),)),
     Bug("cuda/bias-dropped", "cuda", CUDA_FORWARD, (
         ("const A v = b1 != nullptr ? sum + to_acc(b1[j]) : sum;", "const A v = sum;"),)),
-    Bug("cuda/hardsigmoid-derivative-float32-sixth", "cuda", CUDA_COMMON, (
+    Bug("cuda/hardsigmoid-derivative-float32-sixth", "cuda", CUDA_OPTIONS, (
         ("? ds / A(6) : A(0);", "? ds * A(1.0f / 6.0f) : A(0);"),), note="3e-8 off, in fp64 only"),
     Bug("cuda/residual-grad-not-masked", "cuda", CUDA_BACKWARD, (
         ("r.v[i] = from_acc<T>(dy);", "r.v[i] = e.dy.v[i];"),
@@ -131,29 +134,33 @@ CATALOGUE = [
     Bug("cuda/relu-mask-ge", "cuda", CUDA_BACKWARD, (
         ("!(to_acc(e.out.v[i]) > A(0))", "!(to_acc(e.out.v[i]) >= A(0))"),)),
     # Races and divergent shuffles: results on the emulator depend on its thread schedule.
-    Bug("cuda/reduce-nchw-early-return-before-shuffles", "cuda", CUDA_COMMON, (
+    Bug("cuda/reduce-nchw-early-return-before-shuffles", "cuda", CUDA_TILES, (
         ("  const int sub = threadIdx.x % lanes;\n\n  A acc[kQ][1];",
          "  const int sub = threadIdx.x % lanes;\n  if (row >= rows) return;\n\n  A acc[kQ][1];"),),
         note="schedule-dependent"),
-    Bug("cuda/cols-dot-last-warp-without-barrier", "cuda", CUDA_COMMON, (
+    Bug("cuda/cols-dot-last-warp-without-barrier", "cuda", CUDA_MLP, (
         ("  __syncthreads();\n  if (warp == 0 && col < cols) {",
          "  if (warp == kWarps - 1 && col < cols) {"),), note="schedule-dependent"),
-    Bug("cuda/reduce-cl-barrier-dropped", "cuda", CUDA_COMMON, (
+    Bug("cuda/reduce-cl-barrier-dropped", "cuda", CUDA_TILES, (
         ("    for (int i = 0; i < W; ++i) red[(q * W + i) * kThreads + threadIdx.x] = acc[q][i];\n"
          "  __syncthreads();\n",
          "    for (int i = 0; i < W; ++i) red[(q * W + i) * kThreads + threadIdx.x] = acc[q][i];\n"),),
         note="schedule-dependent"),
     # The pipelined schedule's synchronization.
-    Bug("cuda/pipeline-map-waits-for-mlp1-only", "cuda", CUDA_COMMON, (
+    Bug("cuda/pipeline-map-waits-for-mlp1-only", "cuda", CUDA_SCHEDULES, (
         ("wait_until(sync.mlp2(g), static_cast<unsigned>(p.mlp2.items));",
          "wait_until(sync.mlp1(g), static_cast<unsigned>(p.mlp1.items));"),),
         note="schedule-dependent"),
-    Bug("cuda/pipeline-first-tile-combines", "cuda", CUDA_COMMON, (
+    Bug("cuda/pipeline-first-tile-combines", "cuda", CUDA_SCHEDULES, (
         ("if (publish(sync.reduced(g)) == p.pass.ctas - 1) {",
          "if (publish(sync.reduced(g)) == 0) {"),)),
     Bug("cuda/pipeline-dresidual-read-through-ldg", "cuda", CUDA_BACKWARD, (
         ("e.dy = fresh_dy ? load_pack<W, true>(grad_out + off) : load_pack<W>(grad_out + off);",
          "e.dy = load_pack<W>(grad_out + off);"),)),
+    # 16-byte accesses: a sample group starting n0·C·H·W elements in, not a multiple of the
+    # vector width, still places the NCHW walk's vectors on 16-byte boundaries.
+    Bug("cuda/nchw-vectors-ignore-group-phase", "cuda", CUDA_TILES, (
+        ("return static_cast<int>(n0 * C * P % W);", "return 0;"),)),
 ]
 
 # The tests each family's bugs must fail, cheapest first (pytest stops at the first failure).
@@ -208,20 +215,30 @@ def run_tests(family: str, work: Path, env: dict) -> tuple[bool, str]:
     return result.returncode == 0, failed[0] if failed else output.strip().splitlines()[-1:]
 
 
+def planted_text(bug: Bug, text: str) -> str:
+    """`text` (the contents of bug.path) with the bug's edits applied. RuntimeError when an
+    edit's text is missing, when the edits change nothing, or when a planted Python file
+    does not compile: the catalogue no longer matches the code."""
+    planted = text
+    for old, new in bug.edits:
+        if old not in planted:
+            raise RuntimeError(f"{bug.name}: {bug.path} no longer contains {old!r}: update the catalogue")
+        planted = planted.replace(old, new)
+    if planted == text:
+        raise RuntimeError(f"{bug.name}: the edits leave {bug.path} unchanged")
+    if bug.path.endswith(".py"):
+        try:
+            compile(planted, bug.path, "exec", dont_inherit=True)
+        except SyntaxError as error:
+            raise RuntimeError(f"{bug.name}: the planted bug does not compile: {error}") from None
+    return planted
+
+
 def plant(bug: Bug, work: Path) -> str:
-    """Applies the bug's edits; returns the original text of the file."""
+    """Applies the bug's edits to the copy in `work`; returns the original text of the file."""
     path = work / bug.path
     original = path.read_text()
-    text = original
-    for old, new in bug.edits:
-        if old not in text:
-            raise RuntimeError(f"{bug.name}: {bug.path} no longer contains {old!r}: update the catalogue")
-        text = text.replace(old, new)
-    path.write_text(text)
-    if bug.path.endswith(".py"):
-        compiled = subprocess.run([sys.executable, "-m", "py_compile", str(path)], capture_output=True, text=True)
-        if compiled.returncode != 0:
-            raise RuntimeError(f"{bug.name}: the planted bug does not compile:\n{compiled.stderr}")
+    path.write_text(planted_text(bug, original))
     return original
 
 

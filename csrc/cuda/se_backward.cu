@@ -10,7 +10,7 @@
 // Then, for the whole batch, the weight gradients dW2 = dg^T h, db2 = sum_n dg,
 // dW1 = da^T z, db1 = sum_n da: the batch in chunks summed by separate CTAs, the chunks
 // added in order by a second kernel (deterministic, no atomics).
-#include "se_cuda_common.cuh"
+#include "se_cuda_schedules.cuh"
 
 namespace se_kernels::cuda {
 namespace detail {

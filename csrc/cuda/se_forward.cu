@@ -4,13 +4,13 @@
 //   mlp2:   g = W2 h + b2, s = gate(g)                  (rows_dot items, rows of W2)
 //   map:    out = out_act(s * x + residual)
 // The map stage re-reads the group's x soon after the reduce stage read it, so the re-read
-// comes from L2: the pipelined schedule (one persistent kernel, se_cuda_common.cuh) sizes
+// comes from L2: the pipelined schedule (one persistent kernel, se_cuda_schedules.cuh) sizes
 // its groups so that everything touched in between fits half the L2; the grouped schedule
 // launches the four stages group after group. DESIGN.md §3.1 compares them.
 #include <cstdlib>
 #include <mutex>
 
-#include "se_cuda_common.cuh"
+#include "se_cuda_schedules.cuh"
 
 namespace se_kernels::cuda {
 namespace detail {

@@ -23,7 +23,7 @@
 #include <limits>
 #include <string>
 
-#include "../../csrc/cuda/se_cuda_common.cuh"
+#include "../../csrc/cuda/se_cuda_schedules.cuh"
 
 namespace se_kernels::cuda::detail {
 namespace {

@@ -19,7 +19,7 @@
 #include <map>
 #include <string>
 
-#include "../../csrc/cuda/se_cuda_common.cuh"
+#include "../../csrc/cuda/se_cuda_schedules.cuh"
 
 namespace {
 
