@@ -1,8 +1,8 @@
 // The SE op's options, shared by the CPU and CUDA code: free of torch headers so that the
 // torch-free CUDA sources and the CUDA emulator include it as they are.
 //
-// Names and codes are those of se_kernels/vocabulary.py (the Python side, whose codes the
-// Triton kernels take); tests/test_vocabulary.py reads this file and checks that both agree.
+// Names and codes are those of se_kernels/options.py (the Python side, whose codes the
+// Triton kernels take); tests/test_options.py reads this file and checks that both agree.
 // The math behind each option is in DESIGN.md §1. Code that computes an option switches over
 // it with one case per value and no default: the build's -Werror=switch makes a value without
 // its case a compile error, never a silent fall into another value's math.

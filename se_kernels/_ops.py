@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _compat
-from .vocabulary import (ACTIVATIONS, AVG, AVGMAX, GATES, NAMES, OUT_ACTIVATIONS, OUT_RELU, POOLS,
+from .options import (ACTIVATIONS, AVG, AVGMAX, GATES, NAMES, OUT_ACTIVATIONS, OUT_RELU, POOLS,
                          check_choice)
 
 FORWARD_SCHEMA = (

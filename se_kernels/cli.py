@@ -18,7 +18,7 @@ import torch
 
 
 def _probe_call(device: str, dtype: torch.dtype):
-    from .options import make_call
+    from .call import make_call
 
     x = torch.zeros(1, 8, 2, 2, device=device, dtype=dtype)
     return make_call(x, torch.zeros(2, 8, device=device, dtype=dtype), None,

@@ -25,7 +25,7 @@ from torch import nn
 from . import dispatch
 from .functional import squeeze_excitation
 from .modules import SqueezeExcitation
-from .vocabulary import ACTIVATION_CLASSES, AVG, AVGMAX, GATE_CLASSES
+from .options import ACTIVATION_CLASSES, AVG, AVGMAX, GATE_CLASSES
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ never from timing the call. An explicit name, or the SE_KERNELS_BACKEND environm
 variable when backend="auto", must be willing or the call fails with the backend's
 reasons. While torch.onnx.export traces a model, every call runs the "torch" backend,
 whose operators ONNX has. The call itself was validated once already, when it was made
-(se_kernels.options.make_call). DESIGN.md §4 has the rules.
+(se_kernels.call.make_call). DESIGN.md §4 has the rules.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 from . import _compat
 from ._ops import DTYPES
-from .options import SECall
-from .vocabulary import NAMES
+from .call import SECall
+from .options import NAMES
 
 BACKEND_ENV = "SE_KERNELS_BACKEND"
 
@@ -52,7 +52,7 @@ class Backend(abc.ABC):
     SUPPORTED_DEVICES: tuple[str, ...] | None = None  # device types; None: any device
     SUPPORTED_DTYPES: tuple[torch.dtype, ...] = DTYPES
     # Option argument -> the names of it this backend computes. Declared by each backend,
-    # never inherited, so that a name new to the vocabulary is refused, with the reason,
+    # never inherited, so that a name new to se_kernels.options is refused, with the reason,
     # by every backend that has not implemented it yet.
     SUPPORTED_OPTIONS: dict[str, tuple[str, ...]]
     # Whether schedule_trace can plan this backend's GPU schedule (se-kernels plan).

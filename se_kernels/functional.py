@@ -7,8 +7,8 @@ import warnings
 import torch
 
 from . import dispatch
-from .options import make_call
-from .vocabulary import AVG, RELU, SIGMOID
+from .call import make_call
+from .options import AVG, RELU, SIGMOID
 
 
 def squeeze_excitation(

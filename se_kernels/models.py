@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .modules import SqueezeExcitation
-from .vocabulary import OUT_RELU
+from .options import OUT_RELU
 
 __all__ = ["SEBottleneck", "se_resnet50", "se_resnet101", "se_resnet152"]
 

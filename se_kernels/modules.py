@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .functional import squeeze_excitation
-from .vocabulary import AVG, TORCH_ACTIVATIONS, TORCH_GATES, check_choice, normalize_out_activation
+from .options import AVG, TORCH_ACTIVATIONS, TORCH_GATES, check_choice, normalize_out_activation
 
 # Symbolic tracing (torch.fx) records the fused op as one call instead of tracing into its
 # argument checks, which cannot run on proxies.

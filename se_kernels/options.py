@@ -1,81 +1,123 @@
-"""Turns squeeze_excitation's arguments into one validated SECall, shared by every backend.
+"""The SE op's options: their names, their integer codes, and the modules they stand for.
 
-Errors name the argument and what was expected: ValueError for shapes and option names,
-TypeError for types, dtypes and devices (the checks themselves are the ops' contract, in
-se_kernels._ops).
+This module is the only place in Python that spells an option or maps it to something else.
+The names are what the public API and the ops' schemas take (plain strings, which
+torch.compile and the schemas handle as constants); the codes are what the kernels take
+(Triton constexprs here, the enums of csrc/se_options.h in C++, which must agree:
+tests/test_options.py checks both against each other).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import enum
 
 import torch
 
-from ._ops import check_forward_args
-from .vocabulary import AVG, RELU, SIGMOID, normalize_out_activation
 
-__all__ = ["SECall", "make_call"]
+class Option(enum.IntEnum):
+    """An option kind; a member's name in lower case is how the API spells it."""
 
+    @property
+    def spelling(self) -> str:
+        return self.name.lower()
 
-class SECall(NamedTuple):
-    """One validated SE call: tensors with w1 [S, C], w2 [C, S], and option names as the
-    ops' schemas spell them. A named tuple (cheaper to build than a frozen dataclass, which
-    matters at batch 1) whose fields are the ops' positional arguments, in their order."""
-
-    x: torch.Tensor
-    w1: torch.Tensor
-    b1: torch.Tensor | None
-    w2: torch.Tensor
-    b2: torch.Tensor | None
-    residual: torch.Tensor | None
-    activation: str
-    gate: str
-    pool: str
-    out_activation: str
-
-    def op_args(self) -> tuple:
-        """Positional arguments of se_forward / se_forward_triton."""
-        return tuple(self)
-
-    def wants_gradient(self) -> bool:
-        """Whether autograd will record this call: grad mode on and a tensor requiring grad."""
-        if not torch.is_grad_enabled():
-            return False
-        return (self.x.requires_grad or self.w1.requires_grad or self.w2.requires_grad
-                or (self.b1 is not None and self.b1.requires_grad)
-                or (self.b2 is not None and self.b2.requires_grad)
-                or (self.residual is not None and self.residual.requires_grad))
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The names in code order (codes are 0, 1, ...)."""
+        assert [int(member) for member in cls] == list(range(len(cls)))
+        return tuple(member.spelling for member in cls)
 
 
-def _tensor(name: str, value, optional: bool = False) -> torch.Tensor | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
+class Activation(Option):
+    """Between the two FCs: h = act(a)."""
+    RELU = 0
+    SILU = 1
 
 
-def _as_matrix(w: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv weight [rows, cols, 1, 1] as the matrix it is (a view, no copy)."""
-    return w.flatten(1) if w.dim() == 4 and w.shape[2:] == (1, 1) else w
+class Gate(Option):
+    """On the excitation: s = gate(g)."""
+    SIGMOID = 0
+    HARDSIGMOID = 1
 
 
-def make_call(x, w1, b1, w2, b2, *, activation=RELU, gate=SIGMOID, pool=AVG,
-              residual=None, out_activation=None) -> SECall:
-    Tensor = torch.Tensor
-    if not (isinstance(x, Tensor) and isinstance(w1, Tensor) and isinstance(w2, Tensor)
-            and (b1 is None or isinstance(b1, Tensor)) and (b2 is None or isinstance(b2, Tensor))
-            and (residual is None or isinstance(residual, Tensor))):
-        for name, value, optional in (("x", x, False), ("w1", w1, False), ("w2", w2, False),
-                                      ("b1", b1, True), ("b2", b2, True),
-                                      ("residual", residual, True)):
-            _tensor(name, value, optional)
-    w1, w2 = _as_matrix(w1), _as_matrix(w2)
-    out_activation = normalize_out_activation(out_activation)
-    dtype = x.dtype
-    if (w1.dtype != dtype or w2.dtype != dtype or (b1 is not None and b1.dtype != dtype)
-            or (b2 is not None and b2.dtype != dtype)) and torch.is_autocast_enabled(x.device.type):
-        # Under autocast the FCs run in x's precision, as nn.Conv2d's would.
-        w1, b1, w2, b2 = (None if t is None else t.to(dtype) for t in (w1, b1, w2, b2))
-    check_forward_args(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)
-    return SECall(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation)
+class Pool(Option):
+    """The squeeze: z = mean, amax, or half of each."""
+    AVG = 0
+    MAX = 1
+    AVGMAX = 2
+
+
+class OutActivation(Option):
+    """After the scale and the residual add."""
+    NONE = 0
+    RELU = 1
+
+
+RELU, SILU = Activation.names()
+SIGMOID, HARDSIGMOID = Gate.names()
+AVG, MAX, AVGMAX = Pool.names()
+NONE, OUT_RELU = OutActivation.names()  # OUT_RELU == RELU: the same name in both places
+
+ACTIVATIONS = Activation.names()
+GATES = Gate.names()
+POOLS = Pool.names()
+OUT_ACTIVATIONS = OutActivation.names()
+
+# Each option argument's names, in the schemas' order. Calls read these plain tuples
+# (torch.compile traces them as constants), not the enums.
+NAMES: dict[str, tuple[str, ...]] = {
+    "activation": ACTIVATIONS, "gate": GATES, "pool": POOLS, "out_activation": OUT_ACTIVATIONS}
+
+
+def code(argument: str, name: str) -> int:
+    """The kernels' code for a valid name, e.g. code("pool", "avgmax") == Pool.AVGMAX == 2."""
+    return NAMES[argument].index(name)
+
+
+def check_choice(argument: str, value) -> None:
+    """ValueError naming the argument unless `value` is one of its names."""
+    choices = NAMES[argument]
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{argument} must be one of {', '.join(map(repr, choices))}, "
+                         f"got {value!r}")
+
+
+def normalize_out_activation(value) -> str:
+    """The public API's out_activation (None, "none", "identity" or "relu") as the ops'."""
+    if value is None or value in (NONE, "identity"):
+        return NONE
+    if value == OUT_RELU:
+        return OUT_RELU
+    raise ValueError(f"out_activation must be None or {OUT_RELU!r}, got {value!r}")
+
+
+# Activation and gate modules by qualified class name, with the option each computes. Exact
+# classes only: a subclass may compute something else. timm's Swish/SwishMe compute
+# x * sigmoid(x) and its HardSigmoid relu6(x + 3) / 6, the same functions as nn.SiLU and
+# nn.Hardsigmoid (HardSigmoidMe differs only in the subgradient at exactly +-3, where it
+# takes 1/6 and the op takes 0, as nn.Hardsigmoid does). `inplace` changes nothing: the op
+# never writes its input.
+ACTIVATION_CLASSES = {
+    "torch.nn.modules.activation.ReLU": RELU,
+    "torch.nn.modules.activation.SiLU": SILU,
+    "timm.layers.activations.Swish": SILU,
+    "timm.layers.activations_me.SwishMe": SILU,
+}
+GATE_CLASSES = {
+    "torch.nn.modules.activation.Sigmoid": SIGMOID,
+    "torch.nn.modules.activation.Hardsigmoid": HARDSIGMOID,
+    "timm.layers.activations.Sigmoid": SIGMOID,
+    "timm.layers.activations.HardSigmoid": HARDSIGMOID,
+    "timm.layers.activations_me.HardSigmoidMe": HARDSIGMOID,
+}
+
+
+def _torch_modules(classes: dict[str, str]) -> dict[type, str]:
+    prefix = "torch.nn.modules.activation."
+    return {getattr(torch.nn, qualname[len(prefix):]): name
+            for qualname, name in classes.items() if qualname.startswith(prefix)}
+
+
+# The torch.nn modules SqueezeExcitation takes (nn.ReLU -> "relu", ...), and back.
+TORCH_ACTIVATIONS = _torch_modules(ACTIVATION_CLASSES)
+TORCH_GATES = _torch_modules(GATE_CLASSES)

@@ -36,7 +36,7 @@ import torch
 
 from . import dispatch
 from .schedule import GPUS, STREAMS, GpuProfile, Launch, PlanCall, PlanUnavailable
-from .vocabulary import AVG, POOLS
+from .options import AVG, POOLS
 
 CURRENT = "current"  # --gpu: the GPU torch sees (current_gpu)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

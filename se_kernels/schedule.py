@@ -13,14 +13,14 @@ from typing import NamedTuple
 
 import torch
 
-from .vocabulary import AVG
+from .options import AVG
 
 # The x-sized tensors: the floor's (DESIGN.md §2) and the streams a pass walks sample by sample.
 STREAMS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
 # The tensors a trace names: the streams, then the weights (and their gradients) and
 # everything else (the [N, C] vectors, partial sums). The cuda backend's cuda_schedule op
 # encodes tensors and kernels as indices into these lists, which csrc/cuda/se_plan.h
-# spells in the same order (tests/test_vocabulary.py checks).
+# spells in the same order (tests/test_options.py checks).
 TRACE_TENSORS = (*STREAMS, "weights", "scratch")
 CUDA_TRACE_KERNELS = ("zero_sync", "forward_pipeline", "backward_pipeline", "reduce", "combine",
                       "mlp", "map", "weight_grad", "weight_grad_combine")

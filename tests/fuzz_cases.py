@@ -9,7 +9,7 @@ then the shape, dtype, layouts and options) names everything it draws. What it d
   dividing C, S > C), H x W (1x1, single rows and columns, long rows), the biases;
 - the dtype (fp16, bf16, fp32, fp64) and the data: Gaussian, or small integers, whose
   repeated maxima exercise max pooling's tie sharing;
-- the options, from se_kernels.vocabulary: activation, gate, pool, out_activation, and a
+- the options, from se_kernels.options: activation, gate, pool, out_activation, and a
   residual or none;
 - the layout of x, of the residual and of grad_out, each independently: dense NCHW, dense
   channels-last, or a view (every other column, every other channel, H and W transposed),
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from se_kernels.vocabulary import ACTIVATIONS, GATES, NONE, OUT_ACTIVATIONS, POOLS
+from se_kernels.options import ACTIVATIONS, GATES, NONE, OUT_ACTIVATIONS, POOLS
 
 from helpers import Case, grad_output, make_inputs
 

@@ -14,8 +14,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import se_kernels
-from se_kernels.options import make_call
-from se_kernels.vocabulary import ACTIVATIONS, GATES, POOLS
+from se_kernels.call import make_call
+from se_kernels.options import ACTIVATIONS, GATES, POOLS
 from oracle import GRAD_NAMES, OracleResult, decision_variants, se_oracle
 
 

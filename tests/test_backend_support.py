@@ -5,7 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from se_kernels import dispatch
-from se_kernels.options import make_call
+from se_kernels.call import make_call
 
 
 def test_declared_support_is_checked_in_one_place(monkeypatch):

@@ -94,7 +94,7 @@ import torch
 import se_kernels
 from se_kernels.backends import native
 from helpers import Case, check_against_reference, make_inputs
-from se_kernels.options import make_call
+from se_kernels.call import make_call
 
 assert native.EXTENSION_ERROR is not None, "se_kernels._C was imported"
 assert not native.has_kernel("cpu"), "CPU kernels registered before the library was loaded"

@@ -24,7 +24,7 @@ import torch
 
 import se_kernels
 from se_kernels.backends import native
-from se_kernels.options import make_call
+from se_kernels.call import make_call
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import (Case, check_against_reference, compare_with_oracle,  # noqa: E402

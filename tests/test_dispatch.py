@@ -5,7 +5,7 @@ import torch
 
 import se_kernels
 from se_kernels import dispatch
-from se_kernels.options import make_call
+from se_kernels.call import make_call
 
 
 def cpu_call():
@@ -155,9 +155,9 @@ def test_the_cpu_rule_agrees_with_its_table():
 
 
 def test_every_backend_declares_its_option_values():
-    """Each backend names, per option argument, values of the vocabulary only; today every
+    """Each backend names, per option argument, values of se_kernels.options only; today every
     backend computes every value."""
-    from se_kernels.vocabulary import NAMES
+    from se_kernels.options import NAMES
 
     for name in dispatch.backend_names():
         declared = dispatch.get_backend(name).SUPPORTED_OPTIONS

@@ -8,7 +8,7 @@ import torch
 
 import se_kernels
 from se_kernels.backends.triton import ops as triton_ops
-from se_kernels.options import make_call
+from se_kernels.call import make_call
 
 from triton_support import DEVICE, run_python_with
 
@@ -62,7 +62,7 @@ def test_import_is_lazy_and_survives_missing_triton():
         "import sys\n"
         "sys.modules['triton'] = None  # as if triton were not installed\n"
         "import torch, se_kernels\n"
-        "from se_kernels.options import make_call\n"
+        "from se_kernels.call import make_call\n"
         "x = torch.randn(1, 4, 2, 2)\n"
         "call = make_call(x, torch.randn(2, 4), None, torch.randn(4, 2), None)\n"
         "print(se_kernels.explain(call)['triton'])\n"

@@ -217,7 +217,7 @@ inline int pipeline_ctas_per_sm_from_env() {
 // ---- the trace `se-kernels plan` models ------------------------------------------------
 // Per launch: kernel code, CTAs, access count, then (tensor code, byte offset, bytes,
 // is_write) per access in the order the launch makes them. The codes index
-// se_kernels/vocabulary.py's PLAN_KERNELS and PLAN_TENSORS.
+// se_kernels/schedule.py's CUDA_TRACE_KERNELS and TRACE_TENSORS.
 enum class TraceKernel : int64_t {
   ZeroSync = 0, ForwardPipeline, BackwardPipeline, Reduce, Combine, Mlp, Map, WeightGrad,
   WeightGradCombine

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import _compat, _ops, dispatch
-from ..options import SECall
-from ..vocabulary import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
+from ..call import SECall
+from ..options import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
 
 try:
     from .. import _C  # noqa: F401 - importing registers the kernels with the ops

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from .._ops import accumulate_dtype
-from ..vocabulary import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
-from ..options import SECall
+from ..options import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
+from ..call import SECall
 
 
 def hardsigmoid(g: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class Variant:
 
 def _usable_backends(device: torch.device) -> list[str]:
     from se_kernels import dispatch
-    from se_kernels.options import make_call
+    from se_kernels.call import make_call
 
     x = torch.randn(1, 64, 2, 2, device=device)
     call = make_call(x, torch.randn(4, 64, device=device), None, torch.randn(64, 4, device=device), None)

@@ -21,8 +21,8 @@ from torch import nn
 
 import se_kernels
 from se_kernels import _compat, dispatch
-from se_kernels.options import make_call
-from se_kernels.vocabulary import TORCH_ACTIVATIONS, TORCH_GATES
+from se_kernels.call import make_call
+from se_kernels.options import TORCH_ACTIVATIONS, TORCH_GATES
 
 from .shapes import SEShape
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..vocabulary import RELU, SIGMOID, TORCH_ACTIVATIONS, TORCH_GATES
+from ..options import RELU, SIGMOID, TORCH_ACTIVATIONS, TORCH_GATES
 
 NETWORKS = ("resnet50", "mobilenetv3", "efficientnet_b0", "regnety_400mf")
 IMAGE_SIZE = 224

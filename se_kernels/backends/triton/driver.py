@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..._ops import accumulate_dtype
-from ...vocabulary import AVG, MAX, OUT_RELU, code
+from ...options import AVG, MAX, OUT_RELU, code
 from . import interpreter
 from .heuristics import (DeviceProfile, device_profile, map_walks_backwards, mlp_config, pass_config,
                          weight_grad_config)

@@ -39,9 +39,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...vocabulary import Activation, Gate, Pool
+from ...options import Activation, Gate, Pool
 
-# The options' codes (se_kernels.vocabulary), which the drivers pass as constexprs; globals
+# The options' codes (se_kernels.options), which the drivers pass as constexprs; globals
 # that @triton.jit code reads must be tl.constexpr.
 RELU, SILU = tl.constexpr(int(Activation.RELU)), tl.constexpr(int(Activation.SILU))
 SIGMOID, HARDSIGMOID = tl.constexpr(int(Gate.SIGMOID)), tl.constexpr(int(Gate.HARDSIGMOID))

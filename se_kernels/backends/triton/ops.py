@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ... import _ops, dispatch
-from ...options import SECall
-from ...vocabulary import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
+from ...call import SECall
+from ...options import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
 from .interpreter import interpreter_requested, keep_opaque_under_interpreter, kernels_interpreted
 
 FORWARD_NAME = "se_kernels::se_forward_triton"

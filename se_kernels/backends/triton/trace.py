@@ -21,7 +21,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ... import _compat
 from ...schedule import STREAMS, Access, GpuProfile, Launch, PlanCall
-from ...vocabulary import NONE, OUT_RELU, RELU, SIGMOID
+from ...options import NONE, OUT_RELU, RELU, SIGMOID
 from . import driver
 from .heuristics import GPU_PROFILE, DeviceProfile
 

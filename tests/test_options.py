@@ -1,4 +1,4 @@
-"""The option vocabulary: Python's names and codes (se_kernels.vocabulary) are those of the
+"""The options: Python's names and codes (se_kernels.options) are those of the
 C++ header the CPU and CUDA kernels share (csrc/se_options.h), and the API maps modules
 and spellings through it."""
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from se_kernels import schedule, vocabulary
-from se_kernels.vocabulary import (ACTIVATIONS, GATES, OUT_ACTIVATIONS, POOLS, Activation, Gate,
+from se_kernels import options, schedule
+from se_kernels.options import (ACTIVATIONS, GATES, OUT_ACTIVATIONS, POOLS, Activation, Gate,
                                    OutActivation, Pool)
 
 HEADER = Path(__file__).resolve().parent.parent / "csrc" / "se_options.h"
@@ -52,34 +52,34 @@ def test_codes_and_names_agree_with_the_header(kind):
 
 
 def test_names_are_what_the_api_takes():
-    assert vocabulary.ACTIVATIONS == ("relu", "silu")
-    assert vocabulary.GATES == ("sigmoid", "hardsigmoid")
-    assert vocabulary.POOLS == ("avg", "max", "avgmax")
-    assert vocabulary.OUT_ACTIVATIONS == ("none", "relu")
-    assert vocabulary.OUT_RELU == vocabulary.RELU
-    assert vocabulary.code("pool", "avgmax") == Pool.AVGMAX == 2
-    assert vocabulary.code("gate", "hardsigmoid") == Gate.HARDSIGMOID == 1
+    assert options.ACTIVATIONS == ("relu", "silu")
+    assert options.GATES == ("sigmoid", "hardsigmoid")
+    assert options.POOLS == ("avg", "max", "avgmax")
+    assert options.OUT_ACTIVATIONS == ("none", "relu")
+    assert options.OUT_RELU == options.RELU
+    assert options.code("pool", "avgmax") == Pool.AVGMAX == 2
+    assert options.code("gate", "hardsigmoid") == Gate.HARDSIGMOID == 1
 
 
 def test_check_choice_names_the_argument():
-    vocabulary.check_choice("pool", "max")
+    options.check_choice("pool", "max")
     with pytest.raises(ValueError, match="gate must be one of 'sigmoid', 'hardsigmoid', got 'tanh'"):
-        vocabulary.check_choice("gate", "tanh")
+        options.check_choice("gate", "tanh")
     with pytest.raises(ValueError, match="activation must be one of"):
-        vocabulary.check_choice("activation", 1)
+        options.check_choice("activation", 1)
 
 
 @pytest.mark.parametrize("value, expected", [(None, "none"), ("none", "none"),
                                              ("identity", "none"), ("relu", "relu")])
 def test_out_activation_spellings(value, expected):
-    assert vocabulary.normalize_out_activation(value) == expected
+    assert options.normalize_out_activation(value) == expected
 
 
 def test_torch_modules_map_to_names():
-    assert vocabulary.TORCH_ACTIVATIONS == {nn.ReLU: "relu", nn.SiLU: "silu"}
-    assert vocabulary.TORCH_GATES == {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
-    for classes in (vocabulary.ACTIVATION_CLASSES, vocabulary.GATE_CLASSES):
-        assert set(classes.values()) <= set(vocabulary.ACTIVATIONS + vocabulary.GATES)
+    assert options.TORCH_ACTIVATIONS == {nn.ReLU: "relu", nn.SiLU: "silu"}
+    assert options.TORCH_GATES == {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
+    for classes in (options.ACTIVATION_CLASSES, options.GATE_CLASSES):
+        assert set(classes.values()) <= set(options.ACTIVATIONS + options.GATES)
 
 
 def snake_case(name: str) -> str:
@@ -100,7 +100,7 @@ def test_plan_trace_codes_agree_with_the_cuda_planner(enum, names):
 
 def test_the_oracle_has_one_entry_per_option_value():
     """The float64 oracle writes each option value's math once, in a table keyed by the
-    vocabulary's names: a value without its entry fails here, not as a wrong answer."""
+    names of se_kernels.options: a value without its entry fails here, not as a wrong answer."""
     import oracle
 
     assert tuple(oracle.ACTIVATIONS) == ACTIVATIONS
