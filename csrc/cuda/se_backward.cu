@@ -272,7 +272,7 @@ struct BackwardStages {
   A *dg, *s, *count, *dx_avg, *dx_max, *da, *h, *partial;
   int64_t C, P, S, group;
   Options opt;
-  PassPlan pass;
+  PassTiling pass;
   MlpTiling tiling1, tiling2;
 
   // The reduce stage's terms for samples from n0; `write_dresidual`: it writes dresidual.
@@ -376,7 +376,7 @@ void backward(const Plan& plan, const BackwardArgs& args, cudaStream_t stream) {
   } else {
     for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
       const int64_t n = std::min(plan.group, N - n0);
-      const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
+      const PassTiling pass = tile_pass(pb, n, plan.width, plan.sm_count);
       run_reduce<T>(st.terms(n0, false), pass, n0, n, C, P, st.partial, stream);
       const MlpTiling m1 = cols_dot_tiling(S, n), m2 = cols_dot_tiling(C, n);
       launch(TraceKernel::Mlp, cols_dot_kernel<T, HiddenGradEpilogue<T>>, m1.items, kThreads,

@@ -17,7 +17,7 @@ namespace detail {
 
 template <typename T, typename Terms>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
-    reduce_kernel(Terms terms, PassPlan plan, int64_t n0, int64_t n, int64_t C, int64_t P,
+    reduce_kernel(Terms terms, PassTiling plan, int64_t n0, int64_t n, int64_t C, int64_t P,
                   typename Terms::A* partial) {
   reduce_tile<T>(terms, plan, n0, n, C, P, partial, blockIdx.x);
 }
@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename Op>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
-    map_kernel(Op op, PassPlan plan, int64_t n0, int64_t n, int64_t C, int64_t P) {
+    map_kernel(Op op, PassTiling plan, int64_t n0, int64_t n, int64_t C, int64_t P) {
   map_tile<T>(op, plan, n0, n, C, P, blockIdx.x);
 }
 
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads)
 // A reduce pass over the n samples from n0 (the Terms' pointers start there): partials when
 // the plan splits rows, then the combine kernel.
 template <typename T, typename Terms>
-void run_reduce(const Terms& terms, const PassPlan& plan, int64_t n0, int64_t n, int64_t C,
+void run_reduce(const Terms& terms, const PassTiling& plan, int64_t n0, int64_t n, int64_t C,
                 int64_t P, typename Terms::A* partial, cudaStream_t stream) {
   typename Terms::A* out = plan.pieces > 1 ? partial : nullptr;
   launch(TraceKernel::Reduce, reduce_kernel<T, Terms>, plan.ctas, plan.threads, stream, terms,
@@ -65,7 +65,7 @@ void run_reduce(const Terms& terms, const PassPlan& plan, int64_t n0, int64_t n,
 }
 
 template <typename T, typename Op>
-void run_map(const Op& op, const PassPlan& plan, int64_t n0, int64_t n, int64_t C, int64_t P,
+void run_map(const Op& op, const PassTiling& plan, int64_t n0, int64_t n, int64_t C, int64_t P,
              cudaStream_t stream) {
   launch(TraceKernel::Map, map_kernel<T, Op>, plan.ctas, plan.threads, stream, op, plan, n0, n,
          C, P);

@@ -3,7 +3,7 @@
 // Both directions make two passes over x-sized tensors with an O(N*C*S) MLP between them:
 //   reduce pass: per (n, c), fold Terms over the spatial positions (pool; sum dy*x)
 //   map pass:    per element, an Op of the element and per-channel values (scale; dx)
-// A tile (one CTA's share of a pass, see PassPlan in se_plan.h) walks x in its layout:
+// A tile (one CTA's share of a pass, see PassTiling in se_plan.h) walks x in its layout:
 //   NCHW:          a row (n, c) holds P contiguous elements. A group of `lanes` threads of
 //                  one warp (a power of two, sized to the row) walks one row; rows are
 //                  consecutive, so a warp reads one contiguous span. A row's ends that
@@ -106,7 +106,7 @@ __device__ __forceinline__ int tile_phase(int64_t n0, int64_t C, int64_t P) {
 // One reduce tile of an NCHW pass over `rows` rows: writes the tile's partial per row, or
 // finalizes rows directly when `partial` is nullptr (an unsplit pass).
 template <typename Terms, int W>
-__device__ __forceinline__ void reduce_nchw_tile(const Terms& terms, const PassPlan& plan,
+__device__ __forceinline__ void reduce_nchw_tile(const Terms& terms, const PassTiling& plan,
                                                  int64_t rows, int64_t P, int phase,
                                                  typename Terms::A* partial, int64_t block) {
   using A = typename Terms::A;
@@ -152,7 +152,7 @@ __device__ __forceinline__ void reduce_nchw_tile(const Terms& terms, const PassP
 
 // One reduce tile of a channels-last pass over n_samples samples (see reduce_nchw_tile).
 template <typename Terms, int W>
-__device__ __forceinline__ void reduce_cl_tile(const Terms& terms, const PassPlan& plan,
+__device__ __forceinline__ void reduce_cl_tile(const Terms& terms, const PassTiling& plan,
                                                int64_t n_samples, int64_t C, int64_t P,
                                                typename Terms::A* partial, int64_t block) {
   using A = typename Terms::A;
@@ -249,7 +249,7 @@ __device__ __forceinline__ void combine_one(const Terms& terms, const typename T
 
 // One map tile of an NCHW pass.
 template <typename Op, int W>
-__device__ __forceinline__ void map_nchw_tile(const Op& op, const PassPlan& plan, int64_t rows,
+__device__ __forceinline__ void map_nchw_tile(const Op& op, const PassTiling& plan, int64_t rows,
                                               int64_t P, int phase, int64_t block) {
   using A = typename Op::A;
   const int lanes = plan.lanes;
@@ -272,7 +272,7 @@ __device__ __forceinline__ void map_nchw_tile(const Op& op, const PassPlan& plan
 
 // One map tile of a channels-last pass over n_samples samples.
 template <typename Op, int W>
-__device__ __forceinline__ void map_cl_tile(const Op& op, const PassPlan& plan, int64_t n_samples,
+__device__ __forceinline__ void map_cl_tile(const Op& op, const PassTiling& plan, int64_t n_samples,
                                             int64_t C, int64_t P, int64_t block) {
   using A = typename Op::A;
   const int64_t piece = block % plan.pieces;
@@ -293,7 +293,7 @@ __device__ __forceinline__ void map_cl_tile(const Op& op, const PassPlan& plan, 
 // The tile `block` of a pass over the n samples from sample n0, in the plan's layout and
 // width; the Terms' or Op's pointers start at sample n0.
 template <typename T, typename Terms>
-__device__ __forceinline__ void reduce_tile(const Terms& terms, const PassPlan& plan, int64_t n0,
+__device__ __forceinline__ void reduce_tile(const Terms& terms, const PassTiling& plan, int64_t n0,
                                             int64_t n, int64_t C, int64_t P,
                                             typename Terms::A* partial, int64_t block) {
   constexpr int kW = vector_width<T>();
@@ -307,7 +307,7 @@ __device__ __forceinline__ void reduce_tile(const Terms& terms, const PassPlan& 
   }
 }
 template <typename T, typename Op>
-__device__ __forceinline__ void map_tile(const Op& op, const PassPlan& plan, int64_t n0,
+__device__ __forceinline__ void map_tile(const Op& op, const PassTiling& plan, int64_t n0,
                                          int64_t n, int64_t C, int64_t P, int64_t block) {
   constexpr int kW = vector_width<T>();
   if (!plan.channels_last) {

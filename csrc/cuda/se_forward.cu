@@ -160,7 +160,7 @@ struct ForwardStages {
   A *z, *zmax, *a, *g, *s, *h, *partial;
   int64_t C, P, S, group;
   Options opt;
-  PassPlan pass;
+  PassTiling pass;
   MlpTiling tiling1, tiling2;
 
   __device__ PoolTerms<T> pool_terms(int64_t n0) const {
@@ -227,7 +227,7 @@ void forward(const Plan& plan, const ForwardArgs& args, cudaStream_t stream) {
   }
   for (int64_t n0 = 0; n0 < N; n0 += plan.group) {
     const int64_t n = std::min(plan.group, N - n0);
-    const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
+    const PassTiling pass = tile_pass(pb, n, plan.width, plan.sm_count);
     const PoolTerms<T> pool{st.x + n0 * C * P, st.z + n0 * C,
                             st.zmax != nullptr ? st.zmax + n0 * C : nullptr, pb.opt.pool, P};
     run_reduce<T>(pool, pass, n0, n, C, P, st.partial, stream);

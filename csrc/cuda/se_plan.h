@@ -66,9 +66,9 @@ constexpr int kTile = 8;             // samples per CTA in the MLP kernels
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Tiling of a streaming pass over n samples of C x P elements (the map and reduce kernels of
-// se_cuda_common.cuh walk it; see there). A pass with pieces > 1 splits each row (NCHW) or
+// se_cuda_tiles.cuh walk it; see there). A pass with pieces > 1 splits each row (NCHW) or
 // each (sample, channel block) (channels-last) along P.
-struct PassPlan {
+struct PassTiling {
   bool channels_last;
   int width;          // elements per access (the Terms/Op template width is chosen from it)
   int threads;        // CTA size
@@ -98,11 +98,11 @@ constexpr int64_t kMinPieceBytes = 256;
 // a multiple of `width` still use 16-byte accesses: each piece peels its unaligned ends.
 // Channels-last tiles take at most a warp's worth of channel vectors (512 contiguous bytes a
 // pixel), so wide layers give several channel blocks before pixels are split.
-inline PassPlan plan_pass(const Problem& pb, int64_t n, int width, int sm_count) {
+inline PassTiling tile_pass(const Problem& pb, int64_t n, int width, int sm_count) {
   const int64_t C = pb.C, P = pb.P;
   const int64_t target = int64_t(sm_count) * kTargetCtasPerSm;
   const int64_t min_piece = ceil_div(kMinPieceBytes, element_size(pb.dtype));  // elements
-  PassPlan p{};
+  PassTiling p{};
   p.channels_last = pb.channels_last;
   p.width = width;
   if (!pb.channels_last) {
@@ -251,7 +251,7 @@ struct Pipeline {
   int64_t group;      // samples per full group
   int64_t groups;
   int lag;            // steps from a group's reduce tiles to its map tiles (0, 1 or 2)
-  PassPlan pass;      // tiles of a full group (the last group's spare tiles do nothing)
+  PassTiling pass;      // tiles of a full group (the last group's spare tiles do nothing)
   MlpTiling mlp1, mlp2;
   int64_t step_items; // tickets per step
   int64_t steps;      // groups + lag
@@ -372,7 +372,7 @@ inline Pipeline plan_pipeline(const Problem& pb, bool backward, int width, int s
                         : std::clamp<int64_t>((budget / (p.lag + 1) - weights) / per_sample, 1,
                                               pb.N);
   p.groups = ceil_div(pb.N, p.group);
-  p.pass = plan_pass(pb, p.group, width, sm_count);
+  p.pass = tile_pass(pb, p.group, width, sm_count);
   if (!backward) {
     p.mlp1 = rows_dot_tiling(pb.S, pb.C, p.group);
     p.mlp2 = rows_dot_tiling(pb.C, pb.S, p.group);
@@ -413,7 +413,7 @@ inline int64_t reduce_partial_elems(const Plan& plan) {
   int64_t elems = 0;  // a full group or the last, smaller one, which may split rows more
   for (const int64_t n : {std::min(plan.group, pb.N), pb.N % plan.group}) {
     if (n == 0) continue;
-    const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
+    const PassTiling pass = tile_pass(pb, n, plan.width, plan.sm_count);
     if (pass.pieces > 1) elems = std::max(elems, 2 * pass.pieces * n * pb.C);
   }
   return elems;
@@ -491,7 +491,7 @@ inline void trace_weight_grads(const Plan& plan, Trace& t) {
 
 // The reduce tiles' partial sums, 2 per (piece, sample, channel), when rows are split:
 // written by the tiles, read back by the combine.
-inline void trace_partials(const Plan& plan, const PassPlan& pass, int64_t n0, int64_t n,
+inline void trace_partials(const Plan& plan, const PassTiling& pass, int64_t n0, int64_t n,
                            bool write, Trace& t) {
   if (pass.pieces == 1) return;
   const int64_t per_sample = 2 * pass.pieces * plan.problem.C * acc_size(plan.problem.dtype);
@@ -500,7 +500,7 @@ inline void trace_partials(const Plan& plan, const PassPlan& pass, int64_t n0, i
 }
 
 // What the stages of one group of n samples starting at sample n0, tiled by `pass`, touch.
-inline void trace_stage(const Plan& plan, bool backward, int stage, const PassPlan& pass,
+inline void trace_stage(const Plan& plan, bool backward, int stage, const PassTiling& pass,
                         int64_t n0, int64_t n, Trace& t) {
   const Problem& pb = plan.problem;
   const int64_t plane = pb.C * pb.P * element_size(pb.dtype);
@@ -537,7 +537,7 @@ inline std::vector<int64_t> trace(const Plan& plan, bool backward) {
   } else {
     for (int64_t n0 = 0; n0 < pb.N; n0 += plan.group) {
       const int64_t n = std::min(plan.group, pb.N - n0);
-      const PassPlan pass = plan_pass(pb, n, plan.width, plan.sm_count);
+      const PassTiling pass = tile_pass(pb, n, plan.width, plan.sm_count);
       t.launch(TraceKernel::Reduce, pass.ctas);
       trace_stage(plan, backward, kReduce, pass, n0, n, t);
       if (pass.pieces > 1) {

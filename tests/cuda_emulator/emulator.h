@@ -66,7 +66,7 @@
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 // A plain `static` array would be one copy for every CTA: kernels declare shared memory
-// with SE_SHARED(type, name, [dims]) (se_cuda_common.cuh), which the emulator backs per CTA.
+// with SE_SHARED(type, name, [dims]) (se_cuda_launch.cuh), which the emulator backs per CTA.
 #undef __shared__
 #define __shared__ static_assert(false, "declare shared memory with SE_SHARED(type, name, [dims])");
 
@@ -657,7 +657,7 @@ inline void workspace_region(const char* name, const void* begin, int64_t bytes)
 // Every launch since the log was last cleared: (kernel code of the plan's trace, CTAs).
 inline std::vector<int64_t> launch_log;
 
-// kernel(args...) on the emulator: the launch of se_cuda_common.cuh without `<<<>>>`.
+// kernel(args...) on the emulator: the launch of se_cuda_launch.cuh without `<<<>>>`.
 template <typename What, typename... Params, typename... Args>
 void emulated_launch(What what, void (*kernel)(Params...), int64_t ctas, int threads,
                      const Args&... args) {
