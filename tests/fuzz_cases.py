@@ -351,20 +351,19 @@ def fuzz_inputs(fc: FuzzCase, device="cpu") -> tuple[dict, torch.Tensor]:
 @contextlib.contextmanager
 def environment(**values: str | None):
     """Environment variables set (None: removed) for the duration."""
+    def apply(settings: dict[str, str | None]) -> None:
+        for key, value in settings.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
     saved = {key: os.environ.get(key) for key in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        apply(values)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        apply(saved)
 
 
 STREAMS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
