@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from se_kernels.schedule import GPUS
+
 from helpers import (OPTION_CASES, SHAPE_CASES, Case, assert_all_differ, compare_with_oracle,
                      cuda_launches, grad_output, make_inputs)
 
@@ -30,7 +32,8 @@ EMULATOR = HERE / "cuda_emulator"
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
 SCHEDULE_ENV = "SE_KERNELS_CUDA_SCHEDULE"
 CTAS_PER_SM_ENV = "SE_KERNELS_CUDA_CTAS_PER_SM"
-EMULATED_DEVICE = (132, 50 * 2 ** 20)  # an H100's SM count and L2
+# The emulated GPU: an H100's SM count and L2, as se-kernels plan's h100 profile has them.
+EMULATED_DEVICE = (GPUS["h100"].sm_count, GPUS["h100"].l2_bytes)
 ALL_MODES_ENV = "SE_KERNELS_EMULATOR_ALL_MODES"
 
 
@@ -268,7 +271,7 @@ def test_device_sizes(emu, sm_count):
             check_emulated(emu, Case(n=1, c=16, h=32, w=40, s=4, layout=layout, pool="avgmax"))
             check_emulated(emu, Case(n=5, c=33, h=6, w=7, s=3, layout=layout, pool="max"))
     finally:
-        emu.set_device(132, 50 * 2 ** 20)
+        emu.set_device(*EMULATED_DEVICE)
 
 
 PLAN_CASES = [
