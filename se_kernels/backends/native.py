@@ -114,8 +114,8 @@ class NativeBackend(dispatch.Backend):
         from ..schedule import decode_cuda_trace
 
         codes = cuda_schedule_op()(call.n, call.c, call.p, call.squeeze, call.element_size,
-                         call.channels_last, call.residual, call.pool, call.out_relu, backward,
-                         gpu.sm_count, gpu.l2_bytes)
+                                   call.channels_last, call.residual, call.pool, call.out_relu,
+                                   backward, gpu.sm_count, gpu.l2_bytes)
         return decode_cuda_trace(codes)
 
 
