@@ -1,13 +1,14 @@
-// se_kernels::cuda_schedule: the "cuda" backend's plan of one call, as the trace of
-// se_plan.h, for a device given by its SM count and L2 size. Built into every extension,
-// with or without CUDA: it runs the kernels' own planning code on the host, so
-// `se-kernels plan` (se_kernels/plan.py) answers for any GPU on any machine.
+// se_kernels::cuda_schedule: the "cuda" backend's plan of one call (cuda/se_plan.h), as its
+// trace (cuda/se_plan_trace.h), for a device given by its SM count and L2 size. Built into
+// every extension, with or without CUDA: it runs the kernels' own planning code on the
+// host, so `se-kernels plan` (se_kernels/plan.py) answers for any GPU on any machine.
 #include <torch/library.h>
 
 #include <string>
 #include <vector>
 
 #include "cuda/se_plan.h"
+#include "cuda/se_plan_trace.h"
 
 namespace se_kernels {
 namespace {

@@ -19,7 +19,7 @@ from .options import AVG
 STREAMS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
 # The tensors a trace names: the streams, then the weights (and their gradients) and
 # everything else (the [N, C] vectors, partial sums). The cuda backend's cuda_schedule op
-# encodes tensors and kernels as indices into these lists, which csrc/cuda/se_plan.h
+# encodes tensors and kernels as indices into these lists, which csrc/cuda/se_trace.h
 # spells in the same order (tests/test_options.py checks).
 TRACE_TENSORS = (*STREAMS, "weights", "scratch")
 CUDA_TRACE_KERNELS = ("zero_sync", "forward_pipeline", "backward_pipeline", "reduce", "combine",

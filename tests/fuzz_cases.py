@@ -18,7 +18,8 @@ then the shape, dtype, layouts and options) names everything it draws. What it d
   op copies them): NCHW or channels-last, the buffers that start one element off 16-byte
   alignment, the schedule (SE_KERNELS_CUDA_SCHEDULE), the L2 group budget
   (SE_KERNELS_CUDA_GROUP_BYTES, from one sample per group to the whole batch in one), the
-  SM count, and the emulator's thread and CTA order (its Mode).
+  SM count (a few small ones, and the emulated device's), and the emulator's thread and
+  CTA order (its Mode, tools/cuda_emulator/build.py).
 
 The pipelined schedule's lag has no override of its own: se_plan.h derives it, and the
 group size, from the budget. A case asks for lag 0, 1 or 2 (or the default budget) and
@@ -47,6 +48,7 @@ import torch
 
 from se_kernels.options import ACTIVATIONS, GATES, NONE, OUT_ACTIVATIONS, POOLS
 
+from cuda_emulator.build import EMULATED_DEVICE
 from helpers import Case, grad_output, make_inputs
 
 SEED_ENV = "SE_KERNELS_FUZZ_SEED"
@@ -66,7 +68,7 @@ TENSORS = ("x", "residual", "grad", "w1", "b1", "w2", "b2")
 # buffer the kernels get, workspace and saved statistics included).
 MISALIGNABLE = ("x", "residual", "out", "grad_out", "dx", "dresidual", "w1", "w2", "b1", "b2")
 SCHEDULES = ("pipelined", "grouped")
-SM_COUNTS = (1, 2, 7, 132)
+SM_COUNTS = (1, 2, 7, EMULATED_DEVICE[0])
 
 
 def base_seed() -> int:
@@ -94,8 +96,8 @@ class FuzzCase:
     misalign: tuple[str, ...] = ()
     schedule: str = "pipelined"
     budget: tuple = ("default",)    # ("default",) | ("lag", lag, u, backward) | ("groups", u)
-    mode: object = None             # test_cuda_emulation.Mode
-    sm_count: int = 132
+    mode: object = None             # cuda_emulator.build.Mode
+    sm_count: int = EMULATED_DEVICE[0]
 
     def __str__(self) -> str:
         parts = [f"case{self.index}", str(self.case)]

@@ -4,18 +4,10 @@ option, every dtype and layout, odd shapes."""
 import pytest
 import torch
 
-from helpers import (LAYOUTS, OPTION_CASES, SHAPE_CASES, Case, assert_all_differ,
-                     backend_device, check_against_reference, require_backend)
+from helpers import LAYOUTS, OPTION_CASES, SHAPE_CASES, Case, assert_all_differ, check_against_reference
+from helpers import backend  # noqa: F401 - a fixture
 
-BACKENDS = ["cpu", "torch", "triton", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    device = backend_device(request.param)
-    require_backend(request.param, device)
-    return request.param, device
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=str)

@@ -23,16 +23,18 @@ import pytest
 import torch
 
 import se_kernels
+from se_kernels import _ops
 from se_kernels.backends import native
 from se_kernels.call import make_call
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import (Case, check_against_reference, compare_with_oracle,  # noqa: E402
-                     cuda_launches, grad_output, make_inputs, run_se)
+                     cuda_launches, grad_output, make_inputs, needs_gpu, needs_two_gpus, run_se)
+from op_checks import (assert_compile_matches_eager, backward_args, forward_args,  # noqa: E402
+                       gradcheck_backend, opcheck_backward, opcheck_forward)
 
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
 SCHEDULE_ENV = "SE_KERNELS_CUDA_SCHEDULE"
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 # ---- no GPU needed ----------------------------------------------------------------------
@@ -151,21 +153,10 @@ def test_split_rows_for_small_batches(layout):
             check_against_reference(case, "cuda", "cuda")
 
 
-def se_ops_args(case: Case, device="cuda", seed=0):
-    """Inputs of the raw se_forward / se_backward ops for `case`."""
-    inputs = make_inputs(case, device, seed)
-    options = (case.activation, case.gate, case.pool, case.out_activation or "none")
-    return inputs, options
-
-
-def run_ops(inputs: dict, options: tuple, grad: torch.Tensor) -> tuple:
-    ops = torch.ops.se_kernels
-    out, z, zmax, a, g = ops.se_forward(inputs["x"], inputs["w1"], inputs["b1"], inputs["w2"],
-                                        inputs["b2"], inputs["residual"], *options)
-    saved_out = out if options[3] == "relu" else None
-    grads = ops.se_backward(grad, inputs["x"], saved_out, inputs["w1"], inputs["w2"], z, zmax,
-                            a, g, *options, inputs["residual"] is not None)
-    return (out, z, zmax, a, g, *grads)
+def run_ops(args: tuple, grad: torch.Tensor) -> tuple:
+    """Every tensor se_forward(*args) returns, then every one se_backward returns for them."""
+    outputs = _ops.se_forward(*args)
+    return (*outputs, *_ops.se_backward(*backward_args(args, outputs, grad)))
 
 
 def planned_kernels(case: Case, backward: bool) -> int:
@@ -185,16 +176,11 @@ def planned_kernels(case: Case, backward: bool) -> int:
 def test_kernels_launched_match_the_plan(monkeypatch, case, schedule):
     """The profiler counts as many kernels per op as the plan (`se-kernels plan`) lists."""
     monkeypatch.setenv(SCHEDULE_ENV, schedule)
-    inputs, options = se_ops_args(case)
+    args = forward_args(case, "cuda")
     grad = grad_output(case, "cuda")
-    saved = run_ops(inputs, options, grad)[:5]  # a warm-up, and the forward's saved tensors
-    ops = torch.ops.se_kernels
-    forward = kernels_in(lambda: ops.se_forward(inputs["x"], inputs["w1"], inputs["b1"],
-                                                inputs["w2"], inputs["b2"],
-                                                inputs["residual"], *options))
-    backward = kernels_in(lambda: ops.se_backward(
-        grad, inputs["x"], saved[0] if options[3] == "relu" else None, inputs["w1"],
-        inputs["w2"], *saved[1:], *options, inputs["residual"] is not None))
+    saved = run_ops(args, grad)[:5]  # a warm-up, and the forward's saved tensors
+    forward = kernels_in(lambda: _ops.se_forward(*args))
+    backward = kernels_in(lambda: _ops.se_backward(*backward_args(args, saved, grad)))
     assert (forward, backward) == (planned_kernels(case, False), planned_kernels(case, True))
     if schedule == "pipelined":
         assert forward == 2 and backward <= 4
@@ -228,11 +214,11 @@ def test_bitwise_deterministic(monkeypatch, case, group_bytes):
     """Repeated runs give the same bits; with small groups the pipelined kernel's CTAs take
     the stages of many groups in whatever order the GPU runs them."""
     monkeypatch.setenv(GROUP_ENV, group_bytes)
-    inputs, options = se_ops_args(case)
+    args = forward_args(case, "cuda")
     grad = grad_output(case, "cuda")
-    first = run_ops(inputs, options, grad)
+    first = run_ops(args, grad)
     for _ in range(3):
-        again = run_ops(inputs, options, grad)
+        again = run_ops(args, grad)
         for i, (a, b) in enumerate(zip(first, again)):
             assert torch.equal(a, b), f"output {i} differs between runs for {case}"
 
@@ -245,26 +231,26 @@ def test_bitwise_deterministic(monkeypatch, case, group_bytes):
 def test_cuda_graph_capture_and_replay(case):
     """Both ops captured into one graph, replayed on new inputs copied into the captured
     tensors: the results equal eager runs on those inputs, bit for bit."""
-    static, options = se_ops_args(case, seed=0)
+    static = forward_args(case, "cuda", seed=0)
     static_grad = grad_output(case, "cuda", seed=1)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside the capture, as torch recommends
-        run_ops(static, options, static_grad)
+        run_ops(static, static_grad)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = run_ops(static, options, static_grad)
+        captured = run_ops(static, static_grad)
 
     for seed in (10, 20):
-        fresh, _ = se_ops_args(case, seed=seed)
+        fresh = forward_args(case, "cuda", seed=seed)
         fresh_grad = grad_output(case, "cuda", seed=seed + 1)
-        for name, t in fresh.items():
-            if t is not None:
-                static[name].copy_(t)
+        for captured_input, t in zip(static, fresh):
+            if isinstance(t, torch.Tensor):
+                captured_input.copy_(t)
         static_grad.copy_(fresh_grad)
         graph.replay()
-        expected = run_ops(fresh, options, fresh_grad)
+        expected = run_ops(fresh, fresh_grad)
         torch.cuda.synchronize()
         for i, (got, want) in enumerate(zip(captured, expected)):
             assert torch.equal(got, want), f"output {i} of the replay differs (seed {seed})"
@@ -276,23 +262,23 @@ def test_runs_on_the_current_stream():
     """Work queued on a side stream before the op (a long sleep, then writing x) must
     finish before the op reads x: true only if the op launches on that stream."""
     case = Case(n=4, c=32, h=16, w=16, s=8, residual=True, out_activation="relu")
-    inputs, options = se_ops_args(case)
-    new_x = torch.randn_like(inputs["x"])
+    args = forward_args(case, "cuda")
+    new_x = torch.randn_like(args[0])
     grad = grad_output(case, "cuda")
-    expected = run_ops({**inputs, "x": new_x}, options, grad)
+    expected = run_ops((new_x, *args[1:]), grad)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time
-        inputs["x"].copy_(new_x)
-        got = run_ops(inputs, options, grad)
+        args[0].copy_(new_x)
+        got = run_ops(args, grad)
     side.synchronize()
     for i, (a, b) in enumerate(zip(got, expected)):
         assert torch.equal(a, b), f"output {i}: the op did not run on the current stream"
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@needs_two_gpus
 def test_runs_on_the_inputs_device():
     case = Case(n=2, c=16, h=7, w=7, s=4)
     with torch.cuda.device(0):
@@ -371,16 +357,8 @@ OPCHECK_CASES = [
 def test_opcheck(case):
     """Schema, fake kernels (shapes, strides, layouts) and autograd registration agree with
     the CUDA kernels."""
-    inputs, options = se_ops_args(case)
-    args = [inputs[k] for k in ("x", "w1", "b1", "w2", "b2", "residual")]
-    torch.library.opcheck(torch.ops.se_kernels.se_forward.default,
-                          (*[None if t is None else t.detach().requires_grad_() for t in args],
-                           *options))
-    out, z, zmax, a, g = torch.ops.se_kernels.se_forward(*args, *options)
-    grad = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.se_kernels.se_backward.default, (
-        grad, inputs["x"], out if options[3] == "relu" else None, inputs["w1"], inputs["w2"], z,
-        zmax, a, g, *options, case.residual))
+    opcheck_forward(_ops.se_forward, case, "cuda", requires_grad=True)
+    opcheck_backward(_ops.se_forward, _ops.se_backward, case, "cuda")
 
 
 @pytest.mark.cuda
@@ -392,37 +370,16 @@ def test_opcheck(case):
     Case(n=1, c=3, h=3, w=3, s=1, dtype=torch.float64, pool="max", bias=False),
 ], ids=str)
 def test_gradcheck(case):
-    inputs = make_inputs(case, "cuda")
-    names = [k for k, v in inputs.items() if v is not None]
-    leaves = [inputs[k].detach().requires_grad_() for k in names]
-
-    def fn(*tensors):
-        d = dict(zip(names, tensors))
-        return se_kernels.squeeze_excitation(
-            d["x"], d["w1"], d.get("b1"), d["w2"], d.get("b2"), activation=case.activation,
-            gate=case.gate, pool=case.pool, residual=d.get("residual"),
-            out_activation=case.out_activation, backend="cuda")
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+    gradcheck_backend(case, make_inputs(case, "cuda"), "cuda")
 
 
 @pytest.mark.cuda
 @needs_gpu
 def test_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
     module = se_kernels.SqueezeExcitation(32, 8, out_activation="relu", backend="cuda").cuda()
-    compiled = torch.compile(module, fullgraph=True)
     x = torch.randn(4, 32, 9, 9, device="cuda").to(memory_format=torch.channels_last)
-    r = torch.randn_like(x)
-    results = []
-    for fn in (module, compiled):
-        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
-        module.zero_grad()
-        y = fn(xx, rr)
-        y.square().sum().backward()
-        results.append((y.detach(), xx.grad, rr.grad, module.fc1.weight.grad.clone()))
-    for eager, traced in zip(*results):
-        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    assert_compile_matches_eager(module, [x, torch.randn_like(x)], params=(module.fc1.weight,),
+                                 rtol=1e-5, atol=1e-5)
 
 
 def sanitizer_path() -> str | None:

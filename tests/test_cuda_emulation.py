@@ -1,101 +1,45 @@
 """The CUDA kernels of csrc/cuda/, compiled as host code and run on a CPU emulator
-(tests/cuda_emulator/), against the float64 oracle (tests/oracle.py): their index
+(tools/cuda_emulator/), against the float64 oracle (tests/oracle.py): their index
 arithmetic, vector and scalar paths, split-row partials, L2 groups, reductions and MLP
 kernels, on a machine without a GPU. Every buffer sits between NaN guards, outputs, scratch
 and shared memory start as NaN: unwritten outputs, out-of-bounds reads and out-of-bounds
 writes all fail these tests. The emulator also checks what a GPU would get wrong silently
 (barriers, shuffles, shared-memory races, 16-byte alignment, non-coherent loads; see
-emulator.h), under schedules set by `Mode`. By default every case runs in the strictest
+tools/cuda_emulator/README.md, and tests/test_cuda_emulator_checks.py for the checks
+themselves), under schedules set by `Mode`. By default every case runs in the strictest
 mode and a few cases run in every mode; SE_KERNELS_EMULATOR_ALL_MODES=1 runs every case in
 every mode.
 
-Needs the CUDA toolkit's headers (not a GPU, not nvcc); builds the emulator once per
-session with torch.utils.cpp_extension (about a minute on 2 cores)."""
+Needs the CUDA toolkit's headers (not a GPU, not nvcc); tools/cuda_emulator/build.py
+builds the emulator once per change of its sources (a few minutes on 2 cores)."""
 
 from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
-from se_kernels.schedule import GPUS
-
+from cuda_emulator.build import (ALL_MODES, DEFAULT_MODE, EMULATED_DEVICE, STRICT, Mode,
+                                 load_or_skip, load_se_kernels, set_mode)
+from se_kernels.backends.torch_backend import ACTIVATIONS as TORCH_ACTIVATIONS
 from helpers import (OPTION_CASES, SHAPE_CASES, Case, assert_all_differ, compare_with_oracle,
                      cuda_launches, grad_output, make_inputs)
 
-HERE = Path(__file__).resolve().parent
-EMULATOR = HERE / "cuda_emulator"
 GROUP_ENV = "SE_KERNELS_CUDA_GROUP_BYTES"
 SCHEDULE_ENV = "SE_KERNELS_CUDA_SCHEDULE"
 CTAS_PER_SM_ENV = "SE_KERNELS_CUDA_CTAS_PER_SM"
-# The emulated GPU: an H100's SM count and L2, as se-kernels plan's h100 profile has them.
-EMULATED_DEVICE = (GPUS["h100"].sm_count, GPUS["h100"].l2_bytes)
 ALL_MODES_ENV = "SE_KERNELS_EMULATOR_ALL_MODES"
-
-
-@dataclass(frozen=True)
-class Mode:
-    """An emulator schedule: the order threads of a CTA run in between synchronization
-    points, the order CTAs start in (random also keeps 4 CTAs in flight, interleaved), and
-    whether shared memory is seen as of the last barrier (races then show as errors)."""
-    fibers: str
-    ctas: str
-    snapshot: bool
-
-    @property
-    def resident(self) -> int:
-        return 4 if self.ctas == "random" else 1
-
-    def __str__(self) -> str:
-        return f"{self.fibers}-threads-{self.ctas}-ctas" + ("-snapshot" if self.snapshot else "")
-
-
-ORDERS = ("forward", "reverse", "random")
-ALL_MODES = [Mode(f, c, s) for f in ORDERS for c in ORDERS for s in (False, True)]
-STRICT = Mode("random", "random", True)
 MODES = ALL_MODES if os.environ.get(ALL_MODES_ENV, "") not in ("", "0") else [STRICT]
-
-
-def set_mode(ops, mode: Mode, seed: int) -> None:
-    ops.set_mode(mode.fibers, mode.ctas, mode.resident, seed, mode.snapshot)
-
-
-def cuda_include_dir() -> Path | None:
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if torch.version.cuda:
-        candidates.append(f"/usr/local/cuda-{torch.version.cuda}")
-    candidates.append("/usr/local/cuda")
-    for root in candidates:
-        if root and (Path(root) / "include" / "cuda_runtime.h").exists():
-            return Path(root) / "include"
-    return None
 
 
 @pytest.fixture(scope="module")
 def emu():
-    include = cuda_include_dir()
-    if include is None:
-        pytest.skip("the CUDA emulator needs the CUDA toolkit's headers (set CUDA_HOME)")
-    from torch.utils.cpp_extension import load
-
-    load(name="se_kernels_cuda_emulator",
-         sources=[str(EMULATOR / f) for f in
-                  ("emulated_forward.cpp", "emulated_backward.cpp", "emulated_ops.cpp",
-                   "planted_bugs.cpp")],
-         extra_include_paths=[str(include)],
-         extra_cflags=["-O1", "-Wno-attributes", "-Wno-unknown-pragmas", "-Werror=switch",
-                       "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"],
-         is_python_module=False)
-    ops = torch.ops.se_kernels_emu
-    ops.set_device(*EMULATED_DEVICE)
+    ops = load_or_skip(load_se_kernels)
     yield ops
     ops.set_device(*EMULATED_DEVICE)
-    set_mode(ops, Mode("forward", "forward", False), 0)
+    set_mode(ops, DEFAULT_MODE, 0)
 
 
 def check_emulated(ops, case: Case, *, misalign: tuple[str, ...] = (), seed: int = 0,
@@ -145,7 +89,7 @@ def check_emulated_once(ops, case: Case, *, misalign: list[str], seed: int,
     if inputs["b1"] is not None:
         a_ref = a_ref + inputs["b1"].double()
     stats["a"] = (a, a_ref)
-    h_ref = torch.relu(a_ref) if case.activation == "relu" else torch.nn.functional.silu(a_ref)
+    h_ref = TORCH_ACTIVATIONS[case.activation](a_ref)
     g_ref = h_ref @ inputs["w2"].double().t()
     if inputs["b2"] is not None:
         g_ref = g_ref + inputs["b2"].double()
@@ -423,49 +367,3 @@ def test_schedules(emu, case, mode):
     """Every emulator mode on a few cases (split rows, partial warps, channels-last
     reductions): results must not depend on thread or CTA order."""
     check_emulated(emu, case, modes=[mode])
-
-
-# Planted kernels (cuda_emulator/planted_bugs.cpp) with one bug each, and the error the
-# emulator must raise for it in every mode (racing_writes: in every snapshot mode).
-PLANTED_ERRORS = {
-    "warp_sum_lane_exits": "which has exited",
-    "half_warp_reads_other_half": "outside its mask",
-    "divergent_barrier": "wait at different __syncthreads",
-    "racing_writes": "both wrote byte 0 of the shared array",
-    "shared_overflow": "wrote past the end of the shared array",
-    "vector_copy_misaligned": "misaligned 16-byte load",
-    "vector_copy_past_end": "16-byte load .* runs outside the buffer",
-    "ldg_of_own_output": "__ldg read byte \\d+ of 'out'.*which the same launch writes",
-    "too_many_threads": "threads <= kThreads",
-    "last_cta_sum_no_fence": "atomicAdd on global memory without a __threadfence",
-    "spin_forever": "spins on a counter that no resident CTA will advance",
-}
-
-
-@pytest.mark.parametrize("mode", ALL_MODES, ids=str)
-def test_planted_bugs_are_caught(emu, mode):
-    for i, (name, message) in enumerate(PLANTED_ERRORS.items()):
-        if name == "racing_writes" and not mode.snapshot:
-            continue
-        set_mode(emu, mode, i)
-        with pytest.raises(RuntimeError, match=message):
-            emu.planted(name)
-    # Reads of shared memory nobody wrote yet, in this CTA, see NaN.
-    set_mode(emu, mode, 0)
-    assert emu.planted("neighbour_read_no_barrier")[:256].isnan().any()
-    assert emu.planted("shared_from_another_cta")[256:].isnan().all()
-
-
-@pytest.mark.parametrize("mode", ALL_MODES, ids=str)
-def test_planted_twins_pass(emu, mode):
-    """The bug-free twins of the planted kernels give exact results in every mode: the
-    checks above fire on the bugs, not on the patterns."""
-    x = torch.arange(4096, dtype=torch.float32)
-    set_mode(emu, mode, 1)
-    warps = x[:256].view(8, 32).sum(dim=1, keepdim=True).expand(8, 32).reshape(-1)
-    assert torch.equal(emu.planted("warp_sum")[:256], warps)
-    assert torch.equal(emu.planted("warp_sum_down")[:256:32], warps[::32])
-    assert torch.equal(emu.planted("neighbour_read")[:256], x[:256].roll(-1))
-    assert torch.equal(emu.planted("vector_copy")[:1024], x[:1024])
-    assert emu.planted("last_cta_sum")[0].item() == x.sum().item()
-

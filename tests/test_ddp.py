@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
+from helpers import sgd_losses
 from se_kernels.models import SEBottleneck
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -41,15 +41,8 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses = []
-    for _ in range(STEPS):
-        loss = F.cross_entropy(model(x), y)  # mean over this process's samples
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    """Each process's loss is the mean over its own samples: DDP averages the gradients."""
+    return sgd_losses(model, x, y, STEPS, lr=0.1)
 
 
 def worker(rank: int, rendezvous: str, results: str) -> None:

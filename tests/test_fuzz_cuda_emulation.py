@@ -6,9 +6,10 @@ seed, the number of cases, rerunning one)."""
 
 import pytest
 
+from cuda_emulator.build import ALL_MODES, EMULATED_DEVICE, set_mode
 from fuzz_cases import cuda_group_budget, cuda_groups, emulator_cases, fuzz_inputs
-from test_cuda_emulation import (ALL_MODES, EMULATED_DEVICE, GROUP_ENV, SCHEDULE_ENV,
-                                 check_emulated_once, emu, set_mode)  # noqa: F401 (emu: the fixture)
+from test_cuda_emulation import (GROUP_ENV, SCHEDULE_ENV, check_emulated_once,
+                                 emu)  # noqa: F401 (emu: the fixture)
 
 CASES = emulator_cases(default_count=200, max_elements=6_000, modes=ALL_MODES)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import se_kernels
-from helpers import randomize_norms
+from helpers import randomize_norms, sgd_losses
 from se_kernels.models import SEBottleneck, se_resnet50, se_resnet101, se_resnet152
 
 torchvision = pytest.importorskip("torchvision", reason="torchvision is a test extra: pip install .[test]")
@@ -119,14 +119,7 @@ def test_se_resnet50_trains():
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     se_weight = model.layer4[0].se.fc1.weight
     before = se_weight.detach().clone()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    losses = []
-    for _ in range(5):
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = sgd_losses(model, x, y, steps=5, lr=0.02)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses
     assert not torch.equal(se_weight, before), "the SE weights did not train"

@@ -6,7 +6,8 @@ import torch
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is a test extra: pip install .[test]")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from helpers import Case, check_against_reference  # noqa: E402
+from helpers import CASE_OUT_ACTIVATIONS, LAYOUTS, Case, check_against_reference  # noqa: E402
+from se_kernels.options import ACTIVATIONS, GATES, POOLS  # noqa: E402
 
 cases = st.builds(
     Case,
@@ -16,12 +17,12 @@ cases = st.builds(
     w=st.integers(1, 12),
     s=st.integers(1, 9),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-    layout=st.sampled_from(["nchw", "channels_last", "strided"]),
-    activation=st.sampled_from(["relu", "silu"]),
-    gate=st.sampled_from(["sigmoid", "hardsigmoid"]),
-    pool=st.sampled_from(["avg", "max", "avgmax"]),
+    layout=st.sampled_from(LAYOUTS),
+    activation=st.sampled_from(ACTIVATIONS),
+    gate=st.sampled_from(GATES),
+    pool=st.sampled_from(POOLS),
     residual=st.booleans(),
-    out_activation=st.sampled_from([None, "relu"]),
+    out_activation=st.sampled_from(CASE_OUT_ACTIVATIONS),
     bias=st.booleans(),
 )
 

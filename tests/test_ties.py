@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import Case, apply_layout, backend_device, check_inputs, grad_output, make_inputs, require_backend
+from helpers import Case, apply_layout, check_inputs, grad_output, make_inputs
+from helpers import backend  # noqa: F401 - a fixture
 from test_cuda_emulation import check_emulated, emu  # noqa: F401 - emu is a fixture
 from test_triton_kernels import TINY
 
 PATTERNS = ("integers", "zero_planes", "repeated_max", "constant_planes")
-BACKENDS = ["cpu", "torch", "triton", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def tied_inputs(case: Case, pattern: str, device, seed: int = 0) -> dict:
@@ -70,13 +70,6 @@ def tie_cases():
         for pool in ("max", "avgmax"):
             for dtype in (torch.float64, torch.bfloat16):
                 yield case.with_(pool=pool, dtype=dtype)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    device = backend_device(request.param)
-    require_backend(request.param, device)
-    return request.param, device
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

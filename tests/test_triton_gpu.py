@@ -8,8 +8,8 @@ import torch
 
 import se_kernels
 
-from helpers import Case, check_against_reference, make_inputs
-from triton_support import RESNET50_STAGES, cuda, needs_gpu
+from helpers import Case, check_against_reference, make_inputs, needs_gpu
+from triton_support import RESNET50_STAGES, cuda
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:

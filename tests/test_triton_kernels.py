@@ -13,7 +13,8 @@ from se_kernels.backends.triton import heuristics
 from se_kernels.backends.triton import ops as triton_ops
 
 from helpers import Case, check_against_reference
-from triton_support import DEVICE, backward_args
+from op_checks import random_backward_args
+from triton_support import DEVICE
 
 
 TINY = dict(sm_count=4, tile_bytes=256, elems_per_thread=4, contiguous_max=16,
@@ -93,7 +94,7 @@ def test_runs_are_bit_identical(driver, tiny_tiles):
     outs = []
     for _ in range(2):
         torch.manual_seed(0)  # the same grad_out
-        args = backward_args(case, DEVICE)
+        args = random_backward_args(triton_ops.se_forward, case, DEVICE)
         outs.append(triton_ops.se_backward(*args))
     for first, second in zip(*outs):
         assert torch.equal(first, second)

@@ -18,11 +18,13 @@ import torch
 
 from se_kernels.backends.triton import heuristics
 from se_kernels.backends.triton import ops as triton_ops
+from se_kernels.options import POOLS
 
 from helpers import Case, check_inputs, grad_output, make_inputs
+from op_checks import random_backward_args
 from test_ties import tied_inputs
 from test_triton_kernels import TINY
-from triton_support import DEVICE, backward_args
+from triton_support import DEVICE
 
 # Pieces of a few pixels: blocks of at most 4 along H*W, and H*W split into pieces.
 PIECES = dataclasses.replace(heuristics.DeviceProfile(**TINY), contiguous_max=4)
@@ -78,7 +80,7 @@ def check_case(case: Case, profile, reductions, inputs=None) -> None:
     reductions.clear()
 
 
-@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+@pytest.mark.parametrize("pool", POOLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hw", SHAPES, ids=lambda hw: f"{hw[0]}x{hw[1]}")
 def test_rows_off_vector_boundaries(profile, reductions, hw, dtype, pool):
@@ -109,6 +111,6 @@ def test_edges_are_bit_identical_across_runs(driver, monkeypatch):
     outs = []
     for _ in range(2):
         torch.manual_seed(0)  # the same grad_out
-        outs.append(triton_ops.se_backward(*backward_args(case, DEVICE)))
+        outs.append(triton_ops.se_backward(*random_backward_args(triton_ops.se_forward, case, DEVICE)))
     for first, second in zip(*outs):
         assert torch.equal(first, second)

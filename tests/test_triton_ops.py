@@ -10,8 +10,10 @@ import se_kernels
 from se_kernels.backends.triton import heuristics
 from se_kernels.backends.triton import ops as triton_ops
 
-from helpers import Case, check_against_reference, make_inputs
-from triton_support import DEVICE, backward_args, cuda, forward_args, needs_gpu
+from helpers import Case, check_against_reference, make_inputs, needs_gpu, needs_two_gpus
+from op_checks import (assert_compile_matches_eager, backward_args, forward_args, opcheck_backward,
+                       opcheck_forward)
+from triton_support import DEVICE, cuda
 
 
 OPCHECK_CASES = [
@@ -23,12 +25,12 @@ OPCHECK_CASES = [
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_opcheck_forward(driver, case):
-    torch.library.opcheck(triton_ops.se_forward, forward_args(case, DEVICE))
+    opcheck_forward(triton_ops.se_forward, case, DEVICE, requires_grad=False)
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_opcheck_backward(driver, case):
-    torch.library.opcheck(triton_ops.se_backward, backward_args(case, DEVICE))
+    opcheck_backward(triton_ops.se_forward, triton_ops.se_backward, case, DEVICE)
 
 
 def _compile_matches_eager(device, compile_backend):
@@ -41,16 +43,7 @@ def _compile_matches_eager(device, compile_backend):
                                           out_activation="relu", backend="triton")
         return (y * 2).sum()  # ops around the SE op stay in the same graph
 
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=compile_backend, fullgraph=True)  # no graph breaks
-    results = []
-    for f in (fn, compiled):
-        leaves = [v.detach().clone().requires_grad_() for v in t.values()]
-        loss = f(*leaves)
-        loss.backward()
-        results.append((loss.detach(), *(v.grad for v in leaves)))
-    for eager, traced in zip(*results):
-        torch.testing.assert_close(traced, eager)
+    assert_compile_matches_eager(fn, list(t.values()), backend=compile_backend, loss=torch.sum)
 
 
 def test_compile_fullgraph_interpreter(driver):
@@ -73,8 +66,8 @@ def test_compile_fullgraph_inductor(driver):
 @needs_gpu
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_opcheck_cuda(driver, case):
-    torch.library.opcheck(triton_ops.se_forward, forward_args(case, "cuda"))
-    torch.library.opcheck(triton_ops.se_backward, backward_args(case, "cuda"))
+    opcheck_forward(triton_ops.se_forward, case, "cuda", requires_grad=False)
+    opcheck_backward(triton_ops.se_forward, triton_ops.se_backward, case, "cuda")
 
 
 def test_flop_counter_sees_both_ops(driver):
@@ -150,15 +143,13 @@ def test_launches_on_the_inputs_device(driver, monkeypatch, direction):
         outs = triton_ops.se_forward_triton(*args)
         if direction == "backward":
             launched_on.clear()
-            x, w1, _, w2 = args[:4]
-            triton_ops.se_backward_triton(torch.empty_like(outs[0]), x, outs[0], w1, w2, *outs[1:],
-                                          case.activation, case.gate, case.pool, "relu", True)
+            triton_ops.se_backward_triton(*backward_args(args, outs, torch.empty_like(outs[0])))
     assert launched_on and set(launched_on) == {1}, launched_on
     assert current[0] == 0
 
 
 @cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@needs_two_gpus
 def test_gpu_runs_on_the_inputs_device(driver):
     case = Case(n=3, c=24, h=7, w=7, s=6, residual=True, out_activation="relu", pool="avgmax")
     with torch.cuda.device(0):

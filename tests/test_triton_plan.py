@@ -12,7 +12,8 @@ from se_kernels.backends.triton import ops as triton_ops
 from se_kernels.plan import PlanCall
 
 from helpers import Case
-from triton_support import DEVICE, forward_args
+from op_checks import backward_args, forward_args
+from triton_support import DEVICE
 
 CASES = [
     Case(n=2, c=37, h=6, w=7, s=9, dtype=torch.bfloat16, layout="channels_last", pool="avgmax",
@@ -47,12 +48,10 @@ def test_launches_made_are_the_plan(driver, monkeypatch, case):
         launch(kernel, programs, *launch_args, **meta)
 
     monkeypatch.setattr(driver, "_launch", recording_launch)
-    out, z, zmax, a, g = triton_ops.se_forward(*args)
+    outputs = triton_ops.se_forward(*args)
     forward = list(made)
     made.clear()
-    x, w1, _, w2 = args[:4]
-    triton_ops.se_backward(torch.randn_like(out), x, out, w1, w2, z, zmax, a, g, *args[6:],
-                           case.residual)
+    triton_ops.se_backward(*backward_args(args, outputs, torch.randn_like(outputs[0])))
     assert forward == planned[False]
     assert made == planned[True]
     assert {name for name, _ in forward} >= {"_pool_kernel", "_scale_kernel"}

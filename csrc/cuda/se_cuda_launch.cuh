@@ -1,5 +1,5 @@
 // Device properties, the vector width of a pass, and the one launch path every kernel
-// takes, on the GPU and on the CPU emulator (tests/cuda_emulator), which replaces the
+// takes, on the GPU and on the CPU emulator (tools/cuda_emulator), which replaces the
 // shared-memory and synchronization hooks below.
 #pragma once
 
@@ -36,7 +36,7 @@ int pass_width(int64_t row, bool channels_last, std::initializer_list<const void
 // ---- launching ----------------------------------------------------------------------
 
 #ifndef SE_KERNELS_CUDA_EMULATION
-// The CPU emulation in tests/cuda_emulator replaces these: it gives every CTA its own shared
+// The CPU emulation in tools/cuda_emulator replaces these: it gives every CTA its own shared
 // memory, leaves NaN gaps between the buffers of a workspace, and runs launches as host code.
 #define SE_SHARED(T, name, dims) __shared__ T name dims
 inline void workspace_region(const char*, const void*, int64_t) {}
@@ -52,7 +52,7 @@ __device__ __forceinline__ void spin_pause() { __nanosleep(64); }
 
 // kernel<<<ctas, threads, 0, stream>>>(args...), then the launch check. Every launch goes
 // through here, on the GPU and on the emulator, which records `what` (the kernel's code in
-// the trace of se_plan.h) so tests can check launches against the plan.
+// the trace encoding of se_trace.h) so tests can check launches against the plan.
 template <typename... Params, typename... Args>
 void launch(TraceKernel what, void (*kernel)(Params...), int64_t ctas, int threads,
             cudaStream_t stream, const Args&... args) {

@@ -13,6 +13,26 @@ __device__ __forceinline__ int tile_samples(int64_t N, int64_t n0) {
   return left <= 0 ? 0 : left < kTile ? static_cast<int>(left) : kTile;
 }
 
+// The partial sums of one output over an item's samples: acc[t] = the sum of
+// weight(k) * in[t * K + k] over k = k0, k0 + stride, ... < K, in that order, for the nt
+// samples t < nt that exist, and 0 for the others; 0 throughout when !valid (a thread past
+// the last output, which still takes part in combining the threads' sums). `in` points at
+// the item's first sample in an accumulation-dtype [N, K] input.
+template <typename A, typename Weight>
+__device__ __forceinline__ void tile_dots(A (&acc)[kTile], bool valid, const A* in, int64_t K,
+                                          int64_t k0, int64_t stride, int nt,
+                                          const Weight& weight) {
+#pragma unroll
+  for (int t = 0; t < kTile; ++t) acc[t] = A(0);
+  if (!valid) return;
+  for (int64_t k = k0; k < K; k += stride) {
+    const A wv = weight(k);
+#pragma unroll
+    for (int t = 0; t < kTile; ++t)
+      if (t < nt) acc[t] += wv * ld_fresh(in + t * K + k);
+  }
+}
+
 // ---- the MLP items ----------------------------------------------------------------------
 
 // out[n, r] = epilogue(sum_k W[r, k] * in[n, k]) for a [R, K] row-major weight and an
@@ -30,18 +50,8 @@ __device__ __forceinline__ void rows_dot_item(const T* weight, const acc_t<T>* i
   const int sub = threadIdx.x % lanes;
   const int nt = tile_samples(N, n0);
   A acc[kTile];
-#pragma unroll
-  for (int t = 0; t < kTile; ++t) acc[t] = A(0);
-  if (r < R) {
-    const T* w = weight + r * K;
-    const A* inp = in + n0 * K;
-    for (int64_t k = sub; k < K; k += lanes) {
-      const A wv = to_acc(w[k]);
-#pragma unroll
-      for (int t = 0; t < kTile; ++t)
-        if (t < nt) acc[t] += wv * ld_fresh(inp + t * K + k);
-    }
-  }
+  tile_dots(acc, r < R, in + n0 * K, K, sub, lanes, nt,
+            [&](int64_t k) { return to_acc(weight[r * K + k]); });
 #pragma unroll
   for (int t = 0; t < kTile; ++t)
     for (int offset = lanes / 2; offset > 0; offset /= 2)
@@ -68,17 +78,8 @@ __device__ __forceinline__ void cols_dot_item(const T* weight, const acc_t<T>* i
   const int64_t col = (block % tiling.blocks) * 32 + lane;
   const int nt = tile_samples(N, n0);
   A acc[kTile];
-#pragma unroll
-  for (int t = 0; t < kTile; ++t) acc[t] = A(0);
-  if (col < cols) {
-    const A* inp = in + n0 * K;
-    for (int64_t k = warp; k < K; k += kWarps) {
-      const A wv = to_acc(weight[k * cols + col]);
-#pragma unroll
-      for (int t = 0; t < kTile; ++t)
-        if (t < nt) acc[t] += ld_fresh(inp + t * K + k) * wv;
-    }
-  }
+  tile_dots(acc, col < cols, in + n0 * K, K, warp, kWarps, nt,
+            [&](int64_t k) { return to_acc(weight[k * cols + col]); });
   SE_SHARED(A, red, [kWarps][kTile][32]);
 #pragma unroll
   for (int t = 0; t < kTile; ++t) red[warp][t][lane] = acc[t];

@@ -3,7 +3,7 @@
 // Both directions make two passes over x-sized tensors with an O(N*C*S) MLP between them:
 //   reduce pass: per (n, c), fold Terms over the spatial positions (pool; sum dy*x)
 //   map pass:    per element, an Op of the element and per-channel values (scale; dx)
-// A tile (one CTA's share of a pass, see PassTiling in se_plan.h) walks x in its layout:
+// A tile (one CTA's share of a pass, see PassTiling in se_tiling.h) walks x in its layout:
 //   NCHW:          a row (n, c) holds P contiguous elements. A group of `lanes` threads of
 //                  one warp (a power of two, sized to the row) walks one row; rows are
 //                  consecutive, so a warp reads one contiguous span. A row's ends that
@@ -64,22 +64,27 @@ __device__ __forceinline__ void walk(int64_t start, int64_t end, int64_t stride,
 // relative to a sample group that starts `phase` elements (mod W) past a 16-byte boundary
 // (tile_phase), so the body begins at the first offset with (phase + off) % W == 0: a group
 // need not start on a boundary, as n0 * C * P is a multiple of W only for some shapes.
-// visit(Width<V>, off) handles V elements at off.
+// Each access of V elements at off is loaded with src.load<V>(off) and handed to
+// use(Width<V>{}, off, loaded).
 template <int V>
 struct Width {
   static constexpr int kWidth = V;
 };
-template <int W, typename Visit>
+template <int W, typename Src, typename Use>
 __device__ __forceinline__ void walk_row(int64_t begin, int64_t end, int phase, int lanes,
-                                         int sub, const Visit& visit) {
+                                         int sub, const Src& src, const Use& use) {
   int64_t body = begin, body_end = end;
   if constexpr (W > 1) {
     body = min64(end, begin + (W - (begin + phase) % W) % W);
     body_end = body + (end - body) / W * W;
-    for (int64_t off = begin + sub; off < body; off += lanes) visit(Width<1>{}, off);
-    for (int64_t off = body_end + sub; off < end; off += lanes) visit(Width<1>{}, off);
+    for (int64_t off = begin + sub; off < body; off += lanes)
+      use(Width<1>{}, off, src.template load<1>(off));
+    for (int64_t off = body_end + sub; off < end; off += lanes)
+      use(Width<1>{}, off, src.template load<1>(off));
   }
-  visit(Width<W>{}, body + int64_t(sub) * W, body_end, int64_t(lanes) * W);
+  walk(body + int64_t(sub) * W, body_end, int64_t(lanes) * W,
+       [&](int64_t off) { return src.template load<W>(off); },
+       [&](int64_t off, const auto& e) { use(Width<W>{}, off, e); });
 }
 
 // Terms (reduce) interface, with A the accumulation type and AW = 1 (NCHW: a row is one
@@ -103,6 +108,24 @@ __device__ __forceinline__ int tile_phase(int64_t n0, int64_t C, int64_t P) {
   return static_cast<int>(n0 * C * P % W);
 }
 
+// A thread's share of an NCHW tile `block`: the row (n, c) its group of plan.lanes threads
+// walks (past the pass's last row for spare threads of the last row block), its place `sub`
+// among them, and the tile's piece [begin, end) of the row, in offsets from the sample group.
+struct RowSpan {
+  int64_t row, piece, begin, end;
+  int sub;
+};
+__device__ __forceinline__ RowSpan row_span(const PassTiling& plan, int64_t P, int64_t block) {
+  const int lanes = plan.lanes;
+  RowSpan r;
+  r.piece = block / plan.row_blocks;
+  r.row = (block % plan.row_blocks) * (kThreads / lanes) + threadIdx.x / lanes;
+  r.sub = threadIdx.x % lanes;
+  r.begin = r.row * P + r.piece * plan.piece_len;
+  r.end = r.row * P + min64(P, (r.piece + 1) * plan.piece_len);
+  return r;
+}
+
 // One reduce tile of an NCHW pass over `rows` rows: writes the tile's partial per row, or
 // finalizes rows directly when `partial` is nullptr (an unsplit pass).
 template <typename Terms, int W>
@@ -112,42 +135,65 @@ __device__ __forceinline__ void reduce_nchw_tile(const Terms& terms, const PassT
   using A = typename Terms::A;
   constexpr int kQ = Terms::kQ;
   const int lanes = plan.lanes;
-  const int64_t piece = block / plan.row_blocks;
-  const int64_t row = (block % plan.row_blocks) * (kThreads / lanes) + threadIdx.x / lanes;
-  const int sub = threadIdx.x % lanes;
+  const RowSpan span = row_span(plan, P, block);
 
   A acc[kQ][1];
 #pragma unroll
   for (int q = 0; q < kQ; ++q) acc[q][0] = Terms::init(q);
-  if (row < rows) {
+  if (span.row < rows) {
     A cv[Terms::kChan][1];
-    terms.template channel<1>(row, cv);
-    const int64_t begin = row * P + piece * plan.piece_len;
-    const int64_t end = row * P + min64(P, (piece + 1) * plan.piece_len);
-    walk_row<W>(begin, end, phase, lanes, sub, [&](auto width, int64_t start, auto... range) {
-      constexpr int V = decltype(width)::kWidth;
-      auto load = [&](int64_t off) { return terms.template load<V>(off); };
-      auto fold = [&](int64_t off, const auto& e) { terms.template fold<V, 1>(off, acc, e, cv); };
-      if constexpr (sizeof...(range) == 0) fold(start, load(start));
-      else walk(start, range..., load, fold);
-    });
+    terms.template channel<1>(span.row, cv);
+    walk_row<W>(span.begin, span.end, phase, lanes, span.sub, terms,
+                [&](auto width, int64_t off, const auto& e) {
+                  terms.template fold<decltype(width)::kWidth, 1>(off, acc, e, cv);
+                });
   }
   // Every lane of the warp takes part in the shuffles, rows past the end with init values.
 #pragma unroll
   for (int q = 0; q < kQ; ++q)
     for (int offset = lanes / 2; offset > 0; offset /= 2)
       acc[q][0] = Terms::combine(q, acc[q][0], __shfl_xor_sync(0xffffffffu, acc[q][0], offset));
-  if (row < rows && sub == 0) {
+  if (span.row < rows && span.sub == 0) {
     A v[kQ];
 #pragma unroll
     for (int q = 0; q < kQ; ++q) v[q] = acc[q][0];
     if (partial == nullptr) {
-      terms.finalize(row, v);
+      terms.finalize(span.row, v);
     } else {
 #pragma unroll
-      for (int q = 0; q < kQ; ++q) partial[(q * int64_t(plan.pieces) + piece) * rows + row] = v[q];
+      for (int q = 0; q < kQ; ++q)
+        partial[(q * int64_t(plan.pieces) + span.piece) * rows + span.row] = v[q];
     }
   }
+}
+
+// A thread's share of a channels-last tile `block` over n_samples samples: its sample n, its
+// channel vector (W channels from c, the tc-th of the tile's) and pixel lane tp, `valid`
+// when all three exist, and the tile's piece of the sample's pixels as the offsets the lane
+// walks: from `begin` to `end`, `stride` (one pixel per lane) apart.
+struct PixelSpan {
+  int64_t n, piece, c, begin, end, stride;
+  int tc, tp;
+  bool valid;
+};
+template <int W>
+__device__ __forceinline__ PixelSpan pixel_span(const PassTiling& plan, int64_t n_samples,
+                                                int64_t C, int64_t P, int64_t block) {
+  PixelSpan s;
+  s.piece = block % plan.pieces;
+  const int64_t cb = (block / plan.pieces) % plan.cblocks;
+  s.n = block / plan.pieces / plan.cblocks;
+  s.tc = threadIdx.x % plan.tc;
+  s.tp = threadIdx.x / plan.tc;
+  s.c = (cb * plan.tc + s.tc) * W;
+  s.valid = s.tp < plan.tp && s.c < C && s.n < n_samples;
+  const int64_t p0 = s.piece * plan.piece_len;
+  const int64_t p1 = min64(P, p0 + plan.piece_len);
+  // Offsets below (n * P + p1) * C belong to pixels before p1, as 0 <= c < C.
+  s.begin = ((s.n * P) + p0 + s.tp) * C + s.c;
+  s.end = (s.n * P + p1) * C;
+  s.stride = int64_t(plan.tp) * C;
+  return s;
 }
 
 // One reduce tile of a channels-last pass over n_samples samples (see reduce_nchw_tile).
@@ -157,25 +203,17 @@ __device__ __forceinline__ void reduce_cl_tile(const Terms& terms, const PassTil
                                                typename Terms::A* partial, int64_t block) {
   using A = typename Terms::A;
   constexpr int kQ = Terms::kQ;
-  const int64_t piece = block % plan.pieces;
-  const int64_t cb = (block / plan.pieces) % plan.cblocks;
-  const int64_t n = block / plan.pieces / plan.cblocks;
-  const int tc = threadIdx.x % plan.tc, tp = threadIdx.x / plan.tc;
-  const int64_t c = (cb * plan.tc + tc) * W;
-  const bool valid = tp < plan.tp && c < C && n < n_samples;
+  const PixelSpan span = pixel_span<W>(plan, n_samples, C, P, block);
 
   A acc[kQ][W];
 #pragma unroll
   for (int q = 0; q < kQ; ++q)
 #pragma unroll
     for (int i = 0; i < W; ++i) acc[q][i] = Terms::init(q);
-  if (valid) {
+  if (span.valid) {
     A cv[Terms::kChan][W];
-    terms.template channel<W>(n * C + c, cv);
-    const int64_t p0 = piece * plan.piece_len;
-    const int64_t p1 = min64(P, p0 + plan.piece_len);
-    // Offsets below (n * P + p1) * C belong to pixels before p1, as 0 <= c < C.
-    walk(((n * P) + p0 + tp) * C + c, (n * P + p1) * C, int64_t(plan.tp) * C,
+    terms.template channel<W>(span.n * C + span.c, cv);
+    walk(span.begin, span.end, span.stride,
          [&](int64_t off) { return terms.template load<W>(off); },
          [&](int64_t off, const auto& e) { terms.template fold<W, W>(off, acc, e, cv); });
   }
@@ -199,20 +237,20 @@ __device__ __forceinline__ void reduce_cl_tile(const Terms& terms, const PassTil
     }
     __syncthreads();
   }
-  if (valid && tp == 0) {
+  if (span.valid && span.tp == 0) {
     const int64_t count = n_samples * C;
 #pragma unroll
     for (int i = 0; i < W; ++i) {
       A v[kQ];
 #pragma unroll
-      for (int q = 0; q < kQ; ++q) v[q] = red[(q * W + i) * kThreads + tc];
-      const int64_t nc = n * C + c + i;
+      for (int q = 0; q < kQ; ++q) v[q] = red[(q * W + i) * kThreads + span.tc];
+      const int64_t nc = span.n * C + span.c + i;
       if (partial == nullptr) {
         terms.finalize(nc, v);
       } else {
 #pragma unroll
         for (int q = 0; q < kQ; ++q)
-          partial[(q * int64_t(plan.pieces) + piece) * count + nc] = v[q];
+          partial[(q * int64_t(plan.pieces) + span.piece) * count + nc] = v[q];
       }
     }
   }
@@ -252,22 +290,14 @@ template <typename Op, int W>
 __device__ __forceinline__ void map_nchw_tile(const Op& op, const PassTiling& plan, int64_t rows,
                                               int64_t P, int phase, int64_t block) {
   using A = typename Op::A;
-  const int lanes = plan.lanes;
-  const int64_t piece = block / plan.row_blocks;
-  const int64_t row = (block % plan.row_blocks) * (kThreads / lanes) + threadIdx.x / lanes;
-  const int sub = threadIdx.x % lanes;
-  if (row >= rows) return;
+  const RowSpan span = row_span(plan, P, block);
+  if (span.row >= rows) return;
   A cv[Op::kChan][1];
-  op.template channel<1>(row, cv);
-  const int64_t begin = row * P + piece * plan.piece_len;
-  const int64_t end = row * P + min64(P, (piece + 1) * plan.piece_len);
-  walk_row<W>(begin, end, phase, lanes, sub, [&](auto width, int64_t start, auto... range) {
-    constexpr int V = decltype(width)::kWidth;
-    auto load = [&](int64_t off) { return op.template load<V>(off); };
-    auto store = [&](int64_t off, const auto& e) { op.template store<V, 1>(off, e, cv); };
-    if constexpr (sizeof...(range) == 0) store(start, load(start));
-    else walk(start, range..., load, store);
-  });
+  op.template channel<1>(span.row, cv);
+  walk_row<W>(span.begin, span.end, phase, plan.lanes, span.sub, op,
+              [&](auto width, int64_t off, const auto& e) {
+                op.template store<decltype(width)::kWidth, 1>(off, e, cv);
+              });
 }
 
 // One map tile of a channels-last pass over n_samples samples.
@@ -275,17 +305,11 @@ template <typename Op, int W>
 __device__ __forceinline__ void map_cl_tile(const Op& op, const PassTiling& plan, int64_t n_samples,
                                             int64_t C, int64_t P, int64_t block) {
   using A = typename Op::A;
-  const int64_t piece = block % plan.pieces;
-  const int64_t cb = (block / plan.pieces) % plan.cblocks;
-  const int64_t n = block / plan.pieces / plan.cblocks;
-  const int tc = threadIdx.x % plan.tc, tp = threadIdx.x / plan.tc;
-  const int64_t c = (cb * plan.tc + tc) * W;
-  if (tp >= plan.tp || c >= C || n >= n_samples) return;
+  const PixelSpan span = pixel_span<W>(plan, n_samples, C, P, block);
+  if (!span.valid) return;
   A cv[Op::kChan][W];
-  op.template channel<W>(n * C + c, cv);
-  const int64_t p0 = piece * plan.piece_len;
-  const int64_t p1 = min64(P, p0 + plan.piece_len);
-  walk(((n * P) + p0 + tp) * C + c, (n * P + p1) * C, int64_t(plan.tp) * C,
+  op.template channel<W>(span.n * C + span.c, cv);
+  walk(span.begin, span.end, span.stride,
        [&](int64_t off) { return op.template load<W>(off); },
        [&](int64_t off, const auto& e) { op.template store<W, W>(off, e, cv); });
 }

@@ -1,6 +1,7 @@
 // Ops se_kernels_emu::forward / backward: the CUDA kernels' plan and launch (se_cuda.h) run
 // on the emulator over CPU tensors, for tests/test_cuda_emulation.py; set_mode picks the
-// emulator's schedule (emulator.h).
+// emulator's schedule (../emulator.h), set_device the GPU the plans are made for (no
+// default: the loader, build.py, sets the emulated device it defines).
 //
 // Callers pass x-shaped tensors already dense in the layout to use. Every buffer the kernels
 // see (inputs, outputs, scratch) is copied into or allocated in a larger NaN-filled block:
@@ -10,7 +11,7 @@
 // buffers named in `misalign` ("all" for every one) start one element off 16-byte
 // alignment, which must make the kernels choose their scalar paths.
 #define SE_KERNELS_CUDA_EMULATION
-#include "emulator.h"
+#include "hooks.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,13 +24,17 @@
 #include <limits>
 #include <string>
 
-#include "../../csrc/cuda/se_cuda_schedules.cuh"
+#include "../../../csrc/cuda/se_cuda_schedules.cuh"
 
 namespace se_kernels::cuda::detail {
 namespace {
-DeviceInfo emulated_device{132, 50 * 1024 * 1024};
+DeviceInfo emulated_device{0, 0};  // set_device
 }
-DeviceInfo current_device_info() { return emulated_device; }
+DeviceInfo current_device_info() {
+  TORCH_CHECK(emulated_device.sm_count > 0, "emulator: no device; call set_device(sm_count, "
+              "l2_bytes) first");
+  return emulated_device;
+}
 }  // namespace se_kernels::cuda::detail
 
 namespace {
@@ -150,21 +155,14 @@ se_kernels::cuda::Problem problem_of(const at::Tensor& x, int64_t S, bool channe
 }
 
 void set_device(int64_t sm_count, int64_t l2_bytes) {
+  TORCH_CHECK(sm_count > 0 && l2_bytes > 0, "emulator: a device has SMs and an L2, got ",
+              sm_count, " SMs and ", l2_bytes, " bytes");
   se_kernels::cuda::detail::emulated_device = {static_cast<int>(sm_count), l2_bytes};
-}
-
-se_emu::Order order_of(const std::string& name) {
-  if (name == "forward") return se_emu::Order::Forward;
-  if (name == "reverse") return se_emu::Order::Reverse;
-  TORCH_CHECK(name == "random", "emulator: an order is forward, reverse or random, got '", name,
-              "'");
-  return se_emu::Order::Random;
 }
 
 void set_mode(const std::string& fibers, const std::string& ctas, int64_t resident, int64_t seed,
               bool snapshot) {
-  se_emu::set_mode({order_of(fibers), order_of(ctas), static_cast<int>(resident),
-                    static_cast<uint64_t>(seed), snapshot});
+  se_emu::set_mode(fibers, ctas, resident, seed, snapshot);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
@@ -264,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dx, dw1, db1, dw2, db2, dres};
 }
 
-// The launches of the last forward or backward: (kernel code, CTAs) pairs, as in the trace
-// of se_plan.h.
+// The launches of the last forward or backward: (kernel code, CTAs) pairs, coded as in the
+// trace (se_trace.h).
 std::vector<int64_t> last_launches() { return se_kernels::cuda::detail::launch_log; }
 // How many 16-byte loads and stores the last forward or backward made.
 int64_t last_vector_accesses() { return se_emu::vector_accesses; }

@@ -1,6 +1,7 @@
-// Runs the CUDA kernels of csrc/cuda/ as host code, to check their indexing, reductions,
-// synchronization and schedules on a machine without a GPU. Force-included before the
-// kernels' sources, compiled as C++ with -DSE_KERNELS_CUDA_EMULATION.
+// A CPU emulator of CUDA thread blocks: CUDA C++ kernels compiled as host C++, with this
+// header included before them, run on the CPU with checks of what a GPU would get wrong
+// silently or hang on. README.md beside this file describes the model, every check and its
+// message, and what the emulator cannot show.
 //
 // Every thread of a launch is a fiber (ucontext) on one OS thread. The scheduler runs one
 // fiber at a time until it reaches a synchronization point (__syncthreads, a shuffle, an
@@ -13,26 +14,28 @@
 //            plus its own writes; at the barrier the writes are merged, and two threads
 //            writing the same byte is reported as a race.
 // Always on, in every mode:
+//   - a launch has 1 to kMaxThreads threads per CTA and at least one CTA (1-D grids and blocks);
 //   - each CTA gets its own shared memory (SE_SHARED), filled with NaN (all bytes 0xFF) at
-//     its start, with a guard after every array checked at each barrier;
+//     its start, at most kSharedLimit bytes, with a guard after every array checked at each
+//     barrier and at the CTA's end;
 //   - __syncthreads() completes only when every live thread of the CTA waits at the same
 //     source line; a thread at another barrier, or a warp stuck in a shuffle, is an error;
 //   - a shuffle completes when every lane of its mask reached the same shuffle; a lane of
 //     the mask that exited, waits at a barrier, or is missing from the CTA is an error, as
-//     is a source lane outside the mask;
-//   - 16-byte __ldg/__stwb accesses must be 16-byte aligned and lie inside one registered
-//     buffer (add_buffer), checked before the access: a clear error, not a host segfault;
+//     is a caller outside the mask and a source lane outside the mask;
+//   - 16-byte __ldg/__ldcg/__stwb accesses must be 16-byte aligned and, when buffers are
+//     registered (add_buffer), lie inside one: checked before the access, a clear error,
+//     not a host segfault;
 //   - an __ldg (non-coherent cache) read of bytes that the same launch changes is an error
-//     (checked against the registered buffers' contents when the launch started);
-//   - launch() refuses more threads than production kernels are sized for (kThreads);
+//     (checked against the registered buffers' contents when the launch started); __ldcg
+//     (L2) may read what the launch wrote;
 //   - a global atomic needs a __threadfence() earlier in the issuing thread (the emulator
 //     cannot see plain stores, so it checks that the publishing thread fenced at all);
 //   - a spin-wait (load_acquire in a loop) yields to the other resident CTAs; one that
-//     keeps spinning while nothing else makes progress is reported, not left to hang;
-//   - __ldcg (L2) reads must be 16-byte aligned like __ldg, but may read what the launch wrote.
+//     keeps spinning while nothing else makes progress is reported, not left to hang.
 // What this cannot show: timing, the non-coherent cache itself, store reordering between
-// CTAs, and device numerics; a GPU run (tests/test_cuda.py, with compute-sanitizer's
-// memcheck, racecheck, synccheck and initcheck) is the evidence for those.
+// CTAs, plain (scalar) loads and stores out of bounds, and device numerics; a GPU run with
+// compute-sanitizer's memcheck, racecheck, synccheck and initcheck is the evidence for those.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -46,6 +49,7 @@
 #include <math.h>  // the kernels call expf, exp, isnan unqualified, as device code does
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -66,7 +70,8 @@
 #undef __launch_bounds__
 #define __launch_bounds__(...)
 // A plain `static` array would be one copy for every CTA: kernels declare shared memory
-// with SE_SHARED(type, name, [dims]) (se_cuda_launch.cuh), which the emulator backs per CTA.
+// with SE_SHARED(type, name, [dims]), which the emulator backs per CTA (for nvcc, the
+// kernels' own headers define it as `__shared__ type name dims`).
 #undef __shared__
 #define __shared__ static_assert(false, "declare shared memory with SE_SHARED(type, name, [dims])");
 
@@ -88,6 +93,21 @@ inline void set_mode(const Mode& m) {
   TORCH_CHECK(m.resident >= 1, "emulator: resident CTAs must be at least 1, got ", m.resident);
   mode = m;
   rng.seed(m.seed);
+}
+
+inline Order order_named(const std::string& name) {
+  if (name == "forward") return Order::Forward;
+  if (name == "reverse") return Order::Reverse;
+  TORCH_CHECK(name == "random", "emulator: an order is forward, reverse or random, got '", name,
+              "'");
+  return Order::Random;
+}
+
+// set_mode with the orders by name, as the extensions' set_mode ops take them.
+inline void set_mode(const std::string& fibers, const std::string& ctas, int64_t resident,
+                     int64_t seed, bool snapshot) {
+  set_mode({order_named(fibers), order_named(ctas), static_cast<int>(resident),
+            static_cast<uint64_t>(seed), snapshot});
 }
 
 // ---- buffers the kernels may touch, for the checks of 16-byte accesses ----------------
@@ -143,6 +163,7 @@ struct Fiber {
 
 constexpr size_t kSharedGuard = 64;  // 0xFF bytes after every shared array
 constexpr size_t kSharedLimit = 48 * 1024;  // static shared memory per CTA
+constexpr int kMaxThreads = 1024;  // threads per CTA on every GPU since compute capability 2.0
 
 struct SharedArray {
   const char* file;
@@ -396,6 +417,9 @@ inline void end_launch_checks() {
 
 // Runs body(arg) for `ctas` CTAs of `threads` threads under the current mode.
 inline void run_grid(int64_t ctas, int threads, void (*body)(void*), void* arg) {
+  TORCH_CHECK(ctas >= 1 && ctas <= INT_MAX && threads >= 1 && threads <= kMaxThreads,
+              "emulator: a launch of ", threads, " threads per CTA and ", ctas, " CTAs; a GPU "
+              "takes 1 to ", kMaxThreads, " threads per CTA and 1 to ", INT_MAX, " CTAs");
   Launch& L = launch_state;
   L.body = body;
   L.arg = arg;
@@ -447,6 +471,21 @@ inline void run_grid(int64_t ctas, int threads, void (*body)(void*), void* arg) 
     }
   }
   end_launch_checks();
+}
+
+// kernel(args...) on `ctas` CTAs of `threads` threads each, under the current mode: what
+// kernel<<<ctas, threads>>>(args...) does on a GPU, returning when the grid has finished.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int64_t ctas, int threads, const Args&... args) {
+  struct Call {
+    void (*kernel)(Params...);
+    std::tuple<Params...> params;
+  } call{kernel, std::tuple<Params...>(args...)};
+  auto body = [](void* p) {
+    auto* c = static_cast<Call*>(p);
+    std::apply(c->kernel, c->params);
+  };
+  run_grid(ctas, threads, body, &call);
 }
 
 // ---- what the kernels call ------------------------------------------------------------
@@ -641,36 +680,3 @@ T atomicCAS(T* p, T compare, T v) {
     return std::pair<T, T>(old == compare ? v : old, old);
   });
 }
-
-namespace se_kernels::cuda::detail {
-
-using ::se_emu::load_acquire;
-inline void spin_pause() {}
-
-// Extra workspace elements between the buffers a workspace holds: the emulator leaves them
-// NaN and checks them afterwards, so an over-read or over-write of one buffer shows.
-constexpr int64_t kWorkspaceGap = 64;
-inline void workspace_region(const char* name, const void* begin, int64_t bytes) {
-  if (bytes > 0) se_emu::add_buffer(std::string("workspace.") + name, begin, bytes);
-}
-
-// Every launch since the log was last cleared: (kernel code of the plan's trace, CTAs).
-inline std::vector<int64_t> launch_log;
-
-// kernel(args...) on the emulator: the launch of se_cuda_launch.cuh without `<<<>>>`.
-template <typename What, typename... Params, typename... Args>
-void emulated_launch(What what, void (*kernel)(Params...), int64_t ctas, int threads,
-                     const Args&... args) {
-  launch_log.insert(launch_log.end(), {static_cast<int64_t>(what), ctas});
-  struct Call {
-    void (*kernel)(Params...);
-    std::tuple<Params...> params;
-  } call{kernel, std::tuple<Params...>(args...)};
-  auto body = [](void* p) {
-    auto* c = static_cast<Call*>(p);
-    std::apply(c->kernel, c->params);
-  };
-  se_emu::run_grid(ctas, threads, body, &call);
-}
-
-}  // namespace se_kernels::cuda::detail

@@ -1,4 +1,0 @@
-// csrc/cuda/se_backward.cu compiled as host code on the emulator (see emulator.h).
-#define SE_KERNELS_CUDA_EMULATION
-#include "emulator.h"
-#include "../../csrc/cuda/se_backward.cu"
