@@ -14,8 +14,15 @@
 
 namespace se_kernels {
 
-enum class Activation : int { ReLU = 0, SiLU = 1 };
-enum class Gate : int { Sigmoid = 0, HardSigmoid = 1 };
+enum class Activation : int {
+  ReLU = 0,
+  SiLU = 1,
+  GELU = 2,
+  GELUTanh = 3,
+  HardSwish = 4,
+  LeakyReLU = 5
+};
+enum class Gate : int { Sigmoid = 0, HardSigmoid = 1, Tanh = 2, ReLU = 3 };
 enum class Pool : int { Avg = 0, Max = 1, AvgMax = 2 };
 enum class OutActivation : int { None = 0, ReLU = 1 };
 
@@ -49,10 +56,25 @@ struct OptionName {
   const char* name;
   Enum value;
 };
-inline constexpr OptionName<Activation> kActivationNames[] = {{"relu", Activation::ReLU},
-                                                              {"silu", Activation::SiLU}};
+inline constexpr OptionName<Activation> kActivationNames[] = {
+    {"relu", Activation::ReLU},
+    {"silu", Activation::SiLU},
+    {"gelu", Activation::GELU},
+    {"gelu_tanh", Activation::GELUTanh},
+    {"hardswish", Activation::HardSwish},
+    {"leaky_relu", Activation::LeakyReLU}};
 inline constexpr OptionName<Gate> kGateNames[] = {{"sigmoid", Gate::Sigmoid},
-                                                  {"hardsigmoid", Gate::HardSigmoid}};
+                                                  {"hardsigmoid", Gate::HardSigmoid},
+                                                  {"tanh", Gate::Tanh},
+                                                  {"relu", Gate::ReLU}};
+
+// The constants of the GELU forms (DESIGN.md §1.3), written once for the CPU and CUDA code.
+inline constexpr double kSqrtHalf = 0.70710678118654752440;     // 1/sqrt(2)
+inline constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1/sqrt(2 pi)
+inline constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2/pi)
+inline constexpr double kGeluTanhCubic = 0.044715;
+// leaky_relu's negative slope: nn.LeakyReLU's default (se_kernels.options.LEAKY_RELU_SLOPE).
+inline constexpr double kLeakyReluSlope = 0.01;
 inline constexpr OptionName<Pool> kPoolNames[] = {
     {"avg", Pool::Avg}, {"max", Pool::Max}, {"avgmax", Pool::AvgMax}};
 inline constexpr OptionName<OutActivation> kOutActivationNames[] = {

@@ -6,11 +6,14 @@
   se-kernels flops   the SE paper's FLOP and parameter tables, recounted
   se-kernels plan    one call's launches, modeled DRAM bytes and predicted time on a GPU,
                      from a GPU backend's own planning code (no GPU needed)
+  se-kernels coverage  which SE-style modules of the installed timm convert_se_modules
+                     replaces, per model family, and why the rest stay eager
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 
@@ -87,10 +90,12 @@ def flops(args: argparse.Namespace) -> int:
     return flops_tables.main(args)
 
 
-def plan(args: argparse.Namespace) -> int:
-    from . import plan as planner
-
-    return planner.main(args)
+def _add_module_command(commands, name: str, module: str, help: str, description: str) -> None:
+    """A subcommand whose module (se_kernels.<module>) declares its arguments with
+    add_arguments(parser) and runs them with main(args)."""
+    parser = commands.add_parser(name, help=help, description=description)
+    importlib.import_module(f".{module}", __package__).add_arguments(parser)
+    parser.set_defaults(func=lambda args: importlib.import_module(f".{module}", __package__).main(args))
 
 
 def _add_bench_parser(commands) -> None:
@@ -100,10 +105,10 @@ def _add_bench_parser(commands) -> None:
                     "SE-ResNets) for every implementation usable on the device, with the same "
                     "inputs. With no --suite: a quick suite for the best device present.")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda[:N]")
-    parser.add_argument("--suite", choices=["resnet50", "mobilenetv3", "efficientnet_b0",
-                                            "regnety_400mf", "cpu", "blocks", "model", "all"],
-                        help="network SE shapes; cpu = all four networks at batch 1, 8 and 32, "
-                             "fp32, on 1 and 2 threads; blocks = all four networks; "
+    from .bench.shapes import NETWORKS
+    parser.add_argument("--suite", choices=[*NETWORKS, "cpu", "blocks", "model", "all"],
+                        help="one network's SE shapes; cpu = every network at batch 1, 8 and 32, "
+                             "fp32, on 1 and 2 threads; blocks = every network; "
                              "model = SE-ResNet-50 vs ResNet-50; all = blocks + model")
     parser.add_argument("--dtype", help="comma list of fp32, bf16, fp16 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--layout", help="comma list of nchw, channels_last "
@@ -143,13 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     flops_parser = commands.add_parser("flops", help="the SE paper's FLOP/parameter tables, recounted")
     flops_parser.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
     flops_parser.set_defaults(func=flops)
-    plan_parser = commands.add_parser(
-        "plan", help="launches, modeled DRAM bytes and predicted time of one call on a GPU",
+    _add_module_command(
+        commands, "plan", "plan",
+        help="launches, modeled DRAM bytes and predicted time of one call on a GPU",
         description="Runs a GPU backend's planning code for one SE call (no GPU needed) and "
                     "models its DRAM traffic against the bandwidth floor.")
-    from .plan import add_arguments
-    add_arguments(plan_parser)
-    plan_parser.set_defaults(func=plan)
+    _add_module_command(
+        commands, "coverage", "coverage",
+        help="timm's SE-style modules the fused op serves, per model family",
+        description="Builds timm's models on the meta device and reports, per family, the "
+                    "SE-style modules convert_se_modules replaces and why the rest stay eager.")
     return parser
 
 

@@ -25,7 +25,8 @@ from torch import nn
 from . import dispatch
 from .functional import squeeze_excitation
 from .modules import SqueezeExcitation
-from .options import ACTIVATION_CLASSES, AVG, AVGMAX, GATE_CLASSES
+from .options import (ACTIVATION_CLASSES, AVG, AVGMAX, GATE_CLASSES, NAMES, module_option,
+                      qualified_name)
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +40,20 @@ TIMM_EFFICIENTNET_SE = "timm.models._efficientnet_blocks.SqueezeExcite"
 TIMM_LEGACY_SE = "timm.models.senet.SEModule"
 
 # SE-like classes the op cannot compute at all, named so that users learn why they stay.
+ONE_FC = "one FC C -> C and no hidden layer (effective SE), not the two-FC excitation the op computes"
 UNSERVABLE = {
-    "timm.layers.squeeze_excite.EffectiveSEModule":
-        "one FC and no hidden activation (effective SE), not the two-FC SE the op computes",
+    "timm.layers.squeeze_excite.EffectiveSEModule": ONE_FC,
+    "timm.models.hgnet.EseModule": ONE_FC,
     "timm.layers.squeeze_excite.SqueezeExciteCl":
         "works on channels-last [N, H, W, C] tensors with Linear FCs",
+    "timm.layers.eca.EcaModule":
+        "the excitation is a 1-D convolution across channels (ECA), not two FCs",
+    "timm.layers.eca.CecaModule":
+        "the excitation is a circularly padded 1-D convolution across channels (CECA), not two FCs",
+    "timm.layers.gather_excite.GatherExcite":
+        "gather-excite: a spatial gather, or without its MLP no FC pair; its global-extent form "
+        "with an MLP is an SE, but no timm model builds it",
 }
-
-
-def qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass(frozen=True)
@@ -126,12 +131,12 @@ def _fc_pair_problem(module: nn.Module, reduce: str, expand: str) -> str | None:
     return None
 
 
-def _op_name(module: nn.Module, what: str, child: str, names: dict[str, str]) -> str:
+def _op_name(module: nn.Module, what: str, child: str, classes: dict) -> str:
     """The op's name for an activation module; raises _Unservable when it has none."""
-    name = names.get(qualified_name(type(module)))
+    name = module_option(module, classes)
     if name is None:
-        raise _Unservable(f"{what} {child}={type(module).__name__} is not one of the op's "
-                          f"({', '.join(sorted(set(names.values())))})")
+        raise _Unservable(f"{what} {child}={module!r} computes none of the op's "
+                          f"{what}s ({', '.join(NAMES[what])})")
     return name
 
 
@@ -223,8 +228,9 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
 
     Served: torchvision.ops.SqueezeExcitation (EfficientNet, MobileNetV3, RegNet), timm's
     SEModule (ResNet/RegNet/ByobNet "se" attention, add_maxpool -> "avgmax", bias=False),
-    timm's EfficientNet/MobileNet SqueezeExcite and timm's legacy senet.SEModule, with
-    ReLU/SiLU (Swish) activations and Sigmoid/Hardsigmoid gates, torch's or timm's.
+    timm's EfficientNet/MobileNet SqueezeExcite and timm's legacy senet.SEModule, with any
+    activation and gate module that se_kernels.options.ACTIVATION_CLASSES / GATE_CLASSES
+    map to an option (torch's or timm's).
 
     The replacement holds the original's submodules under their original names, so the
     parameters stay the same tensors and `state_dict()` keys are unchanged: checkpoints

@@ -8,20 +8,21 @@ import torch
 from torch import nn
 
 from .functional import squeeze_excitation
-from .options import AVG, TORCH_ACTIVATIONS, TORCH_GATES, check_choice, normalize_out_activation
+from .options import (ACTIVATION_CLASSES, AVG, GATE_CLASSES, NAMES, check_choice, module_option,
+                      normalize_out_activation)
 
 # Symbolic tracing (torch.fx) records the fused op as one call instead of tracing into its
 # argument checks, which cannot run on proxies.
 torch.fx.wrap("squeeze_excitation")
 
 
-def op_name(argument: str, module: nn.Module, names: dict[type, str]) -> str:
+def op_name(argument: str, option: str, module: nn.Module, classes: dict) -> str:
     """The op's name for an activation module, e.g. nn.ReLU() -> "relu"."""
-    for cls, name in names.items():
-        if type(module) is cls:
-            return name
-    expected = " or ".join(f"nn.{cls.__name__}" for cls in names)
-    raise ValueError(f"{argument} must be {expected}, got {type(module).__name__}")
+    name = module_option(module, classes)
+    if name is None:
+        raise ValueError(f"{argument} must make a module computing one of the {option}s "
+                         f"({', '.join(NAMES[option])}); {module!r} computes none of them")
+    return name
 
 
 class SqueezeExcitation(nn.Module):
@@ -35,8 +36,9 @@ class SqueezeExcitation(nn.Module):
     Args:
         input_channels: C.
         squeeze_channels: S, the hidden width.
-        activation: nn.ReLU or nn.SiLU (class or callable making the module).
-        scale_activation: nn.Sigmoid or nn.Hardsigmoid.
+        activation: nn.ReLU, nn.SiLU, nn.GELU (either `approximate`) or nn.Hardswish, or
+            timm's module for one of these (class or callable making the module).
+        scale_activation: nn.Sigmoid, nn.Hardsigmoid, nn.Tanh or nn.ReLU, or timm's.
         pool: "avg" (torchvision), "max" or "avgmax" (timm's add_maxpool).
         out_activation: None or "relu", applied after the residual add.
         backend: see se_kernels.dispatch.
@@ -63,8 +65,9 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
         self.activation = activation()
         self.scale_activation = scale_activation()
-        self._activation_name = op_name("activation", self.activation, TORCH_ACTIVATIONS)
-        self._gate_name = op_name("scale_activation", self.scale_activation, TORCH_GATES)
+        self._activation_name = op_name("activation", "activation", self.activation,
+                                        ACTIVATION_CLASSES)
+        self._gate_name = op_name("scale_activation", "gate", self.scale_activation, GATE_CLASSES)
         self.pool = pool
         self.out_activation = normalize_out_activation(out_activation)
         self.backend = backend

@@ -32,12 +32,18 @@ class Activation(Option):
     """Between the two FCs: h = act(a)."""
     RELU = 0
     SILU = 1
+    GELU = 2       # a·Φ(a), with erf (nn.GELU())
+    GELU_TANH = 3  # GELU's tanh approximation (nn.GELU(approximate="tanh"))
+    HARDSWISH = 4
+    LEAKY_RELU = 5  # negative slope 0.01, nn.LeakyReLU's default (LEAKY_RELU_SLOPE)
 
 
 class Gate(Option):
     """On the excitation: s = gate(g)."""
     SIGMOID = 0
     HARDSIGMOID = 1
+    TANH = 2
+    RELU = 3
 
 
 class Pool(Option):
@@ -53,8 +59,10 @@ class OutActivation(Option):
     RELU = 1
 
 
-RELU, SILU = Activation.names()
-SIGMOID, HARDSIGMOID = Gate.names()
+RELU, SILU, GELU, GELU_TANH, HARDSWISH, LEAKY_RELU = Activation.names()
+LEAKY_RELU_SLOPE = 0.01
+SIGMOID, HARDSIGMOID, TANH = Gate.names()[:3]
+assert Gate.RELU.spelling == RELU  # the relu gate and the relu activation share one name
 AVG, MAX, AVGMAX = Pool.names()
 NONE, OUT_RELU = OutActivation.names()  # OUT_RELU == RELU: the same name in both places
 
@@ -91,33 +99,64 @@ def normalize_out_activation(value) -> str:
     raise ValueError(f"out_activation must be None or {OUT_RELU!r}, got {value!r}")
 
 
-# Activation and gate modules by qualified class name, with the option each computes. Exact
-# classes only: a subclass may compute something else. timm's Swish/SwishMe compute
-# x * sigmoid(x) and its HardSigmoid relu6(x + 3) / 6, the same functions as nn.SiLU and
-# nn.Hardsigmoid (HardSigmoidMe differs only in the subgradient at exactly +-3, where it
-# takes 1/6 and the op takes 0, as nn.Hardsigmoid does). `inplace` changes nothing: the op
-# never writes its input.
+# Activation and gate modules by qualified class name, with the option each computes: a name,
+# or, for a class whose attributes choose the function, a function of the module giving the
+# name (None when no option computes it). Exact classes only: a subclass may compute
+# something else. `inplace` changes nothing: the op never writes its input. timm's
+# Swish/SwishMe compute x * sigmoid(x), its HardSigmoid relu6(x + 3) / 6 and its
+# HardSwish x * relu6(x + 3) / 6, the same functions as nn.SiLU, nn.Hardsigmoid and
+# nn.Hardswish. HardSigmoidMe, HardSwish and HardSwishMe differ from the op only in the
+# subgradient at exactly +-3 (a measure-zero set the op shares with torch's own functions).
+def _gelu_option(module) -> str | None:
+    return {"none": GELU, "tanh": GELU_TANH}.get(getattr(module, "approximate", None))
+
+
+def _leaky_relu_option(module) -> str | None:
+    return LEAKY_RELU if getattr(module, "negative_slope", None) == LEAKY_RELU_SLOPE else None
+
+
 ACTIVATION_CLASSES = {
     "torch.nn.modules.activation.ReLU": RELU,
     "torch.nn.modules.activation.SiLU": SILU,
+    "torch.nn.modules.activation.GELU": _gelu_option,
+    "torch.nn.modules.activation.Hardswish": HARDSWISH,
+    "torch.nn.modules.activation.LeakyReLU": _leaky_relu_option,
     "timm.layers.activations.Swish": SILU,
     "timm.layers.activations_me.SwishMe": SILU,
+    "timm.layers.activations.GELU": GELU,
+    "timm.layers.activations.GELUTanh": GELU_TANH,
+    "timm.layers.activations.HardSwish": HARDSWISH,
+    "timm.layers.activations_me.HardSwishMe": HARDSWISH,
 }
 GATE_CLASSES = {
     "torch.nn.modules.activation.Sigmoid": SIGMOID,
     "torch.nn.modules.activation.Hardsigmoid": HARDSIGMOID,
+    "torch.nn.modules.activation.Tanh": TANH,
+    "torch.nn.modules.activation.ReLU": RELU,
     "timm.layers.activations.Sigmoid": SIGMOID,
     "timm.layers.activations.HardSigmoid": HARDSIGMOID,
     "timm.layers.activations_me.HardSigmoidMe": HARDSIGMOID,
+    "timm.layers.activations.Tanh": TANH,
 }
 
 
-def _torch_modules(classes: dict[str, str]) -> dict[type, str]:
-    prefix = "torch.nn.modules.activation."
-    return {getattr(torch.nn, qualname[len(prefix):]): name
-            for qualname, name in classes.items() if qualname.startswith(prefix)}
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-# The torch.nn modules SqueezeExcitation takes (nn.ReLU -> "relu", ...), and back.
-TORCH_ACTIVATIONS = _torch_modules(ACTIVATION_CLASSES)
-TORCH_GATES = _torch_modules(GATE_CLASSES)
+def module_option(module, classes: dict) -> str | None:
+    """The option `module` computes by `classes` (ACTIVATION_CLASSES or GATE_CLASSES), or
+    None when none does."""
+    entry = classes.get(qualified_name(type(module)))
+    return entry(module) if callable(entry) else entry
+
+
+# torch.nn modules computing each option, by name (the inverse of the tables' torch.nn
+# entries): what SqueezeExcitation's documentation lists and what tests build eager blocks
+# with.
+ACTIVATION_MODULES = {
+    RELU: torch.nn.ReLU, SILU: torch.nn.SiLU, GELU: torch.nn.GELU,
+    GELU_TANH: lambda: torch.nn.GELU(approximate="tanh"), HARDSWISH: torch.nn.Hardswish,
+    LEAKY_RELU: lambda: torch.nn.LeakyReLU(LEAKY_RELU_SLOPE)}
+GATE_MODULES = {SIGMOID: torch.nn.Sigmoid, HARDSIGMOID: torch.nn.Hardsigmoid, TANH: torch.nn.Tanh,
+                RELU: torch.nn.ReLU}

@@ -1,5 +1,7 @@
-"""Shared by the tests: SE cases, their inputs, running a backend with autograd, and the
-comparison against the float64 oracle of tests/oracle.py."""
+"""Shared by the tests: SE cases, their inputs, which backends run where, running a backend
+with autograd, and the comparison against the float64 oracle of tests/oracle.py. The checks
+of the ops as ops (opcheck, gradcheck, torch.compile) and their argument tuples are in
+tests/op_checks.py."""
 
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import se_kernels
 from se_kernels.call import make_call
-from se_kernels.options import ACTIVATIONS, GATES, POOLS
+from se_kernels.options import ACTIVATIONS, GATES, NONE, OUT_ACTIVATIONS, POOLS
 from oracle import GRAD_NAMES, OracleResult, decision_variants, se_oracle
-
 
 
 def run_python(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -26,7 +27,11 @@ def run_python(*args: str, env: dict | None = None, timeout: float = 300) -> sub
     built, instead of the installed package."""
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
                           cwd=tempfile.gettempdir(), timeout=timeout)
+
+
 LAYOUTS = ("nchw", "channels_last", "strided")
+# What Case.out_activation takes for each of the op's out_activations (None for "none").
+CASE_OUT_ACTIVATIONS = tuple(None if name == NONE else name for name in OUT_ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,29 @@ class Case:
                 f"{self.activation}-{self.gate}-{self.pool}{res}{out}{bias}")
 
 
-# Every option combination (activation x gate x pool x epilogue).
+def covering_cases(*factors: tuple) -> list[tuple]:
+    """Combinations of the factors' values in which every pair of values of any two factors
+    occurs (a pairwise covering array), picked greedily and deterministically: each option's
+    math is its own switch, so pairs find the interactions that a full product would, in a
+    grid that grows with the largest two factors rather than with their product."""
+    def pairs(combo):
+        return {(i, combo[i], j, combo[j]) for i, j in itertools.combinations(range(len(combo)), 2)}
+
+    candidates = list(itertools.product(*factors))
+    uncovered = set().union(*map(pairs, candidates))
+    chosen = []
+    while uncovered:
+        best = max(candidates, key=lambda combo: len(pairs(combo) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+# Every pair of option values (activation, gate, pool, epilogue) in some case.
 EPILOGUES = ((False, None), (True, None), (True, "relu"), (False, "relu"))
 OPTION_CASES = [
     Case(activation=a, gate=g, pool=p, residual=r, out_activation=o)
-    for a, g, p, (r, o) in itertools.product(ACTIVATIONS, GATES, POOLS, EPILOGUES)
+    for a, g, p, (r, o) in covering_cases(ACTIVATIONS, GATES, POOLS, EPILOGUES)
 ]
 # Odd shapes: C=1, C=3, H*W=1, C not divisible by the reduction, N=1, N=0, no biases,
 # wide rows and tall channel counts (vector bodies and scalar tails of the kernels).
@@ -135,6 +158,15 @@ def grad_output(case: Case, device, seed: int = 1) -> torch.Tensor:
     return g.to(device=device, dtype=case.dtype)
 
 
+def se_call(case: Case, t: dict, backend: str) -> torch.Tensor:
+    """The public op on tensors named as make_inputs names them (an absent bias or residual
+    may be None or left out), with `case`'s options, through `backend`."""
+    return se_kernels.squeeze_excitation(
+        t["x"], t["w1"], t.get("b1"), t["w2"], t.get("b2"), activation=case.activation,
+        gate=case.gate, pool=case.pool, residual=t.get("residual"),
+        out_activation=case.out_activation, backend=backend)
+
+
 def run_se(case: Case, inputs: dict, grad: torch.Tensor, backend: str,
            dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | None]:
     """Output and the gradients of every input tensor, through `backend`."""
@@ -145,10 +177,7 @@ def run_se(case: Case, inputs: dict, grad: torch.Tensor, backend: str,
             continue
         t = t.detach()  # a leaf that keeps the layout, strided views included
         leaves[name] = (t if dtype is None else t.to(dtype)).requires_grad_()
-    out = se_kernels.squeeze_excitation(
-        leaves["x"], leaves["w1"], leaves["b1"], leaves["w2"], leaves["b2"],
-        activation=case.activation, gate=case.gate, pool=case.pool,
-        residual=leaves["residual"], out_activation=case.out_activation, backend=backend)
+    out = se_call(case, leaves, backend)
     out.backward(grad.to(out.dtype))
     result = {"out": out.detach()}
     for name in GRAD_NAMES:
@@ -284,6 +313,20 @@ def require_backend(backend: str, device) -> None:
     assert not reasons, f"backend {backend!r} refuses a plain call on {device}: {reasons}"
 
 
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+BACKENDS = ["cpu", "torch", "triton", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> tuple[str, str]:
+    """Each backend, as (name, the device its tests run on), where it can run here (a
+    module uses it by importing it)."""
+    device = backend_device(request.param)
+    require_backend(request.param, device)
+    return request.param, device
+
+
 def randomize_norms(model: torch.nn.Module, seed: int) -> None:
     """Random BN affine parameters and running statistics. timm zero-initialises the last BN
     of each residual branch, which would feed the SE modules zeros and make the comparison
@@ -318,6 +361,21 @@ def fused_forward(model: torch.nn.Module, args: tuple, expected_calls: int) -> t
         out = model(*args)
     assert counter.calls == expected_calls
     return out
+
+
+def sgd_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+               lr: float) -> list[float]:
+    """Train `model` for `steps` SGD steps (momentum 0.9) on the cross-entropy of (x, y); the
+    loss before each step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def image(n: int = 2, size: int = 64, seed: int = 2) -> torch.Tensor:

@@ -6,8 +6,10 @@ the block (squeeze, two FCs, gate, scale, residual, output ReLU), so the oracle 
 independent of every backend, the "torch" one included. Its conventions:
 
 - hardsigmoid(g) = (g + 3) / 6 clamped to [0, 1], derivative exactly 1/6 on the open
-  interval (-3, 3) and 0 elsewhere (no float32 1/6 anywhere);
-- ReLU's derivative is [a > 0]; the output ReLU passes the gradient where out > 0;
+  interval (-3, 3) and 0 elsewhere (no float32 1/6 anywhere); hardswish's derivative is
+  torch's: 0 below -3, a/3 + 1/2 on [-3, 3], 1 above;
+- ReLU's derivative is [a > 0] (hidden, gate); the output ReLU passes the gradient where
+  out > 0;
 - max pooling's gradient is shared equally by every position that holds the maximum, as
   torch.amax's is.
 
@@ -31,9 +33,9 @@ rounded inputs as the kernels, so its argmax and tie count are exact. Where the 
 y lies within its error bound of 0, either output-ReLU decision is correct: dy there
 carries |dout| as its error, which bounds what a flipped decision changes in dx, the
 residual's gradient and, summed, in ds (`relu_uncertain` marks those positions; the caller
-checks that the kernel's flips stay among them and counts them). A hidden ReLU (a near 0)
-or a hardsigmoid edge (g near +-3) within its bound has both outcomes enumerated by
-`decision_variants`.
+checks that the kernel's flips stay among them and counts them). A kink of the hidden
+activation or the gate (ReLU at 0, hardsigmoid and hardswish at +-3) within its bound has
+both outcomes enumerated by `decision_variants`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 F64 = torch.float64
 GRAD_NAMES = ("x", "w1", "b1", "w2", "b2", "residual")
 ONE_SIXTH = 1.0 / 6.0  # float64: the exact 1/6 rounded once
+LEAKY_RELU_SLOPE = 0.01  # nn.LeakyReLU's default
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -124,8 +127,9 @@ class Analysis:
 
 @dataclass
 class Decisions:
-    """Overrides for the decisions that rounding can flip: hidden ReLU [a > 0] [N, S],
-    hardsigmoid's active region (-3 < g < 3) [N, C]. None: the reference's own."""
+    """Overrides for the decisions that rounding can flip, as region indices (which side of
+    each kink a value is on, see _regions): hidden activation [N, S], gate [N, C]. None: the
+    reference's own."""
     hidden: torch.Tensor | None = None
     gate: torch.Tensor | None = None
 
@@ -135,67 +139,193 @@ class OracleResult:
     values: dict          # name -> float64 tensor (None for absent inputs)
     bounds: dict          # name -> float64 tensor of allowed |error|
     relu_uncertain: torch.Tensor    # [N, C, H, W] bool: output ReLU within rounding of y = 0
-    uncertain_hidden: torch.Tensor  # [N, S] bool: hidden ReLU within rounding of a = 0
-    uncertain_gate: torch.Tensor    # [N, C] bool: hardsigmoid within rounding of g = +-3
+    hidden: "Kinks"                 # [N, S]: the hidden activation's regions
+    gate: "Kinks"                   # [N, C]: the gate's regions
     a: torch.Tensor  # [N, S] hidden pre-activation
     g: torch.Tensor  # [N, C] gate logit
     y: torch.Tensor  # [N, C, H, W] before the output activation
 
 
 # ---- the options (DESIGN.md §1.3), one entry each -------------------------------------
-# An activation maps the bounded pre-activation a to (h, the positions where rounding may flip
-# a decision, what its derivative needs); its derivative maps (dh, that) to da. A gate does
-# the same for g -> s and ds -> dg. `decision` is the override of Decisions for it, if any.
+# An activation maps the bounded pre-activation a to (h, its Kinks); its derivative maps
+# (dh, the regions) to da. A gate does the same for g -> s and ds -> dg. A function with a
+# kink (a point where its derivative jumps) has regions 0, 1, ... between its kinks;
+# wherever rounding may put a value on either side of one, both outcomes are correct, and
+# `decision_variants` tries each.
+
+
+# Where each option's function has a kink (its derivative jumps), by option name; the
+# others are smooth. ReLU is the same function as an activation and as a gate.
+KINKS = {"relu": (0.0,), "leaky_relu": (0.0,), "hardswish": (-3.0, 3.0), "hardsigmoid": (-3.0, 3.0)}
+
+
+def kink_distance(v: torch.Tensor, option: str) -> torch.Tensor | None:
+    """How far each value is from the nearest kink of `option`'s function (None: smooth)."""
+    points = KINKS.get(option)
+    if points is None:
+        return None
+    return torch.stack([(v - point).abs() for point in points]).amin(0)
+
+
+@dataclass
+class Kinks:
+    """Which region each value is in, where rounding may move it into a neighbouring one,
+    and which region that would be."""
+    region: torch.Tensor       # int64
+    uncertain: torch.Tensor    # bool
+    alternative: torch.Tensor  # int64: the other side of the nearest kink, where uncertain
+
+    @staticmethod
+    def none(v: torch.Tensor) -> "Kinks":
+        zeros = torch.zeros_like(v, dtype=torch.int64)
+        return Kinks(zeros, torch.zeros_like(v, dtype=torch.bool), zeros)
+
+
+def _regions(v: Bounded, region: torch.Tensor, kinks: tuple[float, ...], band: torch.Tensor,
+             decision: torch.Tensor | None) -> Kinks:
+    """Kinks of v for the sorted `kinks`, region k lying between kinks k - 1 and k (the
+    function's own convention decides a value exactly at a kink); a decision overrides
+    the region."""
+    uncertain = torch.zeros_like(v.v, dtype=torch.bool)
+    alternative = region.clone()
+    for k, point in enumerate(kinks):
+        near = ((v.v - point).abs() <= band) & (band > 0)
+        uncertain |= near
+        alternative = torch.where(near, torch.where(region > k, k, k + 1), alternative)
+    return Kinks(region if decision is None else decision, uncertain, alternative)
+
+
+def _pick(region: torch.Tensor, *values) -> torch.Tensor:
+    """values[region] elementwise (each a tensor or a float)."""
+    out = torch.zeros(region.shape, dtype=F64)
+    for k, value in enumerate(values):
+        out = torch.where(region == k, value, out)
+    return out
 
 
 def _relu(an, a, decision):
-    alive = a.v > 0 if decision is None else decision
-    uncertain = (a.v.abs() <= a.e) & (a.e > 0)
-    return Bounded(torch.where(alive, a.v, 0.0), a.e), uncertain, alive  # 1-Lipschitz
+    kinks = _regions(a, (a.v > 0).long(), KINKS["relu"], a.e, decision)
+    return Bounded(torch.where(kinks.region == 1, a.v, 0.0), a.e), kinks  # 1-Lipschitz
 
 
-def _relu_grad(an, a, dh, alive):
+def _relu_grad(an, a, dh, kinks):
+    alive = kinks.region == 1
     return Bounded(torch.where(alive, dh.v, 0.0), torch.where(alive, dh.e, 0.0))
 
 
+def _leaky_relu(an, a, decision):
+    # a where a > 0, else slope * a with the slope rounded to the kernel's dtype.
+    kinks = _regions(a, (a.v > 0).long(), KINKS["leaky_relu"], a.e, decision)
+    negative = an.scale(a, LEAKY_RELU_SLOPE)
+    positive = kinks.region == 1
+    return Bounded(torch.where(positive, a.v, negative.v), torch.where(positive, a.e, negative.e)), kinks
+
+
+def _leaky_relu_grad(an, a, dh, kinks):
+    positive = kinks.region == 1
+    negative = an.scale(dh, LEAKY_RELU_SLOPE)
+    return Bounded(torch.where(positive, dh.v, negative.v), torch.where(positive, dh.e, negative.e))
+
+
 def _silu(an, a, decision):
+    return an.transcendental(a, a.v * torch.sigmoid(a.v), 1.1), Kinks.none(a.v)  # |silu'| <= 1.1
+
+
+def _silu_grad(an, a, dh, kinks):
     sig_a = torch.sigmoid(a.v)
-    h = an.transcendental(a, a.v * sig_a, 1.1)  # |silu'| <= 1.1
-    return h, torch.zeros_like(a.v, dtype=torch.bool), sig_a
-
-
-def _silu_grad(an, a, dh, sig_a):
     silu_p = sig_a * (1 + a.v * (1 - sig_a))
     return an.mul(dh, an.transcendental(a, silu_p, 0.5, magnitude=1 + a.v.abs()))  # |silu''| <= 0.5
 
 
+def _gelu_parts(a: torch.Tensor, tanh_form: bool):
+    """GELU's value and derivative in float64 (DESIGN.md §1.3)."""
+    if tanh_form:
+        k, c = (2 / torch.pi) ** 0.5, 0.044715
+        t = torch.tanh(k * (a + c * a ** 3))
+        return 0.5 * a * (1 + t), 0.5 * (1 + t) + 0.5 * a * (1 - t * t) * k * (1 + 3 * c * a * a)
+    cdf = 0.5 * (1 + torch.erf(a / 2 ** 0.5))
+    return a * cdf, cdf + a * torch.exp(-0.5 * a * a) / (2 * torch.pi) ** 0.5
+
+
+def _gelu_forms(tanh_form: bool):
+    # |gelu'| < 1.2 and |gelu''| < 1 (both forms, with margin). A kernel computes 1 + erf or 1 + tanh,
+    # which cancels for negative a: an absolute error of a few u, times |a|. The tanh form's
+    # argument carries a cubic's rounding too: (1 + a^2) more of it.
+    def forward(an, a, decision):
+        value, _ = _gelu_parts(a.v, tanh_form)
+        mag = value.abs() + a.v.abs() * (1 + a.v * a.v)
+        return an.transcendental(a, value, 1.2, magnitude=mag), Kinks.none(a.v)
+
+    def backward(an, a, dh, kinks):
+        _, slope = _gelu_parts(a.v, tanh_form)
+        mag = (1 + a.v.abs()) * (1 + a.v * a.v)
+        return an.mul(dh, an.transcendental(a, slope, 1.0, magnitude=mag))
+
+    return forward, backward
+
+
+def _hardswish(an, a, decision):
+    # torch: 0 below -3, a (a + 3) / 6 up to 3 (inclusive), a above; continuous, so a
+    # flipped region moves only the derivative. Lipschitz 1.5; the clamp's a + 3 rounds.
+    region = (a.v >= -3).long() + (a.v > 3).long()
+    kinks = _regions(a, region, KINKS["hardswish"], a.e + 12 * an.u * (a.v.abs() + 3), decision)
+    h_v = _pick(kinks.region, 0.0, a.v * (a.v + 3) * ONE_SIXTH, a.v)
+    return Bounded(h_v, 1.5 * a.e + 4 * an.u * (a.v.abs() * (a.v.abs() + 3) * ONE_SIXTH + a.v.abs())), kinks
+
+
+def _hardswish_grad(an, a, dh, kinks):
+    middle = kinks.region == 1
+    slope = _pick(kinks.region, 0.0, a.v / 3 + 0.5, 1.0)
+    slope_e = torch.where(middle, a.e / 3 + 3 * an.u * (a.v.abs() / 3 + 0.5), 0.0)
+    return an.mul(dh, Bounded(slope, slope_e))
+
+
 def _sigmoid(an, g, decision):
+    return an.transcendental(g, torch.sigmoid(g.v), 0.25), Kinks.none(g.v)
+
+
+def _sigmoid_grad(an, g, ds, kinks):
     s = an.transcendental(g, torch.sigmoid(g.v), 0.25)
-    return s, torch.zeros_like(g.v, dtype=torch.bool), s
-
-
-def _sigmoid_grad(an, g, ds, s):
     sp = s.v * (1 - s.v)
     return an.mul(ds, Bounded(sp, s.e * (1 + s.e) + 3 * an.u * sp))
 
 
 def _hardsigmoid(an, g, decision):
-    inside = (g.v > -3) & (g.v < 3) if decision is None else decision
-    s_v = torch.where(inside, (g.v + 3) / 6, torch.where(g.v > 0, 1.0, 0.0))
-    # (g + 3) * 1/6 or g * 1/6 + 1/2 with a rounded 1/6: a few u of |g|/6 + 1/2.
-    s = Bounded(s_v, g.e * ONE_SIXTH + 4 * an.u * (g.v.abs() * ONE_SIXTH + 0.5))
     # s may round to 0 or 1 within 6 u of the edges: either region is then correct.
-    band = g.e + 12 * an.u * (g.v.abs() + 3)
-    uncertain = (((g.v + 3).abs() <= band) | ((g.v - 3).abs() <= band)) & (band > 0)
-    return s, uncertain, inside
+    region = (g.v > -3).long() + (g.v >= 3).long()
+    kinks = _regions(g, region, KINKS["hardsigmoid"], g.e + 12 * an.u * (g.v.abs() + 3), decision)
+    s_v = _pick(kinks.region, 0.0, (g.v + 3) / 6, 1.0)
+    # (g + 3) * 1/6 or g * 1/6 + 1/2 with a rounded 1/6: a few u of |g|/6 + 1/2.
+    return Bounded(s_v, g.e * ONE_SIXTH + 4 * an.u * (g.v.abs() * ONE_SIXTH + 0.5)), kinks
 
 
-def _hardsigmoid_grad(an, g, ds, inside):
+def _hardsigmoid_grad(an, g, ds, kinks):
+    inside = kinks.region == 1
     return an.scale(Bounded(torch.where(inside, ds.v, 0.0), torch.where(inside, ds.e, 0.0)), ONE_SIXTH)
 
 
-ACTIVATIONS = {"relu": (_relu, _relu_grad), "silu": (_silu, _silu_grad)}
-GATES = {"sigmoid": (_sigmoid, _sigmoid_grad), "hardsigmoid": (_hardsigmoid, _hardsigmoid_grad)}
+def _tanh_value(an, g) -> Bounded:
+    # 1-Lipschitz; a kernel may form tanh from exp as (1 - e)/(1 + e), which is a few u off
+    # in absolute terms near 0 where tanh itself is small: magnitude 1, not |tanh|.
+    return an.transcendental(g, torch.tanh(g.v), 1.0, magnitude=torch.ones_like(g.v))
+
+
+def _tanh(an, g, decision):
+    return _tanh_value(an, g), Kinks.none(g.v)
+
+
+def _tanh_grad(an, g, ds, kinks):
+    s = _tanh_value(an, g)
+    sp = 1 - s.v * s.v
+    return an.mul(ds, Bounded(sp, 2 * s.e * (s.v.abs() + s.e) + 3 * an.u))
+
+
+ACTIVATIONS = {"relu": (_relu, _relu_grad), "silu": (_silu, _silu_grad),
+               "gelu": _gelu_forms(tanh_form=False), "gelu_tanh": _gelu_forms(tanh_form=True),
+               "hardswish": (_hardswish, _hardswish_grad),
+               "leaky_relu": (_leaky_relu, _leaky_relu_grad)}
+GATES = {"sigmoid": (_sigmoid, _sigmoid_grad), "hardsigmoid": (_hardsigmoid, _hardsigmoid_grad),
+         "tanh": (_tanh, _tanh_grad), "relu": (_relu, _relu_grad)}
 POOL_WEIGHTS = {"avg": (1.0, 0.0), "max": (0.0, 1.0), "avgmax": (0.5, 0.5)}  # (w_avg, w_max)
 OUT_RELU = {"none": False, "relu": True}
 
@@ -242,9 +372,9 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     activation, activation_grad = ACTIVATIONS[opts.activation]
     gate, gate_grad = GATES[opts.gate]
     a = an.linear(z, w1, b1)
-    h, uncertain_hidden, hidden_state = activation(an, a, decisions.hidden)
+    h, hidden_kinks = activation(an, a, decisions.hidden)
     g = an.linear(h, w2, b2)
-    s, uncertain_gate, gate_state = gate(an, g, decisions.gate)
+    s, gate_kinks = gate(an, g, decisions.gate)
 
     sx = an.mul(Bounded(s.v[..., None].expand_as(x), s.e[..., None].expand_as(x)), an.exact(x))
     y = sx if r is None else an.add(sx, an.exact(r))
@@ -263,11 +393,11 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
     dy = torch.where(y.v > 0, dout, 0.0) if out_relu else dout
     dy_e = torch.where(relu_uncertain, dout.abs(), 0.0)
     ds = Bounded((dy * x).sum(-1), an.gamma(p) * (dy * x).abs().sum(-1) + (dy_e * x.abs()).sum(-1))
-    dg = gate_grad(an, g, ds, gate_state)
+    dg = gate_grad(an, g, ds, gate_kinks)
     dw2 = an.outer_sum(dg, h)
     db2 = an.batch_sum(dg)
     dh = an.matmul_exact_right(dg, w2)
-    da = activation_grad(an, a, dh, hidden_state)
+    da = activation_grad(an, a, dh, hidden_kinks)
     dw1 = an.outer_sum(da, z)
     db1 = an.batch_sum(da)
     dz = an.matmul_exact_right(da, w1)
@@ -299,7 +429,7 @@ def se_oracle(opts, inputs: dict, dout: torch.Tensor, *, out_dtype: torch.dtype,
         result_values[name] = b.v.reshape(shape)
         result_bounds[name] = final_bound(b, out_dtype, truncates).reshape(shape)
     return OracleResult(result_values, result_bounds, relu_uncertain.reshape(x4.shape),
-                        uncertain_hidden, uncertain_gate, a.v, g.v, y.v.reshape(x4.shape))
+                        hidden_kinks, gate_kinks, a.v, g.v, y.v.reshape(x4.shape))
 
 
 def final_bound(b: Bounded, dtype: torch.dtype, truncates: bool = False) -> torch.Tensor:
@@ -314,24 +444,23 @@ def final_bound(b: Bounded, dtype: torch.dtype, truncates: bool = False) -> torc
 
 def decision_variants(result: OracleResult, limit: int = 6):
     """Decisions to try: the reference's own first, then every combination of outcomes of
-    the hidden-ReLU and hardsigmoid-edge decisions that lie within rounding."""
+    the hidden activation's and the gate's kink decisions that lie within rounding."""
     yield None
-    hidden_idx = result.uncertain_hidden.nonzero().tolist()
-    gate_idx = result.uncertain_gate.nonzero().tolist()
+    hidden_idx = result.hidden.uncertain.nonzero().tolist()
+    gate_idx = result.gate.uncertain.nonzero().tolist()
     k = len(hidden_idx) + len(gate_idx)
     if k == 0:
         return
     if k > limit:
-        raise AssertionError(f"{k} hidden-ReLU/hardsigmoid decisions lie within rounding of their "
-                             "kink: choose inputs away from them")
-    base_hidden = result.a > 0
-    base_gate = (result.g > -3) & (result.g < 3)
+        raise AssertionError(f"{k} hidden-activation/gate decisions lie within rounding of their "
+                             "kinks: choose inputs away from them")
     for flips in itertools.product((False, True), repeat=k):
         if not any(flips):
             continue
-        hidden, gate = base_hidden.clone(), base_gate.clone()
-        for (i, j), flip in zip(hidden_idx, flips[:len(hidden_idx)]):
-            hidden[i, j] ^= flip
-        for (i, j), flip in zip(gate_idx, flips[len(hidden_idx):]):
-            gate[i, j] ^= flip
+        hidden, gate = result.hidden.region.clone(), result.gate.region.clone()
+        for kinks, regions, idx, part in ((result.hidden, hidden, hidden_idx, flips[:len(hidden_idx)]),
+                                          (result.gate, gate, gate_idx, flips[len(hidden_idx):])):
+            for (i, j), flip in zip(idx, part):
+                if flip:
+                    regions[i, j] = kinks.alternative[i, j]
         yield Decisions(hidden=hidden, gate=gate)

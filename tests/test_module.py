@@ -63,8 +63,11 @@ def test_weights_dtype_mismatch_outside_autocast_is_an_error():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(activation=nn.GELU), "activation must be nn.ReLU or nn.SiLU, got GELU"),
-    (dict(scale_activation=nn.Tanh), "scale_activation must be nn.Sigmoid or nn.Hardsigmoid, got Tanh"),
+    (dict(activation=nn.Mish), r"activation must make a module computing one of the activations "
+                               r"\(relu, silu, .*\); Mish\(\) computes none of them"),
+    (dict(activation=lambda: nn.LeakyReLU(0.2)), r"LeakyReLU\(negative_slope=0.2\) computes none"),
+    (dict(scale_activation=nn.Softsign), r"scale_activation must make a module computing one of "
+                                         r"the gates \(sigmoid, hardsigmoid, tanh, relu\)"),
     (dict(pool="median"), "pool must be one of"),
     (dict(out_activation="gelu"), "out_activation must be None or 'relu'"),
 ])

@@ -2,15 +2,15 @@
 no extra argument, either exporter): the graph holds standard operators only, and ONNX
 Runtime's output matches the fused kernels' in fp32."""
 
-import itertools
 
 import pytest
 import torch
 from torch import nn
 
 import se_kernels
-from helpers import fused_forward, image, randomize_norms
+from helpers import CASE_OUT_ACTIVATIONS, covering_cases, fused_forward, image, randomize_norms
 from se_kernels.convert import convert_se_modules
+from se_kernels.options import ACTIVATION_MODULES, ACTIVATIONS, GATE_MODULES, GATES, POOLS
 from test_convert import build, scale_weights
 
 onnx = pytest.importorskip("onnx", reason="onnx is a test extra: pip install .[test]")
@@ -58,17 +58,16 @@ def check_onnx_export(model: nn.Module, args: tuple, path, se_count: int, **expo
 
 # ---- ONNX: one SE layer, every option ---------------------------------------------------
 
-ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
-GATES = {"sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
-EPILOGUES = {"plain": (False, None), "residual": (True, None), "relu": (False, "relu"),
-             "residual-relu": (True, "relu")}
+# (residual, out_activation) by name: "plain", "residual", "relu", "residual-relu", ...
+EPILOGUES = {"-".join(filter(None, ("residual" if residual else None, out))) or "plain":
+             (residual, out) for out in CASE_OUT_ACTIVATIONS for residual in (False, True)}
 
 
 def se_layer(activation="relu", gate="sigmoid", pool="avg", out_activation=None, bias=True,
              backend="auto", c=24, s=6) -> se_kernels.SqueezeExcitation:
     torch.manual_seed(0)
-    layer = se_kernels.SqueezeExcitation(c, s, ACTIVATIONS[activation], GATES[gate], pool=pool,
-                                         out_activation=out_activation, backend=backend)
+    layer = se_kernels.SqueezeExcitation(c, s, ACTIVATION_MODULES[activation], GATE_MODULES[gate],
+                                         pool=pool, out_activation=out_activation, backend=backend)
     if not bias:
         layer.fc1.bias = layer.fc2.bias = None
     scale_weights(layer, seed=1)
@@ -81,9 +80,8 @@ def layer_args(residual: bool, c: int = 24) -> tuple:
     return (x, torch.randn(x.shape, generator=gen)) if residual else (x,)
 
 
-@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
-@pytest.mark.parametrize("activation, gate", [pytest.param(a, g, id=f"{a}-{g}")
-                                              for a, g in itertools.product(ACTIVATIONS, GATES)])
+@pytest.mark.parametrize("activation, gate, pool", [
+    pytest.param(a, g, p, id=f"{a}-{g}-{p}") for a, g, p in covering_cases(ACTIVATIONS, GATES, POOLS)])
 def test_onnx_export_of_every_activation_gate_and_pool(activation, gate, pool, tmp_path):
     layer = se_layer(activation, gate, pool, out_activation="relu")
     check_onnx_export(layer, layer_args(residual=True), tmp_path / "se.onnx", se_count=1,
@@ -122,7 +120,7 @@ NO_TRACER_WARNINGS = pytest.mark.filterwarnings("error::torch.jit.TracerWarning"
 
 
 @NO_TRACER_WARNINGS
-@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+@pytest.mark.parametrize("pool", POOLS)
 @pytest.mark.parametrize("epilogue", ["plain", "residual-relu"])
 def test_onnx_export_with_the_torchscript_exporter(pool, epilogue, tmp_path):
     residual, out_activation = EPILOGUES[epilogue]

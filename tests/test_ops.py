@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import se_kernels
 from se_kernels import _ops
 from helpers import Case, grad_output, make_inputs
-from oracle import se_oracle
+from op_checks import assert_compile_matches_eager, gradcheck_backend, opcheck_backward, opcheck_forward
+from oracle import kink_distance, se_oracle
 
 OPCHECK_CASES = [
     Case(n=2, c=6, h=3, w=4, s=2),
@@ -22,38 +23,25 @@ OPCHECK_CASES = [
 ]
 
 
-def forward_args(case: Case, requires_grad: bool = False) -> tuple:
-    t = make_inputs(case, "cpu")
-    if requires_grad:
-        t = {k: None if v is None else v.requires_grad_() for k, v in t.items()}
-    return (t["x"], t["w1"], t["b1"], t["w2"], t["b2"], t["residual"], case.activation,
-            case.gate, case.pool, case.out_activation or "none")
-
-
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_opcheck_forward(case):
-    torch.library.opcheck(_ops.se_forward, forward_args(case, requires_grad=True))
+    opcheck_forward(_ops.se_forward, case, "cpu", requires_grad=True)
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
 def test_opcheck_backward(case):
-    args = forward_args(case)
-    out, z, zmax, a, g = _ops.se_forward(*args)
-    grad = torch.randn_like(out)
-    torch.library.opcheck(_ops.se_backward, (
-        grad, args[0], out if case.out_activation == "relu" else None, args[1], args[3], z, zmax,
-        a, g, case.activation, case.gate, case.pool, case.out_activation or "none", case.residual))
+    opcheck_backward(_ops.se_forward, _ops.se_backward, case, "cpu")
 
 
 def inputs_away_from_kinks(case: Case, margin: float = 1e-3) -> dict:
-    """Inputs of the first seed whose hidden-ReLU inputs, hardsigmoid logits and output-ReLU
-    inputs are all at least `margin` from their kinks, and whose channel maxima lead the
-    runner-up by `margin`: finite differences there would straddle a jump in the derivative."""
+    """Inputs of the first seed whose hidden pre-activations, gate logits and output-ReLU
+    inputs are all at least `margin` from their functions' kinks, and whose channel maxima
+    lead the runner-up by `margin`: finite differences there would straddle a jump in the
+    derivative."""
     for seed in range(1000):
         t = make_inputs(case, "cpu", seed)
         r = se_oracle(case, t, grad_output(case, "cpu"), out_dtype=case.dtype)
-        distances = [r.a.abs() if case.activation == "relu" else None,
-                     torch.minimum((r.g - 3).abs(), (r.g + 3).abs()) if case.gate == "hardsigmoid" else None,
+        distances = [kink_distance(r.a, case.activation), kink_distance(r.g, case.gate),
                      r.y.abs() if case.out_activation == "relu" else None]
         if case.pool != "avg" and case.h * case.w > 1:
             top2 = t["x"].flatten(2).topk(2, dim=-1).values
@@ -71,37 +59,13 @@ def inputs_away_from_kinks(case: Case, margin: float = 1e-3) -> dict:
     Case(n=1, c=3, h=3, w=3, s=1, dtype=torch.float64, pool="max", bias=False),
 ], ids=str)
 def test_gradcheck(backend, case):
-    t = inputs_away_from_kinks(case)
-    names = [k for k, v in t.items() if v is not None]
-    leaves = [t[k].detach().requires_grad_() for k in names]
-
-    def fn(*tensors):
-        d = dict(zip(names, tensors))
-        return se_kernels.squeeze_excitation(
-            d["x"], d["w1"], d.get("b1"), d["w2"], d.get("b2"), activation=case.activation,
-            gate=case.gate, pool=case.pool, residual=d.get("residual"),
-            out_activation=case.out_activation, backend=backend)
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+    gradcheck_backend(case, inputs_away_from_kinks(case), backend)
 
 
 def test_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
     module = se_kernels.SqueezeExcitation(16, 4, out_activation="relu", backend="cpu").double()
-    compiled = torch.compile(module, fullgraph=True)
     x = torch.randn(2, 16, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
-    r = torch.randn_like(x)
-    for fn in (module, compiled):
-        xx, rr = x.clone().requires_grad_(), r.clone().requires_grad_()
-        module.zero_grad()
-        y = fn(xx, rr)
-        y.square().sum().backward()
-        if fn is module:
-            expected = (y.detach(), xx.grad, rr.grad, module.fc1.weight.grad.clone())
-        else:
-            got = (y.detach(), xx.grad, rr.grad, module.fc1.weight.grad.clone())
-    for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e)
+    assert_compile_matches_eager(module, [x, torch.randn_like(x)], params=(module.fc1.weight,))
 
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])

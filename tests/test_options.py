@@ -52,8 +52,8 @@ def test_codes_and_names_agree_with_the_header(kind):
 
 
 def test_names_are_what_the_api_takes():
-    assert options.ACTIVATIONS == ("relu", "silu")
-    assert options.GATES == ("sigmoid", "hardsigmoid")
+    assert options.ACTIVATIONS == ("relu", "silu", "gelu", "gelu_tanh", "hardswish", "leaky_relu")
+    assert options.GATES == ("sigmoid", "hardsigmoid", "tanh", "relu")
     assert options.POOLS == ("avg", "max", "avgmax")
     assert options.OUT_ACTIVATIONS == ("none", "relu")
     assert options.OUT_RELU == options.RELU
@@ -63,8 +63,9 @@ def test_names_are_what_the_api_takes():
 
 def test_check_choice_names_the_argument():
     options.check_choice("pool", "max")
-    with pytest.raises(ValueError, match="gate must be one of 'sigmoid', 'hardsigmoid', got 'tanh'"):
-        options.check_choice("gate", "tanh")
+    with pytest.raises(ValueError, match="gate must be one of 'sigmoid', 'hardsigmoid', 'tanh', "
+                                         "'relu', got 'softmax'"):
+        options.check_choice("gate", "softmax")
     with pytest.raises(ValueError, match="activation must be one of"):
         options.check_choice("activation", 1)
 
@@ -75,11 +76,27 @@ def test_out_activation_spellings(value, expected):
     assert options.normalize_out_activation(value) == expected
 
 
-def test_torch_modules_map_to_names():
-    assert options.TORCH_ACTIVATIONS == {nn.ReLU: "relu", nn.SiLU: "silu"}
-    assert options.TORCH_GATES == {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
-    for classes in (options.ACTIVATION_CLASSES, options.GATE_CLASSES):
-        assert set(classes.values()) <= set(options.ACTIVATIONS + options.GATES)
+@pytest.mark.parametrize("argument, modules, classes", [
+    ("activation", options.ACTIVATION_MODULES, options.ACTIVATION_CLASSES),
+    ("gate", options.GATE_MODULES, options.GATE_CLASSES)])
+def test_modules_map_to_names_and_back(argument, modules, classes):
+    """Every option value has a torch.nn module computing it, which the class tables map
+    back to that value; the tables name nothing but option values."""
+    assert tuple(modules) == options.NAMES[argument]
+    for name, make in modules.items():
+        assert options.module_option(make(), classes) == name
+    names = [entry for entry in classes.values() if isinstance(entry, str)]
+    assert set(names) <= set(options.NAMES[argument])
+
+
+def test_gelu_option_follows_its_approximation():
+    table = options.ACTIVATION_CLASSES
+    assert options.module_option(nn.GELU(), table) == "gelu"
+    assert options.module_option(nn.GELU(approximate="tanh"), table) == "gelu_tanh"
+    assert options.module_option(nn.Tanh(), table) is None
+    assert options.module_option(nn.Mish(), options.GATE_CLASSES) is None
+    assert options.module_option(nn.LeakyReLU(), table) == "leaky_relu"
+    assert options.module_option(nn.LeakyReLU(0.1), table) is None  # only the default slope
 
 
 def snake_case(name: str) -> str:
@@ -89,9 +106,9 @@ def snake_case(name: str) -> str:
 @pytest.mark.parametrize("enum, names", [("TraceKernel", schedule.CUDA_TRACE_KERNELS),
                                          ("TraceTensor", schedule.TRACE_TENSORS)])
 def test_plan_trace_codes_agree_with_the_cuda_planner(enum, names):
-    """The codes of the cuda schedule's trace (csrc/cuda/se_plan.h) index the names that
+    """The codes of the cuda schedule's trace (csrc/cuda/se_trace.h) index the names that
     se_kernels.plan decodes them with, in order."""
-    text = (HEADER.parent / "cuda" / "se_plan.h").read_text()
+    text = (HEADER.parent / "cuda" / "se_trace.h").read_text()
     body = re.search(rf"enum class {enum} : int64_t \{{([^}}]*)\}}", text).group(1)
     members = re.findall(r"\b([A-Z]\w*)", body)
     assert members[0] + " = 0" in " ".join(body.split())

@@ -6,6 +6,7 @@ fresh process without TRITON_INTERPRET."""
 from __future__ import annotations
 
 import ast
+import itertools
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ import torch
 from se_kernels.backends.triton import heuristics
 from se_kernels.backends.triton import ops as triton_ops
 
-from helpers import Case
-from triton_support import forward_args, pythonpath_with_tests, run_python_with
+from helpers import Case, covering_cases
+from se_kernels.options import ACTIVATIONS, GATES
+from op_checks import backward_args, forward_args
+from triton_support import pythonpath_with_tests, run_python_with
 
 
 _PTX_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
@@ -27,9 +30,8 @@ def _record_launches(module, case: Case) -> list:
     module.device_profile = lambda device: heuristics.GPU_PROFILE
     fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     args = forward_args(case, "cpu")
-    out, z, zmax, a, g = module.forward(*args, fmt)
-    module.backward(torch.randn_like(out), args[0], out, args[1], args[3], z, zmax, a, g,
-                    *args[6:10], case.residual, fmt)
+    outputs = module.forward(*args, fmt)
+    module.backward(*backward_args(args, outputs, torch.randn_like(outputs[0])), fmt)
     return launches
 
 
@@ -79,21 +81,56 @@ def compile_kernels_ahead_of_time(capability: int) -> list[str]:
     return sorted({kernel.fn.__name__ for kernel, _, _ in launches})
 
 
-@pytest.mark.parametrize("capability", [80, 90])
-def test_kernels_compile_for_gpus(driver, capability):
-    """In a fresh process without the interpreter (triton's own helpers are interpreted
-    functions in a process that set TRITON_INTERPRET=1)."""
+def compile_option_math_ahead_of_time(capability: int) -> list[tuple[str, str, str]]:
+    """Compiles, for an NVIDIA GPU of `capability`, the launches that take the activation
+    or the gate (the MLP kernels), for every activation and every gate, in fp32 and fp64
+    (the option math's constants are materialized in the kernel's dtype). Needs a process
+    where the kernels are not interpreted."""
+    module = triton_ops.driver()
+    assert not module.INTERPRETED, "run without TRITON_INTERPRET"
+    compiled = set()
+    for (activation, gate), dtype in itertools.product(covering_cases(ACTIVATIONS, GATES),
+                                                       (torch.float32, torch.float64)):
+        case = Case(n=2, c=12, h=3, w=3, s=4, dtype=dtype, activation=activation, gate=gate)
+        for kernel, args, meta in _record_launches(module, case):
+            if "ACT" in meta or "GATE" in meta:
+                _compile(kernel, args, meta, capability)
+                compiled.add((kernel.fn.__name__, activation, gate))
+    return sorted(compiled)
+
+
+def without_interpreter(expression: str):
+    """The value of `expression`, a call of this module's functions, in a fresh process
+    without the interpreter (triton's own helpers are interpreted functions in a process
+    that set TRITON_INTERPRET=1)."""
+    out = run_python_with(f"import test_triton_compile\n"
+                          f"print(repr(test_triton_compile.{expression}))",
+                          {"TRITON_INTERPRET": None, "PYTHONPATH": pythonpath_with_tests()})
+    return ast.literal_eval(out.strip().splitlines()[-1])
+
+
+def require_nvidia_compiler() -> None:
+    """Skip where this triton cannot compile for NVIDIA GPUs ahead of time."""
     try:
         from triton.backends import backends
     except ImportError as error:
         pytest.skip(f"this triton cannot compile ahead of time: {error}")
     if "nvidia" not in backends:
         pytest.skip("this triton build has no NVIDIA backend")
-    out = run_python_with(f"import test_triton_compile\n"
-                          f"print(test_triton_compile.compile_kernels_ahead_of_time({capability}))",
-                          {"TRITON_INTERPRET": None, "PYTHONPATH": pythonpath_with_tests()})
-    names = ast.literal_eval(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernels_compile_for_gpus(driver, capability):
+    require_nvidia_compiler()
+    names = without_interpreter(f"compile_kernels_ahead_of_time({capability})")
     assert len(names) == 8, names  # every kernel of forward and backward
+
+
+def test_option_math_compiles_for_every_value(driver):
+    require_nvidia_compiler()
+    compiled = without_interpreter("compile_option_math_ahead_of_time(90)")
+    assert {activation for _, activation, _ in compiled} == set(ACTIVATIONS)
+    assert {gate for _, _, gate in compiled} == set(GATES)
 
 
 def trace_gpu_graph() -> str:
@@ -129,10 +166,7 @@ def trace_gpu_graph() -> str:
 def test_gpu_path_traces_without_gpu(driver):
     """torch.compile's view of the ops on a GPU: the triton_op bodies decompose into one
     functional kernel launch per kernel, nothing opaque left."""
-    code = run_python_with(
-        "import test_triton_compile\nprint(repr(test_triton_compile.trace_gpu_graph()))",
-        {"TRITON_INTERPRET": None, "PYTHONPATH": pythonpath_with_tests()})
-    code = ast.literal_eval(code.strip().splitlines()[-1])
+    code = without_interpreter("trace_gpu_graph()")
     assert code.count("triton_kernel_wrapper_functional(") == 8, code
     assert "se_forward_triton" not in code and "se_backward_triton" not in code
 
@@ -197,16 +231,8 @@ def streaming_kernels(capability: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sm90_streaming_kernels():
-    try:
-        from triton.backends import backends
-    except ImportError as error:
-        pytest.skip(f"this triton cannot compile ahead of time: {error}")
-    if "nvidia" not in backends:
-        pytest.skip("this triton build has no NVIDIA backend")
-    out = run_python_with("import test_triton_compile\n"
-                          "print(test_triton_compile.streaming_kernels(90))",
-                          {"TRITON_INTERPRET": None, "PYTHONPATH": pythonpath_with_tests()})
-    return ast.literal_eval(out.strip().splitlines()[-1])
+    require_nvidia_compiler()
+    return without_interpreter("streaming_kernels(90)")
 
 
 def test_streaming_kernels_fit_two_programs_per_sm(sm90_streaming_kernels):

@@ -11,7 +11,8 @@ one line per bug, then `N caught, M survived`.
 Families: "cpu" bugs go into the C++ CPU kernels (the copy's extension is built once, CPU
 kernels only, then rebuilt incrementally per bug: about a minute each); "triton" bugs
 into the Triton kernels (run by Triton's interpreter without a GPU); "cuda" bugs into the
-CUDA kernels, run on the CPU emulator of tests/cuda_emulator (recompiled per bug). Before
+CUDA kernels, run on the CPU emulator of tools/cuda_emulator (rebuilt per bug by its
+tools/cuda_emulator/build.py, which the tests then load). Before
 any bug is planted, each family's tests must pass on the unchanged copy. The exit status
 is 0 when every bug was caught.
 """
@@ -73,6 +74,11 @@ CATALOGUE = [
         ("sig * (Vec(1) + av * (Vec(1) - sig))", "sig * (Vec(1) + av * sig)"),)),
     Bug("cpu/hardsigmoid-derivative-1/5", "cpu", CPU_MLP, (
         ("Vec(acc_t(1) / 6)", "Vec(acc_t(1) / 5)"),)),
+    Bug("cpu/gelu-derivative-drops-density-term", "cpu", CPU_MLP, (
+        ("dact = cdf + av * Vec(acc_t(kInvSqrt2Pi)) * (Vec(-0.5) * av * av).exp();",
+         "dact = cdf;"),)),
+    Bug("cpu/tanh-gate-derivative", "cpu", CPU_MLP, (
+        ("dgate = Vec(1) - sv * sv;", "dgate = Vec(1) - sv;"),)),
     Bug("cpu/residual-grad-not-masked", "cpu", CPU_KERNELS, (
         ("if (dresidual) L::store(dresidual + i, dy[0], dy[1]);",
          "if (dresidual) { Vec raw[2]; L::load(grad_out + i, raw[0], raw[1]); "
@@ -98,6 +104,10 @@ CATALOGUE = [
         ("da = dh * sig * (1.0 + a * (1.0 - sig))", "da = dh * sig * (1.0 + a * sig)"),)),
     Bug("triton/sigmoid-derivative", "triton", TRITON_KERNELS, (
         ("d = s * (1.0 - s)", "d = 1.0 - s"),)),
+    Bug("triton/tanh-gate-derivative", "triton", TRITON_KERNELS, (
+        ("d = 1.0 - t * t", "d = 1.0 - t"),)),
+    Bug("triton/hardswish-derivative-slope", "triton", TRITON_KERNELS, (
+        ("a / 3.0 + 0.5", "a / 6.0 + 0.5"),)),
     Bug("triton/hardsigmoid-derivative-float32-sixth", "triton", TRITON_KERNELS, (
         ("d = tl.where((g > -3.0) & (g < 3.0), 1.0, 0.0).to(g.dtype) / 6.0",
          "d = tl.where((g > -3.0) & (g < 3.0), 1.0 / 6.0, 0.0)"),),
@@ -126,6 +136,10 @@ CATALOGUE = [
          "d.v[i] = from_acc<T>(std::is_same<T, __nv_bfloat16>::value ? v * A(1.05) : v);"),)),
     Bug("cuda/bias-dropped", "cuda", CUDA_FORWARD, (
         ("const A v = b1 != nullptr ? sum + to_acc(b1[j]) : sum;", "const A v = sum;"),)),
+    Bug("cuda/hardswish-derivative-slope", "cuda", CUDA_OPTIONS, (
+        ("a / A(3) + A(0.5)", "a / A(6) + A(0.5)"),)),
+    Bug("cuda/relu-gate-passes-negative-logits", "cuda", CUDA_OPTIONS, (
+        ("case Gate::ReLU: return g > A(0) ? ds : A(0);", "case Gate::ReLU: return ds;"),)),
     Bug("cuda/hardsigmoid-derivative-float32-sixth", "cuda", CUDA_OPTIONS, (
         ("? ds / A(6) : A(0);", "? ds * A(1.0f / 6.0f) : A(0);"),), note="3e-8 off, in fp64 only"),
     Bug("cuda/residual-grad-not-masked", "cuda", CUDA_BACKWARD, (
@@ -135,8 +149,9 @@ CATALOGUE = [
         ("!(to_acc(e.out.v[i]) > A(0))", "!(to_acc(e.out.v[i]) >= A(0))"),)),
     # Races and divergent shuffles: results on the emulator depend on its thread schedule.
     Bug("cuda/reduce-nchw-early-return-before-shuffles", "cuda", CUDA_TILES, (
-        ("  const int sub = threadIdx.x % lanes;\n\n  A acc[kQ][1];",
-         "  const int sub = threadIdx.x % lanes;\n  if (row >= rows) return;\n\n  A acc[kQ][1];"),),
+        ("  const RowSpan span = row_span(plan, P, block);\n\n  A acc[kQ][1];",
+         "  const RowSpan span = row_span(plan, P, block);\n  if (span.row >= rows) return;\n\n"
+         "  A acc[kQ][1];"),),
         note="schedule-dependent"),
     Bug("cuda/cols-dot-last-warp-without-barrier", "cuda", CUDA_MLP, (
         ("  __syncthreads();\n  if (warp == 0 && col < cols) {",
@@ -201,9 +216,20 @@ def build_cpu_extension(work: Path, env: dict) -> None:
         raise RuntimeError(f"building the extension failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
 
 
+def build_emulator(work: Path, env: dict) -> None:
+    """The copy's CUDA emulator, built by its own loader into the copy's extension directory,
+    where the tests find it current."""
+    result = run([sys.executable, "tools/cuda_emulator/build.py", "se_kernels"], work, env,
+                 timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"the emulator does not compile:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+
+
 def run_tests(family: str, work: Path, env: dict) -> tuple[bool, str]:
     """(passed, the first failure's name) for the family's tests in the copy."""
     files, selection = FAMILY_TESTS[family]
+    if family == "cuda":
+        build_emulator(work, env)
     result = run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                   "-k", selection, *files], work, env, timeout=3600)
     output = result.stdout + result.stderr

@@ -265,6 +265,14 @@ struct Mlp {
           sv = at::vec::clamp(gv / Vec(6) + Vec(0.5), Vec(0), Vec(1));
           dgate = Vec::blendv(Vec(0), Vec(acc_t(1) / 6), (gv > Vec(-3)) & (gv < Vec(3)));
           break;
+        case Gate::Tanh:
+          sv = gv.tanh();
+          dgate = Vec(1) - sv * sv;
+          break;
+        case Gate::ReLU:
+          sv = at::vec::clamp_min(gv, Vec(0));
+          dgate = Vec::blendv(Vec(0), Vec(1), gv > Vec(0));
+          break;
       }
       sv.store(s + i, n);
       if (dg) (Vec::loadu(ds + i, n) * dgate).store(dg + i, n);
@@ -276,18 +284,46 @@ struct Mlp {
                          acc_t* da) {
     map(count, [&](int64_t i, int64_t n) {
       const Vec av = Vec::loadu(a + i, n);
+      Vec hv, dact;  // act(a), act'(a)
       switch (kind) {
-        case Activation::ReLU:
+        case Activation::ReLU:  // da selects dh, as torch's threshold_backward: 0 even for NaN dh
           at::vec::clamp_min(av, Vec(0)).store(h + i, n);
           if (da) Vec::blendv(Vec(0), Vec::loadu(dh + i, n), av > Vec(0)).store(da + i, n);
-          break;
+          return;
         case Activation::SiLU: {
           const Vec sig = sigmoid(av);
-          (av * sig).store(h + i, n);
-          if (da) (Vec::loadu(dh + i, n) * sig * (Vec(1) + av * (Vec(1) - sig))).store(da + i, n);
+          hv = av * sig;
+          dact = sig * (Vec(1) + av * (Vec(1) - sig));
+          break;
+        }
+        case Activation::GELU: {
+          const Vec cdf = Vec(0.5) * (Vec(1) + (av * Vec(acc_t(kSqrtHalf))).erf());
+          hv = av * cdf;
+          dact = cdf + av * Vec(acc_t(kInvSqrt2Pi)) * (Vec(-0.5) * av * av).exp();
+          break;
+        }
+        case Activation::GELUTanh: {
+          const Vec a2 = av * av;
+          const Vec t = (Vec(acc_t(kSqrt2OverPi)) * (av + Vec(acc_t(kGeluTanhCubic)) * a2 * av)).tanh();
+          hv = Vec(0.5) * av * (Vec(1) + t);
+          const Vec inner_grad = Vec(acc_t(kSqrt2OverPi)) * (Vec(1) + Vec(acc_t(3 * kGeluTanhCubic)) * a2);
+          dact = Vec(0.5) * (Vec(1) + t) + Vec(0.5) * av * (Vec(1) - t * t) * inner_grad;
+          break;
+        }
+        case Activation::HardSwish:  // torch's backward: 0 below -3, a/3 + 1/2 up to 3, then 1
+          hv = av * at::vec::clamp(av + Vec(3), Vec(0), Vec(6)) / Vec(6);
+          dact = Vec::blendv(Vec::blendv(Vec(1), av / Vec(3) + Vec(0.5), av <= Vec(3)), Vec(0),
+                             av < Vec(-3));
+          break;
+        case Activation::LeakyReLU: {  // torch: a where a > 0, else slope * a (NaN stays NaN)
+          const auto positive = av > Vec(0);
+          hv = Vec::blendv(av * Vec(acc_t(kLeakyReluSlope)), av, positive);
+          dact = Vec::blendv(Vec(acc_t(kLeakyReluSlope)), Vec(1), positive);
           break;
         }
       }
+      hv.store(h + i, n);
+      if (da) (Vec::loadu(dh + i, n) * dact).store(da + i, n);
     });
   }
 

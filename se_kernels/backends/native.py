@@ -7,7 +7,8 @@ import torch
 
 from .. import _compat, _ops, dispatch
 from ..call import SECall
-from ..options import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
+from ..options import (AVG, AVGMAX, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, LEAKY_RELU,
+                       MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU, TANH)
 
 try:
     from .. import _C  # noqa: F401 - importing registers the kernels with the ops
@@ -91,7 +92,8 @@ class NativeBackend(dispatch.Backend):
     GPU (build_refusals) rather than declared."""
 
     # What the C++ kernels' exhaustive switches over csrc/se_options.h compute.
-    SUPPORTED_OPTIONS = {"activation": (RELU, SILU), "gate": (SIGMOID, HARDSIGMOID),
+    SUPPORTED_OPTIONS = {"activation": (RELU, SILU, GELU, GELU_TANH, HARDSWISH, LEAKY_RELU),
+                         "gate": (SIGMOID, HARDSIGMOID, TANH, RELU),
                          "pool": (AVG, MAX, AVGMAX), "out_activation": (NONE, OUT_RELU)}
 
     def __init__(self, device_type: str):

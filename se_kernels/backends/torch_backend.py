@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from .._ops import accumulate_dtype
-from ..options import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
+from ..options import (AVG, AVGMAX, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, LEAKY_RELU,
+                       LEAKY_RELU_SLOPE, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU, TANH)
 from ..call import SECall
 
 
@@ -32,8 +33,10 @@ def _avgmax(x: torch.Tensor) -> torch.Tensor:
 # One table per option (DESIGN.md §1.3): the backend's declaration of what it computes is
 # these tables' keys.
 POOLS = {AVG: lambda x: x.mean(dim=(2, 3)), MAX: lambda x: x.amax(dim=(2, 3)), AVGMAX: _avgmax}
-ACTIVATIONS = {RELU: F.relu, SILU: F.silu}
-GATES = {SIGMOID: torch.sigmoid, HARDSIGMOID: hardsigmoid}
+ACTIVATIONS = {RELU: F.relu, SILU: F.silu, GELU: F.gelu,
+               GELU_TANH: lambda a: F.gelu(a, approximate="tanh"), HARDSWISH: F.hardswish,
+               LEAKY_RELU: lambda a: F.leaky_relu(a, LEAKY_RELU_SLOPE)}
+GATES = {SIGMOID: torch.sigmoid, HARDSIGMOID: hardsigmoid, TANH: torch.tanh, RELU: F.relu}
 OUT_ACTIVATIONS = {NONE: None, OUT_RELU: F.relu}
 
 

@@ -22,7 +22,7 @@ from torch import nn
 import se_kernels
 from se_kernels import _compat, dispatch
 from se_kernels.call import make_call
-from se_kernels.options import TORCH_ACTIVATIONS, TORCH_GATES
+from se_kernels.options import ACTIVATION_CLASSES, GATE_CLASSES, module_option
 
 from .shapes import SEShape
 
@@ -42,8 +42,8 @@ def eager_module(shape: SEShape, device: torch.device, dtype: torch.dtype) -> nn
 
 def _call(x: torch.Tensor, eager: nn.Module):
     return make_call(x, eager.fc1.weight, eager.fc1.bias, eager.fc2.weight, eager.fc2.bias,
-                     activation=TORCH_ACTIVATIONS[type(eager.activation)],
-                     gate=TORCH_GATES[type(eager.scale_activation)])
+                     activation=module_option(eager.activation, ACTIVATION_CLASSES),
+                     gate=module_option(eager.scale_activation, GATE_CLASSES))
 
 
 def backend_refusals(name: str, x: torch.Tensor, eager: nn.Module) -> list[str]:

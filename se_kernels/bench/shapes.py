@@ -20,14 +20,20 @@ Layers of one network with the same (C, S, H, W) are listed once, with their cou
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..options import RELU, SIGMOID, TORCH_ACTIVATIONS, TORCH_GATES
+from ..options import (ACTIVATION_CLASSES, ACTIVATION_MODULES, GATE_CLASSES, GATE_MODULES, RELU,
+                       SIGMOID, module_option)
 
-NETWORKS = ("resnet50", "mobilenetv3", "efficientnet_b0", "regnety_400mf")
+# torchvision's SE networks, then timm networks whose SE modules use the other activations
+# (fbnetv3: hardswish and hardsigmoid; gcvit: gelu; sedarknet: leaky_relu).
+TORCHVISION_NETWORKS = ("resnet50", "mobilenetv3", "efficientnet_b0", "regnety_400mf")
+TIMM_NETWORKS = ("fbnetv3_b", "gcvit_xxtiny", "sedarknet21")
+NETWORKS = TORCHVISION_NETWORKS + TIMM_NETWORKS
 IMAGE_SIZE = 224
 RESNET_REDUCTION = 16
 
@@ -43,19 +49,19 @@ class SEShape:
     squeeze: int
     height: int
     width: int
-    activation: str  # between the FCs: "relu" | "silu"
-    gate: str  # on the scale: "sigmoid" | "hardsigmoid"
+    activation: str  # between the FCs: a name of options.ACTIVATIONS
+    gate: str  # on the scale: a name of options.GATES
     count: int = 1  # layers of the network with this shape
 
     @property
     def label(self) -> str:
         return f"{self.network} C{self.channels} S{self.squeeze} {self.height}x{self.width}"
 
-    def activation_module(self) -> type[nn.Module]:
-        return {v: k for k, v in TORCH_ACTIVATIONS.items()}[self.activation]
+    def activation_module(self) -> Callable[[], nn.Module]:
+        return ACTIVATION_MODULES[self.activation]
 
-    def gate_module(self) -> type[nn.Module]:
-        return {v: k for k, v in TORCH_GATES.items()}[self.gate]
+    def gate_module(self) -> Callable[[], nn.Module]:
+        return GATE_MODULES[self.gate]
 
 
 def _torchvision():
@@ -102,6 +108,8 @@ def network_shapes(network: str) -> tuple[SEShape, ...]:
     """The distinct SE shapes of `network` (one of NETWORKS), in network order."""
     if network not in NETWORKS:
         raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {network!r}")
+    if network in TIMM_NETWORKS:
+        return tuple(_dedupe(network, _timm_shapes(network)))
     tv = _torchvision()
     layers = []
     if network == "resnet50":
@@ -115,9 +123,26 @@ def network_shapes(network: str) -> tuple[SEShape, ...]:
                    "regnety_400mf": tv.models.regnet_y_400mf}[network]
         for name, module, (_, c, h, w) in _trace(builder(), tv.ops.SqueezeExcitation):
             layers.append(SEShape(network, name, c, module.fc1.out_channels, h, w,
-                                  TORCH_ACTIVATIONS[type(module.activation)],
-                                  TORCH_GATES[type(module.scale_activation)]))
+                                  module_option(module.activation, ACTIVATION_CLASSES),
+                                  module_option(module.scale_activation, GATE_CLASSES)))
     return tuple(_dedupe(network, layers))
+
+
+def _timm_shapes(network: str) -> list[SEShape]:
+    """The SE layers of a timm network, as convert_se_modules would compute them."""
+    try:
+        import timm
+    except ImportError as error:
+        raise SystemExit(f"se-kernels bench needs timm for {network}'s shapes: "
+                         "pip install 'se-kernels[bench]'") from error
+    from ..convert import SERVED, find_se_modules, qualified_name
+
+    model = timm.create_model(network, pretrained=False)
+    specs = {report.name: report.spec for report in find_se_modules(model) if report.servable}
+    wanted = tuple({type(m) for m in model.modules() if qualified_name(type(m)) in SERVED})
+    return [SEShape(network, name, c, module.get_submodule(specs[name].reduce).out_channels, h, w,
+                    specs[name].activation, specs[name].gate)
+            for name, module, (_, c, h, w) in _trace(model, wanted) if name in specs]
 
 
 def evenly_spaced(shapes: tuple[SEShape, ...], k: int) -> tuple[SEShape, ...]:

@@ -39,12 +39,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ... import options
 from ...options import Activation, Gate, Pool
 
 # The options' codes (se_kernels.options), which the drivers pass as constexprs; globals
 # that @triton.jit code reads must be tl.constexpr.
-RELU, SILU = tl.constexpr(int(Activation.RELU)), tl.constexpr(int(Activation.SILU))
-SIGMOID, HARDSIGMOID = tl.constexpr(int(Gate.SIGMOID)), tl.constexpr(int(Gate.HARDSIGMOID))
+RELU, SILU, GELU, GELU_TANH, HARDSWISH, LEAKY_RELU = (tl.constexpr(int(a)) for a in Activation)
+SIGMOID, HARDSIGMOID, TANH, RELU_GATE = (tl.constexpr(int(g)) for g in Gate)
 AVG, MAX, AVGMAX = (tl.constexpr(int(Pool.AVG)), tl.constexpr(int(Pool.MAX)),
                    tl.constexpr(int(Pool.AVGMAX)))
 
@@ -77,12 +78,53 @@ def touches(*accesses):
 
 # The option math of DESIGN.md §1.3, one exhaustive switch per function over the codes: a
 # code without its branch fails to compile (static_assert), never falls into another's.
+# Irrational constants go through _const: a bare float literal is a float32 constant, which
+# would be 3e-8 off in fp64 code.
+SQRT_HALF = tl.constexpr(0.7071067811865476)         # 1/sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)      # 1/sqrt(2 pi)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)    # sqrt(2/pi)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+LEAKY_RELU_SLOPE = tl.constexpr(options.LEAKY_RELU_SLOPE)
+
+
+@triton.jit
+def _const(value: tl.constexpr, like):
+    """`value` in like's dtype, rounded once from the Python float."""
+    return tl.full([1], value, like.dtype)
+
+
+@triton.jit
+def _sigmoid(v):
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _tanh(v):
+    """tanh from one exp of a non-positive argument (no overflow); NaN stays NaN."""
+    t = tl.exp(-2.0 * tl.abs(v))
+    r = (1.0 - t) / (1.0 + t)
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _gelu_tanh_inner(a):
+    return _const(SQRT_2_OVER_PI, a) * (a + _const(GELU_TANH_CUBIC, a) * a * a * a)
+
+
 @triton.jit
 def _activation(a, ACT: tl.constexpr):
     if ACT == RELU:
         h = tl.where(a < 0, 0.0, a)  # keeps NaN, as torch.relu does
     elif ACT == SILU:
-        h = a / (1.0 + tl.exp(-a))
+        h = a * _sigmoid(a)
+    elif ACT == GELU:
+        h = 0.5 * a * (1.0 + tl.erf(a * _const(SQRT_HALF, a)))
+    elif ACT == GELU_TANH:
+        h = 0.5 * a * (1.0 + _tanh(_gelu_tanh_inner(a)))
+    elif ACT == HARDSWISH:
+        h = a * tl.minimum(tl.maximum(a + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == LEAKY_RELU:
+        h = tl.where(a > 0, a, a * _const(LEAKY_RELU_SLOPE, a))
     else:
         tl.static_assert(False, "unknown activation code")
     return h
@@ -93,8 +135,19 @@ def _activation_grad(a, dh, ACT: tl.constexpr):
     if ACT == RELU:
         da = tl.where(a > 0, dh, 0.0)
     elif ACT == SILU:
-        sig = 1.0 / (1.0 + tl.exp(-a))
+        sig = _sigmoid(a)
         da = dh * sig * (1.0 + a * (1.0 - sig))
+    elif ACT == GELU:
+        cdf = 0.5 * (1.0 + tl.erf(a * _const(SQRT_HALF, a)))
+        da = dh * (cdf + a * _const(INV_SQRT_2PI, a) * tl.exp(-0.5 * a * a))
+    elif ACT == GELU_TANH:
+        t = _tanh(_gelu_tanh_inner(a))
+        inner_grad = _const(SQRT_2_OVER_PI, a) * (1.0 + 3.0 * _const(GELU_TANH_CUBIC, a) * a * a)
+        da = dh * (0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * inner_grad)
+    elif ACT == HARDSWISH:  # torch's hardswish_backward: 0 below -3, a/3 + 1/2 up to 3, then 1
+        da = dh * tl.where(a < -3.0, 0.0, tl.where(a <= 3.0, a / 3.0 + 0.5, 1.0))
+    elif ACT == LEAKY_RELU:
+        da = tl.where(a > 0, dh, dh * _const(LEAKY_RELU_SLOPE, a))
     else:
         tl.static_assert(False, "unknown activation code")
     return da
@@ -103,9 +156,13 @@ def _activation_grad(a, dh, ACT: tl.constexpr):
 @triton.jit
 def _gate(g, GATE: tl.constexpr):
     if GATE == SIGMOID:
-        s = 1.0 / (1.0 + tl.exp(-g))
+        s = _sigmoid(g)
     elif GATE == HARDSIGMOID:
         s = tl.minimum(tl.maximum(g + 3.0, 0.0), 6.0) / 6.0
+    elif GATE == TANH:
+        s = _tanh(g)
+    elif GATE == RELU_GATE:
+        s = tl.where(g < 0, 0.0, g)
     else:
         tl.static_assert(False, "unknown gate code")
     return s
@@ -114,12 +171,16 @@ def _gate(g, GATE: tl.constexpr):
 @triton.jit
 def _gate_grad(g, GATE: tl.constexpr):
     if GATE == SIGMOID:
-        s = 1.0 / (1.0 + tl.exp(-g))
+        s = _sigmoid(g)
         d = s * (1.0 - s)
     elif GATE == HARDSIGMOID:
-        # The open interval of torch's hardsigmoid_backward. The division happens in g's
-        # dtype: a literal 1.0 / 6.0 would be a float32 constant, 3e-8 off in fp64.
+        # The open interval of torch's hardsigmoid_backward, 1/6 divided in g's dtype.
         d = tl.where((g > -3.0) & (g < 3.0), 1.0, 0.0).to(g.dtype) / 6.0
+    elif GATE == TANH:
+        t = _tanh(g)
+        d = 1.0 - t * t
+    elif GATE == RELU_GATE:
+        d = tl.where(g > 0, 1.0, 0.0).to(g.dtype)
     else:
         tl.static_assert(False, "unknown gate code")
     return d

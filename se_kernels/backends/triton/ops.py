@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ... import _ops, dispatch
 from ...call import SECall
-from ...options import AVG, AVGMAX, HARDSIGMOID, MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU
+from ...options import (AVG, AVGMAX, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, LEAKY_RELU,
+                        MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU, TANH)
 from .interpreter import interpreter_requested, keep_opaque_under_interpreter, kernels_interpreted
 
 FORWARD_NAME = "se_kernels::se_forward_triton"
@@ -99,7 +100,8 @@ se_backward = _ops._op_packet(BACKWARD_NAME).default
 class TritonBackend(dispatch.Backend):
     name = "triton"
     # What the kernels' constexpr switches (kernels.py) compute.
-    SUPPORTED_OPTIONS = {"activation": (RELU, SILU), "gate": (SIGMOID, HARDSIGMOID),
+    SUPPORTED_OPTIONS = {"activation": (RELU, SILU, GELU, GELU_TANH, HARDSWISH, LEAKY_RELU),
+                         "gate": (SIGMOID, HARDSIGMOID, TANH, RELU),
                          "pool": (AVG, MAX, AVGMAX), "out_activation": (NONE, OUT_RELU)}
     PLANS_SCHEDULE = True
     SUPPORTED_DEVICES = ("cuda", "cpu")
