@@ -27,7 +27,10 @@ pytestmark = pytest.mark.skipif(
 
 def rehearse(out: Path, budget: int, **env: str) -> tuple[subprocess.CompletedProcess, float]:
     """Runs the script on the CPU with kill and reserve margins sized for a short budget."""
-    variables = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "OUT": str(out), "PYTHON": sys.executable,
+    # Not an xdist worker's variables: the script's pytest would take itself for a worker
+    # and leave the per-test log to a controller that does not exist (tests/conftest.py).
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    variables = {**inherited, "GPU_CHECK_DEVICE": "cpu", "OUT": str(out), "PYTHON": sys.executable,
                  "GPU_CHECK_BUDGET": str(budget), "GPU_CHECK_KILL_AFTER": "2",
                  "GPU_CHECK_RESERVE": "3", "GPU_CHECK_MIN_STAGE": "5", **env}
     started = time.monotonic()
