@@ -12,7 +12,7 @@ from torch import nn
 
 import se_kernels
 from helpers import randomize_norms, sgd_losses
-from se_kernels.models import SEBottleneck, se_resnet50, se_resnet101, se_resnet152
+from se_kernels.models import INTEGRATIONS, SEBottleneck, se_resnet50, se_resnet101, se_resnet152
 
 torchvision = pytest.importorskip("torchvision", reason="torchvision is a test extra: pip install .[test]")
 
@@ -68,20 +68,36 @@ def test_se_resnet50_matches_timm_seresnet50():
 
 
 def unfused_block_forward(block: SEBottleneck, x: torch.Tensor) -> torch.Tensor:
-    """The block as plain PyTorch ops: SE, then + identity, then ReLU."""
-    out = F.relu(block.bn1(block.conv1(x)))
-    out = F.relu(block.bn2(block.conv2(out)))
-    out = block.bn3(block.conv3(out))
-    se = block.se
-    scale = torch.sigmoid(se.fc2(F.relu(se.fc1(out.mean((2, 3), keepdim=True)))))
+    """The block as plain PyTorch ops, its SE where `block.integration` puts it (the paper's
+    Fig. 5 and Table 15): on the branch before the add, on the unit's input, after the add
+    and ReLU, on the identity branch, or after the 3x3 conv."""
+    def se(t):
+        fc1, fc2 = block.se.fc1, block.se.fc2
+        return t * torch.sigmoid(fc2(F.relu(fc1(t.mean((2, 3), keepdim=True)))))
+
+    where = block.integration
     identity = x if block.downsample is None else block.downsample(x)
-    return F.relu(out * scale + identity)
+    out = F.relu(block.bn1(block.conv1(se(x) if where == "pre" else x)))
+    out = F.relu(block.bn2(block.conv2(out)))
+    out = block.bn3(block.conv3(se(out) if where == "after_3x3" else out))
+    if where == "standard":
+        out = se(out)
+    elif where == "identity":
+        identity = se(identity)
+    out = F.relu(out + identity)
+    return se(out) if where == "post" else out
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_block_matches_unfused_composition(stride, layout, train):
+# Every integration with both shortcuts and both modes; the layouts on the standard one.
+BLOCK_CASES = [(integration, stride, "nchw", train) for integration in INTEGRATIONS
+               for stride in (1, 2) for train in (True, False)]
+BLOCK_CASES += [("standard", stride, "channels_last", train) for stride in (1, 2)
+                for train in (True, False)]
+
+
+@pytest.mark.parametrize("integration, stride, layout, train", BLOCK_CASES,
+                         ids=["-".join(map(str, case)) for case in BLOCK_CASES])
+def test_block_matches_unfused_composition(integration, stride, layout, train):
     torch.manual_seed(0)
     planes = 8
     inplanes = planes * 4 if stride == 1 else 24  # stride 1: identity shortcut, no downsample
@@ -89,7 +105,7 @@ def test_block_matches_unfused_composition(stride, layout, train):
     if stride != 1:
         downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
                                    nn.BatchNorm2d(planes * 4))
-    block = SEBottleneck(inplanes, planes, stride, downsample, reduction=4)
+    block = SEBottleneck(inplanes, planes, stride, downsample, reduction=4, integration=integration)
     randomize_norms(block, seed=1)
     block = block.double().train(train)
     reference = copy.deepcopy(block)
@@ -107,7 +123,8 @@ def test_block_matches_unfused_composition(stride, layout, train):
         out.backward(grad)
         results.append([out.detach(), xx.grad] + [p.grad for p in module.parameters()])
     # Not vacuous: the ReLU clips part of the sum, and every parameter gets a gradient.
-    assert 0 < (results[1][0] == 0).double().mean() < 1
+    if integration != "post":  # post's SE follows the ReLU: a sigmoid scale keeps zeros
+        assert 0 < (results[1][0] == 0).double().mean() < 1
     for got, expected in zip(*results):
         assert expected.abs().max() > 0
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -145,6 +162,23 @@ def test_backend_reaches_the_se_modules():
 def test_bad_reduction_is_rejected(reduction, message):
     with pytest.raises(ValueError, match=message):
         se_resnet50(reduction)
+
+
+@pytest.mark.parametrize("integration, se_channels", [
+    ("standard", [256] * 3 + [512] * 4 + [1024] * 6 + [2048] * 3),
+    ("pre", [64, 256, 256, 256, 512, 512, 512, 512, 1024, 1024, 1024, 1024, 1024, 1024, 2048, 2048]),
+    ("after_3x3", [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3)])
+def test_integration_places_the_se_on_the_paper_s_channels(integration, se_channels):
+    model = se_resnet50(integration=integration)
+    blocks = [m for m in model.modules() if isinstance(m, SEBottleneck)]
+    assert [b.se.fc1.in_channels for b in blocks] == se_channels
+    assert {b.integration for b in blocks} == {integration}
+
+
+def test_bad_integration_is_rejected():
+    with pytest.raises(ValueError, match="integration must be one of 'standard', 'pre', 'post', "
+                                         "'identity', 'after_3x3', got 'middle'"):
+        se_resnet50(integration="middle")
 
 
 def test_weights_argument_is_rejected():

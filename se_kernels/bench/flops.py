@@ -32,6 +32,9 @@ PAPER_GFLOPS = {"resnet50": 3.86, "se_resnet50": 3.87, "resnet101": 7.58, "se_re
                 "resnet152": 11.30, "se_resnet152": 11.32}
 PAPER_PARAMS_M = {"resnet50": 25.6, "se_resnet50": 28.1}
 PAPER_TABLE10_PARAMS_M = {2: 45.7, 4: 35.7, 8: 30.7, 16: 28.1, 32: 26.9}
+# Table 15 (SE-ResNet-50, r=16): the standard SE and SE after the 3x3 conv, (GFLOPs, params
+# M); Table 14 (standard, SE-PRE, SE-POST, SE-Identity) reports error rates only.
+PAPER_TABLE15 = {"standard": (3.87, 28.1), "after_3x3": (3.86, 25.8)}
 IMAGE_SIZE = 224
 
 
@@ -129,6 +132,25 @@ def table10(*, markdown: bool) -> str:
     return table(headers, body, markdown=markdown), stages, sum_nc2
 
 
+def table15(*, markdown: bool) -> str:
+    from se_kernels.models import INTEGRATIONS, se_resnet50
+
+    headers = ["integration", "params M (counted)", "counted, rounded up", "paper params M",
+               "GMACs (v1.5)", "GMACs (v1 strides)", "paper GFLOPs", "SE op MFLOPs",
+               "SE op fuses the add + ReLU"]
+    body = []
+    for integration in INTEGRATIONS:
+        build = lambda integration=integration: se_resnet50(integration=integration)
+        v15, v1 = count(build), count(build, v1_strides=True)
+        paper_gflops, paper_params = PAPER_TABLE15.get(integration, (None, None))
+        body.append([integration, number(v15["params"] / 1e6, 5),
+                     f"{math.ceil(v15['params'] / 1e5) / 10:.1f}", number(paper_params),
+                     f"{v15['flops'] / 2e9:.2f}", f"{v1['flops'] / 2e9:.2f}", number(paper_gflops),
+                     number(v15["by_op"].get("se_kernels.se_forward", 0) / 1e6, 4),
+                     "yes" if integration in ("standard", "identity") else "no"])
+    return table(headers, body, markdown=markdown)
+
+
 NOTES = """\
 Notes
 - GMACs = FlopCounterMode FLOPs / 2 at 224x224, batch 1. The paper counts multiply-adds.
@@ -151,6 +173,11 @@ Notes
   0.1 M (ResNet-50 25.557 M -> 25.6, SE-ResNet-50 r=16 28.088 M -> 28.1, r=8 30.604 -> 30.7).
   The formula (2/r) * sum_s N_s * C_s^2 counts the SE weights; each SE block adds C + C/r
   biases on top.
+- Tables 14-15: SE-PRE sees each block's input channels and SE after the 3x3 conv the
+  block's width, so both have fewer SE parameters; SE-POST and SE-Identity have the
+  standard SE's. Where the SE op cannot fuse the residual add (pre, post, after_3x3), the
+  add and ReLU run as their own ops and FlopCounterMode does not count them, so those rows
+  count up to 0.005 GMACs less than the fused ones for the same arithmetic.
 """
 
 
@@ -168,7 +195,9 @@ def main(args) -> int:
     text = "\n\n".join([
         f"{heading}Table 2 (paper) vs counted: ResNets and SE-ResNets (r=16) at 224x224", t2,
         f"{heading}Table 10 (paper) vs counted: SE-ResNet-50 parameters by reduction ratio r",
-        t10, formula, NOTES])
+        t10, formula,
+        f"{heading}Tables 14-15 (paper) vs counted: where the SE block sits in SE-ResNet-50 (r=16)",
+        table15(markdown=markdown), NOTES])
     if args.markdown:
         from pathlib import Path
 
