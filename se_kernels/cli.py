@@ -90,6 +90,17 @@ def flops(args: argparse.Namespace) -> int:
     return flops_tables.main(args)
 
 
+# (subcommand = module of se_kernels, help, description)
+MODULE_COMMANDS = (
+    ("plan", "launches, modeled DRAM bytes and predicted time of one call on a GPU",
+     "Runs a GPU backend's planning code for one SE call (no GPU needed) and models its DRAM "
+     "traffic against the bandwidth floor."),
+    ("coverage", "timm's SE-style modules the fused op serves, per model family",
+     "Builds timm's models on the meta device and reports, per family, the SE-style modules "
+     "convert_se_modules replaces and why the rest stay eager."),
+)
+
+
 def _add_module_command(commands, name: str, module: str, help: str, description: str) -> None:
     """A subcommand whose module (se_kernels.<module>) declares its arguments with
     add_arguments(parser) and runs them with main(args)."""
@@ -148,16 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     flops_parser = commands.add_parser("flops", help="the SE paper's FLOP/parameter tables, recounted")
     flops_parser.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
     flops_parser.set_defaults(func=flops)
-    _add_module_command(
-        commands, "plan", "plan",
-        help="launches, modeled DRAM bytes and predicted time of one call on a GPU",
-        description="Runs a GPU backend's planning code for one SE call (no GPU needed) and "
-                    "models its DRAM traffic against the bandwidth floor.")
-    _add_module_command(
-        commands, "coverage", "coverage",
-        help="timm's SE-style modules the fused op serves, per model family",
-        description="Builds timm's models on the meta device and reports, per family, the "
-                    "SE-style modules convert_se_modules replaces and why the rest stay eager.")
+    for name, help, description in MODULE_COMMANDS:
+        _add_module_command(commands, name, name, help=help, description=description)
     return parser
 
 

@@ -154,6 +154,19 @@ se_kernels::cuda::Problem problem_of(const at::Tensor& x, int64_t S, bool channe
   return {dtype_of(x), x.size(0), x.size(1), x.size(2) * x.size(3), S, channels_last, opt};
 }
 
+// Plans the call, gives it its workspace, launches it (unless there is nothing to do) and
+// checks the guards around every buffer: the tail of the forward and the backward op.
+template <typename Args, typename PlanFn, typename LaunchFn>
+void plan_and_launch(GuardedBuffers& buffers, const se_kernels::cuda::Problem& problem, Args& args,
+                     const at::TensorOptions& acc, bool launch, PlanFn plan_fn,
+                     LaunchFn launch_fn) {
+  const auto plan = plan_fn(problem, args);
+  at::Tensor ws = buffers.out({plan.workspace_elems}, false, acc, "workspace");
+  args.workspace = ws.mutable_data_ptr();
+  if (launch) launch_fn(plan, args, nullptr);
+  buffers.check();
+}
+
 void set_device(int64_t sm_count, int64_t l2_bytes) {
   TORCH_CHECK(sm_count > 0 && l2_bytes > 0, "emulator: a device has SMs and an L2, got ",
               sm_count, " SMs and ", l2_bytes, " bytes");
@@ -200,12 +213,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   args.zmax = pool != "avg" ? zmax.mutable_data_ptr() : nullptr;
   args.a = a.mutable_data_ptr();
   args.g = g.mutable_data_ptr();
-  const auto plan = se_kernels::cuda::plan_forward(
-      problem_of(x, S, channels_last, activation, gate, pool, out_activation), args);
-  at::Tensor ws = buffers.out({plan.workspace_elems}, false, acc, "workspace");
-  args.workspace = ws.mutable_data_ptr();
-  if (N > 0) se_kernels::cuda::launch_forward(plan, args, nullptr);
-  buffers.check();
+  plan_and_launch(
+      buffers, problem_of(x, S, channels_last, activation, gate, pool, out_activation), args, acc,
+      N > 0, [](const auto& pb, const auto& in) { return se_kernels::cuda::plan_forward(pb, in); },
+      [](const auto& plan, const auto& in, auto stream) {
+        se_kernels::cuda::launch_forward(plan, in, stream);
+      });
   return {o, z, zmax, a, g};
 }
 
@@ -253,12 +266,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   args.db1 = db1.mutable_data_ptr();
   args.dw2 = dw2.mutable_data_ptr();
   args.db2 = db2.mutable_data_ptr();
-  const auto plan = se_kernels::cuda::plan_backward(
-      problem_of(x, S, channels_last, activation, gate, pool, out_activation), args);
-  at::Tensor ws = buffers.out({plan.workspace_elems}, false, acc, "workspace");
-  args.workspace = ws.mutable_data_ptr();
-  se_kernels::cuda::launch_backward(plan, args, nullptr);
-  buffers.check();
+  plan_and_launch(
+      buffers, problem_of(x, S, channels_last, activation, gate, pool, out_activation), args, acc,
+      true, [](const auto& pb, const auto& in) { return se_kernels::cuda::plan_backward(pb, in); },
+      [](const auto& plan, const auto& in, auto stream) {
+        se_kernels::cuda::launch_backward(plan, in, stream);
+      });
   return {dx, dw1, db1, dw2, db2, dres};
 }
 
