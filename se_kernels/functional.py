@@ -31,8 +31,10 @@ def squeeze_excitation(
         x: [N, C, H, W], float16/bfloat16/float32/float64, NCHW or channels_last.
         w1, b1: the squeeze FC, [S, C] (or a [S, C, 1, 1] conv weight) and [S] or None.
         w2, b2: the excite FC, [C, S] (or [C, S, 1, 1]) and [C] or None.
-        activation: "relu" or "silu", between the FCs.
-        gate: "sigmoid" or "hardsigmoid", on the per-channel scale.
+        activation: between the FCs, one of se_kernels.options.ACTIVATIONS: "relu", "silu",
+            "gelu", "gelu_tanh", "hardswish", "leaky_relu" (slope 0.01).
+        gate: on the per-channel scale, one of se_kernels.options.GATES: "sigmoid",
+            "hardsigmoid", "tanh", "relu".
         pool: "avg", "max" or "avgmax" (half of each), the squeeze.
         residual: None or a tensor shaped like x, added after scaling.
         out_activation: None or "relu", applied last (SE-ResNet's add + ReLU).
