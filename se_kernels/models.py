@@ -42,6 +42,12 @@ def squeeze_channels(channels: int, reduction: int) -> int:
     return channels // reduction
 
 
+def check_integration(integration: str) -> None:
+    if integration not in INTEGRATIONS:
+        raise ValueError(f"integration must be one of {', '.join(map(repr, INTEGRATIONS))}, "
+                         f"got {integration!r}")
+
+
 class SEBottleneck(nn.Module):
     """torchvision's ResNet Bottleneck (v1.5: stride on the 3x3 conv) with an SE block.
 
@@ -69,9 +75,7 @@ class SEBottleneck(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if integration not in INTEGRATIONS:
-            raise ValueError(f"integration must be one of {', '.join(map(repr, INTEGRATIONS))}, "
-                             f"got {integration!r}")
+        check_integration(integration)
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
         width = int(planes * (base_width / 64.0)) * groups
@@ -124,9 +128,7 @@ def _se_resnet(layers: list[int], reduction: int, integration: str, backend: str
         raise TypeError("se_resnet builders take no weights= (torchvision has no SE-ResNet "
                         "weights); load a state_dict instead, e.g. one of timm's seresnet")
     zero_init_residual = kwargs.pop("zero_init_residual", False)
-    if integration not in INTEGRATIONS:
-        raise ValueError(f"integration must be one of {', '.join(map(repr, INTEGRATIONS))}, "
-                         f"got {integration!r}")
+    check_integration(integration)
     # Fail before building anything: the narrowest SE sees the stem's 64 channels (pre) or
     # the first stage's width (after_3x3), else the first stage's output.
     narrowest = 64 if integration in ("pre", "after_3x3") else 64 * SEBottleneck.expansion

@@ -107,6 +107,11 @@ def _tanh(v):
 
 
 @triton.jit
+def _gelu_cdf(a):
+    return 0.5 * (1.0 + tl.erf(a * _const(SQRT_HALF, a)))
+
+
+@triton.jit
 def _gelu_tanh_inner(a):
     return _const(SQRT_2_OVER_PI, a) * (a + _const(GELU_TANH_CUBIC, a) * a * a * a)
 
@@ -116,9 +121,9 @@ def _activation(a, ACT: tl.constexpr):
     if ACT == RELU:
         h = tl.where(a < 0, 0.0, a)  # keeps NaN, as torch.relu does
     elif ACT == SILU:
-        h = a * _sigmoid(a)
+        h = a / (1.0 + tl.exp(-a))
     elif ACT == GELU:
-        h = 0.5 * a * (1.0 + tl.erf(a * _const(SQRT_HALF, a)))
+        h = a * _gelu_cdf(a)
     elif ACT == GELU_TANH:
         h = 0.5 * a * (1.0 + _tanh(_gelu_tanh_inner(a)))
     elif ACT == HARDSWISH:
@@ -138,8 +143,7 @@ def _activation_grad(a, dh, ACT: tl.constexpr):
         sig = _sigmoid(a)
         da = dh * sig * (1.0 + a * (1.0 - sig))
     elif ACT == GELU:
-        cdf = 0.5 * (1.0 + tl.erf(a * _const(SQRT_HALF, a)))
-        da = dh * (cdf + a * _const(INV_SQRT_2PI, a) * tl.exp(-0.5 * a * a))
+        da = dh * (_gelu_cdf(a) + a * _const(INV_SQRT_2PI, a) * tl.exp(-0.5 * a * a))
     elif ACT == GELU_TANH:
         t = _tanh(_gelu_tanh_inner(a))
         inner_grad = _const(SQRT_2_OVER_PI, a) * (1.0 + 3.0 * _const(GELU_TANH_CUBIC, a) * a * a)
