@@ -1,0 +1,272 @@
+"""The stream ops: the x-sized passes of the staged path (DESIGN.md §1.4), one pass each.
+
+Every excitation form other than the fused two-FC one runs staged: a reduce pass over x,
+the excitation on [N, C] vectors in PyTorch (se_kernels/staged.py), a map pass; the
+backward likewise. These four ops are the passes. They know nothing of the excitation:
+each takes or gives per-(n, c) coefficients, so the same kernels serve any form.
+
+  stream_reduce(x, squares, maxima, minima) -> (sum, sumsq, max, min)
+      sum[n,c] = Σ_p x;  sumsq[n,c] = Σ_p x² (when squares);  max / min over p (when
+      maxima / minima; NaN when any element is NaN, as torch.amax / amin)
+  stream_map(x, scale, shift, residual, out_activation) -> out
+      out = out_act(scale[n,c]·x + shift[n,c] + residual)
+  stream_grad_reduce(grad_out, out, x, peak, out_activation, sum_dy, residual_grad)
+          -> (sdy, sdyx, count, dresidual)
+      dy = grad_out·[out > 0] under an output ReLU, else grad_out;
+      sdyx[n,c] = Σ_p dy·x;  sdy[n,c] = Σ_p dy (when sum_dy);
+      count[n,c] = #{p : x == peak[n,c]} (when peak is given);
+      dresidual = dy, written when residual_grad and out_activation is "relu"
+  stream_grad_map(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift,
+                  out_activation) -> dx
+      dx = dy_scale[n,c]·dy + x_scale[n,c]·x + shift[n,c] + [x == peak[n,c]]·peak_shift[n,c]
+
+[N, C] vectors are in the accumulation dtype (fp32, fp64 for fp64 x); an output not asked
+for is an empty [0] tensor. x-sized outputs have x's dtype and the kernels' layout
+(_ops.kernel_memory_format); everything is computed in the accumulation dtype and rounded
+once. Kernels: CPU and CUDA in se_kernels._C (these names), Triton as the "_triton" ops
+(se_kernels/backends/triton/stream.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from ._ops import DTYPES, _check_like, _op_packet, accumulate_dtype, kernel_memory_format
+from .options import OUT_ACTIVATIONS, OUT_RELU, check_choice
+
+REDUCE_SCHEMA = ("(Tensor x, bool squares, bool maxima, bool minima) "
+                 "-> (Tensor sum, Tensor sumsq, Tensor max, Tensor min)")
+MAP_SCHEMA = ("(Tensor x, Tensor scale, Tensor? shift, Tensor? residual, str out_activation) "
+              "-> Tensor")
+GRAD_REDUCE_SCHEMA = (
+    "(Tensor grad_out, Tensor? out, Tensor x, Tensor? peak, str out_activation, bool sum_dy, "
+    "bool residual_grad) -> (Tensor sdy, Tensor sdyx, Tensor count, Tensor dresidual)")
+GRAD_MAP_SCHEMA = (
+    "(Tensor grad_out, Tensor? out, Tensor x, Tensor dy_scale, Tensor? x_scale, Tensor? shift, "
+    "Tensor? peak, Tensor? peak_shift, str out_activation) -> Tensor")
+SCHEMAS = {"stream_reduce": REDUCE_SCHEMA, "stream_map": MAP_SCHEMA,
+           "stream_grad_reduce": GRAD_REDUCE_SCHEMA, "stream_grad_map": GRAD_MAP_SCHEMA}
+
+_lib = torch.library.Library("se_kernels", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's life
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def check_x(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {shape}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"x must have C, H and W >= 1, got shape {list(x.shape)}")
+
+
+def _check_vectors(x: torch.Tensor, **vectors: torch.Tensor | None) -> None:
+    shape, acc = x.shape[:2], accumulate_dtype(x.dtype)
+    for name, t in vectors.items():
+        if t is not None:
+            _check_like(name, t, shape, x, acc)
+
+
+def _check_x_sized(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            _check_like(name, t, x.shape, x)
+
+
+def _check_out(out, out_activation: str) -> None:
+    check_choice("out_activation", out_activation)
+    if out_activation == OUT_RELU and out is None:
+        raise ValueError(f"out is required when out_activation is {OUT_RELU!r}")
+
+
+def check_reduce_args(x, squares, maxima, minima) -> None:
+    check_x(x)
+
+
+def check_map_args(x, scale, shift, residual, out_activation) -> None:
+    check_x(x)
+    _check_vectors(x, scale=scale, shift=shift)
+    _check_x_sized(x, residual=residual)
+    check_choice("out_activation", out_activation)
+
+
+def check_grad_reduce_args(grad_out, out, x, peak, out_activation, sum_dy, residual_grad) -> None:
+    check_x(x)
+    _check_x_sized(x, grad_out=grad_out, out=out)
+    _check_out(out, out_activation)
+    _check_vectors(x, peak=peak)
+
+
+def check_grad_map_args(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift,
+                        out_activation) -> None:
+    check_x(x)
+    _check_x_sized(x, grad_out=grad_out, out=out)
+    _check_out(out, out_activation)
+    _check_vectors(x, dy_scale=dy_scale, x_scale=x_scale, shift=shift, peak=peak,
+                   peak_shift=peak_shift)
+    if (peak is None) != (peak_shift is None):
+        raise ValueError("peak and peak_shift must be given together")
+
+
+CHECKS = {"stream_reduce": check_reduce_args, "stream_map": check_map_args,
+          "stream_grad_reduce": check_grad_reduce_args, "stream_grad_map": check_grad_map_args}
+
+
+def _vector(x: torch.Tensor, wanted: bool = True) -> torch.Tensor:
+    shape = tuple(x.shape[:2]) if wanted else (0,)
+    return x.new_empty(shape, dtype=accumulate_dtype(x.dtype))
+
+
+def _x_sized(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=kernel_memory_format(x))
+
+
+def reduce_fake(x, squares, maxima, minima):
+    check_reduce_args(x, squares, maxima, minima)
+    return _vector(x), _vector(x, squares), _vector(x, maxima), _vector(x, minima)
+
+
+def map_fake(x, scale, shift, residual, out_activation):
+    check_map_args(x, scale, shift, residual, out_activation)
+    return _x_sized(x)
+
+
+def grad_reduce_fake(grad_out, out, x, peak, out_activation, sum_dy, residual_grad):
+    check_grad_reduce_args(grad_out, out, x, peak, out_activation, sum_dy, residual_grad)
+    dresidual = _x_sized(x) if residual_grad and out_activation == OUT_RELU else x.new_empty((0,))
+    return _vector(x, sum_dy), _vector(x), _vector(x, peak is not None), dresidual
+
+
+def grad_map_fake(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift, out_activation):
+    check_grad_map_args(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift,
+                        out_activation)
+    return _x_sized(x)
+
+
+FAKES = {"stream_reduce": reduce_fake, "stream_map": map_fake,
+         "stream_grad_reduce": grad_reduce_fake, "stream_grad_map": grad_map_fake}
+
+
+# FLOPs: one add per element and reduction (max and min compare), a multiply-add per
+# coefficient applied; the output ReLU's mask is not counted, as for activations elsewhere.
+def _reduce_flops(x_shape, squares, maxima, minima, *args, out_shape=None, **kwargs) -> int:
+    elems = x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3]
+    return elems * (1 + 2 * bool(squares) + bool(maxima) + bool(minima))
+
+
+def _map_flops(x_shape, scale_shape, shift_shape, residual_shape, *args, out_shape=None,
+               **kwargs) -> int:
+    elems = x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3]
+    return elems * (1 + (shift_shape is not None) + (residual_shape is not None))
+
+
+def _grad_reduce_flops(grad_out_shape, out_shape_, x_shape, peak_shape, out_activation, sum_dy,
+                       *args, out_shape=None, **kwargs) -> int:
+    elems = x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3]
+    return elems * (2 + bool(sum_dy) + (peak_shape is not None))
+
+
+def _grad_map_flops(grad_out_shape, out_shape_, x_shape, dy_scale_shape, x_scale_shape,
+                    shift_shape, peak_shape, *args, out_shape=None, **kwargs) -> int:
+    elems = x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3]
+    return elems * (1 + 2 * (x_scale_shape is not None) + (shift_shape is not None)
+                    + 2 * (peak_shape is not None))
+
+
+FLOPS = {"stream_reduce": _reduce_flops, "stream_map": _map_flops,
+         "stream_grad_reduce": _grad_reduce_flops, "stream_grad_map": _grad_map_flops}
+
+
+def register_stream_family(suffix: str = "", *, fake: bool = True) -> dict[str, torch._ops.OpOverload]:
+    """Give the four stream ops named `se_kernels::<name><suffix>` their fake kernels (unless
+    they bring their own, as triton_op does) and FLOP formulas; returns the overloads by
+    base name."""
+    ops = {}
+    for name in SCHEMAS:
+        qualname = f"se_kernels::{name}{suffix}"
+        if fake:
+            torch.library.register_fake(qualname, FAKES[name])
+        packet = _op_packet(qualname)
+        register_flop_formula(packet)(FLOPS[name])
+        ops[name] = packet.default
+    return ops
+
+
+NATIVE = register_stream_family()
+stream_reduce = NATIVE["stream_reduce"]
+stream_map = NATIVE["stream_map"]
+stream_grad_reduce = NATIVE["stream_grad_reduce"]
+stream_grad_map = NATIVE["stream_grad_map"]
+
+
+def reference(name: str, *args):
+    """The stream op `name` in PyTorch operations, at the accumulation dtype: what every
+    kernel computes (the tests hold the kernels to it, and the torch backend's staged
+    path runs it)."""
+    CHECKS[name](*args)
+    return _REFERENCE[name](*args)
+
+
+def _masked_dy(grad_out, out, out_activation, acc):
+    dy = grad_out.to(acc)
+    return dy * (out > 0) if out_activation == OUT_RELU else dy
+
+
+def _nc(t):
+    return t[:, :, None, None]
+
+
+def _reduce_reference(x, squares, maxima, minima):
+    acc = accumulate_dtype(x.dtype)
+    xa = x.to(acc)
+    empty = xa.new_empty((0,))
+    return (xa.sum(dim=(2, 3)), (xa * xa).sum(dim=(2, 3)) if squares else empty,
+            xa.amax(dim=(2, 3)) if maxima else empty, xa.amin(dim=(2, 3)) if minima else empty)
+
+
+def _map_reference(x, scale, shift, residual, out_activation):
+    acc = accumulate_dtype(x.dtype)
+    y = _nc(scale) * x.to(acc)
+    if shift is not None:
+        y = y + _nc(shift)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if out_activation == OUT_RELU:
+        y = torch.relu(y)
+    return y.to(x.dtype).contiguous(memory_format=kernel_memory_format(x))
+
+
+def _grad_reduce_reference(grad_out, out, x, peak, out_activation, sum_dy, residual_grad):
+    acc = accumulate_dtype(x.dtype)
+    dy = _masked_dy(grad_out, out, out_activation, acc)
+    xa = x.to(acc)
+    empty = xa.new_empty((0,))
+    count = (xa == _nc(peak)).sum(dim=(2, 3)).to(acc) if peak is not None else empty
+    if residual_grad and out_activation == OUT_RELU:
+        dresidual = dy.to(x.dtype).contiguous(memory_format=kernel_memory_format(x))
+    else:
+        dresidual = x.new_empty((0,))
+    return (dy.sum(dim=(2, 3)) if sum_dy else empty, (dy * xa).sum(dim=(2, 3)), count, dresidual)
+
+
+def _grad_map_reference(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift,
+                        out_activation):
+    acc = accumulate_dtype(x.dtype)
+    xa = x.to(acc)
+    dx = _nc(dy_scale) * _masked_dy(grad_out, out, out_activation, acc)
+    if x_scale is not None:
+        dx = dx + _nc(x_scale) * xa
+    if shift is not None:
+        dx = dx + _nc(shift)
+    if peak is not None:
+        dx = dx + (xa == _nc(peak)) * _nc(peak_shift)
+    return dx.to(x.dtype).contiguous(memory_format=kernel_memory_format(x))
+
+
+_REFERENCE = {"stream_reduce": _reduce_reference, "stream_map": _map_reference,
+              "stream_grad_reduce": _grad_reduce_reference, "stream_grad_map": _grad_map_reference}
+
+assert set(OUT_ACTIVATIONS) == {"none", OUT_RELU}  # the kernels' masks know these two
