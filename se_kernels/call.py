@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ._ops import check_forward_args
-from .options import AVG, RELU, SIGMOID, normalize_out_activation
+from .options import AVG, NAMES, RELU, SIGMOID, normalize_out_activation
 
 __all__ = ["SECall", "make_call"]
 
@@ -32,6 +32,8 @@ class SECall(NamedTuple):
     gate: str
     pool: str
     out_activation: str
+
+    KERNEL_OPTIONS = tuple(NAMES)  # the option arguments the kernels take: all of them
 
     def op_args(self) -> tuple:
         """Positional arguments of se_forward / se_forward_triton."""

@@ -14,6 +14,7 @@ is and reported through logging, never changed in meaning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -23,10 +24,14 @@ import torch
 from torch import nn
 
 from . import dispatch
+from .call import make_call
+from .excitation import ChannelConv, ChannelConvMlp, Fc, Mlp
 from .functional import squeeze_excitation
 from .modules import SqueezeExcitation
-from .options import (ACTIVATION_CLASSES, AVG, AVGMAX, GATE_CLASSES, NAMES, module_option,
-                      qualified_name)
+from .options import (ACTIVATION_CLASSES, AVG, AVGMAX, GATE_CLASSES, LEAKY_RELU,
+                      LEAKY_RELU_SLOPE, NAMES, module_option, qualified_name)
+from .staged import make_call as make_staged_call
+from .staged import staged_squeeze_excitation, update_running_stats
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +45,17 @@ TIMM_EFFICIENTNET_SE = "timm.models._efficientnet_blocks.SqueezeExcite"
 TIMM_LEGACY_SE = "timm.models.senet.SEModule"
 
 # SE-like classes the op cannot compute at all, named so that users learn why they stay.
-ONE_FC = "one FC C -> C and no hidden layer (effective SE), not the two-FC excitation the op computes"
 UNSERVABLE = {
-    "timm.layers.squeeze_excite.EffectiveSEModule": ONE_FC,
-    "timm.models.hgnet.EseModule": ONE_FC,
     "timm.layers.squeeze_excite.SqueezeExciteCl":
         "works on channels-last [N, H, W, C] tensors with Linear FCs",
-    "timm.layers.eca.EcaModule":
-        "the excitation is a 1-D convolution across channels (ECA), not two FCs",
-    "timm.layers.eca.CecaModule":
-        "the excitation is a circularly padded 1-D convolution across channels (CECA), not two FCs",
     "timm.layers.gather_excite.GatherExcite":
         "gather-excite: a spatial gather, or without its MLP no FC pair; its global-extent form "
         "with an MLP is an SE, but no timm model builds it",
 }
+TIMM_EFFECTIVE_SE = "timm.layers.squeeze_excite.EffectiveSEModule"
+TIMM_HGNET_ESE = "timm.models.hgnet.EseModule"
+TIMM_ECA = "timm.layers.eca.EcaModule"
+TIMM_CECA = "timm.layers.eca.CecaModule"
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,27 @@ class SESpec:
 
 
 @dataclass(frozen=True)
+class StagedSpec:
+    """How to compute one SE module on the staged path (DESIGN.md §1.4): its excitation
+    form, the attribute paths of the form's parameters in order (None for an absent one),
+    the gate and pool, and the name of the BatchNorm child whose mode picks batch or
+    running statistics, if it has one."""
+
+    form: object
+    params: tuple
+    gate: str
+    pool: str
+    norm: str | None = None
+
+
+@dataclass(frozen=True)
 class SEModuleReport:
     """One SE module found in a model: where, of which class, and either how the op
     computes it (spec) or why it cannot (reason)."""
 
     name: str
     source: str
-    spec: SESpec | None
+    spec: SESpec | StagedSpec | None
     reason: str | None = None
 
     @property
@@ -105,15 +121,71 @@ class ConvertedSqueezeExcitation(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        reduce, expand = self._modules[self.spec.reduce], self._modules[self.spec.expand]
+        spec = self.spec
+        if isinstance(spec, StagedSpec):
+            return self._staged_forward(x, spec)
+        reduce, expand = self._modules[spec.reduce], self._modules[spec.expand]
         return squeeze_excitation(
             x, reduce.weight, reduce.bias, expand.weight, expand.bias,
-            activation=self.spec.activation, gate=self.spec.gate, pool=self.spec.pool,
+            activation=spec.activation, gate=spec.gate, pool=spec.pool,
             backend=self.backend)
 
+    def _staged_forward(self, x: torch.Tensor, spec: StagedSpec) -> torch.Tensor:
+        form, params = staged_arguments(self, spec)
+        out, stats = staged_squeeze_excitation(x, form, params, gate=spec.gate, pool=spec.pool,
+                                               backend=self.backend)
+        if spec.norm is not None:
+            update_running_stats(self._modules[spec.norm], stats, x.shape[0])
+        return out
+
+    def se_call(self, x: torch.Tensor):
+        """The call forward(x) makes (an SECall, or a staged call for a staged form), for
+        se_kernels.explain to say which backend runs it and why."""
+        spec = self.spec
+        if isinstance(spec, StagedSpec):
+            form, params = staged_arguments(self, spec)
+            return make_staged_call(x, form, params, gate=spec.gate, pool=spec.pool)
+        reduce, expand = self._modules[spec.reduce], self._modules[spec.expand]
+        return make_call(x, reduce.weight, reduce.bias, expand.weight, expand.bias,
+                         activation=spec.activation, gate=spec.gate, pool=spec.pool)
+
     def extra_repr(self) -> str:
-        return (f"source={self.source}, activation={self.spec.activation!r}, "
-                f"gate={self.spec.gate!r}, pool={self.spec.pool!r}, backend={self.backend!r}")
+        spec = self.spec
+        what = (f"form={spec.form!r}" if isinstance(spec, StagedSpec)
+                else f"activation={spec.activation!r}")
+        return (f"source={self.source}, {what}, gate={spec.gate!r}, pool={spec.pool!r}, "
+                f"backend={self.backend!r}")
+
+
+def staged_arguments(module: nn.Module, spec: StagedSpec) -> tuple:
+    """(form, parameters) of `module`'s staged call in its present mode: a BatchNorm in the
+    excitation uses batch statistics in training (or without running ones)."""
+    form = spec.form
+    if spec.norm is not None:
+        norm = module._modules[spec.norm]
+        batch_stats = norm.training or norm.running_mean is None
+        form = dataclasses.replace(form, batch_stats=batch_stats, eps=norm.eps)
+    return form, tuple(None if path is None or form_skips(form, path) else _attribute(module, path)
+                       for path in spec.params)
+
+
+def staged_spec(spec: SESpec) -> StagedSpec:
+    """The two-FC excitation of a fused-op spec as the staged path's Mlp form."""
+    return StagedSpec(Mlp(spec.activation, LEAKY_RELU_SLOPE),
+                      (f"{spec.reduce}.weight", f"{spec.reduce}.bias", f"{spec.expand}.weight",
+                       f"{spec.expand}.bias", *(None,) * 4), spec.gate, spec.pool)
+
+
+def _attribute(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def form_skips(form, path: str) -> bool:
+    """Whether `form` leaves out the parameter at `path`: a normalization on batch
+    statistics reads no running statistics."""
+    return getattr(form, "batch_stats", False) and path.endswith(("running_mean", "running_var"))
 
 
 def _fc_pair_problem(module: nn.Module, reduce: str, expand: str) -> str | None:
@@ -144,12 +216,45 @@ class _Unservable(Exception):
     pass
 
 
-def _spec(module: nn.Module, reduce: str, expand: str, act: str, gate: str, pool: str) -> SESpec:
+def _activation(module: nn.Module, child: str) -> tuple[str, float]:
+    """The activation option of `module`'s child and the negative slope it uses (leaky_relu
+    takes any slope on the staged path; the fused op's is LEAKY_RELU_SLOPE)."""
+    act = getattr(module, child)
+    if qualified_name(type(act)) == "torch.nn.modules.activation.LeakyReLU":
+        return LEAKY_RELU, float(act.negative_slope)
+    return _op_name(act, "activation", child, ACTIVATION_CLASSES), LEAKY_RELU_SLOPE
+
+
+def _gate(module: nn.Module, child: str) -> str:
+    return _op_name(getattr(module, child), "gate", child, GATE_CLASSES)
+
+
+def _norm_problem(norm: nn.Module, child: str) -> str | None:
+    """Why the norm child between the FCs is not a BatchNorm the staged path computes."""
+    if type(norm) is nn.SyncBatchNorm:
+        return (f"norm layer {child}=SyncBatchNorm between the FCs: its batch statistics span "
+                f"processes")
+    if type(norm) is not nn.BatchNorm2d:
+        return f"norm layer {child}={type(norm).__name__} between the FCs: only nn.BatchNorm2d is computed"
+    return None
+
+
+def _spec(module: nn.Module, reduce: str, expand: str, act: str, gate: str, pool: str,
+          norm: str | None = None) -> SESpec | StagedSpec:
+    """The fused op's spec for a pair of FCs, or the staged path's when a BatchNorm sits
+    between them or the activation is a leaky_relu of another slope than the op's."""
     problem = _fc_pair_problem(module, reduce, expand)
     if problem:
         raise _Unservable(problem)
-    return SESpec(reduce, expand, _op_name(getattr(module, act), "activation", act, ACTIVATION_CLASSES),
-                  _op_name(getattr(module, gate), "gate", gate, GATE_CLASSES), pool)
+    activation, slope = _activation(module, act)
+    gate_name = _gate(module, gate)
+    if norm is None and slope == LEAKY_RELU_SLOPE:
+        return SESpec(reduce, expand, activation, gate_name, pool)
+    norm_params = ((f"{norm}.weight", f"{norm}.bias", f"{norm}.running_mean", f"{norm}.running_var")
+                   if norm else (None,) * 4)
+    return StagedSpec(Mlp(activation, slope, norm=norm is not None),
+                      (f"{reduce}.weight", f"{reduce}.bias", f"{expand}.weight", f"{expand}.bias",
+                       *norm_params), gate_name, pool, norm)
 
 
 def _torchvision_se(module: nn.Module) -> SESpec:
@@ -158,10 +263,14 @@ def _torchvision_se(module: nn.Module) -> SESpec:
     return _spec(module, "fc1", "fc2", "activation", "scale_activation", AVG)
 
 
-def _timm_se(module: nn.Module) -> SESpec:
+def _timm_se(module: nn.Module) -> SESpec | StagedSpec:
+    norm = None
     if type(module.bn) is not nn.Identity:
-        raise _Unservable(f"norm layer bn={type(module.bn).__name__} between the FCs")
-    return _spec(module, "fc1", "fc2", "act", "gate", AVGMAX if module.add_maxpool else AVG)
+        problem = _norm_problem(module.bn, "bn")
+        if problem:
+            raise _Unservable(problem)
+        norm = "bn"
+    return _spec(module, "fc1", "fc2", "act", "gate", AVGMAX if module.add_maxpool else AVG, norm)
 
 
 def _timm_efficientnet_se(module: nn.Module) -> SESpec:
@@ -172,11 +281,87 @@ def _timm_legacy_se(module: nn.Module) -> SESpec:
     return _spec(module, "fc1", "fc2", "relu", "sigmoid", AVG)  # its children's names
 
 
+def _one_fc(module: nn.Module, fc: str, gate: str, pool: str) -> StagedSpec:
+    conv = getattr(module, fc)
+    problem = _conv_problem(conv, fc, nn.Conv2d, (1, 1), (0, 0))
+    if problem:
+        raise _Unservable(problem)
+    if conv.in_channels != conv.out_channels:
+        raise _Unservable(f"{fc} maps {conv.in_channels} to {conv.out_channels} channels, not C -> C")
+    return StagedSpec(Fc(), (f"{fc}.weight", f"{fc}.bias"), _gate(module, gate), pool)
+
+
+def _timm_effective_se(module: nn.Module) -> StagedSpec:
+    return _one_fc(module, "fc", "gate", AVGMAX if module.add_maxpool else AVG)
+
+
+def _timm_hgnet_ese(module: nn.Module) -> StagedSpec:
+    return _one_fc(module, "conv", "sigmoid", AVG)
+
+
+def _conv_problem(conv: nn.Module, name: str, cls: type, kernel: tuple, padding: tuple) -> str | None:
+    """Why `conv` is not a plain `cls` convolution with this kernel and padding, or None."""
+    if type(conv) is not cls:
+        return f"{name} is {type(conv).__name__}, not an {cls.__name__}"
+    if (conv.kernel_size != kernel or conv.padding != padding or set(conv.stride) != {1}
+            or set(conv.dilation) != {1} or conv.groups != 1 or conv.padding_mode != "zeros"):
+        return (f"{name} is not a plain convolution with kernel {kernel} and padding {padding} "
+                f"(kernel {conv.kernel_size}, padding {conv.padding}, stride {conv.stride}, "
+                f"dilation {conv.dilation}, groups {conv.groups}, padding_mode {conv.padding_mode!r})")
+    return None
+
+
+def _channel_kernel(conv: nn.Module, name: str, channels: tuple[int, int]) -> int:
+    """The odd kernel of a Conv1d across the channels with `channels` (in, out)."""
+    k = conv.kernel_size[0] if type(conv) is nn.Conv1d else 0
+    if k % 2 == 0:
+        raise _Unservable(f"{name}={conv!r} is not an nn.Conv1d with an odd kernel")
+    if (conv.in_channels, conv.out_channels) != channels:
+        raise _Unservable(f"{name} maps {conv.in_channels} to {conv.out_channels} channels, "
+                          f"not {channels[0]} -> {channels[1]}")
+    return k
+
+
+def _timm_eca(module: nn.Module) -> StagedSpec:
+    gate = _gate(module, "gate")
+    if module.conv2 is None:
+        k = _channel_kernel(module.conv, "conv", (1, 1))
+        problem = _conv_problem(module.conv, "conv", nn.Conv1d, (k,), ((k - 1) // 2,))
+        if problem:
+            raise _Unservable(problem)
+        return StagedSpec(ChannelConv(k), ("conv.weight", "conv.bias"), gate, AVG)
+    hidden = module.conv.out_channels
+    _channel_kernel(module.conv, "conv", (1, hidden))
+    k = _channel_kernel(module.conv2, "conv2", (hidden, 1))
+    problem = (_conv_problem(module.conv, "conv", nn.Conv1d, (1,), (0,))
+               or _conv_problem(module.conv2, "conv2", nn.Conv1d, (k,), ((k - 1) // 2,)))
+    if problem:
+        raise _Unservable(problem)
+    activation, slope = _activation(module, "act")
+    return StagedSpec(ChannelConvMlp(k, activation, slope),
+                      ("conv.weight", "conv.bias", "conv2.weight", "conv2.bias"), gate, AVG)
+
+
+def _timm_ceca(module: nn.Module) -> StagedSpec:
+    k = _channel_kernel(module.conv, "conv", (1, 1))
+    problem = _conv_problem(module.conv, "conv", nn.Conv1d, (k,), (0,))
+    if problem:
+        raise _Unservable(problem)
+    if module.padding != (k - 1) // 2:
+        raise _Unservable(f"circular padding {module.padding} is not (kernel - 1) / 2 = {(k - 1) // 2}")
+    return StagedSpec(ChannelConv(k, circular=True), ("conv.weight", "conv.bias"),
+                      _gate(module, "gate"), AVG)
+
+
 SERVED = {
     TORCHVISION_SE: _torchvision_se,
     TIMM_SE: _timm_se,
     TIMM_EFFICIENTNET_SE: _timm_efficientnet_se,
     TIMM_LEGACY_SE: _timm_legacy_se,
+    TIMM_EFFECTIVE_SE: _timm_effective_se,
+    TIMM_HGNET_ESE: _timm_hgnet_ese,
+    TIMM_ECA: _timm_eca,
+    TIMM_CECA: _timm_ceca,
 }
 
 
@@ -223,14 +408,25 @@ def find_se_modules(model: nn.Module) -> list[SEModuleReport]:
     return [report for report in reports if report is not None]
 
 
-def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace, in place, every SE module of `model` that the fused op computes exactly.
+def convert_se_modules(model: nn.Module, backend: str = "auto", *, fuse_blocks: bool = True) -> nn.Module:
+    """Replace, in place, every SE module of `model` that se_kernels computes exactly, and
+    (with fuse_blocks) every residual block whose tail it fuses.
 
     Served: torchvision.ops.SqueezeExcitation (EfficientNet, MobileNetV3, RegNet), timm's
-    SEModule (ResNet/RegNet/ByobNet "se" attention, add_maxpool -> "avgmax", bias=False),
-    timm's EfficientNet/MobileNet SqueezeExcite and timm's legacy senet.SEModule, with any
-    activation and gate module that se_kernels.options.ACTIVATION_CLASSES / GATE_CLASSES
-    map to an option (torch's or timm's).
+    SEModule (ResNet/RegNet/ByobNet "se" attention, add_maxpool -> "avgmax", bias=False, a
+    BatchNorm between the FCs as in RexNet), timm's EfficientNet/MobileNet SqueezeExcite,
+    timm's legacy senet.SEModule, EffectiveSEModule and hgnet's EseModule (one FC), and
+    EcaModule/CecaModule (ECA), with any activation and gate module that
+    se_kernels.options.ACTIVATION_CLASSES / GATE_CLASSES map to an option (torch's or
+    timm's), LeakyReLU of any slope. The two-FC ones run on the fused op, the others on the
+    staged path (DESIGN.md §1.4).
+
+    Blocks (fuse_blocks=True): timm's ResNet Bottleneck and BasicBlock with an SE (SE-ResNet,
+    SE-ResNeXt, ECA-ResNet, ...), timm's legacy SENet blocks and se_kernels.models'
+    SEBottleneck run BatchNorm -> SE -> drop path -> + shortcut -> ReLU as one fused tail
+    (se_kernels.tail, DESIGN.md §1.5), which computes the same function. A block whose tail
+    cannot fuse exactly (another norm or activation, an SE that pools otherwise, hooks)
+    keeps the SE-only conversion, and the summary says why.
 
     The replacement holds the original's submodules under their original names, so the
     parameters stay the same tensors and `state_dict()` keys are unchanged: checkpoints
@@ -240,32 +436,50 @@ def convert_se_modules(model: nn.Module, backend: str = "auto") -> nn.Module:
     the same findings without changing anything.
 
     Args:
-        model: any nn.Module; if it is itself an SE module, its replacement is returned.
+        model: any nn.Module; if it is itself an SE module or block, its replacement is
+            returned.
         backend: the se_kernels backend the converted modules ask for ("auto" picks per call).
+        fuse_blocks: fuse the tails of the blocks it recognises; False converts SE modules only.
 
     Returns:
-        The model (the same object, unless the model itself is a converted SE module).
+        The model (the same object, unless the model itself was replaced).
     """
+    from .blocks import FusedBlock, inspect_block
+
     if backend != "auto":
         dispatch.get_backend(backend)  # an unknown name fails now, not at the first forward
     # Decided once per module object, so a module shared by two parents is reported once
     # and both parents get the same replacement.
     replacements: dict[int, nn.Module | None] = {}  # id(module) -> replacement, None: keep
     reports: list[SEModuleReport] = []
-    already_fused = sum(isinstance(m, (SqueezeExcitation, ConvertedSqueezeExcitation))
+    blocks: list[tuple[str, str, str | None]] = []  # (name, block class, reason or None: fused)
+    already_fused = sum(isinstance(m, (SqueezeExcitation, ConvertedSqueezeExcitation, FusedBlock))
                         for m in model.modules())
 
     def replacement(name: str, module: nn.Module) -> nn.Module | None:
         if id(module) not in replacements:
-            report = inspect_se_module(module, name)
-            if report is not None:
-                reports.append(report)
-            replacements[id(module)] = ConvertedSqueezeExcitation(module, report.spec, backend) \
-                if report is not None and report.servable else None
+            replacements[id(module)] = None
+            block, reason = inspect_block(module) if fuse_blocks else (None, None)
+            if block is not None:
+                se = getattr(module, block.se)
+                if inspect_se_module(se) is not None:
+                    reports.append(SEModuleReport(f"{name}.{block.se}".lstrip("."),
+                                                  qualified_name(type(se)), block.se_spec))
+                blocks.append((name, block.kind, None))
+                replacements[id(module)] = FusedBlock(module, block, backend)
+            else:
+                if reason is not None:
+                    blocks.append((name, qualified_name(type(module)), reason))
+                report = inspect_se_module(module, name)
+                if report is not None:
+                    reports.append(report)
+                    if report.servable:
+                        replacements[id(module)] = ConvertedSqueezeExcitation(module, report.spec,
+                                                                              backend)
         return replacements[id(module)]
 
     model = _replace_modules(model, replacement)
-    _log_summary(reports, already_fused)
+    _log_summary(reports, already_fused, blocks)
     return model
 
 
@@ -296,13 +510,13 @@ def _replace_modules(model: nn.Module,
     return model
 
 
-def restore_module(module: ConvertedSqueezeExcitation) -> nn.Module:
+def restore_module(module: nn.Module) -> nn.Module:
     """The original SE module of `module`, holding `module`'s current children (so the
     same parameter tensors) and in its training mode. The served classes keep all their
     parameters and buffers in those children, so nothing else can have changed."""
     original = module.__dict__.get("original")
     if original is None:
-        raise ValueError(f"cannot restore {module.source}: this ConvertedSqueezeExcitation "
+        raise ValueError(f"cannot restore {module.source}: this {type(module).__name__} "
                          f"holds no original module (it was not made by convert_se_modules)")
     original._modules.clear()
     original._modules.update(module._modules)
@@ -312,7 +526,8 @@ def restore_module(module: ConvertedSqueezeExcitation) -> nn.Module:
 
 def restore_se_modules(model: nn.Module) -> nn.Module:
     """Undo convert_se_modules, in place: put back the original torchvision/timm SE module
-    of every ConvertedSqueezeExcitation in `model`.
+    of every ConvertedSqueezeExcitation, and the original block of every FusedBlock, in
+    `model`.
 
     The restored modules are of their original classes and hold the converted modules'
     submodules, so the parameters are the very same tensors (trained values included) and
@@ -328,8 +543,10 @@ def restore_se_modules(model: nn.Module) -> nn.Module:
     """
     restored: dict[int, nn.Module] = {}  # id(converted) -> original; shared modules stay shared
 
+    from .blocks import FusedBlock
+
     def original_of(name: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, ConvertedSqueezeExcitation):
+        if not isinstance(module, (ConvertedSqueezeExcitation, FusedBlock)):
             return None
         if id(module) not in restored:
             restored[id(module)] = restore_module(module)
@@ -337,11 +554,30 @@ def restore_se_modules(model: nn.Module) -> nn.Module:
 
     model = _replace_modules(model, original_of)
     if restored:
-        logger.info("restore_se_modules: restored %d SE modules", len(restored))
+        logger.info("restore_se_modules: restored %d modules", len(restored))
     return model
 
 
-def _log_summary(reports: list[SEModuleReport], already_fused: int) -> None:
+def _blocks_summary(blocks: list[tuple[str, str, str | None]]) -> str:
+    """"; fused the tails of 16 blocks (16 x timm.models.resnet.Bottleneck); 2 blocks SE
+    only: reason [names]"."""
+    fused = Counter(kind for _, kind, reason in blocks if reason is None)
+    text = ""
+    if fused:
+        text += (f"; fused the tails of {sum(fused.values())} blocks ("
+                 + ", ".join(f"{n} x {kind}" for kind, n in fused.items()) + ")")
+    kept: dict[str, list[str]] = defaultdict(list)
+    for name, kind, reason in blocks:
+        if reason is not None:
+            kept[f"{kind}: {reason}"].append(name or "<root>")
+    for why, names in kept.items():
+        shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+        text += f"; {len(names)} blocks keep their tail unfused, {why} [{shown}]"
+    return text
+
+
+def _log_summary(reports: list[SEModuleReport], already_fused: int,
+                 blocks: list[tuple[str, str, str | None]] = ()) -> None:
     served = Counter(r.source for r in reports if r.servable)
     left: dict[tuple[str, str], list[str]] = defaultdict(list)
     for r in reports:
@@ -352,6 +588,7 @@ def _log_summary(reports: list[SEModuleReport], already_fused: int) -> None:
         logger.warning("convert_se_modules: left %d %s as is: %s [%s]",
                        len(names), source, reason, shown)
     fused = f" ({already_fused} already fused)" if already_fused else ""
+    fused += _blocks_summary(blocks)
     if not reports:
         log = logger.info if already_fused else logger.warning
         log("convert_se_modules: found no SE module of a known class to convert%s", fused)

@@ -24,7 +24,6 @@ import torch
 from . import _compat
 from ._ops import DTYPES
 from .call import SECall
-from .options import NAMES
 
 BACKEND_ENV = "SE_KERNELS_BACKEND"
 
@@ -84,6 +83,23 @@ class Backend(abc.ABC):
     def run(self, call: SECall) -> torch.Tensor:
         """The SE output for `call`, differentiable with respect to its tensors."""
 
+    def stream_ops(self, device_type: str) -> dict | None:
+        """This backend's four stream ops (se_kernels._stream_ops) by name, for tensors of
+        `device_type`, or None when it has none there."""
+        return None
+
+    def staged_refusals(self, call) -> list[str]:
+        """Reasons to refuse a staged call (se_kernels.staged, se_kernels.tail)."""
+        if self.stream_ops(call.x.device.type) is None:
+            return [f"no stream kernels for {call.x.device.type} tensors, which the staged "
+                    f"excitation forms run on"]
+        return []
+
+    def run_staged(self, call):
+        """(out, normalization statistics or None) of a staged call (se_kernels.staged,
+        se_kernels.tail), differentiable."""
+        return call.stream_forward(self)
+
     def schedule_trace(self, call, gpu, backward: bool) -> list:
         """The launches, with the bytes each touches in order, of the forward (or backward)
         of `call` (a se_kernels.schedule.PlanCall) on `gpu` (a GpuProfile), from the
@@ -102,7 +118,7 @@ def not_supported_reasons(backend: Backend, call: SECall) -> list[str]:
         return [f"x is on {device.type}; this backend runs {backend.devices_text()}"]
     if dtype not in backend.SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} is not supported")
-    for argument in NAMES:
+    for argument in call.KERNEL_OPTIONS:
         value, supported = getattr(call, argument), backend.SUPPORTED_OPTIONS[argument]
         if value not in supported:
             reasons.append(f"{argument} {value!r} is not implemented here (this backend has "
@@ -118,7 +134,10 @@ def not_supported_reasons(backend: Backend, call: SECall) -> list[str]:
             least = backend.CUDA_DTYPE_MINIMUM_CAPABILITY[dtype]
             reasons.append(f"{str(dtype).removeprefix('torch.')} needs compute capability "
                            f"{least[0]}.{least[1]} or newer, {have}")
-    return reasons + backend.call_refusals(call)
+    reasons += backend.call_refusals(call)
+    if not isinstance(call, SECall):
+        reasons += backend.staged_refusals(call)
+    return reasons
 
 
 _REGISTRY: dict[str, Backend] = {}

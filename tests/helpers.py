@@ -336,10 +336,14 @@ def randomize_norms(model: torch.nn.Module, seed: int) -> None:
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                weight = torch.rand(c, generator=gen) + 0.5
+                bias = torch.randn(c, generator=gen) * 0.2
+                mean = torch.randn(c, generator=gen) * 0.2
+                var = torch.rand(c, generator=gen) + 0.5
+                for t, value in ((m.weight, weight), (m.bias, bias), (m.running_mean, mean),
+                                 (m.running_var, var)):
+                    if t is not None:  # no affine, or no running statistics
+                        t.copy_(value)
 
 
 class SEOpCalls(TorchDispatchMode):

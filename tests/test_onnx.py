@@ -147,6 +147,31 @@ def test_onnx_export_of_converted_models(library, name, count, tmp_path):
     check_onnx_export(model, (image(),), tmp_path / "model.onnx", se_count=count, dynamo=True)
 
 
+# Staged forms: each SE module runs two stream ops (reduce, map) forward.
+ONNX_STAGED_MODELS = [
+    ("ese_vovnet19b_dw", 4, "Gemm"),                    # one FC: no hidden layer
+    ("rexnet_100", 13, "BatchNormalization"),           # BatchNorm between the FCs
+    ("eca_resnext26ts", 8, "Conv"),                     # ECA
+]
+
+
+@pytest.mark.parametrize("name, count, operator", ONNX_STAGED_MODELS,
+                         ids=[name for name, _, _ in ONNX_STAGED_MODELS])
+def test_onnx_export_of_converted_staged_models(name, count, operator, tmp_path):
+    model = convert_se_modules(build("timm", name))
+    path = tmp_path / "model.onnx"
+    check_onnx_export(model, (image(),), path, se_count=2 * count, dynamo=True)
+    assert ("", operator) in onnx_operators(path)
+
+
+def test_onnx_export_of_circular_eca(tmp_path):
+    from timm.layers.eca import CecaModule
+    model = nn.Sequential(nn.Conv2d(3, 24, 3), CecaModule(24, act_layer=nn.ReLU)).eval()
+    scale_weights(model, seed=0)
+    model = convert_se_modules(model)
+    check_onnx_export(model, (image(size=16),), tmp_path / "model.onnx", se_count=2, dynamo=True)
+
+
 def se_resnet(depth: int) -> nn.Module:
     """A random SE-ResNet with small residual branches, as trained ones have (and as the
     zero-initialised last BN of each branch starts them): with branches as large as the

@@ -81,6 +81,44 @@ def compile_kernels_ahead_of_time(capability: int) -> list[str]:
     return sorted({kernel.fn.__name__ for kernel, _, _ in launches})
 
 
+def _stream_launches(module, case: Case) -> list:
+    """The launches of the four stream ops on case's shape, every optional argument given
+    (full=True: every constexpr branch of the stream ops on) or none."""
+    from se_kernels.backends.triton import stream
+
+    launches = []
+    module._launch = lambda kernel, programs, *args, **meta: launches.append((kernel, args, meta))
+    stream.device_profile = lambda device: heuristics.GPU_PROFILE
+    stream.forget_plans()
+    fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(case.n, case.c, case.h, case.w, dtype=case.dtype).contiguous(memory_format=fmt)
+    acc = torch.float64 if case.dtype == torch.float64 else torch.float32
+    v = torch.randn(case.n, case.c, dtype=acc)
+    full, act = case.residual, case.out_activation or "none"
+    given = v if full else None
+    stream._reduce(x, full, full, full, fmt)
+    stream._map(x, v, given, x if full else None, act, fmt)
+    stream._grad_reduce(x, x, x, given, act, full, full, fmt)
+    stream._grad_map(x, x, x, v, given, given, given, given, act, fmt)
+    return launches
+
+
+def compile_stream_kernels_ahead_of_time(capability: int) -> list[str]:
+    """Compiles the stream ops' launches (the SE passes' kernels with the stream ops'
+    constexpr branches) for an NVIDIA GPU of `capability`, with every optional argument and
+    with none. Needs a process where the kernels are not interpreted."""
+    module = triton_ops.driver()
+    assert not module.INTERPRETED, "run without TRITON_INTERPRET"
+    compiled = []
+    for case in (Case(n=2, c=37, h=6, w=7, s=1, dtype=torch.bfloat16, layout="channels_last",
+                      residual=True, out_activation="relu"),
+                 Case(n=3, c=24, h=5, w=5, s=1, dtype=torch.float64)):
+        for kernel, args, meta in _stream_launches(module, case):
+            _compile(kernel, args, meta, capability)
+            compiled.append(kernel.fn.__name__)
+    return compiled
+
+
 def compile_option_math_ahead_of_time(capability: int) -> list[tuple[str, str, str]]:
     """Compiles, for an NVIDIA GPU of `capability`, the launches that take the activation
     or the gate (the MLP kernels), for every activation and every gate, in fp32 and fp64
@@ -126,6 +164,14 @@ def test_kernels_compile_for_gpus(driver, capability):
     assert len(names) == 8, names  # every kernel of forward and backward
 
 
+@pytest.mark.parametrize("capability", [80, 90])
+def test_stream_kernels_compile_for_gpus(driver, capability):
+    require_nvidia_compiler()
+    names = without_interpreter(f"compile_stream_kernels_ahead_of_time({capability})")
+    assert names == 2 * ["_pool_kernel", "_scale_kernel", "_grad_reduce_kernel",
+                         "_grad_input_kernel"], names  # one launch per op, twice
+
+
 def test_option_math_compiles_for_every_value(driver):
     require_nvidia_compiler()
     compiled = without_interpreter("compile_option_math_ahead_of_time(90)")
@@ -169,6 +215,41 @@ def test_gpu_path_traces_without_gpu(driver):
     code = without_interpreter("trace_gpu_graph()")
     assert code.count("triton_kernel_wrapper_functional(") == 8, code
     assert "se_forward_triton" not in code and "se_backward_triton" not in code
+
+
+def trace_stream_gpu_graph() -> str:
+    """The graph AOTAutograd traces for the four stream ops on fake CUDA tensors with the
+    compiled kernels (see trace_gpu_graph). Needs a process without TRITON_INTERPRET."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from se_kernels.backends.triton import stream
+
+    assert not triton_ops.driver().INTERPRETED, "run without TRITON_INTERPRET"
+    stream.device_profile = lambda device: heuristics.GPU_PROFILE  # no device to ask
+    ops = stream.OPS
+
+    def step(x, dy, v):
+        total, sumsq, peak, low = ops["stream_reduce"](x, True, True, True)
+        out = ops["stream_map"](x, v, total, x, "relu")
+        sdy, sdyx, count, dres = ops["stream_grad_reduce"](dy, out, x, peak, "relu", True, True)
+        return ops["stream_grad_map"](dres, None, x, v, sdy, sdyx, peak, count, "none"), sumsq, low
+
+    graphs = []
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 40, 40, device="cuda", dtype=torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last)
+        args = (x, torch.empty_like(x), torch.empty(2, 8, device="cuda"))
+        aot_function(step, fw_compiler=lambda gm, _: graphs.append(gm) or gm)(*args)
+    return graphs[0].code
+
+
+def test_stream_ops_trace_to_kernel_launches_without_gpu(driver):
+    """On a GPU torch.compile sees through the stream ops as through the SE ops: one
+    functional kernel launch per op (with the pieces' torch sums around them)."""
+    code = without_interpreter("trace_stream_gpu_graph()")
+    assert code.count("triton_kernel_wrapper_functional(") == 4, code
+    assert "stream_" not in code, code
 
 
 STREAMING = ("_pool_kernel", "_scale_kernel", "_grad_reduce_kernel", "_grad_input_kernel")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compat, _ops, dispatch
+from .. import _compat, _ops, _stream_ops, dispatch
 from ..call import SECall
 from ..options import (AVG, AVGMAX, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, LEAKY_RELU,
                        MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU, TANH)
@@ -54,6 +54,14 @@ def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
         if kind == "compute" and not specific and (a_major, a_minor) <= (major, minor):
             return True
     return False
+
+
+@dispatch.constant_under_compile
+def has_stream_kernel(device_type: str) -> bool:
+    """Whether the extension registered the stream ops for `device_type` (a library built
+    from an older source has only the fused ones)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return _compat.has_dispatch_kernel("se_kernels::stream_map", key)
 
 
 @dispatch.constant_under_compile
@@ -107,6 +115,11 @@ class NativeBackend(dispatch.Backend):
 
     def run(self, call: SECall) -> torch.Tensor:
         return _ops.run_forward(_ops.se_forward, call)
+
+    def stream_ops(self, device_type: str) -> dict | None:
+        if device_type != self.name or not has_stream_kernel(device_type):
+            return None
+        return _stream_ops.NATIVE
 
     def schedule_trace(self, call, gpu, backward: bool) -> list:
         """The cuda kernels' plan (csrc/cuda/se_plan.h), through the extension's

@@ -7,6 +7,8 @@ pooling, MLP and scale in fp32 (fp64 for fp64), one rounding to x's dtype at the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,64 @@ ACTIVATIONS = {RELU: F.relu, SILU: F.silu, GELU: F.gelu,
                LEAKY_RELU: lambda a: F.leaky_relu(a, LEAKY_RELU_SLOPE)}
 GATES = {SIGMOID: torch.sigmoid, HARDSIGMOID: hardsigmoid, TANH: torch.tanh, RELU: F.relu}
 OUT_ACTIVATIONS = {NONE: None, OUT_RELU: F.relu}
+POOL_WEIGHTS = {AVG: (1.0, 0.0), MAX: (0.0, 1.0), AVGMAX: (0.5, 0.5)}  # (w_avg, w_max), §1.2
+
+
+# The derivatives of §1.3, for the staged path's written-out backward (se_kernels/staged.py,
+# se_kernels/excitation.py): each maps (v, dv) to dv times the derivative at v, where v is
+# the pre-activation (activations, hardsigmoid, relu) or the gate's output s (sigmoid, tanh).
+def _hardswish_gradient(a, dh):
+    return dh * torch.where(a < -3, 0.0, torch.where(a <= 3, a / 3 + 0.5, 1.0))
+
+
+SQRT_HALF, INV_SQRT_2PI = math.sqrt(0.5), 1 / math.sqrt(2 * math.pi)
+SQRT_2_OVER_PI, GELU_TANH_CUBIC = math.sqrt(2 / math.pi), 0.044715
+
+
+def _gelu_gradient(a, dh):
+    cdf = 0.5 * (1 + torch.erf(a * SQRT_HALF))
+    return dh * (cdf + a * torch.exp(-0.5 * a * a) * INV_SQRT_2PI)
+
+
+def _gelu_tanh_gradient(a, dh):
+    t = torch.tanh(SQRT_2_OVER_PI * (a + GELU_TANH_CUBIC * a * a * a))
+    return dh * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * SQRT_2_OVER_PI
+                 * (1 + 3 * GELU_TANH_CUBIC * a * a))
+
+
+def _silu_gradient(a, dh):
+    sig = torch.sigmoid(a)
+    return dh * sig * (1 + a * (1 - sig))
+
+
+ACTIVATION_GRADIENTS = {
+    RELU: lambda a, dh, slope: dh * (a > 0),
+    SILU: lambda a, dh, slope: _silu_gradient(a, dh),
+    GELU: lambda a, dh, slope: _gelu_gradient(a, dh),
+    GELU_TANH: lambda a, dh, slope: _gelu_tanh_gradient(a, dh),
+    HARDSWISH: lambda a, dh, slope: _hardswish_gradient(a, dh),
+    LEAKY_RELU: lambda a, dh, slope: torch.where(a > 0, dh, dh * slope),
+}
+GATE_GRADIENTS = {  # (g, s, ds) -> dg
+    SIGMOID: lambda g, s, ds: ds * s * (1 - s),
+    HARDSIGMOID: lambda g, s, ds: ds * ((g > -3) & (g < 3)) / 6,
+    TANH: lambda g, s, ds: ds * (1 - s * s),
+    RELU: lambda g, s, ds: ds * (g > 0),
+}
+assert ACTIVATION_GRADIENTS.keys() == ACTIVATIONS.keys() and GATE_GRADIENTS.keys() == GATES.keys()
+
+
+def activation_function(name: str, negative_slope: float = LEAKY_RELU_SLOPE):
+    """The activation `name`; leaky_relu with `negative_slope`."""
+    if name == LEAKY_RELU:
+        return lambda a: F.leaky_relu(a, negative_slope)
+    return ACTIVATIONS[name]
+
+
+def activation_gradient(name: str, negative_slope: float = LEAKY_RELU_SLOPE):
+    """(a, dh) -> dh·act'(a) for the activation `name`."""
+    gradient = ACTIVATION_GRADIENTS[name]
+    return lambda a, dh: gradient(a, dh, negative_slope)
 
 
 def torch_forward(call: SECall) -> torch.Tensor:
@@ -66,6 +126,12 @@ class TorchBackend(dispatch.Backend):
 
     def run(self, call: SECall) -> torch.Tensor:
         return torch_forward(call)
+
+    def staged_refusals(self, call) -> list[str]:
+        return []
+
+    def run_staged(self, call):
+        return call.composition()
 
 
 dispatch.register(TorchBackend())

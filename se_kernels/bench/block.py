@@ -159,7 +159,9 @@ def run_case(case: Case, requested: list[str], device: torch.device, *, quick: b
     if case.threads is not None and device.type == "cpu":
         torch.set_num_threads(case.threads)
     torch.manual_seed(0)
-    eager = peers_mod.eager_module(case.shape, device, DTYPES[case.dtype])
+    # Inference in eval mode, training in train mode: a batch norm inside an SE (RexNet)
+    # uses its running statistics, or the batch's.
+    eager = peers_mod.eager_module(case.shape, device, DTYPES[case.dtype]).train(case.mode != "fwd")
     inputs = make_inputs(case, device)
     x0 = inputs[0][0]
     if requested:

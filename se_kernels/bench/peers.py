@@ -7,7 +7,8 @@
                every fresh input into the graph's static buffer; our kernels run without
                graphs too)
   auto         se_kernels.SqueezeExcitation(backend="auto"): what a converted model runs,
-               whichever backend dispatch picks for the block
+               whichever backend dispatch picks for the block (for a staged form, the
+               network's own module converted by convert_se_modules)
   <backend>    se_kernels.SqueezeExcitation(backend=<backend>) for each se_kernels backend
                ("cuda", "triton", "cpu", "torch", ...) willing to run the block here
 """
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from torch import nn
 import se_kernels
 from se_kernels import _compat, dispatch
 from se_kernels.call import make_call
+from se_kernels.convert import convert_se_modules
 from se_kernels.options import ACTIVATION_CLASSES, GATE_CLASSES, module_option
 
 from .shapes import SEShape
@@ -33,6 +36,8 @@ BASELINES = (EAGER, *COMPILE_MODES)
 
 
 def eager_module(shape: SEShape, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    if shape.module is not None:  # a staged form: the network's own module
+        return shape.module(device).to(dtype=dtype)
     from torchvision.ops import SqueezeExcitation
 
     module = SqueezeExcitation(shape.channels, shape.squeeze, shape.activation_module(),
@@ -41,6 +46,8 @@ def eager_module(shape: SEShape, device: torch.device, dtype: torch.dtype) -> nn
 
 
 def _call(x: torch.Tensor, eager: nn.Module):
+    if not hasattr(eager, "scale_activation"):  # a network's own module: as converted
+        return convert_se_modules(copy.deepcopy(eager)).se_call(x)
     return make_call(x, eager.fc1.weight, eager.fc1.bias, eager.fc2.weight, eager.fc2.bias,
                      activation=module_option(eager.activation, ACTIVATION_CLASSES),
                      gate=module_option(eager.scale_activation, GATE_CLASSES))
@@ -73,6 +80,8 @@ def build_peer(name: str, eager: nn.Module, shape: SEShape) -> nn.Module:
         return eager
     if name in COMPILE_MODES:
         return torch.compile(eager, mode=COMPILE_MODES[name], dynamic=False)
+    if shape.module is not None:
+        return convert_se_modules(copy.deepcopy(eager), backend=name)
     ours = se_kernels.SqueezeExcitation(shape.channels, shape.squeeze, shape.activation_module(),
                                         shape.gate_module(), backend=name)
     ours = ours.to(device=eager.fc1.weight.device, dtype=eager.fc1.weight.dtype)

@@ -19,20 +19,25 @@ Layers of one network with the same (C, S, H, W) are listed once, with their cou
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..excitation import ChannelConv, Fc, Mlp
 from ..options import (ACTIVATION_CLASSES, ACTIVATION_MODULES, GATE_CLASSES, GATE_MODULES, RELU,
                        SIGMOID, module_option)
 
 # torchvision's SE networks, then timm networks whose SE modules use the other activations
-# (fbnetv3: hardswish and hardsigmoid; gcvit: gelu; sedarknet: leaky_relu).
+# (fbnetv3: hardswish and hardsigmoid; gcvit: gelu; sedarknet: leaky_relu) or the staged
+# excitation forms (ecaresnet50d: ECA; rexnet: BatchNorm between the FCs; ese_vovnet: one
+# FC).
 TORCHVISION_NETWORKS = ("resnet50", "mobilenetv3", "efficientnet_b0", "regnety_400mf")
-TIMM_NETWORKS = ("fbnetv3_b", "gcvit_xxtiny", "sedarknet21")
+TIMM_NETWORKS = ("fbnetv3_b", "gcvit_xxtiny", "sedarknet21", "ecaresnet50d", "rexnet_100",
+                 "ese_vovnet19b_dw")
 NETWORKS = TORCHVISION_NETWORKS + TIMM_NETWORKS
 IMAGE_SIZE = 224
 RESNET_REDUCTION = 16
@@ -49,9 +54,13 @@ class SEShape:
     squeeze: int
     height: int
     width: int
-    activation: str  # between the FCs: a name of options.ACTIVATIONS
+    activation: str  # between the FCs: a name of options.ACTIVATIONS; for a staged form, its label
     gate: str  # on the scale: a name of options.GATES
     count: int = 1  # layers of the network with this shape
+    # For a staged form (DESIGN.md §1.4): makes the network's own SE module of this shape on
+    # a device, freshly initialised; None for the two-FC modules, which the peers build.
+    module: Callable[[torch.device], nn.Module] | None = field(default=None, compare=False,
+                                                               repr=False)
 
     @property
     def label(self) -> str:
@@ -135,14 +144,43 @@ def _timm_shapes(network: str) -> list[SEShape]:
     except ImportError as error:
         raise SystemExit(f"se-kernels bench needs timm for {network}'s shapes: "
                          "pip install 'se-kernels[bench]'") from error
-    from ..convert import SERVED, find_se_modules, qualified_name
+    from ..convert import SERVED, StagedSpec, find_se_modules, qualified_name
 
     model = timm.create_model(network, pretrained=False)
     specs = {report.name: report.spec for report in find_se_modules(model) if report.servable}
     wanted = tuple({type(m) for m in model.modules() if qualified_name(type(m)) in SERVED})
-    return [SEShape(network, name, c, module.get_submodule(specs[name].reduce).out_channels, h, w,
-                    specs[name].activation, specs[name].gate)
-            for name, module, (_, c, h, w) in _trace(model, wanted) if name in specs]
+    shapes = []
+    for name, module, (_, c, h, w) in _trace(model, wanted):
+        spec = specs.get(name)
+        if isinstance(spec, StagedSpec):
+            hidden = spec.params[0].split(".")[0]
+            squeeze = module.get_submodule(hidden).out_channels if isinstance(spec.form, Mlp) else 0
+            shapes.append(SEShape(network, name, c, squeeze, h, w, form_label(spec.form), spec.gate,
+                                  module=functools.partial(_materialized, module)))
+        elif spec is not None:
+            shapes.append(SEShape(network, name, c, module.get_submodule(spec.reduce).out_channels,
+                                  h, w, spec.activation, spec.gate))
+    return shapes
+
+
+def form_label(form) -> str:
+    """A staged form in a few characters: "bn+relu", "fc", "eca3", "ceca5", "eca-mlp3+gelu"."""
+    if isinstance(form, Mlp):
+        return f"bn+{form.activation}" if form.norm else f"{form.activation}{form.negative_slope:g}"
+    if isinstance(form, Fc):
+        return "fc"
+    if isinstance(form, ChannelConv):
+        return f"{'ceca' if form.circular else 'eca'}{form.kernel}"
+    return f"eca-mlp{form.kernel}+{form.activation}"
+
+
+def _materialized(meta_module: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of a module built on the meta device, on `device` with fresh parameters."""
+    module = copy.deepcopy(meta_module).to_empty(device=device)
+    for sub in module.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()  # convolutions' and batch norms' own initialisation
+    return module
 
 
 def evenly_spaced(shapes: tuple[SEShape, ...], k: int) -> tuple[SEShape, ...]:

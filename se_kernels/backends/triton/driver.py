@@ -157,7 +157,7 @@ def _forward_plan(shape, s, dtype, channels_last, has_residual, has_b1, has_b2, 
         fc1 = mlp_config(n, s, c, acc.itemsize, profile)
         fc2 = mlp_config(n, c, s, acc.itemsize, profile)
         launches = (
-            _reduce_launch(view, cfg, elem, USE_MAX=use_max),
+            _reduce_launch(view, cfg, elem, SQUARES=False, USE_MAX=use_max, MINIMA=False),
             _mlp_launch(math.ceil(n / fc1.block_n) * math.ceil(s / fc1.block_m),
                         fc1, (n, c, s, view.p, cfg.splits, n * c), ("BLOCK_N", "BLOCK_S", "BLOCK_C"),
                         POOL=code("pool", pool), HAS_BIAS=has_b1),
@@ -167,7 +167,7 @@ def _forward_plan(shape, s, dtype, channels_last, has_residual, has_b1, has_b2, 
             # x read, then x (+ residual) read again and out written
             _map_launch(view, cfg, total,
                         map_walks_backwards(n, sample, (2 + has_residual) * sample, sample, profile),
-                        GATE=code("gate", gate), HAS_RESIDUAL=has_residual,
+                        GATE=code("gate", gate), HAS_SHIFT=False, HAS_RESIDUAL=has_residual,
                         OUT_RELU=out_activation == OUT_RELU),
         )
     return _ForwardPlan((shape, _strides(shape, channels_last)), acc, _dense(n, c), _dense(n, s),
@@ -208,12 +208,13 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
     pool_pass, squeeze_fc, excite_fc, scale = plan.launches
     sums = torch.empty_strided(*plan.partials, dtype=acc, device=device)
     maxes = torch.empty_strided(*plan.partials, dtype=acc, device=device) if plan.use_max else x
-    launch(_pool_kernel, pool_pass.programs, x, sums, maxes, *pool_pass.scalars, **pool_pass.meta)
+    launch(_pool_kernel, pool_pass.programs, x, sums, x, maxes, x, *pool_pass.scalars,
+           **pool_pass.meta)
     launch(_squeeze_fc_kernel, squeeze_fc.programs, sums, maxes, z, zmax if plan.use_max else x,
             a, w1, x if b1 is None else b1, *squeeze_fc.scalars, **squeeze_fc.meta)
     launch(_excite_fc_kernel, excite_fc.programs, a, g, w2, x if b2 is None else b2,
             *excite_fc.scalars, **excite_fc.meta)
-    launch(_scale_kernel, scale.programs, x, x if residual is None else residual, out, g,
+    launch(_scale_kernel, scale.programs, x, x if residual is None else residual, out, g, x,
             *scale.scalars, **scale.meta)
     return out, z, zmax, a, g
 
@@ -256,7 +257,8 @@ def _backward_plan(shape, s, dtype, channels_last, activation, gate, pool, out_a
     bwd1 = mlp_config(n, c, s, acc.itemsize, profile)
     weight_programs = 2 * math.ceil(c / wg.block_m) * math.ceil(s / wg.block_k)
     launches = (
-        _reduce_launch(view, cfg, elem, OUT_RELU=out_relu, USE_MAX=use_max),
+        _reduce_launch(view, cfg, elem, OUT_RELU=out_relu, USE_MAX=use_max, SUM_DY=False,
+                       WRITE_DRES=False),
         _mlp_launch(math.ceil(n / bwd2.block_n) * math.ceil(s / bwd2.block_m),
                     bwd2, (n, c, s, cfg.splits, n * c), ("BLOCK_N", "BLOCK_S", "BLOCK_C"),
                     ACT=code("activation", activation), GATE=code("gate", gate)),
@@ -271,7 +273,7 @@ def _backward_plan(shape, s, dtype, channels_last, activation, gate, pool, out_a
         _map_launch(view, cfg, total,
                     map_walks_backwards(n, (2 + out_relu) * sample, reread + (1 + write_dres) * sample,
                                         reread, profile),
-                    GATE=code("gate", gate), OUT_RELU=out_relu, HAS_AVG=has_avg,
+                    GATE=code("gate", gate), OUT_RELU=out_relu, X_SCALE=False, HAS_AVG=has_avg,
                     USE_MAX=use_max, WRITE_DRES=write_dres),
     )
     return _BackwardPlan((shape, _strides(shape, channels_last)), acc, _dense(n, c), _dense(n, s),
@@ -309,7 +311,7 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     count = torch.empty_strided(*plan.partials, dtype=torch.int32, device=device) if plan.use_max else x
     stand_in_zmax = x if zmax is None else zmax
     launch(_grad_reduce_kernel, reduce_pass.programs, grad_out, x if out is None else out, x,
-            stand_in_zmax, ds, count, *reduce_pass.scalars, **reduce_pass.meta)
+            stand_in_zmax, ds, x, count, x, *reduce_pass.scalars, **reduce_pass.meta)
     dg = torch.empty_strided(*plan.nc, dtype=acc, device=device)
     da = torch.empty_strided(*plan.ns, dtype=acc, device=device)
     launch(_excite_fc_backward_kernel, excite_fc.programs, ds, g, a, w2, dg, da,
@@ -319,6 +321,6 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     launch(_mlp_grads_kernel, mlp_grads.programs, dg, a, da, z, w1, count, dw1, db1, dw2, db2,
             dx_avg, dx_max, *mlp_grads.scalars, **mlp_grads.meta)
     launch(_grad_input_kernel, grad_input.programs, grad_out, x if out is None else out, x, g,
-            stand_in_zmax, dx_avg, dx_max, dx, dres if plan.write_dres else x,
+            x, stand_in_zmax, dx_avg, dx_max, dx, dres if plan.write_dres else x,
             *grad_input.scalars, **grad_input.meta)
     return dx, dw1, db1, dw2, db2, dres

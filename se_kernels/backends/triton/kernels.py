@@ -18,6 +18,12 @@ Backward:
   _grad_input_kernel           one pass: dx = dy * s + dx_avg + [x == zmax] dx_max,
                                dresidual = dy
 
+The four passes over x also run the stream ops of the staged path (DESIGN.md §1.4,
+stream.py), through constexpr branches that the SE launches leave off: the pool pass adds
+sums of squares and minima, the scale pass a per-channel shift, the grad reduce pass sums
+of dy and the dresidual store, the grad input pass an x_scale * x term; with GATE =
+AS_GIVEN the map passes take their per-channel coefficients as given.
+
 Every reduction has a fixed order that depends only on the shape and the launch config, so
 results are bit-identical from run to run (no float atomics). Values are converted to the
 accumulation dtype (fp32, fp64 for fp64) right after tl.load and back right before tl.store,
@@ -46,6 +52,9 @@ from ...options import Activation, Gate, Pool
 # that @triton.jit code reads must be tl.constexpr.
 RELU, SILU, GELU, GELU_TANH, HARDSWISH, LEAKY_RELU = (tl.constexpr(int(a)) for a in Activation)
 SIGMOID, HARDSIGMOID, TANH, RELU_GATE = (tl.constexpr(int(g)) for g in Gate)
+# The GATE of the map passes when they serve the stream ops, whose [N, C] coefficients come
+# gated already: no option's code.
+AS_GIVEN = tl.constexpr(-1)
 AVG, MAX, AVGMAX = (tl.constexpr(int(Pool.AVG)), tl.constexpr(int(Pool.MAX)),
                    tl.constexpr(int(Pool.AVGMAX)))
 
@@ -321,74 +330,125 @@ def _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t: tl.constexpr, OUT_RELU: tl.
 
 
 @triton.jit
-def _pool_values(x_ptr, offs, mask, acc_t: tl.constexpr, total, peak, USE_MAX: tl.constexpr):
-    """Adds one tile of x to the running sums (and maxima)."""
+def _pool_start(BLOCK_C: tl.constexpr, WIDTH: tl.constexpr, acc_t: tl.constexpr):
+    """The running sums, sums of squares, maxima and minima of a [BLOCK_C, WIDTH] tile."""
+    zeros = tl.zeros([BLOCK_C, WIDTH], acc_t)
+    return (zeros, zeros, tl.full([BLOCK_C, WIDTH], float("-inf"), acc_t),
+            tl.full([BLOCK_C, WIDTH], float("inf"), acc_t))
+
+
+@triton.jit
+def _pool_values(x_ptr, offs, mask, acc_t: tl.constexpr, total, squares, peak, low,
+                 SQUARES: tl.constexpr, USE_MAX: tl.constexpr, MINIMA: tl.constexpr):
+    """Adds one tile of x to the running sums (and sums of squares, maxima, minima)."""
     v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(acc_t)
     total += v
+    if SQUARES:
+        squares += v * v
     if USE_MAX:
         peak = tl.maximum(peak, tl.where(mask, v, float("-inf")),
                           propagate_nan=tl.PropagateNan.ALL)
-    return total, peak
+    if MINIMA:
+        low = tl.minimum(low, tl.where(mask, v, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+    return total, squares, peak, low
 
 
-@touches(("x_ptr", READ, None), ("sum_ptr", WRITE, None), ("max_ptr", WRITE, _constexpr("USE_MAX")))
+@triton.jit
+def _pool_rows(total, squares, peak, low, SQUARES: tl.constexpr, USE_MAX: tl.constexpr,
+               MINIMA: tl.constexpr):
+    """The running values of a tile reduced along its rows (NaN wins in maxima and minima;
+    -max(-v) is min(v) exactly); those not asked for are the sums, unused."""
+    row_sum = tl.sum(total, 1)
+    row_squares, row_max, row_min = row_sum, row_sum, row_sum
+    if SQUARES:
+        row_squares = tl.sum(squares, 1)
+    if USE_MAX:
+        row_max = _nan_max_reduce(peak, 1)
+    if MINIMA:
+        row_min = -_nan_max_reduce(-low, 1)
+    return row_sum, row_squares, row_max, row_min
+
+
+@touches(("x_ptr", READ, None), ("sum_ptr", WRITE, None),
+         ("sumsq_ptr", WRITE, _constexpr("SQUARES")), ("max_ptr", WRITE, _constexpr("USE_MAX")),
+         ("min_ptr", WRITE, _constexpr("MINIMA")))
 @triton.jit
 def _pool_kernel(
-    x_ptr, sum_ptr, max_ptr,
+    x_ptr, sum_ptr, sumsq_ptr, max_ptr, min_ptr,
     groups, channels, P, stride_n, stride_c, stride_p, p_per_split, splits,
-    USE_MAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    SQUARES: tl.constexpr, USE_MAX: tl.constexpr, MINIMA: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     VEC: tl.constexpr, EDGES: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Partial sums (and maxima) over the H*W piece `split` of BLOCK_C channels:
-    sum_ptr[split, n*C + c]. VEC > 1 (NCHW): the rows' aligned bodies in tiles, and, with
-    EDGES (rows or pieces that start or end off a vector boundary), their heads and tails
-    in one small tile (_row_body, _row_edges)."""
+    """Partial sums (and sums of squares, maxima, minima: the stream reduce op) over the
+    H*W piece `split` of BLOCK_C channels: sum_ptr[split, n*C + c]. VEC > 1 (NCHW): the
+    rows' aligned bodies in tiles, and, with EDGES (rows or pieces that start or end off a
+    vector boundary), their heads and tails in one small tile (_row_body, _row_edges)."""
     acc_t = sum_ptr.dtype.element_ty
     split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
                                                                BLOCK_C, WIDE)
     start, end, body_lo, body_len = _row_body(chan, p_lo, p_hi, P, VEC)
-    total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
-    peak = tl.full([BLOCK_C, BLOCK_P], float("-inf"), acc_t)
+    total, squares, peak, low = _pool_start(BLOCK_C, BLOCK_P, acc_t)
     for step in range(0, tl.cdiv(p_hi - p_lo, BLOCK_P)):
         offs, mask = _body_tile(group, c, c_mask, p_lo, p_hi, body_lo, body_len, step,
                                 stride_n, stride_c, stride_p, BLOCK_P, VEC, WIDE)
-        total, peak = _pool_values(x_ptr, offs, mask, acc_t, total, peak, USE_MAX)
-    row_sum = tl.sum(total, 1)
-    if USE_MAX:
-        row_max = _nan_max_reduce(peak, 1)
+        total, squares, peak, low = _pool_values(x_ptr, offs, mask, acc_t, total, squares,
+                                                 peak, low, SQUARES, USE_MAX, MINIMA)
+    row_sum, row_squares, row_max, row_min = _pool_rows(total, squares, peak, low, SQUARES,
+                                                        USE_MAX, MINIMA)
     if EDGES:
         offs, mask = _row_edges(start, end, body_lo, body_len, c_mask, VEC)
-        edge_total, edge_peak = _pool_values(
-            x_ptr, offs, mask, acc_t, tl.zeros([BLOCK_C, 2 * VEC], acc_t),
-            tl.full([BLOCK_C, 2 * VEC], float("-inf"), acc_t), USE_MAX)
-        row_sum += tl.sum(edge_total, 1)
-        if USE_MAX:
-            row_max = tl.maximum(row_max, _nan_max_reduce(edge_peak, 1),
-                                 propagate_nan=tl.PropagateNan.ALL)
+        total, squares, peak, low = _pool_start(BLOCK_C, 2 * VEC, acc_t)
+        total, squares, peak, low = _pool_values(x_ptr, offs, mask, acc_t, total, squares,
+                                                 peak, low, SQUARES, USE_MAX, MINIMA)
+        edge_sum, edge_squares, edge_max, edge_min = _pool_rows(total, squares, peak, low,
+                                                                SQUARES, USE_MAX, MINIMA)
+        row_sum += edge_sum
+        row_squares += edge_squares
+        row_max = tl.maximum(row_max, edge_max, propagate_nan=tl.PropagateNan.ALL)
+        row_min = tl.minimum(row_min, edge_min, propagate_nan=tl.PropagateNan.ALL)
     out = split * (groups * channels) + chan
     tl.store(sum_ptr + out, row_sum, mask=c_mask)
+    if SQUARES:
+        tl.store(sumsq_ptr + out, row_squares, mask=c_mask)
     if USE_MAX:
         tl.store(max_ptr + out, row_max, mask=c_mask)
+    if MINIMA:
+        tl.store(min_ptr + out, row_min, mask=c_mask)
 
 
-@touches(("g_ptr", READ, None), ("x_ptr", READ, None), ("res_ptr", READ, _constexpr("HAS_RESIDUAL")),
-         ("out_ptr", WRITE, None))
+@triton.jit
+def _coefficient(g_ptr, chan, c_mask, GATE: tl.constexpr):
+    """The per-channel factor on x (forward) or dy (backward): gate(g), or, with AS_GIVEN
+    (the stream ops), the [N, C] vector itself."""
+    g = tl.load(g_ptr + chan, mask=c_mask, other=0.0)
+    if GATE == AS_GIVEN:
+        s = g
+    else:
+        s = _gate(g, GATE)
+    return s
+
+
+@touches(("g_ptr", READ, None), ("shift_ptr", READ, _constexpr("HAS_SHIFT")), ("x_ptr", READ, None),
+         ("res_ptr", READ, _constexpr("HAS_RESIDUAL")), ("out_ptr", WRITE, None))
 @triton.jit
 def _scale_kernel(
-    x_ptr, res_ptr, out_ptr, g_ptr,
+    x_ptr, res_ptr, out_ptr, g_ptr, shift_ptr,
     channels, P, total, stride_n, stride_c, stride_p,
-    GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_RELU: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr, BACKWARDS: tl.constexpr,
-    WIDE: tl.constexpr,
+    GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    OUT_RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
+    BACKWARDS: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """out = out_act(gate(g) * x + residual) on one block of x (_map_program). This is the
-    last use of x and the only one of the residual and out: evict_first keeps them from
-    pushing out of L2 what the programs still to come re-read."""
+    """out = out_act(gate(g) * x + shift + residual) on one block of x (_map_program). This
+    is the last use of x and the only one of the residual and out: evict_first keeps them
+    from pushing out of L2 what the programs still to come re-read."""
     acc_t = g_ptr.dtype.element_ty
     chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
                                             BLOCK_C, BLOCK_P, FLAT, BACKWARDS, WIDE)
-    s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
+    s = _coefficient(g_ptr, chan, c_mask, GATE)
     y = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t) * s
+    if HAS_SHIFT:
+        y += tl.load(shift_ptr + chan, mask=c_mask, other=0.0)
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offs, mask=mask, other=0.0,
                      eviction_policy="evict_first").to(acc_t)
@@ -399,32 +459,40 @@ def _scale_kernel(
 
 
 @triton.jit
-def _grad_reduce_values(dout_ptr, out_ptr, x_ptr, offs, mask, peak, acc_t: tl.constexpr,
-                        total, count, OUT_RELU: tl.constexpr, USE_MAX: tl.constexpr):
-    """Adds one tile's dy * x to the running sums (and x == zmax to the counts)."""
+def _grad_reduce_values(dout_ptr, out_ptr, x_ptr, dres_ptr, offs, mask, peak,
+                        acc_t: tl.constexpr, total, dy_total, count, OUT_RELU: tl.constexpr,
+                        USE_MAX: tl.constexpr, SUM_DY: tl.constexpr, WRITE_DRES: tl.constexpr):
+    """Adds one tile's dy * x to the running sums (and dy to theirs, x == peak to the
+    counts); stores dresidual = dy."""
     dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_last")
     v = tl.load(x_ptr + offs, mask=mask, other=0.0,
                 eviction_policy="evict_last" if USE_MAX else "evict_first").to(acc_t)
     total += dy * v
+    if SUM_DY:
+        dy_total += dy
     if USE_MAX:
         count += (mask & (v == peak[:, None])).to(tl.int32)
-    return total, count
+    if WRITE_DRES:
+        tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)
+    return total, dy_total, count
 
 
 @touches(("zmax_ptr", READ, _constexpr("USE_MAX")), ("dout_ptr", READ, None),
-         ("out_ptr", READ, _constexpr("OUT_RELU")), ("x_ptr", READ, None), ("ds_ptr", WRITE, None),
-         ("count_ptr", WRITE, _constexpr("USE_MAX")))
+         ("out_ptr", READ, _constexpr("OUT_RELU")), ("x_ptr", READ, None),
+         ("dres_ptr", WRITE, _constexpr("WRITE_DRES")), ("ds_ptr", WRITE, None),
+         ("dsum_ptr", WRITE, _constexpr("SUM_DY")), ("count_ptr", WRITE, _constexpr("USE_MAX")))
 @triton.jit
 def _grad_reduce_kernel(
-    dout_ptr, out_ptr, x_ptr, zmax_ptr, ds_ptr, count_ptr,
+    dout_ptr, out_ptr, x_ptr, zmax_ptr, ds_ptr, dsum_ptr, count_ptr, dres_ptr,
     groups, channels, P, stride_n, stride_c, stride_p, p_per_split, splits,
-    OUT_RELU: tl.constexpr, USE_MAX: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, VEC: tl.constexpr, EDGES: tl.constexpr,
-    WIDE: tl.constexpr,
+    OUT_RELU: tl.constexpr, USE_MAX: tl.constexpr, SUM_DY: tl.constexpr,
+    WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, VEC: tl.constexpr,
+    EDGES: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """Partial sums over one H*W piece of ds = dy * x, and (max pooling) of count, how many
-    x equal the channel's max, walked as in _pool_kernel. grad_out and out (and x under max
-    pooling) are read again by _grad_input_kernel: evict_last."""
+    """Partial sums over one H*W piece of ds = dy * x, (max pooling, or a peak given) of
+    count, how many x equal the channel's max, and (the stream op) of dy, walked as in
+    _pool_kernel; the stream op also writes dresidual = dy here. grad_out and out (and x
+    under max pooling) are read again by _grad_input_kernel: evict_last."""
     acc_t = ds_ptr.dtype.element_ty
     split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
                                                                BLOCK_C, WIDE)
@@ -433,56 +501,72 @@ def _grad_reduce_kernel(
     if USE_MAX:
         peak = tl.load(zmax_ptr + chan, mask=c_mask, other=0.0)
     total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
+    dy_total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
     count = tl.zeros([BLOCK_C, BLOCK_P], tl.int32)
     for step in range(0, tl.cdiv(p_hi - p_lo, BLOCK_P)):
         offs, mask = _body_tile(group, c, c_mask, p_lo, p_hi, body_lo, body_len, step,
                                 stride_n, stride_c, stride_p, BLOCK_P, VEC, WIDE)
-        total, count = _grad_reduce_values(dout_ptr, out_ptr, x_ptr, offs, mask, peak, acc_t,
-                                           total, count, OUT_RELU, USE_MAX)
+        total, dy_total, count = _grad_reduce_values(
+            dout_ptr, out_ptr, x_ptr, dres_ptr, offs, mask, peak, acc_t, total, dy_total, count,
+            OUT_RELU, USE_MAX, SUM_DY, WRITE_DRES)
     row_ds = tl.sum(total, 1)
+    row_dsum = tl.sum(dy_total, 1)
     row_count = tl.sum(count, 1)
     if EDGES:
         offs, mask = _row_edges(start, end, body_lo, body_len, c_mask, VEC)
-        edge_total, edge_count = _grad_reduce_values(
-            dout_ptr, out_ptr, x_ptr, offs, mask, peak, acc_t,
-            tl.zeros([BLOCK_C, 2 * VEC], acc_t), tl.zeros([BLOCK_C, 2 * VEC], tl.int32),
-            OUT_RELU, USE_MAX)
+        edge = tl.zeros([BLOCK_C, 2 * VEC], acc_t)
+        edge_total, edge_dy_total, edge_count = _grad_reduce_values(
+            dout_ptr, out_ptr, x_ptr, dres_ptr, offs, mask, peak, acc_t, edge, edge,
+            tl.zeros([BLOCK_C, 2 * VEC], tl.int32), OUT_RELU, USE_MAX, SUM_DY, WRITE_DRES)
         row_ds += tl.sum(edge_total, 1)
+        row_dsum += tl.sum(edge_dy_total, 1)
         row_count += tl.sum(edge_count, 1)
     out = split * (groups * channels) + chan
     tl.store(ds_ptr + out, row_ds, mask=c_mask)
+    if SUM_DY:
+        tl.store(dsum_ptr + out, row_dsum, mask=c_mask)
     if USE_MAX:
         tl.store(count_ptr + out, row_count, mask=c_mask)
 
 
-@touches(("g_ptr", READ, None), ("zmax_ptr", READ, _constexpr("USE_MAX")),
+@touches(("g_ptr", READ, None), ("x_scale_ptr", READ, _constexpr("X_SCALE")),
+         ("zmax_ptr", READ, _constexpr("USE_MAX")),
          ("dx_avg_ptr", READ, _constexpr("HAS_AVG")), ("dx_max_ptr", READ, _constexpr("USE_MAX")),
          ("dout_ptr", READ, None), ("out_ptr", READ, _constexpr("OUT_RELU")),
-         ("x_ptr", READ, _constexpr("USE_MAX")), ("dx_ptr", WRITE, None),
+         ("x_ptr", READ, lambda meta: meta["USE_MAX"] or meta["X_SCALE"]), ("dx_ptr", WRITE, None),
          ("dres_ptr", WRITE, _constexpr("WRITE_DRES")))
 @triton.jit
 def _grad_input_kernel(
-    dout_ptr, out_ptr, x_ptr, g_ptr, zmax_ptr, dx_avg_ptr, dx_max_ptr, dx_ptr, dres_ptr,
+    dout_ptr, out_ptr, x_ptr, g_ptr, x_scale_ptr, zmax_ptr, dx_avg_ptr, dx_max_ptr, dx_ptr,
+    dres_ptr,
     channels, P, total, stride_n, stride_c, stride_p,
-    GATE: tl.constexpr, OUT_RELU: tl.constexpr, HAS_AVG: tl.constexpr, USE_MAX: tl.constexpr,
-    WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
-    BACKWARDS: tl.constexpr, WIDE: tl.constexpr,
+    GATE: tl.constexpr, OUT_RELU: tl.constexpr, X_SCALE: tl.constexpr, HAS_AVG: tl.constexpr,
+    USE_MAX: tl.constexpr, WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, FLAT: tl.constexpr, BACKWARDS: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """dx = dy * s + dx_avg + [x == zmax] * dx_max on one block (_map_program); dresidual =
-    dy. Last uses and writes: evict_first (see _scale_kernel)."""
+    """dx = dy * s + x_scale * x + dx_avg + [x == zmax] * dx_max on one block
+    (_map_program); dresidual = dy. Under AS_GIVEN (the stream op) the last term is the
+    product, so a non-finite dx_max reaches every element as in its reference; the SE
+    backward selects dx_max at the max as the CPU kernels do. Last uses and writes:
+    evict_first (see _scale_kernel)."""
     acc_t = g_ptr.dtype.element_ty
     chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
                                             BLOCK_C, BLOCK_P, FLAT, BACKWARDS, WIDE)
     dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_first")
-    s = _gate(tl.load(g_ptr + chan, mask=c_mask, other=0.0), GATE)
-    dx = dy * s
+    dx = dy * _coefficient(g_ptr, chan, c_mask, GATE)
+    if USE_MAX or X_SCALE:
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)
+    if X_SCALE:
+        dx += tl.load(x_scale_ptr + chan, mask=c_mask, other=0.0) * v
     if HAS_AVG:
         dx += tl.load(dx_avg_ptr + chan, mask=c_mask, other=0.0)
     if USE_MAX:
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)
         peak = tl.load(zmax_ptr + chan, mask=c_mask, other=0.0)
         share = tl.load(dx_max_ptr + chan, mask=c_mask, other=0.0)
-        dx += tl.where(v == peak, share, 0.0)
+        if GATE == AS_GIVEN:
+            dx += (v == peak).to(acc_t) * share
+        else:
+            dx += tl.where(v == peak, share, 0.0)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask,
              eviction_policy="evict_first")
     if WRITE_DRES:

@@ -136,6 +136,10 @@ class TritonBackend(dispatch.Backend):
     def run(self, call: SECall) -> torch.Tensor:
         return se_forward(*call.op_args())[0]
 
+    def stream_ops(self, device_type: str) -> dict | None:
+        from . import stream
+        return stream.OPS
+
     def schedule_trace(self, call, gpu, backward: bool) -> list:
         """The drivers' own launches for `call`, recorded on fake tensors (trace.py)."""
         from ...schedule import PlanUnavailable

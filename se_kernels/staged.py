@@ -1,0 +1,169 @@
+"""The staged path: SE with any excitation form (DESIGN.md §1.4).
+
+The x-sized passes are the stream ops of se_kernels._stream_ops, run by the backend that
+dispatch picks for the call; the excitation between them (se_kernels.excitation) is
+PyTorch code on [N, C] vectors, whose backward is written out, so that each direction
+is two passes over x-sized tensors: the backward's reduce gives ds, the form's backward
+dz, and one map pass then writes dx whole (autograd differentiating the pieces would
+write dx twice and add the halves). The torch backend computes the same function as one
+PyTorch composition that autograd differentiates.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import dispatch
+from ._ops import accumulate_dtype
+from .backends.torch_backend import GATE_GRADIENTS, GATES, OUT_ACTIVATIONS, POOL_WEIGHTS, POOLS
+from .options import AVG, NONE, OUT_RELU, check_choice, normalize_out_activation
+from ._stream_ops import check_x
+
+
+class StagedCall(NamedTuple):
+    """One validated staged call: x, the residual, the excitation form and its parameters
+    (in the module's own shapes and dtype), and the gate, pool and output activation."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None
+    form: object
+    params: tuple
+    gate: str
+    pool: str
+    out_activation: str
+
+    # The option arguments the kernels take (dispatch checks a backend's declaration of
+    # them): the stream ops see only the output activation; pool, form and gate run in
+    # PyTorch.
+    KERNEL_OPTIONS = ("out_activation",)
+
+    def tensors(self) -> tuple:
+        return (self.x, self.residual, *self.params)
+
+    def stream_forward(self, backend: dispatch.Backend):
+        """(out, stats) on `backend`'s stream ops."""
+        return run_stream_ops(backend, self)
+
+    def composition(self):
+        """(out, stats) in PyTorch operations that autograd differentiates."""
+        return torch_composition(self)
+
+
+def make_call(x, form, params, *, gate, pool=AVG, residual=None, out_activation=None) -> StagedCall:
+    check_x(x)
+    check_choice("gate", gate)
+    check_choice("pool", pool)
+    out_activation = normalize_out_activation(out_activation)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(f"residual must match x in shape, dtype and device "
+                         f"({list(x.shape)}, {x.dtype}, {x.device}), got {list(residual.shape)}, "
+                         f"{residual.dtype}, {residual.device}")
+    form.check(x.shape[1], params)
+    for i, p in enumerate(params):
+        if p is not None and p.device != x.device:
+            raise TypeError(f"{type(form).__name__} parameter {i} is on {p.device}, x on {x.device}")
+    return StagedCall(x, residual, form, tuple(params), gate, pool, out_activation)
+
+
+def _pooled(sums, xmax, pool: str, p: int):
+    w_avg, w_max = POOL_WEIGHTS[pool]
+    if not w_max:
+        return sums / p
+    if not w_avg:
+        return xmax
+    return w_avg * (sums / p) + w_max * xmax
+
+
+class _StagedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, form, gate, pool, out_activation, x, residual, *params):
+        ops = dispatch.get_backend(backend).stream_ops(x.device.type)
+        acc = accumulate_dtype(x.dtype)
+        cast = tuple(None if t is None else t.to(acc) for t in params)
+        sums, _, xmax, _ = ops["stream_reduce"](x, False, pool != AVG, False)
+        z = _pooled(sums, xmax, pool, x.shape[2] * x.shape[3])
+        g, saved, stats = form.forward(z, cast)
+        out = ops["stream_map"](x, GATES[gate](g), None, residual, out_activation)
+        mean, var = stats if stats is not None else (g.new_empty((0,)), g.new_empty((0,)))
+        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, out if out_activation == OUT_RELU else None, z,
+                              xmax if pool != AVG else None, g, *cast, *saved)
+        ctx.static = (backend, form, gate, pool, out_activation, len(cast), residual is not None,
+                      tuple(None if t is None else t.dtype for t in params))
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _dmean, _dvar):
+        backend, form, gate, pool, out_activation, n_params, has_residual, dtypes = ctx.static
+        x, out, z, xmax, g, *rest = ctx.saved_tensors
+        cast, saved = tuple(rest[:n_params]), tuple(rest[n_params:])
+        ops = dispatch.get_backend(backend).stream_ops(x.device.type)
+        residual_grad = has_residual and ctx.needs_input_grad[6]
+        _, sdyx, count, dresidual = ops["stream_grad_reduce"](
+            grad_out, out, x, xmax, out_activation, False, residual_grad)
+        s = GATES[gate](g)
+        dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyx), z, cast, saved)
+        w_avg, w_max = POOL_WEIGHTS[pool]
+        shift = dz * (w_avg / (x.shape[2] * x.shape[3])) if w_avg else None
+        # count is 0 only where the max is NaN: no x equals it, and nothing is added.
+        peak_shift = torch.where(count > 0, dz * w_max / count, 0.0) if w_max else None
+        if dresidual.numel():  # the masked dy, written by the reduce pass: read it, not out
+            dx = ops["stream_grad_map"](dresidual, None, x, s, None, shift, xmax, peak_shift, NONE)
+        else:
+            dresidual = grad_out
+            dx = ops["stream_grad_map"](grad_out, out, x, s, None, shift, xmax, peak_shift,
+                                        out_activation)
+        grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes))
+        return (None, None, None, None, None, dx, dresidual if residual_grad else None, *grads)
+
+
+def torch_composition(call: StagedCall):
+    """(out, stats) of `call` in PyTorch operations that autograd differentiates: the
+    torch backend's staged path, and what ONNX export emits."""
+    acc = accumulate_dtype(call.x.dtype)
+    x = call.x.to(acc)
+    z = POOLS[call.pool](x)
+    g, _, stats = call.form.forward(z, tuple(None if t is None else t.to(acc) for t in call.params))
+    y = x * GATES[call.gate](g)[:, :, None, None]
+    if call.residual is not None:
+        y = y + call.residual.to(acc)
+    out_activation = OUT_ACTIVATIONS[call.out_activation]
+    if out_activation is not None:
+        y = out_activation(y)
+    return y.to(call.x.dtype), stats
+
+
+def run_stream_ops(backend: dispatch.Backend, call: StagedCall):
+    """(out, stats) of `call` on `backend`'s stream ops."""
+    out, mean, var = _StagedFunction.apply(backend.name, call.form, call.gate, call.pool,
+                                           call.out_activation, call.x, call.residual,
+                                           *call.params)
+    return out, ((mean, var) if mean.numel() else None)
+
+
+def staged_squeeze_excitation(x, form, params, *, gate, pool=AVG, residual=None,
+                              out_activation=None, backend="auto"):
+    """(out, stats): out = out_activation(gate(form(pool(x))) * x + residual), with `form`
+    one of se_kernels.excitation's forms and `params` its parameters; stats is the batch
+    mean and biased variance of a normalization that used batch statistics (to update its
+    running statistics with, as update_running_stats does), else None."""
+    call = make_call(x, form, params, gate=gate, pool=pool, residual=residual,
+                     out_activation=out_activation)
+    return dispatch.select(call, backend).run_staged(call)
+
+
+def update_running_stats(norm: torch.nn.modules.batchnorm._BatchNorm, stats, n) -> None:
+    """What nn.BatchNorm2d's forward does to its buffers in training, from the batch's mean
+    and biased variance (`stats`) over n values per channel."""
+    if stats is None or not norm.training or not norm.track_running_stats:
+        return
+    mean, var = stats[:2]
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        norm.running_mean.copy_(momentum * mean + (1 - momentum) * norm.running_mean)
+        unbiased = var * (n / (n - 1))
+        norm.running_var.copy_(momentum * unbiased + (1 - momentum) * norm.running_var)

@@ -1,0 +1,239 @@
+"""The block tail: BatchNorm -> SE -> drop path -> + residual -> ReLU as one function whose
+x-sized work is two passes each way (DESIGN.md §1.5).
+
+The passes are the stream ops (se_kernels._stream_ops), as on the staged path; what lies
+between them, the batch statistics, the excitation and the tail's backward algebra, is
+PyTorch code on [N, C] and [C] vectors. The normalized tensor u = a·x + b is never
+written: the squeeze of u is a·mean(x) + b, its scale folds into the map pass's
+coefficients, and the backward's sums of du and du·x̂ follow from Σdy and Σdy·x.
+Under a SyncBatchNorm the per-channel sums are all-reduced between the passes (forward: Σx,
+Σx², the count; backward: Σdu, Σdu·x), on the norm's process group.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from ._ops import accumulate_dtype
+from ._stream_ops import check_x
+from .backends.torch_backend import GATE_GRADIENTS, GATES, OUT_ACTIVATIONS
+from .options import NONE, OUT_RELU, check_choice, normalize_out_activation
+
+
+class TailCall(NamedTuple):
+    """One validated block-tail call. `norm` is (weight, bias, running_mean, running_var),
+    each possibly None; `keep` the drop path's per-sample factor [N] (mask / keep
+    probability) or None; `group` the SyncBatchNorm's process group (None: this process's
+    batch alone); the excitation is `form` with `params` as on the staged path."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None
+    norm: tuple
+    batch_stats: bool
+    eps: float
+    form: Any
+    params: tuple
+    gate: str
+    keep: torch.Tensor | None
+    out_activation: str
+    group: Any = None
+
+    KERNEL_OPTIONS = ("out_activation",)
+
+    def tensors(self) -> tuple:
+        return (self.x, self.residual, *self.norm, *self.params)
+
+    def stream_forward(self, backend: dispatch.Backend):
+        return _run(backend.name, self)
+
+    def composition(self):
+        return torch_composition(self)
+
+
+def make_call(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=None, keep=None,
+              out_activation="relu", group=None) -> TailCall:
+    check_x(x)
+    check_choice("gate", gate)
+    out_activation = normalize_out_activation(out_activation)
+    c = x.shape[1]
+    for name, t in zip(("norm weight", "norm bias", "running_mean", "running_var"), norm):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"{name} must have shape [{c}], got {list(t.shape)}")
+    if not batch_stats and (norm[2] is None or norm[3] is None):
+        raise ValueError("running_mean and running_var are required without batch statistics")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must match x in shape and dtype ({list(x.shape)}, {x.dtype}), "
+                         f"got {list(residual.shape)}, {residual.dtype}")
+    if keep is not None and tuple(keep.shape) != (x.shape[0],):
+        raise ValueError(f"keep must have shape [{x.shape[0]}], got {list(keep.shape)}")
+    if batch_stats and group is None and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"size {list(x.shape)}")
+    form.check(c, params)
+    return TailCall(x, residual, tuple(norm), batch_stats, float(eps), form, tuple(params), gate,
+                    keep, out_activation, group)
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        torch.distributed.all_reduce(t, group=group)
+    return t
+
+
+def _affine(weight, bias, mean, rstd):
+    """a, b of u = a·x + b for the norm."""
+    a = rstd if weight is None else weight * rstd
+    b = -a * mean if bias is None else bias - a * mean
+    return a, b
+
+
+class _TailFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, static, x, residual, keep, weight, bias, running_mean, running_var,
+                *params):
+        batch_stats, eps, form, gate, out_activation, group = static
+        ops = dispatch.get_backend(backend).stream_ops(x.device.type)
+        acc = accumulate_dtype(x.dtype)
+        cast = tuple(None if t is None else t.to(acc) for t in params)
+        weight_a = None if weight is None else weight.to(acc)
+        bias_a = None if bias is None else bias.to(acc)
+        n, c, h, w = x.shape
+        p = h * w
+        sums, sumsq, _, _ = ops["stream_reduce"](x, batch_stats, False, False)
+        if batch_stats:
+            totals = torch.cat([sums.sum(0), sumsq.sum(0), sums.new_full((1,), n * p)])
+            totals = _all_reduce(totals, group)
+            count = totals[-1]
+            mean = totals[:c] / count
+            # E[x²] - E[x]², from sums in the accumulation dtype: the statistics pass is the
+            # squeeze's own.
+            var = (totals[c:2 * c] / count - mean * mean).clamp_min(0)
+        else:
+            mean, var, count = running_mean.to(acc), running_var.to(acc), None
+        rstd = torch.rsqrt(var + eps)
+        a, b = _affine(weight_a, bias_a, mean, rstd)
+        z = a * (sums / p) + b
+        g, saved, _ = form.forward(z, cast)
+        s = GATES[gate](g)
+        k = s if keep is None else s * keep.to(acc)[:, None]
+        out = ops["stream_map"](x, k * a, k * b, residual, out_activation)
+        stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
+        total = count if count is not None else mean.new_empty((0,))
+        ctx.mark_non_differentiable(stats, total)
+        ctx.save_for_backward(x, out if out_activation == OUT_RELU else None, keep, weight_a,
+                              bias_a, sums, z, g, mean, rstd, *cast, *saved)
+        ctx.static = (backend, static, len(cast), residual is not None,
+                      tuple(None if t is None else t.dtype for t in (weight, bias, *params)))
+        return out, stats, total
+
+    @staticmethod
+    def backward(ctx, grad_out, _dstats, _dtotal):
+        backend, static, n_params, has_residual, dtypes = ctx.static
+        batch_stats, eps, form, gate, out_activation, group = static
+        x, out, keep, weight_a, bias_a, sums, z, g, mean, rstd, *rest = ctx.saved_tensors
+        cast, saved = tuple(rest[:n_params]), tuple(rest[n_params:])
+        ops = dispatch.get_backend(backend).stream_ops(x.device.type)
+        acc = mean.dtype
+        n, c, h, w = x.shape
+        p = h * w
+        residual_grad = has_residual and ctx.needs_input_grad[3]
+        sdy, sdyx, _, dresidual = ops["stream_grad_reduce"](
+            grad_out, out, x, None, out_activation, True, residual_grad)
+        a, b = _affine(weight_a, bias_a, mean, rstd)
+        s = GATES[gate](g)
+        keep_a = None if keep is None else keep.to(acc)[:, None]
+        ds = a * sdyx + b * sdy  # Σ_p dy·u
+        if keep_a is not None:
+            ds = ds * keep_a
+        dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, ds), z, cast, saved)
+        k = s if keep_a is None else s * keep_a
+        e = dz / p                        # du = k·dy + e, per (n, c)
+        sdu = k * sdy + p * e             # Σ_p du
+        sdux = k * sdyx + e * sums        # Σ_p du·x
+        local = torch.cat([sdu.sum(0), sdux.sum(0)])
+        # dγ = Σ du·x̂ and dβ = Σ du from this process's batch, as SyncBatchNorm's are (DDP
+        # then averages them); the input's gradient needs the whole batch's.
+        dweight = rstd * (local[c:] - mean * local[:c]) if weight_a is not None else None
+        dbias = local[:c] if bias_a is not None else None
+        gamma = weight_a if weight_a is not None else torch.ones_like(mean)
+        if batch_stats:
+            totals = _all_reduce(torch.cat([local, local.new_full((1,), n * p)]), group)
+            count = totals[-1]
+            mean_du = totals[:c] / count
+            mean_duxhat = rstd * (totals[c:2 * c] / count - mean * mean_du)
+            dy_scale = gamma * rstd * k
+            x_scale = (-gamma * rstd * rstd * mean_duxhat).expand(n, c)
+            shift = gamma * rstd * (e - mean_du + rstd * mean * mean_duxhat)
+        else:
+            dy_scale, x_scale, shift = a * k, None, a * e
+        if dresidual.numel():  # the masked dy, written by the reduce pass
+            dx = ops["stream_grad_map"](dresidual, None, x, dy_scale, x_scale, shift, None, None, NONE)
+        else:
+            dresidual = grad_out
+            dx = ops["stream_grad_map"](grad_out, out, x, dy_scale, x_scale, shift, None, None,
+                                        out_activation)
+        grads = tuple(None if d is None else d.to(dtype)
+                      for d, dtype in zip((dweight, dbias, *grads), dtypes))
+        return (None, None, dx, dresidual if residual_grad else None, None, *grads[:2], None,
+                None, *grads[2:])
+
+
+def _run(backend: str, call: TailCall):
+    weight, bias, running_mean, running_var = call.norm
+    static = (call.batch_stats, call.eps, call.form, call.gate, call.out_activation, call.group)
+    out, stats, total = _TailFunction.apply(backend, static, call.x, call.residual, call.keep,
+                                            weight, bias, running_mean, running_var, *call.params)
+    return out, ((stats[0], stats[1], total) if stats.numel() else None)
+
+
+def torch_composition(call: TailCall):
+    """(out, stats) of `call` in PyTorch operations that autograd differentiates: the torch
+    backend's, and what ONNX export emits (BatchNormalization in eval)."""
+    acc = accumulate_dtype(call.x.dtype)
+    x = call.x.to(acc)
+    weight, bias, running_mean, running_var = (None if t is None else t.to(acc) for t in call.norm)
+    stats = None
+    if call.batch_stats:
+        n, c, h, w = x.shape
+        totals = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), x.new_full((1,), n * h * w)])
+        if call.group is not None:  # autograd through the all-reduce: the functional one
+            totals = torch.distributed.nn.functional.all_reduce(totals, group=call.group)
+        count = totals[-1]
+        mean = totals[:c] / count
+        var = (totals[c:2 * c] / count - mean * mean).clamp_min(0)
+        rstd = torch.rsqrt(var + call.eps)
+        u = (x - mean[:, None, None]) * rstd[:, None, None]
+        if weight is not None:
+            u = u * weight[:, None, None]
+        if bias is not None:
+            u = u + bias[:, None, None]
+        stats = (mean.detach(), var.detach(), count.detach())
+    else:
+        u = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, call.eps)
+    g, _, _ = call.form.forward(u.mean((2, 3)), tuple(None if t is None else t.to(acc)
+                                                      for t in call.params))
+    s = GATES[call.gate](g)
+    if call.keep is not None:
+        s = s * call.keep.to(acc)[:, None]
+    y = u * s[:, :, None, None]
+    if call.residual is not None:
+        y = y + call.residual.to(acc)
+    out_activation = OUT_ACTIVATIONS[call.out_activation]
+    if out_activation is not None:
+        y = out_activation(y)
+    return y.to(call.x.dtype), stats
+
+
+def block_tail(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=None, keep=None,
+               out_activation="relu", group=None, backend="auto"):
+    """(out, stats): out = out_activation(gate(form(mean(u))) · u · keep + residual) with
+    u = batch_norm(x) (batch statistics when `batch_stats`, else the running ones in `norm`);
+    stats is (batch mean, biased batch variance, count) for updating the running statistics
+    (update_running_stats), or None."""
+    call = make_call(x, norm, form, params, gate=gate, batch_stats=batch_stats, eps=eps,
+                     residual=residual, keep=keep, out_activation=out_activation, group=group)
+    return dispatch.select(call, backend).run_staged(call)
