@@ -41,6 +41,15 @@ void check_stat(const at::Tensor& t, const char* name, at::IntArrayRef expected,
               x.device(), " (as saved by se_forward), got ", t.scalar_type(), " on ", t.device());
 }
 
+// x's dtype and sizes, after its rank (both contracts word the rank differently).
+void check_x_dtype_and_sizes(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "se_kernels: x must be float16, bfloat16, float32 or float64, got ", t);
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1,
+              "se_kernels: x must have C, H and W >= 1, got shape ", x.sizes());
+}
+
 }  // namespace
 
 Options parse_options(c10::string_view activation, c10::string_view gate, c10::string_view pool,
@@ -48,6 +57,10 @@ Options parse_options(c10::string_view activation, c10::string_view gate, c10::s
   return Options{parse_choice("activation", activation, kActivationNames),
                  parse_choice("gate", gate, kGateNames), parse_choice("pool", pool, kPoolNames),
                  parse_choice("out_activation", out_activation, kOutActivationNames)};
+}
+
+OutActivation parse_out_activation(c10::string_view out_activation) {
+  return parse_choice("out_activation", out_activation, kOutActivationNames);
 }
 
 at::ScalarType accumulate_type(at::ScalarType t) {
@@ -59,12 +72,8 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& w1,
                         const std::optional<at::Tensor>& b2,
                         const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 4, "se_kernels: x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
-  const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-              "se_kernels: x must be float16, bfloat16, float32 or float64, got ", t);
+  check_x_dtype_and_sizes(x);
   const int64_t C = x.size(1);
-  TORCH_CHECK(C >= 1 && x.size(2) >= 1 && x.size(3) >= 1,
-              "se_kernels: x must have C, H and W >= 1, got shape ", x.sizes());
   TORCH_CHECK(w1.dim() == 2 && w1.size(0) >= 1,
               "se_kernels: w1 must be 2-D [squeeze_channels >= 1, C], got shape ", w1.sizes());
   const int64_t S = w1.size(0);
@@ -172,6 +181,140 @@ BackwardTensors prepare_backward(const at::Tensor& grad_out, const at::Tensor& x
   t.dresidual = t.opt.out_relu() && residual_grad
                     ? at::empty(x.sizes(), x.options().memory_format(fmt))
                     : at::empty({0}, x.options());
+  return t;
+}
+
+// ---- the stream ops ----------------------------------------------------------------
+
+namespace {
+
+void check_stream_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "se_kernels: x must be a 4-D tensor [N, C, H, W], got ", x.sizes());
+  check_x_dtype_and_sizes(x);
+}
+
+// t is [shape], of `dtype`, on x's device (_stream_ops._check_like).
+void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& x,
+                at::ScalarType dtype) {
+  check_shape(t, name, shape);
+  TORCH_CHECK(t.scalar_type() == dtype, "se_kernels: ", name, " must have dtype ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "se_kernels: ", name, " must be on device ", x.device(),
+              " like x, got ", t.device());
+}
+void check_x_sized(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
+  if (t) check_like(*t, name, x.sizes(), x, x.scalar_type());
+}
+void check_vector(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
+  if (t) check_like(*t, name, {x.size(0), x.size(1)}, x, accumulate_type(x.scalar_type()));
+}
+// The output activation, with `out` given when it is a ReLU (_stream_ops._check_out).
+bool stream_relu(const std::optional<at::Tensor>& out, c10::string_view out_activation) {
+  const bool relu = parse_out_activation(out_activation) == OutActivation::ReLU;
+  TORCH_CHECK(!relu || out.has_value(),
+              "se_kernels: out is required when out_activation is 'relu'");
+  return relu;
+}
+
+// An [N, C] output in the accumulation dtype, or [0] when not wanted.
+at::Tensor stream_vector(const at::Tensor& x, bool wanted) {
+  const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
+  return wanted ? at::empty({x.size(0), x.size(1)}, acc) : at::empty({0}, acc);
+}
+at::Tensor stream_x_sized(const at::Tensor& x, const Geometry& geo) {
+  return at::empty(x.sizes(), x.options().memory_format(geo.memory_format()));
+}
+
+// The x-sized inputs of a backward stream op checked, with out_activation, and made dense in
+// the kernels' layout (out only under an output ReLU).
+template <typename Tensors>
+void prepare_grad_inputs(Tensors& t, const at::Tensor& grad_out,
+                         const std::optional<at::Tensor>& out, const at::Tensor& x,
+                         c10::string_view out_activation) {
+  check_stream_x(x);
+  check_x_sized(grad_out, "grad_out", x);
+  check_x_sized(out, "out", x);
+  const bool relu = stream_relu(out, out_activation);
+  t.geo = geometry_of(x);
+  const auto fmt = t.geo.memory_format();
+  t.grad_out = grad_out.contiguous(fmt);
+  t.out = relu ? out->contiguous(fmt) : at::Tensor();
+  t.x = x.contiguous(fmt);
+}
+
+}  // namespace
+
+StreamReduceTensors prepare_stream_reduce(const at::Tensor& x, bool squares, bool maxima,
+                                          bool minima) {
+  check_stream_x(x);
+  StreamReduceTensors t;
+  t.geo = geometry_of(x);
+  t.x = x.contiguous(t.geo.memory_format());
+  t.sum = stream_vector(x, true);
+  t.sumsq = stream_vector(x, squares);
+  t.max = stream_vector(x, maxima);
+  t.min = stream_vector(x, minima);
+  return t;
+}
+
+StreamMapTensors prepare_stream_map(const at::Tensor& x, const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& shift,
+                                    const std::optional<at::Tensor>& residual,
+                                    c10::string_view out_activation) {
+  check_stream_x(x);
+  check_vector(scale, "scale", x);
+  check_vector(shift, "shift", x);
+  check_x_sized(residual, "residual", x);
+  StreamMapTensors t;
+  t.relu = parse_out_activation(out_activation) == OutActivation::ReLU;
+  t.geo = geometry_of(x);
+  const auto fmt = t.geo.memory_format();
+  t.x = x.contiguous(fmt);
+  t.scale = scale.contiguous();
+  t.shift = dense(shift);
+  t.residual = dense(residual, fmt);
+  t.out = stream_x_sized(x, t.geo);
+  return t;
+}
+
+StreamGradReduceTensors prepare_stream_grad_reduce(const at::Tensor& grad_out,
+                                                   const std::optional<at::Tensor>& out,
+                                                   const at::Tensor& x,
+                                                   const std::optional<at::Tensor>& peak,
+                                                   c10::string_view out_activation, bool sum_dy,
+                                                   bool residual_grad) {
+  StreamGradReduceTensors t;
+  prepare_grad_inputs(t, grad_out, out, x, out_activation);
+  check_vector(peak, "peak", x);
+  t.peak = dense(peak);
+  t.sdy = stream_vector(x, sum_dy);
+  t.sdyx = stream_vector(x, true);
+  t.count = stream_vector(x, peak.has_value());
+  t.dresidual = t.out.defined() && residual_grad ? stream_x_sized(x, t.geo)
+                                                 : at::empty({0}, x.options());
+  return t;
+}
+
+StreamGradMapTensors prepare_stream_grad_map(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& out, const at::Tensor& x,
+    const at::Tensor& dy_scale, const std::optional<at::Tensor>& x_scale,
+    const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& peak,
+    const std::optional<at::Tensor>& peak_shift, c10::string_view out_activation) {
+  StreamGradMapTensors t;
+  prepare_grad_inputs(t, grad_out, out, x, out_activation);
+  check_vector(dy_scale, "dy_scale", x);
+  check_vector(x_scale, "x_scale", x);
+  check_vector(shift, "shift", x);
+  check_vector(peak, "peak", x);
+  check_vector(peak_shift, "peak_shift", x);
+  TORCH_CHECK(peak.has_value() == peak_shift.has_value(),
+              "se_kernels: peak and peak_shift must be given together");
+  t.dy_scale = dy_scale.contiguous();
+  t.x_scale = dense(x_scale);
+  t.shift = dense(shift);
+  t.peak = dense(peak);
+  t.peak_shift = dense(peak_shift);
+  t.dx = stream_x_sized(x, t.geo);
   return t;
 }
 

@@ -38,6 +38,9 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
                          const at::Tensor& w2, const at::Tensor& z, const at::Tensor& zmax,
                          const at::Tensor& a, const at::Tensor& g, const Options& opt);
 
+// The out_activation named by the stream ops' string argument (as parse_options).
+OutActivation parse_out_activation(c10::string_view out_activation);
+
 // Kernels walk x in one of two dense layouts: NCHW (rows of H*W per channel) or
 // channels-last (rows of C per pixel). Anything else is copied to NCHW first.
 // A tensor that is dense in both (C == 1 or H*W == 1) is walked as NCHW.
@@ -88,5 +91,52 @@ BackwardTensors prepare_backward(const at::Tensor& grad_out, const at::Tensor& x
                                  c10::string_view activation, c10::string_view gate,
                                  c10::string_view pool, c10::string_view out_activation,
                                  bool residual_grad);
+
+// The stream ops (se_kernels/_stream_ops.py, whose check_* these mirror), as prepare_forward:
+// arguments checked, x-sized inputs dense in the kernels' layout and [N, C] vectors contiguous
+// (undefined where absent; `out` only under an output ReLU), outputs allocated: x-sized ones
+// in x's dtype and the kernels' layout, [N, C] ones in the accumulation dtype, [0] where not
+// asked for.
+struct StreamReduceTensors {
+  Geometry geo;
+  at::Tensor x;
+  at::Tensor sum, sumsq, max, min;
+};
+StreamReduceTensors prepare_stream_reduce(const at::Tensor& x, bool squares, bool maxima,
+                                          bool minima);
+
+struct StreamMapTensors {
+  Geometry geo;
+  bool relu;
+  at::Tensor x, scale, shift, residual;
+  at::Tensor out;
+};
+StreamMapTensors prepare_stream_map(const at::Tensor& x, const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& shift,
+                                    const std::optional<at::Tensor>& residual,
+                                    c10::string_view out_activation);
+
+struct StreamGradReduceTensors {
+  Geometry geo;
+  at::Tensor grad_out, out, x, peak;
+  at::Tensor sdy, sdyx, count, dresidual;
+};
+StreamGradReduceTensors prepare_stream_grad_reduce(const at::Tensor& grad_out,
+                                                   const std::optional<at::Tensor>& out,
+                                                   const at::Tensor& x,
+                                                   const std::optional<at::Tensor>& peak,
+                                                   c10::string_view out_activation, bool sum_dy,
+                                                   bool residual_grad);
+
+struct StreamGradMapTensors {
+  Geometry geo;
+  at::Tensor grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift;
+  at::Tensor dx;
+};
+StreamGradMapTensors prepare_stream_grad_map(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& out, const at::Tensor& x,
+    const at::Tensor& dy_scale, const std::optional<at::Tensor>& x_scale,
+    const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& peak,
+    const std::optional<at::Tensor>& peak_shift, c10::string_view out_activation);
 
 }  // namespace se_kernels

@@ -34,9 +34,7 @@ struct GradTerms {
   Gate gate_kind;
 
   template <int W>
-  struct Loaded {
-    Pack<T, W> dy, x, out;
-  };
+  using Loaded = GradPacks<T, W>;
   __device__ static A init(int) { return A(0); }
   __device__ static A combine(int, A a, A b) { return a + b; }
   template <int AW>
@@ -46,11 +44,7 @@ struct GradTerms {
   }
   template <int W>
   __device__ Loaded<W> load(int64_t off) const {
-    Loaded<W> e;
-    e.dy = load_pack<W>(grad_out + off);
-    e.x = load_pack<W>(x + off);
-    if (out != nullptr) e.out = load_pack<W>(out + off);
-    return e;
+    return load_grad_packs<W>(grad_out, x, out, off);
   }
   template <int W, int AW>
   __device__ void fold(int64_t off, A (&acc)[kQ][AW], const Loaded<W>& e,

@@ -1,5 +1,6 @@
 // The "cuda" backend's kernels for the se_kernels ops: argument checks, layouts and memory
-// from torch, kernels from the torch-free se_forward.cu / se_backward.cu (see se_cuda.h).
+// from torch, kernels from the torch-free se_forward.cu / se_backward.cu (see se_cuda.h) and,
+// for the stream ops, se_stream.cu (se_stream.h).
 //
 // Every launch runs on the current stream of x's device; scratch comes from the torch
 // caching allocator; nothing waits on the device. That makes the ops safe under CUDA-graph
@@ -12,33 +13,17 @@
 
 #include "../se_common.h"
 #include "se_cuda.h"
+#include "se_cuda_tensors.h"
 
 namespace se_kernels {
 namespace {
-
-cuda::DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return cuda::DType::Half;
-    case at::kBFloat16: return cuda::DType::BFloat16;
-    case at::kFloat: return cuda::DType::Float;
-    case at::kDouble: return cuda::DType::Double;
-    default: break;
-  }
-  TORCH_CHECK(false, "se_kernels: unsupported dtype ", t);  // check_forward_args ruled it out
-}
-
-cuda::Problem make_problem(const at::Tensor& x, const Geometry& geo, int64_t S, const Options& opt) {
-  return cuda::Problem{cuda_dtype(x.scalar_type()), geo.N, geo.C, geo.P, S, geo.channels_last,
-                       opt};
-}
 
 void check_on_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "se_kernels: the cuda kernels need x on a CUDA device, got ",
               x.device());
 }
 
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-void* mutable_data_or_null(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 ForwardResult se_forward_cuda(const at::Tensor& x, const at::Tensor& w1,
                               const std::optional<at::Tensor>& b1, const at::Tensor& w2,
@@ -67,7 +52,7 @@ ForwardResult se_forward_cuda(const at::Tensor& x, const at::Tensor& w1,
   const cuda::Plan plan = cuda::plan_forward(make_problem(t.x, t.geo, t.S, t.opt), args);
   at::Tensor workspace = at::empty({plan.workspace_elems}, t.z.options());
   args.workspace = workspace.mutable_data_ptr();
-  cuda::launch_forward(plan, args, c10::cuda::getCurrentCUDAStream().stream());
+  cuda::launch_forward(plan, args, current_stream());
   return {t.out, t.z, t.zmax, t.a, t.g};
 }
 
@@ -108,8 +93,72 @@ BackwardResult se_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   const cuda::Plan plan = cuda::plan_backward(make_problem(t.x, t.geo, S, t.opt), args);
   at::Tensor workspace = at::empty({plan.workspace_elems}, t.z.options());
   args.workspace = mutable_data_or_null(workspace);
-  cuda::launch_backward(plan, args, c10::cuda::getCurrentCUDAStream().stream());
+  cuda::launch_backward(plan, args, current_stream());
   return {t.dx, dw1, db1, dw2, db2, t.dresidual};
+}
+
+// A prepared stream op on x's device and current stream, its scratch from the caching
+// allocator (freed on return, once the kernels that use it are enqueued on that stream).
+template <typename Tensors>
+void run_stream_cuda(Tensors& t) {
+  at::Tensor scratch;
+  const auto acc = t.x.options().dtype(accumulate_type(t.x.scalar_type()));
+  run_stream(
+      t,
+      [&](int64_t elems) {
+        scratch = at::empty({elems}, acc);
+        return scratch.mutable_data_ptr();
+      },
+      current_stream());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_reduce_cuda(const at::Tensor& x,
+                                                                              bool squares,
+                                                                              bool maxima,
+                                                                              bool minima) {
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  StreamReduceTensors t = prepare_stream_reduce(x, squares, maxima, minima);
+  run_stream_cuda(t);
+  return {t.sum, t.sumsq, t.max, t.min};
+}
+
+at::Tensor stream_map_cuda(const at::Tensor& x, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& shift,
+                           const std::optional<at::Tensor>& residual,
+                           c10::string_view out_activation) {
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  StreamMapTensors t = prepare_stream_map(x, scale, shift, residual, out_activation);
+  run_stream_cuda(t);
+  return t.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_grad_reduce_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& out, const at::Tensor& x,
+    const std::optional<at::Tensor>& peak, c10::string_view out_activation, bool sum_dy,
+    bool residual_grad) {
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  StreamGradReduceTensors t = prepare_stream_grad_reduce(grad_out, out, x, peak, out_activation,
+                                                         sum_dy, residual_grad);
+  run_stream_cuda(t);
+  return {t.sdy, t.sdyx, t.count, t.dresidual};
+}
+
+at::Tensor stream_grad_map_cuda(const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
+                                const at::Tensor& x, const at::Tensor& dy_scale,
+                                const std::optional<at::Tensor>& x_scale,
+                                const std::optional<at::Tensor>& shift,
+                                const std::optional<at::Tensor>& peak,
+                                const std::optional<at::Tensor>& peak_shift,
+                                c10::string_view out_activation) {
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  StreamGradMapTensors t = prepare_stream_grad_map(grad_out, out, x, dy_scale, x_scale, shift,
+                                                   peak, peak_shift, out_activation);
+  run_stream_cuda(t);
+  return t.dx;
 }
 
 }  // namespace
@@ -117,6 +166,10 @@ BackwardResult se_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
 TORCH_LIBRARY_IMPL(se_kernels, CUDA, m) {
   m.impl("se_forward", &se_forward_cuda);
   m.impl("se_backward", &se_backward_cuda);
+  m.impl("stream_reduce", &stream_reduce_cuda);
+  m.impl("stream_map", &stream_map_cuda);
+  m.impl("stream_grad_reduce", &stream_grad_reduce_cuda);
+  m.impl("stream_grad_map", &stream_grad_map_cuda);
 }
 
 }  // namespace se_kernels

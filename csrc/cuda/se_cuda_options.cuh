@@ -21,6 +21,10 @@ __device__ __forceinline__ A nan_max(A a, A b) {  // torch.amax propagates NaN
   return (a > b || isnan(a)) ? a : b;
 }
 template <typename A>
+__device__ __forceinline__ A nan_min(A a, A b) {  // torch.amin propagates NaN
+  return (a < b || isnan(a)) ? a : b;
+}
+template <typename A>
 __device__ __forceinline__ A sigmoid_(A v) { return A(1) / (A(1) + exp_(-v)); }
 template <typename A>
 __device__ __forceinline__ A gelu_cdf(A a) { return A(0.5) * (A(1) + erf_(a * A(kSqrtHalf))); }

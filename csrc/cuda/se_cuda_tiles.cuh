@@ -1,4 +1,5 @@
-// The streaming tiles of the two passes, shared by se_forward.cu and se_backward.cu.
+// The streaming tiles of the two passes, shared by se_forward.cu, se_backward.cu and the
+// stream ops' se_stream.cu, and the element bodies several of their passes share.
 //
 // Both directions make two passes over x-sized tensors with an O(N*C*S) MLP between them:
 //   reduce pass: per (n, c), fold Terms over the spatial positions (pool; sum dy*x)
@@ -342,6 +343,71 @@ __device__ __forceinline__ void map_tile(const Op& op, const PassTiling& plan, i
     if (plan.width == kW) map_cl_tile<Op, kW>(op, plan, n, C, P, block);
     else map_cl_tile<Op, 1>(op, plan, n, C, P, block);
   }
+}
+
+// ---- element bodies that several passes share ---------------------------------------
+
+// out = out_act(s * x + shift + residual): the forward's map (s from the MLP stage, written
+// in the same launch when pipelined) and the stream map (kShift: with a per-channel shift).
+template <typename T, bool kShift = false>
+struct ScaleOp {
+  using A = acc_t<T>;
+  static constexpr int kChan = kShift ? 2 : 1;
+  const T* x;
+  const T* residual;  // optional
+  T* out;
+  const A* s;
+  bool relu;
+  const A* shift = nullptr;  // with kShift
+
+  template <int W>
+  struct Loaded {
+    Pack<T, W> x, r;
+  };
+  template <int AW>
+  __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
+#pragma unroll
+    for (int i = 0; i < AW; ++i) {
+      cv[0][i] = ld_fresh(s + nc + i);
+      if constexpr (kShift) cv[1][i] = shift[nc + i];
+    }
+  }
+  template <int W>
+  __device__ Loaded<W> load(int64_t off) const {
+    Loaded<W> e;
+    e.x = load_pack<W>(x + off);
+    if (residual != nullptr) e.r = load_pack<W>(residual + off);
+    return e;
+  }
+  template <int W, int AW>
+  __device__ void store(int64_t off, const Loaded<W>& e, const A (&cv)[kChan][AW]) const {
+    Pack<T, W> o;
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      A y = to_acc(e.x.v[i]) * cv[0][AW == 1 ? 0 : i];
+      if constexpr (kShift) y += cv[1][AW == 1 ? 0 : i];
+      if (residual != nullptr) y += to_acc(e.r.v[i]);
+      if (relu && y < A(0)) y = A(0);  // NaN stays NaN, as torch.relu
+      o.v[i] = from_acc<T>(y);
+    }
+    store_pack<W>(out + off, o);
+  }
+};
+
+// What a backward reduce pass reads at `off`: grad_out, x and, under an output ReLU (`out`
+// set), out.
+template <typename T, int W>
+struct GradPacks {
+  Pack<T, W> dy, x, out;
+};
+template <int W, typename T>
+__device__ __forceinline__ GradPacks<T, W> load_grad_packs(const T* grad_out, const T* x,
+                                                           const T* out, int64_t off) {
+  GradPacks<T, W> e;
+  e.dy = load_pack<W>(grad_out + off);
+  e.x = load_pack<W>(x + off);
+  if (out != nullptr) e.out = load_pack<W>(out + off);
+  return e;
 }
 
 }  // namespace detail

@@ -78,47 +78,6 @@ struct PoolTerms {
   }
 };
 
-// out = out_act(s * x + residual).
-template <typename T>
-struct ScaleOp {
-  using A = acc_t<T>;
-  static constexpr int kChan = 1;
-  const T* x;
-  const T* residual;  // optional
-  T* out;
-  const A* s;
-  bool relu;
-
-  template <int W>
-  struct Loaded {
-    Pack<T, W> x, r;
-  };
-  template <int AW>
-  __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
-#pragma unroll
-    for (int i = 0; i < AW; ++i) cv[0][i] = ld_fresh(s + nc + i);
-  }
-  template <int W>
-  __device__ Loaded<W> load(int64_t off) const {
-    Loaded<W> e;
-    e.x = load_pack<W>(x + off);
-    if (residual != nullptr) e.r = load_pack<W>(residual + off);
-    return e;
-  }
-  template <int W, int AW>
-  __device__ void store(int64_t off, const Loaded<W>& e, const A (&cv)[kChan][AW]) const {
-    Pack<T, W> o;
-#pragma unroll
-    for (int i = 0; i < W; ++i) {
-      A y = to_acc(e.x.v[i]) * cv[0][AW == 1 ? 0 : i];
-      if (residual != nullptr) y += to_acc(e.r.v[i]);
-      if (relu && y < A(0)) y = A(0);  // NaN stays NaN, as torch.relu
-      o.v[i] = from_acc<T>(y);
-    }
-    store_pack<W>(out + off, o);
-  }
-};
-
 // a = sum + b1, h = act(a)
 template <typename T>
 struct HiddenEpilogue {

@@ -9,6 +9,7 @@ TORCH_EXTENSIONS_DIR (torch's own cache when unset); ninja recompiles what a cha
 source or header touches:
 
     se_kernels   binding/: csrc/cuda's kernels on the emulator, torch.ops.se_kernels_emu
+                 (with csrc/se_common.cpp, the stream ops' argument checks)
     checks       planted_bugs.cpp: a kernel per check and its twin, torch.ops.cuda_emulator
 
 Both need the CUDA toolkit's headers, not nvcc or a GPU: from CUDA_HOME or CUDA_PATH, else
@@ -44,8 +45,10 @@ CFLAGS = ("-O1", "-Wno-attributes", "-Wno-unknown-pragmas", "-Werror=switch",
           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
           "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__")
 
-SE_KERNELS_SOURCES = tuple(HERE / "binding" / name for name in
-                           ("emulated_forward.cpp", "emulated_backward.cpp", "emulated_ops.cpp"))
+SE_KERNELS_SOURCES = (*(HERE / "binding" / name for name in
+                        ("emulated_forward.cpp", "emulated_backward.cpp", "emulated_ops.cpp",
+                         "emulated_stream.cpp", "emulated_stream_ops.cpp")),
+                      ROOT / "csrc" / "se_common.cpp")  # the stream ops' checks and tensors
 CHECKS_SOURCES = (HERE / "planted_bugs.cpp",)
 
 
@@ -89,10 +92,27 @@ def load_or_skip(loader):
         pytest.skip(str(error))
 
 
+_stream_library = None  # the stream ops' schemas in se_kernels_emu, defined once
+
+
+def _define_stream_ops() -> None:
+    """se_kernels_emu's stream ops take the schemas of se_kernels' (se_kernels/_stream_ops.py);
+    the binding registers their CPU kernels."""
+    global _stream_library
+    if _stream_library is None:
+        from se_kernels._stream_ops import SCHEMAS
+
+        library = torch.library.Library("se_kernels_emu", "FRAGMENT")  # noqa: TOR901 - kept
+        for name, schema in SCHEMAS.items():
+            library.define(name + schema)
+        _stream_library = library
+
+
 def load_se_kernels(verbose: bool = False):
     """torch.ops.se_kernels_emu: csrc/cuda's plans and kernels on the emulator, set to the
     emulated device."""
     build("se_kernels_cuda_emulator", SE_KERNELS_SOURCES, verbose=verbose)
+    _define_stream_ops()
     ops = torch.ops.se_kernels_emu
     ops.set_device(*EMULATED_DEVICE)
     return ops

@@ -1,0 +1,282 @@
+// The stream ops' kernels (se_stream.h): the four passes of the staged path as Terms and Ops
+// on the streaming tiles of se_cuda_tiles.cuh (the map pass is the forward's ScaleOp, with
+// a shift when given), each launched over the whole batch by the grouped schedule's kernels:
+// a reduce kernel, plus the combine kernel when the plan splits rows into pieces, or a map
+// kernel.
+// Every value is computed in the accumulation dtype in _stream_ops.reference's order and
+// rounded once; masks multiply, as there, so an infinite or NaN coefficient under a false
+// mask gives NaN just as the reference does.
+#include "se_cuda_schedules.cuh"
+#include "se_stream.h"
+
+namespace se_kernels::cuda {
+namespace detail {
+namespace {
+
+// An optional [N, C] input's values for channels nc, nc + 1, ... (0 where it is absent).
+template <int AW, typename A>
+__device__ __forceinline__ void channel_values(const A* v, int64_t nc, A (&out)[AW]) {
+#pragma unroll
+  for (int i = 0; i < AW; ++i) out[i] = v != nullptr ? v[nc + i] : A(0);
+}
+
+// [0] = Σ x, [1] = Σ x², [2] = max, [3] = min (NaN propagates through both).
+template <typename T>
+struct ReduceTerms {
+  using A = acc_t<T>;
+  static constexpr int kQ = 4, kChan = 1;
+  const T* x;
+  A* sum;
+  A* sumsq;  // nullptr: not asked for (likewise max and min)
+  A* max;
+  A* min;
+
+  __device__ static A init(int q) { return q == 2 ? -A(INFINITY) : q == 3 ? A(INFINITY) : A(0); }
+  __device__ static A combine(int q, A a, A b) {
+    return q == 2 ? nan_max(a, b) : q == 3 ? nan_min(a, b) : a + b;
+  }
+  template <int AW>
+  __device__ void channel(int64_t, A (&cv)[kChan][AW]) const {
+#pragma unroll
+    for (int i = 0; i < AW; ++i) cv[0][i] = A(0);  // the pass reads no per-channel values
+  }
+  template <int W>
+  __device__ Pack<T, W> load(int64_t off) const { return load_pack<W>(x + off); }
+  template <int W, int AW>
+  __device__ void fold(int64_t, A (&acc)[kQ][AW], const Pack<T, W>& e,
+                       const A (&)[kChan][AW]) const {
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const A v = to_acc(e.v[i]);
+      const int j = AW == 1 ? 0 : i;
+      acc[0][j] += v;
+      acc[1][j] += v * v;
+      acc[2][j] = nan_max(acc[2][j], v);
+      acc[3][j] = nan_min(acc[3][j], v);
+    }
+  }
+  __device__ void finalize(int64_t nc, const A (&v)[kQ]) const {
+    sum[nc] = v[0];
+    if (sumsq != nullptr) sumsq[nc] = v[1];
+    if (max != nullptr) max[nc] = v[2];
+    if (min != nullptr) min[nc] = v[3];
+  }
+};
+
+// Element i of a loaded dy: grad_out, times [out > 0] under an output ReLU (`out` set).
+template <typename T, typename Loaded>
+__device__ __forceinline__ acc_t<T> masked_dy(const Loaded& e, int i, const T* out) {
+  using A = acc_t<T>;
+  A dy = to_acc(e.dy.v[i]);
+  if (out != nullptr) dy *= A(to_acc(e.out.v[i]) > A(0));
+  return dy;
+}
+
+// [0] = Σ dy, [1] = Σ dy·x, [2] = #{x == peak}; writes dresidual = dy when asked.
+template <typename T>
+struct GradReduceTerms {
+  using A = acc_t<T>;
+  static constexpr int kQ = 3, kChan = 1;  // peak
+  const T* grad_out;
+  const T* out;   // nullptr: no output ReLU
+  const T* x;
+  const A* peak;  // nullptr: nothing to count
+  T* dresidual;   // optional
+  A* sdy;         // optional
+  A* sdyx;
+  A* count;       // with peak
+
+  template <int W>
+  using Loaded = GradPacks<T, W>;
+  __device__ static A init(int) { return A(0); }
+  __device__ static A combine(int, A a, A b) { return a + b; }
+  template <int AW>
+  __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
+    channel_values<AW>(peak, nc, cv[0]);
+  }
+  template <int W>
+  __device__ Loaded<W> load(int64_t off) const {
+    return load_grad_packs<W>(grad_out, x, out, off);
+  }
+  template <int W, int AW>
+  __device__ void fold(int64_t off, A (&acc)[kQ][AW], const Loaded<W>& e,
+                       const A (&cv)[kChan][AW]) const {
+    Pack<T, W> masked;
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const int j = AW == 1 ? 0 : i;
+      const A dy = masked_dy(e, i, out);
+      const A xv = to_acc(e.x.v[i]);
+      masked.v[i] = from_acc<T>(dy);
+      acc[0][j] += dy;
+      acc[1][j] += dy * xv;
+      if (peak != nullptr && xv == cv[0][j]) acc[2][j] += A(1);
+    }
+    if (dresidual != nullptr) store_pack<W>(dresidual + off, masked);
+  }
+  __device__ void finalize(int64_t nc, const A (&v)[kQ]) const {
+    if (sdy != nullptr) sdy[nc] = v[0];
+    sdyx[nc] = v[1];
+    if (count != nullptr) count[nc] = v[2];
+  }
+};
+
+// dx = dy_scale * dy + x_scale * x + shift + [x == peak] * peak_shift.
+template <typename T>
+struct GradMapOp {
+  using A = acc_t<T>;
+  static constexpr int kChan = 5;  // dy_scale, x_scale, shift, peak, peak_shift
+  const T* grad_out;
+  const T* out;  // nullptr: no output ReLU
+  const T* x;    // read only with x_scale or peak
+  T* dx;
+  const A* dy_scale;
+  const A* x_scale;     // optional
+  const A* shift;       // optional
+  const A* peak;        // optional, with peak_shift
+  const A* peak_shift;
+
+  template <int W>
+  struct Loaded {
+    Pack<T, W> dy, out, x;
+  };
+  template <int AW>
+  __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
+    channel_values<AW>(dy_scale, nc, cv[0]);
+    channel_values<AW>(x_scale, nc, cv[1]);
+    channel_values<AW>(shift, nc, cv[2]);
+    channel_values<AW>(peak, nc, cv[3]);
+    channel_values<AW>(peak_shift, nc, cv[4]);
+  }
+  template <int W>
+  __device__ Loaded<W> load(int64_t off) const {
+    Loaded<W> e;
+    e.dy = load_pack<W>(grad_out + off);
+    if (out != nullptr) e.out = load_pack<W>(out + off);
+    if (x_scale != nullptr || peak != nullptr) e.x = load_pack<W>(x + off);
+    return e;
+  }
+  template <int W, int AW>
+  __device__ void store(int64_t off, const Loaded<W>& e, const A (&cv)[kChan][AW]) const {
+    Pack<T, W> d;
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const int j = AW == 1 ? 0 : i;
+      A v = cv[0][j] * masked_dy(e, i, out);
+      if (x_scale != nullptr) v += cv[1][j] * to_acc(e.x.v[i]);
+      if (shift != nullptr) v += cv[2][j];
+      if (peak != nullptr) v += A(to_acc(e.x.v[i]) == cv[3][j]) * cv[4][j];
+      d.v[i] = from_acc<T>(v);
+    }
+    store_pack<W>(dx + off, d);
+  }
+};
+
+// The tiles of a pass over the whole batch whose x-sized tensors start at `tensors`, and the
+// scratch of a reduce pass of kQ quantities (0 for a map pass) when its rows are split.
+template <int kQ>
+StreamPlan plan_pass(const Problem& pb, std::initializer_list<const void*> tensors) {
+  StreamPlan plan{pb, {}, 0};
+  if (pb.N == 0) return plan;
+  int width = 1;
+  dispatch_dtype(pb.dtype, [&](auto tag) {
+    width = pass_width<decltype(tag)>(pb.channels_last ? pb.C : pb.P, pb.channels_last, tensors);
+  });
+  plan.pass = tile_pass(pb, pb.N, width, current_device_info().sm_count);
+  if (plan.pass.pieces > 1) plan.workspace_elems = kQ * plan.pass.pieces * pb.N * pb.C;
+  return plan;
+}
+
+template <typename T, typename Terms>
+void reduce_pass(const StreamPlan& plan, const Terms& terms, void* workspace, cudaStream_t stream) {
+  const Problem& pb = plan.problem;
+  if (pb.N == 0) return;
+  auto* partial = static_cast<acc_t<T>*>(workspace);
+  workspace_region("partial", partial, plan.workspace_elems * int64_t(sizeof(acc_t<T>)));
+  run_reduce<T>(terms, plan.pass, 0, pb.N, pb.C, pb.P, partial, stream);
+}
+
+template <typename T, typename Op>
+void map_pass(const StreamPlan& plan, const Op& op, cudaStream_t stream) {
+  const Problem& pb = plan.problem;
+  if (pb.N > 0) run_map<T>(op, plan.pass, 0, pb.N, pb.C, pb.P, stream);
+}
+
+}  // namespace
+}  // namespace detail
+
+StreamPlan plan_stream(const Problem& problem, const StreamReduceArgs& args) {
+  return detail::plan_pass<detail::ReduceTerms<float>::kQ>(problem, {args.x});
+}
+
+void launch_stream(const StreamPlan& plan, const StreamReduceArgs& args, cudaStream_t stream) {
+  detail::dispatch_dtype(plan.problem.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = detail::acc_t<T>;
+    const detail::ReduceTerms<T> terms{static_cast<const T*>(args.x), static_cast<A*>(args.sum),
+                                       static_cast<A*>(args.sumsq), static_cast<A*>(args.max),
+                                       static_cast<A*>(args.min)};
+    detail::reduce_pass<T>(plan, terms, args.workspace, stream);
+  });
+}
+
+StreamPlan plan_stream(const Problem& problem, const StreamMapArgs& args) {
+  return detail::plan_pass<0>(problem, {args.x, args.residual, args.out});
+}
+
+void launch_stream(const StreamPlan& plan, const StreamMapArgs& args, cudaStream_t stream) {
+  detail::dispatch_dtype(plan.problem.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = detail::acc_t<T>;
+    const auto* x = static_cast<const T*>(args.x);
+    const auto* residual = static_cast<const T*>(args.residual);
+    auto* out = static_cast<T*>(args.out);
+    const auto* scale = static_cast<const A*>(args.scale);
+    if (args.shift != nullptr)
+      detail::map_pass<T>(plan, detail::ScaleOp<T, true>{x, residual, out, scale, args.relu,
+                                                         static_cast<const A*>(args.shift)},
+                          stream);
+    else
+      detail::map_pass<T>(plan, detail::ScaleOp<T>{x, residual, out, scale, args.relu}, stream);
+  });
+}
+
+StreamPlan plan_stream(const Problem& problem, const StreamGradReduceArgs& args) {
+  return detail::plan_pass<detail::GradReduceTerms<float>::kQ>(
+      problem, {args.grad_out, args.out, args.x, args.dresidual});
+}
+
+void launch_stream(const StreamPlan& plan, const StreamGradReduceArgs& args,
+                   cudaStream_t stream) {
+  detail::dispatch_dtype(plan.problem.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = detail::acc_t<T>;
+    const detail::GradReduceTerms<T> terms{
+        static_cast<const T*>(args.grad_out), static_cast<const T*>(args.out),
+        static_cast<const T*>(args.x),        static_cast<const A*>(args.peak),
+        static_cast<T*>(args.dresidual),      static_cast<A*>(args.sdy),
+        static_cast<A*>(args.sdyx),           static_cast<A*>(args.count)};
+    detail::reduce_pass<T>(plan, terms, args.workspace, stream);
+  });
+}
+
+StreamPlan plan_stream(const Problem& problem, const StreamGradMapArgs& args) {
+  return detail::plan_pass<0>(problem, {args.grad_out, args.out, args.x, args.dx});
+}
+
+void launch_stream(const StreamPlan& plan, const StreamGradMapArgs& args,
+                   cudaStream_t stream) {
+  detail::dispatch_dtype(plan.problem.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = detail::acc_t<T>;
+    const detail::GradMapOp<T> op{
+        static_cast<const T*>(args.grad_out), static_cast<const T*>(args.out),
+        static_cast<const T*>(args.x),        static_cast<T*>(args.dx),
+        static_cast<const A*>(args.dy_scale), static_cast<const A*>(args.x_scale),
+        static_cast<const A*>(args.shift),    static_cast<const A*>(args.peak),
+        static_cast<const A*>(args.peak_shift)};
+    detail::map_pass<T>(plan, op, stream);
+  });
+}
+
+}  // namespace se_kernels::cuda
