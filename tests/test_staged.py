@@ -9,33 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import backend  # noqa: F401 - fixture
-from se_kernels import _stream_ops, convert_se_modules, dispatch, staged
+from se_kernels import convert_se_modules, dispatch, staged
 from se_kernels.convert import StagedSpec
-from se_kernels.backends.torch_backend import TorchBackend
 from se_kernels.excitation import ChannelConv, ChannelConvMlp, Fc, Mlp
 from se_kernels.options import GATES, POOLS
+from stream_backends import staged_backend  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class ReferenceStreamBackend(TorchBackend):
-    """The stream ops' PyTorch reference as a backend: the staged autograd function on
-    kernels that are right by definition, so a failure here is the function's own."""
-
-    name = "stream-reference"
-
-    def staged_refusals(self, call):
-        return []
-
-    def run_staged(self, call):
-        return call.stream_forward(self)
-
-    def stream_ops(self, device_type):
-        return {name: functools.partial(_stream_ops.reference, name) for name in _stream_ops.SCHEMAS}
-
-
-dispatch.register(ReferenceStreamBackend())
 
 
 def form_cases(c: int):
@@ -117,20 +97,6 @@ def composition(form, params, x, residual, gate, pool, out_activation, grad):
     params = [None if p is None else p.double() for p in params]
     return run("torch", form, params, x.double(), None if residual is None else residual.double(),
                gate, pool, out_activation, grad.double())
-
-
-STAGED_BACKENDS = ["stream-reference", "cpu", "triton"]
-
-
-@pytest.fixture(params=STAGED_BACKENDS)
-def staged_backend(request):
-    name = request.param
-    if name == "stream-reference":
-        return name, "cpu"
-    from helpers import backend_device, require_backend
-    device = backend_device(name)
-    require_backend(name, device)
-    return name, device
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=["-".join(map(str, o)) for o in OPTIONS])
