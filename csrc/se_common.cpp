@@ -47,24 +47,41 @@ Options parse_options(c10::string_view activation, c10::string_view gate, c10::s
                       c10::string_view out_activation) {
   return Options{parse_choice("activation", activation, kActivationNames),
                  parse_choice("gate", gate, kGateNames), parse_choice("pool", pool, kPoolNames),
-                 parse_choice("out_activation", out_activation, kOutActivationNames)};
+                 parse_out_activation(out_activation)};
+}
+
+OutActivation parse_out_activation(c10::string_view out_activation) {
+  return parse_choice("out_activation", out_activation, kOutActivationNames);
 }
 
 at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_forward_args(const at::Tensor& x, const at::Tensor& w1,
-                        const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                        const std::optional<at::Tensor>& b2,
-                        const std::optional<at::Tensor>& residual) {
+void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "se_kernels: x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   const auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
               "se_kernels: x must be float16, bfloat16, float32 or float64, got ", t);
-  const int64_t C = x.size(1);
-  TORCH_CHECK(C >= 1 && x.size(2) >= 1 && x.size(3) >= 1,
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1,
               "se_kernels: x must have C, H and W >= 1, got shape ", x.sizes());
+}
+
+void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+                const at::Tensor& x) {
+  check_shape(t, name, shape);
+  TORCH_CHECK(t.scalar_type() == dtype, "se_kernels: ", name, " must have dtype ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "se_kernels: ", name, " must be on ", x.device(),
+              " like x, got ", t.device());
+}
+
+void check_forward_args(const at::Tensor& x, const at::Tensor& w1,
+                        const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const std::optional<at::Tensor>& b2,
+                        const std::optional<at::Tensor>& residual) {
+  check_x(x);
+  const int64_t C = x.size(1);
   TORCH_CHECK(w1.dim() == 2 && w1.size(0) >= 1,
               "se_kernels: w1 must be 2-D [squeeze_channels >= 1, C], got shape ", w1.sizes());
   const int64_t S = w1.size(0);

@@ -21,12 +21,19 @@ namespace se_kernels {
 // the valid ones.
 Options parse_options(c10::string_view activation, c10::string_view gate, c10::string_view pool,
                       c10::string_view out_activation);
+OutActivation parse_out_activation(c10::string_view out_activation);
 
 // (out, z, zmax, a, g): see se_kernels/_ops.py for what each holds.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (dx, dw1, db1, dw2, db2, dresidual)
 using BackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// x is 4-D [N, C, H, W] with C, H, W >= 1, in one of the kernels' dtypes.
+void check_x(const at::Tensor& x);
+// t has this shape and dtype and is on x's device (name says which argument it is).
+void check_like(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
+                const at::Tensor& x);
 
 void check_forward_args(const at::Tensor& x, const at::Tensor& w1,
                         const std::optional<at::Tensor>& b1, const at::Tensor& w2,
