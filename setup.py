@@ -122,8 +122,8 @@ def cpu_avx2_library(torch) -> list:
         "sources": ["csrc/cpu/kernels_avx2.cpp"],
         # build_clib tracks neither includes nor flags: rebuild when the kernels' headers or
         # this file (which holds the flags) change.
-        "obj_deps": {"": ["csrc/cpu/kernels_impl.h", "csrc/cpu/mlp_impl.h", "csrc/cpu/kernels.h",
-                          "csrc/se_common.h", "csrc/se_options.h", "setup.py"]},
+        "obj_deps": {"": ["csrc/cpu/kernels_impl.h", "csrc/cpu/stream_impl.h", "csrc/cpu/mlp_impl.h",
+                          "csrc/cpu/kernels.h", "csrc/se_common.h", "csrc/se_options.h", "setup.py"]},
         "include_dirs": include_paths(),
         "macros": [("CPU_CAPABILITY", "AVX2"), ("CPU_CAPABILITY_AVX2", None)],
         "cflags": ["-O3", "-std=c++20", "-fPIC", "-fopenmp", "-Werror=switch", "-mavx2", "-mfma", "-mf16c",
@@ -163,7 +163,7 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = ["csrc/module.cpp", "csrc/se_common.cpp", "csrc/cuda_schedule.cpp",
-               "csrc/cpu/se_cpu.cpp", "csrc/cpu/kernels_default.cpp"]
+               "csrc/cpu/se_cpu.cpp", "csrc/cpu/stream_cpu.cpp", "csrc/cpu/kernels_default.cpp"]
     libraries = cpu_avx2_library(torch)
     # at::parallel_for is an inline OpenMP region: without -fopenmp it runs on one thread.
     # The OpenMP runtime linked is torch's own (its libgomp.so.1 is loaded first).

@@ -55,9 +55,64 @@ struct BackwardArgs {
   bool accumulate;
 };
 
+// The stream ops (se_kernels/_stream_ops.py): one pass over the whole batch each. [N, C]
+// inputs and outputs are contiguous in the accumulation dtype; a nullptr output or optional
+// input is one the call does not want or give.
+struct StreamReduceArgs {
+  Geometry geo;
+  c10::ScalarType dtype;  // of x
+  const void* x;
+  void* sum;
+  void* sumsq;
+  void* max;
+  void* min;
+};
+
+struct StreamMapArgs {
+  Geometry geo;
+  c10::ScalarType dtype;  // of x, residual and out
+  const void* x;
+  const void* scale;
+  const void* shift;
+  const void* residual;
+  void* out;
+  bool out_relu;
+};
+
+struct StreamGradReduceArgs {
+  Geometry geo;
+  c10::ScalarType dtype;  // of grad_out, out, x and dresidual
+  const void* grad_out;
+  const void* out;  // read for the output ReLU's mask; nullptr without one
+  const void* x;
+  const void* peak;
+  void* sdy;
+  void* sdyx;
+  void* count;      // written when peak is given
+  void* dresidual;  // the masked dy
+};
+
+struct StreamGradMapArgs {
+  Geometry geo;
+  c10::ScalarType dtype;  // of grad_out, out, x and dx
+  const void* grad_out;
+  const void* out;  // as in StreamGradReduceArgs
+  const void* x;
+  const void* dy_scale;
+  const void* x_scale;
+  const void* shift;
+  const void* peak;
+  const void* peak_shift;  // given with peak
+  void* dx;
+};
+
 struct KernelTable {
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
+  void (*stream_reduce)(const StreamReduceArgs&);
+  void (*stream_map)(const StreamMapArgs&);
+  void (*stream_grad_reduce)(const StreamGradReduceArgs&);
+  void (*stream_grad_map)(const StreamGradMapArgs&);
 };
 
 namespace DEFAULT {

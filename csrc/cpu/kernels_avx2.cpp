@@ -7,3 +7,4 @@
 #endif
 #define SE_CPU_CAPABILITY AVX2
 #include "kernels_impl.h"
+#include "stream_impl.h"

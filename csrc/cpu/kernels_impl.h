@@ -4,6 +4,9 @@
 //
 // Every pass reads its inputs in their own layout (NCHW or channels-last), accumulates in
 // fp32 (fp64 for fp64), and splits work so that results do not depend on the thread count.
+// stream_impl.h builds the stream ops from the same passes.
+#pragma once
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -84,6 +87,10 @@ struct ChannelValue {
 template <typename acc_t>
 acc_t nan_max(acc_t a, acc_t b) {  // torch.amax propagates NaN
   return (a > b || std::isnan(a)) ? a : b;
+}
+template <typename acc_t>
+acc_t nan_min(acc_t a, acc_t b) {  // as torch.amin
+  return (a < b || std::isnan(a)) ? a : b;
 }
 
 // Calls fn(per_lane_tag, offset, length, channel_offset) for every dense span of x, in
@@ -218,22 +225,56 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
 // Terms folded by reduce_spatial. fold<kPerLane> takes kWidth elements at `off`, whose
 // channel is `chan` (NCHW: one channel for all lanes) or starts at `chan` (channels-last).
 
-// Forward pooling: [0] = sum of x and, with kMax, [1] = max of x.
-template <typename scalar_t, bool kMax>
+// Statistics of x: [0] = the sum and, each when its flag is set, the sum of squares, the
+// max and the min, in that order.
+template <typename scalar_t, bool kSquares, bool kMax, bool kMin>
 struct PoolTerms {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
-  static constexpr int kQ = kMax ? 2 : 1;
+  static constexpr int kQ = 1 + kSquares + kMax + kMin;
+  static constexpr int kSquaresQ = 1, kMaxQ = 1 + kSquares, kMinQ = kMaxQ + kMax;
   const scalar_t* x;
 
-  static acc_t init(int q) { return q == 0 ? acc_t(0) : -std::numeric_limits<acc_t>::infinity(); }
-  static acc_t combine(int q, acc_t a, acc_t b) { return q == 0 ? a + b : nan_max(a, b); }
-  static Vec combine(int q, const Vec& a, const Vec& b) { return q == 0 ? a + b : at::vec::maximum(a, b); }
+  enum class Kind { Sum, Max, Min };
+  static constexpr Kind kind(int q) {
+    return kMax && q == kMaxQ ? Kind::Max : kMin && q == kMinQ ? Kind::Min : Kind::Sum;
+  }
+  static acc_t init(int q) {
+    switch (kind(q)) {
+      case Kind::Sum: return acc_t(0);
+      case Kind::Max: return -std::numeric_limits<acc_t>::infinity();
+      case Kind::Min: return std::numeric_limits<acc_t>::infinity();
+    }
+    return acc_t(0);
+  }
+  static acc_t combine(int q, acc_t a, acc_t b) {
+    switch (kind(q)) {
+      case Kind::Sum: return a + b;
+      case Kind::Max: return nan_max(a, b);
+      case Kind::Min: return nan_min(a, b);
+    }
+    return a;
+  }
+  static Vec combine(int q, const Vec& a, const Vec& b) {
+    switch (kind(q)) {
+      case Kind::Sum: return a + b;
+      case Kind::Max: return at::vec::maximum(a, b);  // NaN-propagating, as nan_max
+      case Kind::Min: return at::vec::minimum(a, b);
+    }
+    return a;
+  }
   static acc_t reduce_lanes(int q, const Vec& lo, const Vec& hi) {
-    if (q == 0) return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
-    return at::vec::vec_reduce_all<acc_t>(
-        [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(lo, hi));
+    switch (kind(q)) {
+      case Kind::Sum: return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
+      case Kind::Max:
+        return at::vec::vec_reduce_all<acc_t>(
+            [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, at::vec::maximum(lo, hi));
+      case Kind::Min:
+        return at::vec::vec_reduce_all<acc_t>(
+            [](const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }, at::vec::minimum(lo, hi));
+    }
+    return acc_t(0);
   }
 
   template <bool kPerLane>
@@ -242,28 +283,35 @@ struct PoolTerms {
     L::load(x + off, v[0], v[1]);
     for (int h = 0; h < 2; ++h) {
       acc[0][h] = acc[0][h] + v[h];
-      if constexpr (kMax) acc[kQ - 1][h] = at::vec::maximum(acc[kQ - 1][h], v[h]);
+      if constexpr (kSquares) acc[kSquaresQ][h] = at::vec::fmadd(v[h], v[h], acc[kSquaresQ][h]);
+      if constexpr (kMax) acc[kMaxQ][h] = at::vec::maximum(acc[kMaxQ][h], v[h]);
+      if constexpr (kMin) acc[kMinQ][h] = at::vec::minimum(acc[kMinQ][h], v[h]);
     }
   }
   void fold_scalar(acc_t (&acc)[kQ], int64_t off, int64_t /*chan*/) const {
     const acc_t v = static_cast<acc_t>(x[off]);
     acc[0] += v;
-    if constexpr (kMax) acc[kQ - 1] = nan_max(acc[kQ - 1], v);
+    if constexpr (kSquares) acc[kSquaresQ] += v * v;
+    if constexpr (kMax) acc[kMaxQ] = nan_max(acc[kMaxQ], v);
+    if constexpr (kMin) acc[kMinQ] = nan_min(acc[kMinQ], v);
   }
 };
 
-// Backward reduction: [0] = ds = sum of dy * x and, with kCount, [1] = how many x equal
-// the channel's max. dy = grad_out, masked by out > 0 when the output went through a ReLU.
-template <typename scalar_t, bool kCount>
+// Backward reduction: [0] = sum of dy * x and, each when its flag is set, how many x equal
+// the channel's peak, and the sum of dy, in that order. dy = grad_out, masked by out > 0
+// when the output went through a ReLU; it is also stored to dresidual when one is given.
+template <typename scalar_t, bool kCount, bool kSumDy = false>
 struct GradTerms {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
-  static constexpr int kQ = kCount ? 2 : 1;
+  static constexpr int kQ = 1 + kCount + kSumDy;
+  static constexpr int kCountQ = 1, kSumDyQ = 1 + kCount;
   const scalar_t* grad_out;
   const scalar_t* out;  // nullptr: no output ReLU
   const scalar_t* x;
-  const acc_t* zmax;    // read with kCount
+  const acc_t* peak;    // read with kCount
+  scalar_t* dresidual = nullptr;
 
   static acc_t init(int) { return acc_t(0); }
   static acc_t combine(int, acc_t a, acc_t b) { return a + b; }
@@ -282,28 +330,35 @@ struct GradTerms {
       L::load(out + off, o[0], o[1]);
       for (int h = 0; h < 2; ++h) dy[h] = Vec::blendv(Vec(0), dy[h], o[h] > Vec(0));
     }
+    if (dresidual) L::store(dresidual + off, dy[0], dy[1]);
     for (int h = 0; h < 2; ++h) acc[0][h] = at::vec::fmadd(dy[h], xv[h], acc[0][h]);
     if constexpr (kCount) {
-      const ChannelValue<acc_t, kPerLane> m{zmax + chan};
-      acc[1][0] = acc[1][0] + Vec::blendv(Vec(0), Vec(1), xv[0] == m.lo(0));
-      acc[1][1] = acc[1][1] + Vec::blendv(Vec(0), Vec(1), xv[1] == m.hi(0));
+      const ChannelValue<acc_t, kPerLane> m{peak + chan};
+      acc[kCountQ][0] = acc[kCountQ][0] + Vec::blendv(Vec(0), Vec(1), xv[0] == m.lo(0));
+      acc[kCountQ][1] = acc[kCountQ][1] + Vec::blendv(Vec(0), Vec(1), xv[1] == m.hi(0));
+    }
+    if constexpr (kSumDy) {
+      for (int h = 0; h < 2; ++h) acc[kSumDyQ][h] = acc[kSumDyQ][h] + dy[h];
     }
   }
   void fold_scalar(acc_t (&acc)[kQ], int64_t off, int64_t chan) const {
     acc_t dy = static_cast<acc_t>(grad_out[off]);
     if (out && !(static_cast<acc_t>(out[off]) > 0)) dy = 0;
+    if (dresidual) dresidual[off] = static_cast<scalar_t>(dy);
     const acc_t xv = static_cast<acc_t>(x[off]);
     acc[0] += dy * xv;
     if constexpr (kCount) {
-      if (xv == zmax[chan]) acc[1] += 1;
+      if (xv == peak[chan]) acc[kCountQ] += 1;
     }
+    if constexpr (kSumDy) acc[kSumDyQ] += dy;
   }
 };
 
-// out = out_act(s * x + residual) over one span.
+// out = out_act(scale * x + shift + residual) over one span.
 template <typename scalar_t, bool kPerLane>
 void scale_span(const scalar_t* x, const scalar_t* residual, scalar_t* out, int64_t len,
-                ChannelValue<at::opmath_type<scalar_t>, kPerLane> s, bool relu) {
+                ChannelValue<at::opmath_type<scalar_t>, kPerLane> scale,
+                ChannelValue<at::opmath_type<scalar_t>, kPerLane> shift, bool relu) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
@@ -311,8 +366,12 @@ void scale_span(const scalar_t* x, const scalar_t* residual, scalar_t* out, int6
   for (; i + L::kWidth <= len; i += L::kWidth) {
     Vec y[2];
     L::load(x + i, y[0], y[1]);
-    y[0] = y[0] * s.lo(i);
-    y[1] = y[1] * s.hi(i);
+    y[0] = y[0] * scale.lo(i);
+    y[1] = y[1] * scale.hi(i);
+    if (shift) {
+      y[0] = y[0] + shift.lo(i);
+      y[1] = y[1] + shift.hi(i);
+    }
     if (residual) {
       Vec r[2];
       L::load(residual + i, r[0], r[1]);
@@ -326,14 +385,42 @@ void scale_span(const scalar_t* x, const scalar_t* residual, scalar_t* out, int6
     L::store(out + i, y[0], y[1]);
   }
   for (; i < len; ++i) {
-    acc_t y = static_cast<acc_t>(x[i]) * s.at(i);
+    acc_t y = static_cast<acc_t>(x[i]) * scale.at(i);
+    if (shift) y += shift.at(i);
     if (residual) y += static_cast<acc_t>(residual[i]);
     if (relu && y < 0) y = 0;
     out[i] = static_cast<scalar_t>(y);
   }
 }
 
-// dx = dy * s + dx_avg + [x == zmax] * dx_max, and dresidual = dy, over one span.
+// The scale pass over all of x: out = out_act(scale * x + shift + residual), scale and
+// shift [N, C] (shift and residual nullptr when absent).
+template <typename scalar_t>
+void scale_pass(const Geometry& geo, const scalar_t* x, const at::opmath_type<scalar_t>* scale,
+                const at::opmath_type<scalar_t>* shift, const scalar_t* residual, scalar_t* out,
+                bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
+    constexpr bool kPerLane = decltype(per_lane)::value;
+    using Chan = ChannelValue<acc_t, kPerLane>;
+    scale_span<scalar_t, kPerLane>(x + off, residual ? residual + off : nullptr, out + off, len,
+                                   Chan{scale + chan}, Chan{shift ? shift + chan : nullptr}, relu);
+  });
+}
+
+// The per-channel coefficients of the gradient pass, each [N, C] or nullptr when absent
+// (peak and peak_shift go together).
+template <typename acc_t>
+struct GradInputCoefficients {
+  const acc_t* dy_scale;
+  const acc_t* x_scale;
+  const acc_t* shift;
+  const acc_t* peak;
+  const acc_t* peak_shift;
+};
+
+// dx = dy_scale * dy + x_scale * x + shift + [x == peak] * peak_shift, and dresidual = dy,
+// over one span.
 template <typename scalar_t, bool kPerLane>
 struct GradInputSpan {
   using L = Lanes<scalar_t>;
@@ -342,32 +429,35 @@ struct GradInputSpan {
   using Chan = ChannelValue<acc_t, kPerLane>;
   const scalar_t* grad_out;
   const scalar_t* out;  // nullptr: no output ReLU
-  const scalar_t* x;    // read only for max pooling
+  const scalar_t* x;    // read only with x_scale or peak
   scalar_t* dx;
   scalar_t* dresidual;  // nullptr: not wanted
-  Chan s, dx_avg, zmax, dx_max;
+  Chan dy_scale, x_scale, shift, peak, peak_shift;
 
   void operator()(int64_t len) const {
     int64_t i = 0;
     for (; i + L::kWidth <= len; i += L::kWidth) {
-      Vec dy[2], res[2];
+      Vec dy[2], res[2], xv[2];
       L::load(grad_out + i, dy[0], dy[1]);
       if (out) {
         Vec o[2];
         L::load(out + i, o[0], o[1]);
         for (int h = 0; h < 2; ++h) dy[h] = Vec::blendv(Vec(0), dy[h], o[h] > Vec(0));
       }
-      res[0] = dy[0] * s.lo(i);
-      res[1] = dy[1] * s.hi(i);
-      if (dx_avg) {
-        res[0] = res[0] + dx_avg.lo(i);
-        res[1] = res[1] + dx_avg.hi(i);
+      res[0] = dy[0] * dy_scale.lo(i);
+      res[1] = dy[1] * dy_scale.hi(i);
+      if (x_scale || peak) L::load(x + i, xv[0], xv[1]);
+      if (x_scale) {
+        res[0] = res[0] + x_scale.lo(i) * xv[0];
+        res[1] = res[1] + x_scale.hi(i) * xv[1];
       }
-      if (dx_max) {
-        Vec xv[2];
-        L::load(x + i, xv[0], xv[1]);
-        res[0] = res[0] + Vec::blendv(Vec(0), dx_max.lo(i), xv[0] == zmax.lo(i));
-        res[1] = res[1] + Vec::blendv(Vec(0), dx_max.hi(i), xv[1] == zmax.hi(i));
+      if (shift) {
+        res[0] = res[0] + shift.lo(i);
+        res[1] = res[1] + shift.hi(i);
+      }
+      if (peak) {
+        res[0] = res[0] + Vec::blendv(Vec(0), peak_shift.lo(i), xv[0] == peak.lo(i));
+        res[1] = res[1] + Vec::blendv(Vec(0), peak_shift.hi(i), xv[1] == peak.hi(i));
       }
       L::store(dx + i, res[0], res[1]);
       if (dresidual) L::store(dresidual + i, dy[0], dy[1]);
@@ -375,14 +465,32 @@ struct GradInputSpan {
     for (; i < len; ++i) {
       acc_t dy = static_cast<acc_t>(grad_out[i]);
       if (out && !(static_cast<acc_t>(out[i]) > 0)) dy = 0;
-      acc_t v = dy * s.at(i);
-      if (dx_avg) v += dx_avg.at(i);
-      if (dx_max && static_cast<acc_t>(x[i]) == zmax.at(i)) v += dx_max.at(i);
+      acc_t v = dy * dy_scale.at(i);
+      if (x_scale) v += x_scale.at(i) * static_cast<acc_t>(x[i]);
+      if (shift) v += shift.at(i);
+      if (peak && static_cast<acc_t>(x[i]) == peak.at(i)) v += peak_shift.at(i);
       dx[i] = static_cast<scalar_t>(v);
       if (dresidual) dresidual[i] = static_cast<scalar_t>(dy);
     }
   }
 };
+
+// The gradient pass over all of x (out, dresidual nullptr when absent).
+template <typename scalar_t>
+void grad_input_pass(const Geometry& geo, const scalar_t* grad_out, const scalar_t* out,
+                     const scalar_t* x, const GradInputCoefficients<at::opmath_type<scalar_t>>& k,
+                     scalar_t* dx, scalar_t* dresidual) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
+    constexpr bool kPerLane = decltype(per_lane)::value;
+    using Chan = ChannelValue<acc_t, kPerLane>;
+    auto at_chan = [&](const acc_t* v) { return Chan{v ? v + chan : nullptr}; };
+    GradInputSpan<scalar_t, kPerLane>{grad_out + off, out ? out + off : nullptr, x + off, dx + off,
+                                      dresidual ? dresidual + off : nullptr, at_chan(k.dy_scale),
+                                      at_chan(k.x_scale), at_chan(k.shift), at_chan(k.peak),
+                                      at_chan(k.peak_shift)}(len);
+  });
+}
 
 template <typename scalar_t>
 void forward_group(const ForwardArgs& p) {
@@ -398,7 +506,7 @@ void forward_group(const ForwardArgs& p) {
   // Squeeze: z = avg, max or their mean, from one pass over x.
   const acc_t inv_p = acc_t(1) / static_cast<acc_t>(geo.P);
   if (p.opt.uses_max()) {
-    const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, true>{x}, acc);
+    const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, false, true, false>{x}, acc);
     const acc_t* sum = sums.const_data_ptr<acc_t>();
     const acc_t* max = sum + N * C;
     const PoolWeights w = pool_weights(p.opt.pool);
@@ -408,7 +516,7 @@ void forward_group(const ForwardArgs& p) {
       z[i] = w_avg != 0 ? w_avg * (sum[i] * inv_p) + w_max * max[i] : max[i];
     }
   } else {
-    const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, false>{x}, acc);
+    const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, false, false, false>{x}, acc);
     const acc_t* sum = sums.const_data_ptr<acc_t>();
     for (int64_t i = 0; i < N * C; ++i) z[i] = sum[i] * inv_p;
   }
@@ -425,14 +533,8 @@ void forward_group(const ForwardArgs& p) {
   M::gate(p.opt.gate, N * C, g, s.data(), nullptr, nullptr);
 
   // Scale: out = out_act(s * x + residual).
-  const auto* residual = static_cast<const scalar_t*>(p.residual);
-  auto* out = static_cast<scalar_t*>(p.out);
-  const bool relu = p.opt.out_relu();
-  for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
-    constexpr bool kPerLane = decltype(per_lane)::value;
-    scale_span<scalar_t, kPerLane>(x + off, residual ? residual + off : nullptr, out + off, len,
-                                   ChannelValue<acc_t, kPerLane>{s.data() + chan}, relu);
-  });
+  scale_pass<scalar_t>(geo, x, s.data(), nullptr, static_cast<const scalar_t*>(p.residual),
+                       static_cast<scalar_t*>(p.out), p.opt.out_relu());
 }
 
 template <typename scalar_t>
@@ -488,32 +590,28 @@ void backward_group(const BackwardArgs& p) {
   }
 
   // dx = dy * s + dx_avg + [x == zmax] * dx_max, and dresidual = dy, in one pass.
-  auto* dx = static_cast<scalar_t*>(p.dx);
-  auto* dresidual = static_cast<scalar_t*>(p.dresidual);
-  const acc_t* per_channel[4] = {s.data(), dx_avg.empty() ? nullptr : dx_avg.data(), zmax,
-                                 dx_max.empty() ? nullptr : dx_max.data()};
-  for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
-    constexpr bool kPerLane = decltype(per_lane)::value;
-    using Chan = ChannelValue<acc_t, kPerLane>;
-    auto at_chan = [&](int i) { return Chan{per_channel[i] ? per_channel[i] + chan : nullptr}; };
-    GradInputSpan<scalar_t, kPerLane>{grad_out + off, out ? out + off : nullptr, x + off, dx + off,
-                                      dresidual ? dresidual + off : nullptr, at_chan(0),
-                                      at_chan(1), at_chan(2), at_chan(3)}(len);
-  });
+  const bool max_pool = !dx_max.empty();
+  grad_input_pass<scalar_t>(geo, grad_out, out, x,
+                            {s.data(), nullptr, dx_avg.empty() ? nullptr : dx_avg.data(),
+                             max_pool ? zmax : nullptr, max_pool ? dx_max.data() : nullptr},
+                            static_cast<scalar_t*>(p.dx), static_cast<scalar_t*>(p.dresidual));
+}
+
+// fn(scalar_t{}) with scalar_t the kernels' type for x's dtype.
+template <typename F>
+void dispatch_dtype(c10::ScalarType dtype, F&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "se_kernels_cpu",
+                                  [&] { fn(scalar_t{}); });
 }
 
 void forward(const ForwardArgs& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "se_forward_cpu",
-                                  [&] { forward_group<scalar_t>(p); });
+  dispatch_dtype(p.dtype, [&](auto t) { forward_group<decltype(t)>(p); });
 }
 
 void backward(const BackwardArgs& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "se_backward_cpu",
-                                  [&] { backward_group<scalar_t>(p); });
+  dispatch_dtype(p.dtype, [&](auto t) { backward_group<decltype(t)>(p); });
 }
 
 }  // namespace
-
-extern const KernelTable kKernels = {&forward, &backward};
 
 }  // namespace se_kernels::cpu::SE_CPU_CAPABILITY

@@ -1,0 +1,110 @@
+// The stream ops' CPU kernels (se_kernels/_stream_ops.py, DESIGN.md §1.4), built from the
+// passes of kernels_impl.h, and this capability's KernelTable. Included, after
+// kernels_impl.h, by exactly one source per CPU capability.
+//
+// Each op is one pass over the whole batch. The reductions run through reduce_spatial, so
+// every (n, c) is summed in an order fixed by the shape alone; the maps are element-wise.
+#pragma once
+
+#include "kernels_impl.h"
+
+namespace se_kernels::cpu::SE_CPU_CAPABILITY {
+namespace {
+
+// fn(std::bool_constant<flag>{}): a run-time flag as a compile-time one.
+template <typename F>
+void with_flag(bool flag, F&& fn) {
+  if (flag)
+    fn(std::true_type{});
+  else
+    fn(std::false_type{});
+}
+
+// Copies row q of reduce_spatial's [kQ, N, C] result to an [N, C] output.
+template <typename acc_t>
+void copy_statistic(const at::Tensor& sums, int q, const Geometry& geo, void* dst) {
+  const int64_t nc = geo.N * geo.C;
+  std::copy_n(sums.const_data_ptr<acc_t>() + q * nc, nc, static_cast<acc_t*>(dst));
+}
+
+template <typename scalar_t>
+void stream_reduce_typed(const StreamReduceArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto* x = static_cast<const scalar_t*>(p.x);
+  with_flag(p.sumsq != nullptr, [&](auto squares) {
+    with_flag(p.max != nullptr, [&](auto maxima) {
+      with_flag(p.min != nullptr, [&](auto minima) {
+        using Terms = PoolTerms<scalar_t, decltype(squares)::value, decltype(maxima)::value,
+                                decltype(minima)::value>;
+        const at::Tensor sums = reduce_spatial<scalar_t>(p.geo, Terms{x}, acc);
+        copy_statistic<acc_t>(sums, 0, p.geo, p.sum);
+        if constexpr (decltype(squares)::value)
+          copy_statistic<acc_t>(sums, Terms::kSquaresQ, p.geo, p.sumsq);
+        if constexpr (decltype(maxima)::value) copy_statistic<acc_t>(sums, Terms::kMaxQ, p.geo, p.max);
+        if constexpr (decltype(minima)::value) copy_statistic<acc_t>(sums, Terms::kMinQ, p.geo, p.min);
+      });
+    });
+  });
+}
+
+template <typename scalar_t>
+void stream_map_typed(const StreamMapArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scale_pass<scalar_t>(p.geo, static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.scale),
+                       static_cast<const acc_t*>(p.shift), static_cast<const scalar_t*>(p.residual),
+                       static_cast<scalar_t*>(p.out), p.out_relu);
+}
+
+template <typename scalar_t>
+void stream_grad_reduce_typed(const StreamGradReduceArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  with_flag(p.peak != nullptr, [&](auto count) {
+    with_flag(p.sdy != nullptr, [&](auto sum_dy) {
+      using Terms = GradTerms<scalar_t, decltype(count)::value, decltype(sum_dy)::value>;
+      const Terms terms{static_cast<const scalar_t*>(p.grad_out),
+                        static_cast<const scalar_t*>(p.out), static_cast<const scalar_t*>(p.x),
+                        static_cast<const acc_t*>(p.peak), static_cast<scalar_t*>(p.dresidual)};
+      const at::Tensor sums = reduce_spatial<scalar_t>(p.geo, terms, acc);
+      copy_statistic<acc_t>(sums, 0, p.geo, p.sdyx);
+      if constexpr (decltype(count)::value) copy_statistic<acc_t>(sums, Terms::kCountQ, p.geo, p.count);
+      if constexpr (decltype(sum_dy)::value) copy_statistic<acc_t>(sums, Terms::kSumDyQ, p.geo, p.sdy);
+    });
+  });
+}
+
+template <typename scalar_t>
+void stream_grad_map_typed(const StreamGradMapArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GradInputCoefficients<acc_t> k{
+      static_cast<const acc_t*>(p.dy_scale), static_cast<const acc_t*>(p.x_scale),
+      static_cast<const acc_t*>(p.shift), static_cast<const acc_t*>(p.peak),
+      static_cast<const acc_t*>(p.peak_shift)};
+  grad_input_pass<scalar_t>(p.geo, static_cast<const scalar_t*>(p.grad_out),
+                            static_cast<const scalar_t*>(p.out), static_cast<const scalar_t*>(p.x),
+                            k, static_cast<scalar_t*>(p.dx), nullptr);
+}
+
+void stream_reduce(const StreamReduceArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { stream_reduce_typed<decltype(t)>(p); });
+}
+
+void stream_map(const StreamMapArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { stream_map_typed<decltype(t)>(p); });
+}
+
+void stream_grad_reduce(const StreamGradReduceArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { stream_grad_reduce_typed<decltype(t)>(p); });
+}
+
+void stream_grad_map(const StreamGradMapArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { stream_grad_map_typed<decltype(t)>(p); });
+}
+
+}  // namespace
+
+extern const KernelTable kKernels = {&forward, &backward, &stream_reduce, &stream_map,
+                                     &stream_grad_reduce, &stream_grad_map};
+
+}  // namespace se_kernels::cpu::SE_CPU_CAPABILITY
