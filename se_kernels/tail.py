@@ -84,6 +84,19 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def _batch_statistics(sums, sumsq, p: int, group):
+    """Per-channel mean, biased variance and count from the per-(n, c) sums of x and x² over
+    p positions, and over the process group's batches in one all-reduce. The variance is
+    E[x²] - E[x]² in the accumulation dtype: the squeeze's own pass gives the sums, and no
+    second pass over x is made for a centred one."""
+    n, c = sums.shape
+    totals = torch.cat([sums.sum(0), sumsq.sum(0), sums.new_full((1,), n * p)])
+    totals = _all_reduce(totals, group)
+    count = totals[-1]
+    mean = totals[:c] / count
+    return mean, (totals[c:2 * c] / count - mean * mean).clamp_min(0), count
+
+
 def _affine(weight, bias, mean, rstd):
     """a, b of u = a·x + b for the norm."""
     a = rstd if weight is None else weight * rstd
@@ -105,13 +118,7 @@ class _TailFunction(torch.autograd.Function):
         p = h * w
         sums, sumsq, _, _ = ops["stream_reduce"](x, batch_stats, False, False)
         if batch_stats:
-            totals = torch.cat([sums.sum(0), sumsq.sum(0), sums.new_full((1,), n * p)])
-            totals = _all_reduce(totals, group)
-            count = totals[-1]
-            mean = totals[:c] / count
-            # E[x²] - E[x]², from sums in the accumulation dtype: the statistics pass is the
-            # squeeze's own.
-            var = (totals[c:2 * c] / count - mean * mean).clamp_min(0)
+            mean, var, count = _batch_statistics(sums, sumsq, p, group)
         else:
             mean, var, count = running_mean.to(acc), running_var.to(acc), None
         rstd = torch.rsqrt(var + eps)

@@ -16,6 +16,7 @@ from se_kernels.convert import (TIMM_ECA, TIMM_EFFECTIVE_SE, TIMM_EFFICIENTNET_S
                                 TIMM_LEGACY_SE, TIMM_SE, TORCHVISION_SE, ConvertedSqueezeExcitation,
                                 StagedSpec, convert_se_modules, find_se_modules,
                                 restore_se_modules)
+from se_kernels.blocks import FusedBlock
 from se_kernels.excitation import ChannelConv, ChannelConvMlp, Fc, Mlp
 
 torchvision = pytest.importorskip("torchvision", reason="torchvision is a test extra: pip install .[test]")
@@ -67,6 +68,12 @@ def build(library: str, name: str) -> nn.Module:
     return copy.deepcopy(pristine(library, name))
 
 
+def served_se_modules(model: nn.Module) -> list[nn.Module]:
+    """The SE modules se_kernels computes: converted ones, and those of fused block tails."""
+    return [m for m in model.modules() if isinstance(m, ConvertedSqueezeExcitation)] + \
+        [getattr(m, m.spec.se) for m in model.modules() if isinstance(m, FusedBlock)]
+
+
 def zeroed(model: nn.Module) -> nn.Module:
     """The model with every parameter and buffer zero, so a state_dict load is visible."""
     with torch.no_grad():
@@ -112,8 +119,7 @@ def test_converted_model_matches_original(library, name, source, count):
     hardsigmoid = any(isinstance(m, nn.Hardsigmoid) for m in original.modules())
     assert_all_close(got, expected, tol=1e-6 if hardsigmoid else 1e-11)
     # Not vacuous: the SE weights take part in the gradients.
-    se_grads = [p.grad for m in converted.modules() if isinstance(m, ConvertedSqueezeExcitation)
-                for p in m.parameters()]
+    se_grads = [p.grad for m in served_se_modules(converted) for p in m.parameters()]
     # (A gate saturated on every sample, hardsigmoid's beyond +-3, passes no gradient: fbnetv3
     # has such SE modules, so at least half of the SE parameters get one, not all.)
     assert len(se_grads) >= count  # ECA has one weight; the others two or more
@@ -128,9 +134,11 @@ def test_every_se_module_is_converted(library, name, source, count, caplog):
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert convert_se_modules(model) is model
     converted = [m for m in model.modules() if isinstance(m, ConvertedSqueezeExcitation)]
-    assert len(converted) == count
+    fused = [getattr(m, m.spec.se) for m in model.modules() if isinstance(m, FusedBlock)]
+    assert len(converted) + len(fused) == count
     assert all(m.source == source for m in converted)
-    assert not any(qualified_name(m) == source for m in model.modules())
+    assert all(qualified_name(m) == source for m in fused)
+    assert sum(qualified_name(m) == source for m in model.modules()) == len(fused)
     # The same parameter tensors, in the same order: an optimizer built before still applies.
     assert [id(p) for p in model.parameters()] == parameters
     assert [r.levelname for r in caplog.records] == ["INFO"]

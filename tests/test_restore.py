@@ -12,7 +12,7 @@ from torch import nn
 import se_kernels
 from helpers import image, run_python
 from se_kernels.convert import ConvertedSqueezeExcitation, convert_se_modules, restore_se_modules
-from test_convert import MODEL_IDS, MODELS, build, qualified_name, se_variants
+from test_convert import MODEL_IDS, MODELS, build, qualified_name, se_variants, served_se_modules
 
 # Whole models: one thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +30,7 @@ def test_restore_undoes_the_conversion(library, name, source, count):
     with torch.no_grad():
         expected = model(x)
     converted = convert_se_modules(model)
-    assert sum(isinstance(m, ConvertedSqueezeExcitation) for m in converted.modules()) == count
+    assert len(served_se_modules(converted)) == count
     with torch.no_grad():  # trained values, set through the converted model, survive
         for p in converted.parameters():
             p.mul_(0.5)

@@ -342,7 +342,7 @@ def test_direct_calls_check_their_arguments():
     t = Inputs((2, 3, 4, 5), torch.float32, 1)
     x, grad_out, out, scale = t.x_sized(), t.x_sized(), t.x_sized(), t.vector()
     bad = [
-        (r"x must be 4-D", "stream_reduce", (x[0], False, False, False)),
+        (r"x must be a 4-D tensor \[N, C, H, W\]", "stream_reduce", (x[0], False, False, False)),
         (r"x must be float16, bfloat16, float32 or float64, got Int",
          "stream_reduce", (x.int(), False, False, False)),
         (r"scale must have shape \[2, 3\], got \[3, 2\]", "stream_map", (x, scale.t(), None, None, "none")),

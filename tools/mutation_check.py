@@ -40,6 +40,7 @@ CUDA_MLP = "csrc/cuda/se_cuda_mlp.cuh"
 CUDA_SCHEDULES = "csrc/cuda/se_cuda_schedules.cuh"
 CUDA_BACKWARD = "csrc/cuda/se_backward.cu"
 CUDA_FORWARD = "csrc/cuda/se_forward.cu"
+CUDA_STREAM = "csrc/cuda/se_stream.cu"
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,14 @@ CATALOGUE = [
         ("dy[h] = Vec::blendv(Vec(0), dy[h], o[h] > Vec(0));",
          "dy[h] = Vec::blendv(Vec(0), dy[h], o[h] >= Vec(0));"),
         ("> 0)) dy = 0;", ">= 0)) dy = 0;"))),
+    # The stream ops' paths of the shared loops (stream_impl.h): terms the fused path never sets.
+    Bug("cpu/stream-sumsq-sums-x", "cpu", CPU_KERNELS, (
+        ("acc[kSquaresQ][h] = at::vec::fmadd(v[h], v[h], acc[kSquaresQ][h]);",
+         "acc[kSquaresQ][h] = acc[kSquaresQ][h] + v[h];"),
+        ("acc[kSquaresQ] += v * v;", "acc[kSquaresQ] += v;"))),
+    # Channels-last only: in NCHW both halves of a vector hold one channel.
+    Bug("cpu/stream-map-shift-high-half-takes-low", "cpu", CPU_KERNELS, (
+        ("y[1] = y[1] + shift.hi(i);", "y[1] = y[1] + shift.lo(i);"),)),
     # ---- Triton kernels ----------------------------------------------------------------
     Bug("triton/ties-not-divided", "triton", TRITON_KERNELS, (
         ("tl.store(dx_max_ptr + idx, dz / count, mask=mask)", "tl.store(dx_max_ptr + idx, dz, mask=mask)"),
@@ -124,6 +133,12 @@ CATALOGUE = [
     Bug("triton/residual-grad-not-masked", "triton", TRITON_KERNELS, (
         ("tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask,",
          "tl.store(dres_ptr + offs, tl.load(dout_ptr + offs, mask=mask, other=0.0), mask=mask,"),)),
+    # The stream ops' flags (SUM_DY, X_SCALE), which the fused SE path leaves off.
+    Bug("triton/stream-sum-dy-accumulates-dy-x", "triton", TRITON_KERNELS, (
+        ("dy_total += dy", "dy_total += dy * v"),)),
+    Bug("triton/stream-grad-map-x-scale-times-dy", "triton", TRITON_KERNELS, (
+        ("dx += tl.load(x_scale_ptr + chan, mask=c_mask, other=0.0) * v",
+         "dx += tl.load(x_scale_ptr + chan, mask=c_mask, other=0.0) * dy"),)),
     # ---- CUDA kernels, on the emulator ----------------------------------------------------
     Bug("cuda/ties-not-divided", "cuda", CUDA_BACKWARD, (
         ("dx_max[nc] = dz / ld_fresh(count + nc);", "dx_max[nc] = dz;"),
@@ -147,6 +162,11 @@ CATALOGUE = [
         ("masked.v[i] = from_acc<T>(dy);", "masked.v[i] = e.dy.v[i];"))),
     Bug("cuda/relu-mask-ge", "cuda", CUDA_BACKWARD, (
         ("!(to_acc(e.out.v[i]) > A(0))", "!(to_acc(e.out.v[i]) >= A(0))"),)),
+    # The stream ops' Terms (se_stream.cu).
+    Bug("cuda/stream-min-drops-nan", "cuda", CUDA_STREAM, (
+        ("acc[3][j] = nan_min(acc[3][j], v);", "acc[3][j] = v < acc[3][j] ? v : acc[3][j];"),)),
+    Bug("cuda/stream-dresidual-not-masked", "cuda", CUDA_STREAM, (
+        ("masked.v[i] = from_acc<T>(dy);", "masked.v[i] = e.dy.v[i];"),)),
     # Races and divergent shuffles: results on the emulator depend on its thread schedule.
     Bug("cuda/reduce-nchw-early-return-before-shuffles", "cuda", CUDA_TILES, (
         ("  const RowSpan span = row_span(plan, P, block);\n\n  A acc[kQ][1];",
@@ -180,12 +200,16 @@ CATALOGUE = [
 
 # The tests each family's bugs must fail, cheapest first (pytest stops at the first failure).
 FAMILY_TESTS = {
-    "cpu": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_low_precision.py"],
+    "cpu": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_low_precision.py",
+             "tests/test_stream_cpu.py"],
             "cpu or low_precision"),
-    "triton": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_triton_kernels.py"],
-               "triton and (tied or split or every_option or dtypes or odd_shapes or small_tiles)"),
-    "cuda": (["tests/test_ties.py", "tests/test_cuda_emulation.py"],
-             "emulated or test_cuda_emulation"),
+    "triton": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_triton_kernels.py",
+                "tests/test_triton_stream.py"],
+               "triton and (tied or split or every_option or dtypes or odd_shapes or small_tiles"
+               " or stream)"),
+    "cuda": (["tests/test_ties.py", "tests/test_cuda_emulation.py",
+              "tests/test_cuda_stream_emulation.py"],
+             "emulated or test_cuda_emulation or test_cuda_stream_emulation"),
 }
 
 
