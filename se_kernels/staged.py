@@ -17,9 +17,10 @@ import torch
 
 from . import dispatch
 from ._ops import accumulate_dtype
-from .backends.torch_backend import GATE_GRADIENTS, GATES, OUT_ACTIVATIONS, POOL_WEIGHTS, POOLS
-from .options import AVG, NONE, OUT_RELU, check_choice, normalize_out_activation
 from ._stream_ops import check_x
+from .backends.torch_backend import (GATE_GRADIENTS, GATE_VALUES, GATES, POOL_WEIGHTS, POOLS,
+                                      scale_epilogue)
+from .options import AVG, NONE, OUT_RELU, check_choice, normalize_out_activation
 
 
 class StagedCall(NamedTuple):
@@ -41,6 +42,11 @@ class StagedCall(NamedTuple):
 
     def tensors(self) -> tuple:
         return (self.x, self.residual, *self.params)
+
+    def wants_gradient(self) -> bool:
+        """Whether autograd will record this call."""
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in self.tensors())
 
     def stream_forward(self, backend: dispatch.Backend):
         """(out, stats) on `backend`'s stream ops."""
@@ -69,28 +75,36 @@ def make_call(x, form, params, *, gate, pool=AVG, residual=None, out_activation=
 
 
 def _pooled(sums, xmax, pool: str, p: int):
+    """z from the reduce pass's sums (a fresh tensor, scaled in place) and maxima."""
     w_avg, w_max = POOL_WEIGHTS[pool]
     if not w_max:
-        return sums / p
+        return sums.div_(p)
     if not w_avg:
         return xmax
     return w_avg * (sums / p) + w_max * xmax
 
 
+def _forward(backend: str, form, gate: str, pool: str, out_activation: str, x, residual, params):
+    """out, the batch statistics (or None) and what the backward needs."""
+    ops = dispatch.get_backend(backend).stream_ops(x.device.type)
+    acc = accumulate_dtype(x.dtype)
+    cast = tuple(t if t is None or t.dtype == acc else t.to(acc) for t in params)
+    sums, _, xmax, _ = ops["stream_reduce"](x, False, pool != AVG, False)
+    z = _pooled(sums, xmax, pool, x.shape[2] * x.shape[3])
+    g, saved, stats = form.forward(z, cast)
+    out = ops["stream_map"](x, GATE_VALUES[gate](g), None, residual, out_activation)
+    return out, stats, (z, xmax if pool != AVG else None, g, cast, saved)
+
+
 class _StagedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, form, gate, pool, out_activation, x, residual, *params):
-        ops = dispatch.get_backend(backend).stream_ops(x.device.type)
-        acc = accumulate_dtype(x.dtype)
-        cast = tuple(None if t is None else t.to(acc) for t in params)
-        sums, _, xmax, _ = ops["stream_reduce"](x, False, pool != AVG, False)
-        z = _pooled(sums, xmax, pool, x.shape[2] * x.shape[3])
-        g, saved, stats = form.forward(z, cast)
-        out = ops["stream_map"](x, GATES[gate](g), None, residual, out_activation)
+        out, stats, (z, xmax, g, cast, saved) = _forward(backend, form, gate, pool, out_activation,
+                                                         x, residual, params)
         mean, var = stats if stats is not None else (g.new_empty((0,)), g.new_empty((0,)))
         ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(x, out if out_activation == OUT_RELU else None, z,
-                              xmax if pool != AVG else None, g, *cast, *saved)
+        ctx.save_for_backward(x, out if out_activation == OUT_RELU else None, z, xmax, g, *cast,
+                              *saved)
         ctx.static = (backend, form, gate, pool, out_activation, len(cast), residual is not None,
                       tuple(None if t is None else t.dtype for t in params))
         return out, mean, var
@@ -104,7 +118,7 @@ class _StagedFunction(torch.autograd.Function):
         residual_grad = has_residual and ctx.needs_input_grad[6]
         _, sdyx, count, dresidual = ops["stream_grad_reduce"](
             grad_out, out, x, xmax, out_activation, False, residual_grad)
-        s = GATES[gate](g)
+        s = GATE_VALUES[gate](g)
         dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyx), z, cast, saved)
         w_avg, w_max = POOL_WEIGHTS[pool]
         shift = dz * (w_avg / (x.shape[2] * x.shape[3])) if w_avg else None
@@ -127,17 +141,18 @@ def torch_composition(call: StagedCall):
     x = call.x.to(acc)
     z = POOLS[call.pool](x)
     g, _, stats = call.form.forward(z, tuple(None if t is None else t.to(acc) for t in call.params))
-    y = x * GATES[call.gate](g)[:, :, None, None]
-    if call.residual is not None:
-        y = y + call.residual.to(acc)
-    out_activation = OUT_ACTIVATIONS[call.out_activation]
-    if out_activation is not None:
-        y = out_activation(y)
-    return y.to(call.x.dtype), stats
+    return scale_epilogue(x, GATES[call.gate](g), call.residual, call.out_activation,
+                          call.x.dtype), stats
 
 
 def run_stream_ops(backend: dispatch.Backend, call: StagedCall):
-    """(out, stats) of `call` on `backend`'s stream ops."""
+    """(out, stats) of `call` on `backend`'s stream ops. A call autograd will not record runs
+    the function's forward alone: the autograd.Function costs more than a batch-1 call's
+    kernels."""
+    if not (call.wants_gradient() or torch.compiler.is_compiling()):
+        out, stats, _ = _forward(backend.name, call.form, call.gate, call.pool,
+                                 call.out_activation, call.x, call.residual, call.params)
+        return out, stats
     out, mean, var = _StagedFunction.apply(backend.name, call.form, call.gate, call.pool,
                                            call.out_activation, call.x, call.residual,
                                            *call.params)

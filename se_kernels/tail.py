@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import dispatch
 from ._ops import accumulate_dtype
 from ._stream_ops import check_x
-from .backends.torch_backend import GATE_GRADIENTS, GATES, OUT_ACTIVATIONS
+from .backends.torch_backend import GATE_GRADIENTS, GATE_VALUES, GATES, scale_epilogue
 from .options import NONE, OUT_RELU, check_choice, normalize_out_activation
 
 
@@ -125,7 +125,7 @@ class _TailFunction(torch.autograd.Function):
         a, b = _affine(weight_a, bias_a, mean, rstd)
         z = a * (sums / p) + b
         g, saved, _ = form.forward(z, cast)
-        s = GATES[gate](g)
+        s = GATE_VALUES[gate](g)
         k = s if keep is None else s * keep.to(acc)[:, None]
         out = ops["stream_map"](x, k * a, k * b, residual, out_activation)
         stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
@@ -151,7 +151,7 @@ class _TailFunction(torch.autograd.Function):
         sdy, sdyx, _, dresidual = ops["stream_grad_reduce"](
             grad_out, out, x, None, out_activation, True, residual_grad)
         a, b = _affine(weight_a, bias_a, mean, rstd)
-        s = GATES[gate](g)
+        s = GATE_VALUES[gate](g)
         keep_a = None if keep is None else keep.to(acc)[:, None]
         ds = a * sdyx + b * sdy  # Σ_p dy·u
         if keep_a is not None:
@@ -226,13 +226,7 @@ def torch_composition(call: TailCall):
     s = GATES[call.gate](g)
     if call.keep is not None:
         s = s * call.keep.to(acc)[:, None]
-    y = u * s[:, :, None, None]
-    if call.residual is not None:
-        y = y + call.residual.to(acc)
-    out_activation = OUT_ACTIVATIONS[call.out_activation]
-    if out_activation is not None:
-        y = out_activation(y)
-    return y.to(call.x.dtype), stats
+    return scale_epilogue(u, s, call.residual, call.out_activation, call.x.dtype), stats
 
 
 def block_tail(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=None, keep=None,

@@ -3,7 +3,7 @@
 into a temporary copy of the repository, runs the tests meant to catch it there and prints
 one line per bug, then `N caught, M survived`.
 
-    python tools/mutation_check.py                # every bug (about 20 minutes on 2 cores)
+    python tools/mutation_check.py                # every bug (about 40 minutes on 2 cores)
     python tools/mutation_check.py --only triton  # one family: cpu, triton or cuda
     python tools/mutation_check.py -k ties        # bugs whose name contains "ties"
     python tools/mutation_check.py --list         # the catalogue

@@ -56,12 +56,20 @@ def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
     return False
 
 
+_STREAM_KERNELS_FOUND: set[str] = set()
+
+
 @dispatch.constant_under_compile
 def has_stream_kernel(device_type: str) -> bool:
     """Whether the extension registered the stream ops for `device_type` (a library built
-    from an older source has only the fused ones)."""
+    from an older source has only the fused ones); remembered once found, as has_kernel."""
+    if device_type in _STREAM_KERNELS_FOUND:
+        return True
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return _compat.has_dispatch_kernel("se_kernels::stream_map", key)
+    found = _compat.has_dispatch_kernel("se_kernels::stream_map", key)
+    if found:
+        _STREAM_KERNELS_FOUND.add(device_type)
+    return found
 
 
 @dispatch.constant_under_compile

@@ -39,6 +39,9 @@ ACTIVATIONS = {RELU: F.relu, SILU: F.silu, GELU: F.gelu,
                GELU_TANH: lambda a: F.gelu(a, approximate="tanh"), HARDSWISH: F.hardswish,
                LEAKY_RELU: lambda a: F.leaky_relu(a, LEAKY_RELU_SLOPE)}
 GATES = {SIGMOID: torch.sigmoid, HARDSIGMOID: hardsigmoid, TANH: torch.tanh, RELU: F.relu}
+# The gates' values where no autograd differentiates them (the staged path's written-out
+# backward uses GATE_GRADIENTS): hardsigmoid as its one operator.
+GATE_VALUES = {**GATES, HARDSIGMOID: F.hardsigmoid}
 OUT_ACTIVATIONS = {NONE: None, OUT_RELU: F.relu}
 POOL_WEIGHTS = {AVG: (1.0, 0.0), MAX: (0.0, 1.0), AVGMAX: (0.5, 0.5)}  # (w_avg, w_max), §1.2
 
@@ -109,14 +112,20 @@ def torch_forward(call: SECall) -> torch.Tensor:
     a = F.linear(z, call.w1.to(acc), None if call.b1 is None else call.b1.to(acc))
     h = ACTIVATIONS[call.activation](a)
     g = F.linear(h, call.w2.to(acc), None if call.b2 is None else call.b2.to(acc))
-    s = GATES[call.gate](g)
+    return scale_epilogue(x, GATES[call.gate](g), call.residual, call.out_activation, call.x.dtype)
+
+
+def scale_epilogue(x: torch.Tensor, s: torch.Tensor, residual, out_activation: str,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """out_activation(s·x + residual) in x's (accumulation) dtype, rounded once to `dtype`:
+    every composition's end (the SE op's, the staged forms', the block tail's)."""
     y = x * s[:, :, None, None]
-    if call.residual is not None:
-        y = y + call.residual.to(acc)
-    out_activation = OUT_ACTIVATIONS[call.out_activation]
-    if out_activation is not None:
-        y = out_activation(y)
-    return y.to(call.x.dtype)
+    if residual is not None:
+        y = y + residual.to(x.dtype)
+    activation = OUT_ACTIVATIONS[out_activation]
+    if activation is not None:
+        y = activation(y)
+    return y.to(dtype)
 
 
 class TorchBackend(dispatch.Backend):
