@@ -206,3 +206,20 @@ def test_a_backend_without_stream_kernels_says_so():
     call = staged.make_call(torch.randn(2, 6, 3, 3), Fc(), [torch.randn(6, 6), None], gate="sigmoid")
     reasons = dispatch.not_supported_reasons(dispatch.get_backend("cuda"), call)
     assert reasons and "cuda" in reasons[0]
+
+
+def test_converted_staged_module_compiles_whole_graph():
+    timm = pytest.importorskip("timm")
+    from timm.layers.eca import EcaModule
+    torch.manual_seed(0)
+    converted = convert_se_modules(EcaModule(32).double())
+    compiled = torch.compile(copy.deepcopy(converted), fullgraph=True)
+    x = torch.randn(4, 32, 6, 6, dtype=torch.float64)
+    results = []
+    for module in (converted, compiled):
+        xs = x.clone().requires_grad_()
+        out = module(xs)
+        out.sum().backward()
+        results.append((out.detach(), xs.grad, module.conv.weight.grad))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -286,3 +286,19 @@ def test_sync_batch_norm_over_two_processes_matches_one_process(tmp_path):
             torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-10, atol=1e-11, msg=name)
         for key, value in reference.state_dict().items():
             torch.testing.assert_close(got["state"][key], value, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_fused_block_compiles_whole_graph():
+    block = timm.models.resnet.BasicBlock(16, 16, attn_layer="se").double()
+    randomize_norms(block, seed=0)
+    fused = convert_se_modules(block)
+    compiled = torch.compile(copy.deepcopy(fused), fullgraph=True)
+    x = torch.randn(4, 16, 6, 6, dtype=torch.float64)
+    results = []
+    for module in (fused, compiled):
+        xs = x.clone().requires_grad_()
+        out = module(xs)
+        out.sum().backward()
+        results.append((out.detach(), xs.grad, module.bn2.running_var.clone()))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
