@@ -22,21 +22,25 @@ except ImportError:
     BUILD = {"torch": None, "cpu_avx2": False, "cuda": False, "nvcc": None, "cuda_archs": []}
 
 
-_KERNELS_FOUND: set[str] = set()
+_KERNELS_FOUND: set[tuple[str, str]] = set()  # (op, device type)
+
+
+def _kernel_registered(op: str, device_type: str) -> bool:
+    """Whether a kernel for `device_type` is registered on `op`. A kernel, once registered,
+    stays: that answer is remembered (asking the dispatcher costs more than a batch-1 call's
+    Python entry should); a missing one is asked again each time, since a library loaded
+    later (torch.ops.load_library) may register it."""
+    if (op, device_type) in _KERNELS_FOUND:
+        return True
+    found = _compat.has_dispatch_kernel(op, {"cpu": "CPU", "cuda": "CUDA"}[device_type])
+    if found:
+        _KERNELS_FOUND.add((op, device_type))
+    return found
 
 
 def has_kernel(device_type: str) -> bool:
-    """Whether a kernel for `device_type` is registered on se_kernels::se_forward. A kernel,
-    once registered, stays: that answer is remembered (asking the dispatcher costs more than
-    a batch-1 call's Python entry should); a missing one is asked again each time, since a
-    library loaded later (torch.ops.load_library) may register it."""
-    if device_type in _KERNELS_FOUND:
-        return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    found = _compat.has_dispatch_kernel("se_kernels::se_forward", key)
-    if found:
-        _KERNELS_FOUND.add(device_type)
-    return found
+    """Whether a kernel for `device_type` is registered on se_kernels::se_forward."""
+    return _kernel_registered("se_kernels::se_forward", device_type)
 
 
 def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
@@ -56,20 +60,11 @@ def cuda_arch_covered(capability: tuple[int, int], archs: list[str]) -> bool:
     return False
 
 
-_STREAM_KERNELS_FOUND: set[str] = set()
-
-
 @dispatch.constant_under_compile
 def has_stream_kernel(device_type: str) -> bool:
     """Whether the extension registered the stream ops for `device_type` (a library built
-    from an older source has only the fused ones); remembered once found, as has_kernel."""
-    if device_type in _STREAM_KERNELS_FOUND:
-        return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    found = _compat.has_dispatch_kernel("se_kernels::stream_map", key)
-    if found:
-        _STREAM_KERNELS_FOUND.add(device_type)
-    return found
+    from an older source has only the fused ones)."""
+    return _kernel_registered("se_kernels::stream_map", device_type)
 
 
 @dispatch.constant_under_compile
