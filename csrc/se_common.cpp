@@ -277,6 +277,50 @@ StreamMapTensors prepare_stream_map(const at::Tensor& x, const at::Tensor& scale
   return t;
 }
 
+LinearFormTensors prepare_linear_form(const at::Tensor& x, c10::string_view form,
+                                      const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, c10::string_view gate,
+                                      c10::string_view pool,
+                                      const std::optional<at::Tensor>& residual,
+                                      c10::string_view out_activation) {
+  check_stream_x(x);
+  LinearFormTensors t;
+  t.form = parse_choice("form", form, kLinearFormNames);
+  t.opt = Options{Activation::ReLU,  // unused: the form has no activation
+                  parse_choice("gate", gate, kGateNames), parse_choice("pool", pool, kPoolNames),
+                  parse_out_activation(out_activation)};
+  const int64_t C = x.size(1);
+  const auto acc = accumulate_type(x.scalar_type());
+  switch (t.form) {
+    case LinearForm::Fc:
+      t.kernel = 0;
+      check_like(weight, "weight", {C, C}, x, acc);
+      if (bias) check_like(*bias, "bias", {C}, x, acc);
+      break;
+    case LinearForm::Conv:
+    case LinearForm::CircularConv:
+      TORCH_CHECK(weight.dim() == 1 && weight.size(0) % 2 == 1,
+                  "se_kernels: weight of a conv form must be 1-D with an odd width, got shape ",
+                  weight.sizes());
+      t.kernel = weight.size(0);
+      check_like(weight, "weight", {t.kernel}, x, acc);
+      if (bias) check_like(*bias, "bias", {1}, x, acc);
+      break;
+  }
+  check_x_sized(residual, "residual", x);
+  t.geo = geometry_of(x);
+  const auto fmt = t.geo.memory_format();
+  t.x = x.contiguous(fmt);
+  t.weight = weight.contiguous();
+  t.bias = dense(bias);
+  t.residual = dense(residual, fmt);
+  t.out = stream_x_sized(x, t.geo);
+  t.z = stream_vector(x, true);
+  t.zmax = stream_vector(x, t.opt.uses_max());
+  t.g = stream_vector(x, true);
+  return t;
+}
+
 StreamGradReduceTensors prepare_stream_grad_reduce(const at::Tensor& grad_out,
                                                    const std::optional<at::Tensor>& out,
                                                    const at::Tensor& x,

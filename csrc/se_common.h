@@ -116,6 +116,27 @@ StreamMapTensors prepare_stream_map(const at::Tensor& x, const at::Tensor& scale
                                     const std::optional<at::Tensor>& residual,
                                     c10::string_view out_activation);
 
+// The linear excitation forms' inference op (se_kernels/_form_ops.py, whose check_* this
+// mirrors): g is a linear map of z across channels, one matrix or one odd-width convolution.
+enum class LinearForm : int { Fc = 0, Conv = 1, CircularConv = 2 };
+inline constexpr OptionName<LinearForm> kLinearFormNames[] = {
+    {"fc", LinearForm::Fc}, {"conv", LinearForm::Conv}, {"circular_conv", LinearForm::CircularConv}};
+
+struct LinearFormTensors {
+  Options opt;  // its activation is unused: the form has none
+  Geometry geo;
+  LinearForm form;
+  int64_t kernel;  // the convolutions' width, 0 for fc
+  at::Tensor x, weight, bias, residual;
+  at::Tensor out, z, zmax, g;
+};
+LinearFormTensors prepare_linear_form(const at::Tensor& x, c10::string_view form,
+                                      const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, c10::string_view gate,
+                                      c10::string_view pool,
+                                      const std::optional<at::Tensor>& residual,
+                                      c10::string_view out_activation);
+
 struct StreamGradReduceTensors {
   Geometry geo;
   at::Tensor grad_out, out, x, peak;

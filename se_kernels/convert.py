@@ -15,6 +15,7 @@ is and reported through logging, never changed in meaning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -132,11 +133,31 @@ class ConvertedSqueezeExcitation(nn.Module):
 
     def _staged_forward(self, x: torch.Tensor, spec: StagedSpec) -> torch.Tensor:
         form, params = staged_arguments(self, spec)
+        if form.fuses:
+            return squeeze_excitation(x, *self._fused_weights(form, params),
+                                      activation=form.activation, gate=spec.gate, pool=spec.pool,
+                                      backend=self.backend)
         out, stats = staged_squeeze_excitation(x, form, params, gate=spec.gate, pool=spec.pool,
                                                backend=self.backend)
         if spec.norm is not None:
             update_running_stats(self._modules[spec.norm], stats, x.shape[0])
         return out
+
+    def _fused_weights(self, form, params):
+        """form.fused_weights(params) for a form that fuses, remembered across calls that
+        autograd does not record: folding a norm into the first FC is several small
+        operations, as many as the fused op's own call costs at batch 1. The folded weights are reused while every
+        parameter is the same tensor, at the same version and address (an in-place update,
+        a .data assignment or a move makes new ones)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return form.fused_weights(params)
+        key = (form, *((t, t._version, t.data_ptr()) for t in params if t is not None))
+        cached = self.__dict__.get("_fused_cache")
+        if cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        weights = form.fused_weights(params)
+        self.__dict__["_fused_cache"] = (key, weights)
+        return weights
 
     def se_call(self, x: torch.Tensor):
         """The call forward(x) makes (an SECall, or a staged call for a staged form), for
@@ -144,6 +165,9 @@ class ConvertedSqueezeExcitation(nn.Module):
         spec = self.spec
         if isinstance(spec, StagedSpec):
             form, params = staged_arguments(self, spec)
+            if form.fuses:
+                return make_call(x, *form.fused_weights(params), activation=form.activation,
+                                 gate=spec.gate, pool=spec.pool)
             return make_staged_call(x, form, params, gate=spec.gate, pool=spec.pool)
         reduce, expand = self._modules[spec.reduce], self._modules[spec.expand]
         return make_call(x, reduce.weight, reduce.bias, expand.weight, expand.bias,
@@ -157,16 +181,29 @@ class ConvertedSqueezeExcitation(nn.Module):
                 f"backend={self.backend!r}")
 
 
+def _same_key(a: tuple, b: tuple) -> bool:
+    """Whether two _fused_weights keys name the same tensors (by identity: == on tensors
+    would compare their elements) at the same versions and addresses."""
+    return len(a) == len(b) and a[0] == b[0] and all(
+        u[0] is v[0] and u[1:] == v[1:] for u, v in zip(a[1:], b[1:]))
+
+
 def staged_arguments(module: nn.Module, spec: StagedSpec) -> tuple:
     """(form, parameters) of `module`'s staged call in its present mode: a BatchNorm in the
     excitation uses batch statistics in training (or without running ones)."""
     form = spec.form
     if spec.norm is not None:
         norm = module._modules[spec.norm]
-        batch_stats = norm.training or norm.running_mean is None
-        form = dataclasses.replace(form, batch_stats=batch_stats, eps=norm.eps)
+        form = _norm_mode(form, norm.training or norm.running_mean is None, norm.eps)
     return form, tuple(None if path is None or form_skips(form, path) else _attribute(module, path)
                        for path in spec.params)
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_mode(form, batch_stats: bool, eps: float):
+    """`form` with its norm's mode: one object per mode, made once (a module call would
+    otherwise build a dataclass every time)."""
+    return dataclasses.replace(form, batch_stats=batch_stats, eps=eps)
 
 
 def staged_spec(spec: SESpec) -> StagedSpec:
@@ -177,9 +214,23 @@ def staged_spec(spec: SESpec) -> StagedSpec:
 
 
 def _attribute(module: nn.Module, path: str):
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
+    """The tensor at a dotted attribute path. Submodules, parameters and buffers are read
+    from nn.Module's own tables, which nn.Module.__getattr__ would search in Python on
+    every call; anything else (a property, a plain attribute) through getattr."""
+    *owners, name = _path_parts(path)
+    for part in owners:
+        child = module._modules.get(part)
+        module = child if child is not None else getattr(module, part)
+    if name in module._parameters:
+        return module._parameters[name]
+    if name in module._buffers:
+        return module._buffers[name]
+    return getattr(module, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _path_parts(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
 
 
 def form_skips(form, path: str) -> bool:

@@ -88,6 +88,11 @@ class Backend(abc.ABC):
         `device_type`, or None when it has none there."""
         return None
 
+    def linear_form_op(self, device_type: str):
+        """This backend's se_kernels::linear_form_forward (se_kernels._form_ops) for tensors
+        of `device_type`, or None: the staged path's inference of a linear form in one op."""
+        return None
+
     def staged_refusals(self, call) -> list[str]:
         """Reasons to refuse a staged call (se_kernels.staged, se_kernels.tail)."""
         if self.stream_ops(call.x.device.type) is None:

@@ -9,7 +9,13 @@ from z and the form's parameters, with
       differentiate it (and ONNX export emit it);
   backward(dg, z, params, saved) -> (dz, grads)
       the same function's vector-Jacobian product written out, one gradient per parameter
-      (None where a parameter is None).
+      (None where a parameter is None);
+  fuses, fused_weights(params) -> (w1, b1, w2, b2)
+      whether the fused op's two FCs can compute the same g, and those FCs (a converted
+      module then runs the fused op, one kernel call instead of the staged path's passes);
+  linear_form(params) -> (form, weight, bias) or None
+      where g is a linear map of z, its name and tensors as se_kernels._form_ops'
+      linear_form_forward takes them (calls autograd does not record run that one op).
 
 `params` are the module's own tensors in their own shapes (a conv weight [C, C, 1, 1],
 ECA's [1, 1, k]) cast to the accumulation dtype; the gradients come back in those shapes.
@@ -25,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends.torch_backend import activation_function, activation_gradient
+from .options import LEAKY_RELU, LEAKY_RELU_SLOPE
 
 
 def _expect(form: str, name: str, t, shapes: tuple[tuple[int, ...], ...], optional=False) -> None:
@@ -84,6 +91,31 @@ class Mlp:
         if self.norm and not self.batch_stats:
             _expect("Mlp", "running_mean", rm, ((s,),))
             _expect("Mlp", "running_var", rv, ((s,),))
+
+    @property
+    def fuses(self) -> bool:
+        """A norm on running statistics is a fixed affine map of W1·z + b1, so it folds into
+        the first FC; batch statistics or a leaky_relu slope other than the op's have no
+        two-FC form."""
+        return not self.batch_stats and (self.activation != LEAKY_RELU
+                                         or self.negative_slope == LEAKY_RELU_SLOPE)
+
+    def fused_weights(self, params):
+        """(w1, b1, w2, b2) of the fused op's two FCs computing this form, where it `fuses`;
+        the norm's gradients flow back through the fold."""
+        w1, b1, w2, b2, nw, nb, rm, rv = params
+        if not self.norm:
+            return w1, b1, w2, b2
+        scale = torch.rsqrt(rv + self.eps)
+        if nw is not None:
+            scale = scale * nw
+        shift = (b1 - rm if b1 is not None else -rm) * scale
+        if nb is not None:
+            shift = shift + nb
+        return w1.reshape(w1.shape[0], -1) * scale[:, None], shift, w2, b2
+
+    def linear_form(self, params):
+        return None
 
     def _norm_forward(self, a, weight, bias, running_mean, running_var):
         if not self.batch_stats:
@@ -151,6 +183,12 @@ class Mlp:
 class Fc:
     """g = W·z + b, one FC C -> C (effective SE). params: (w, b)."""
 
+    fuses = False
+
+    def linear_form(self, params):
+        w, b = params
+        return "fc", w.reshape(w.shape[0], w.shape[1]), b
+
     def check(self, c: int, params) -> None:
         w, b = params
         _expect("Fc", "w", w, _matrix(c, c))
@@ -177,6 +215,12 @@ class ChannelConv:
 
     kernel: int
     circular: bool = False
+
+    fuses = False
+
+    def linear_form(self, params):
+        w, b = params
+        return "circular_conv" if self.circular else "conv", w.reshape(self.kernel), b
 
     def check(self, c: int, params) -> None:
         if self.kernel < 1 or self.kernel % 2 == 0:
@@ -229,6 +273,11 @@ class ChannelConvMlp:
     kernel: int
     activation: str
     negative_slope: float
+
+    fuses = False
+
+    def linear_form(self, params):
+        return None
 
     def check(self, c: int, params) -> None:
         if self.kernel < 1 or self.kernel % 2 == 0:

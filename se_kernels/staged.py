@@ -145,11 +145,30 @@ def torch_composition(call: StagedCall):
                           call.x.dtype), stats
 
 
+def _linear_form_forward(backend: dispatch.Backend, call: StagedCall):
+    """out of `call` from the backend's linear_form_forward, one op for the whole forward,
+    or None where the form is not a linear map of z or the backend has no such op."""
+    op = backend.linear_form_op(call.x.device.type)
+    if op is None:
+        return None
+    acc = accumulate_dtype(call.x.dtype)
+    linear = call.form.linear_form(tuple(t if t is None or t.dtype == acc else t.to(acc)
+                                         for t in call.params))
+    if linear is None:
+        return None
+    form, weight, bias = linear
+    return op(call.x, form, weight, bias, call.gate, call.pool, call.residual,
+              call.out_activation)
+
+
 def run_stream_ops(backend: dispatch.Backend, call: StagedCall):
     """(out, stats) of `call` on `backend`'s stream ops. A call autograd will not record runs
-    the function's forward alone: the autograd.Function costs more than a batch-1 call's
-    kernels."""
+    the function's forward alone (the autograd.Function costs more than a batch-1 call's
+    kernels), and a linear form's as one linear_form_forward op where the backend has it."""
     if not (call.wants_gradient() or torch.compiler.is_compiling()):
+        out = _linear_form_forward(backend, call)
+        if out is not None:
+            return out, None
         out, stats, _ = _forward(backend.name, call.form, call.gate, call.pool,
                                  call.out_activation, call.x, call.residual, call.params)
         return out, stats

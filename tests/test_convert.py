@@ -18,6 +18,7 @@ from se_kernels.convert import (TIMM_ECA, TIMM_EFFECTIVE_SE, TIMM_EFFICIENTNET_S
                                 restore_se_modules)
 from se_kernels.blocks import FusedBlock
 from se_kernels.excitation import ChannelConv, ChannelConvMlp, Fc, Mlp
+from se_kernels.call import SECall
 
 torchvision = pytest.importorskip("torchvision", reason="torchvision is a test extra: pip install .[test]")
 timm = pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
@@ -305,6 +306,38 @@ def test_staged_variant_matches_original(variant, training):
     restored = restore_se_modules(converted)
     assert type(restored[0]) is type(original[0])
     assert [id(p) for p in restored.parameters()] == [id(p) for p in converted.parameters()]
+
+
+def test_eval_batchnorm_excitation_folds_into_the_fused_op_and_follows_its_parameters():
+    """In eval the norm between the FCs folds into the first FC (the fused op runs it); calls
+    autograd does not record reuse the folded weights while the parameters stay the same
+    tensors, and make them anew after an in-place update, a .data assignment or a new
+    parameter."""
+    from timm.layers.squeeze_excite import SEModule
+    torch.manual_seed(0)
+    original = nn.Sequential(SEModule(24, rd_channels=6, norm_layer=nn.BatchNorm2d)).double().eval()
+    randomize_norms(original, seed=1)
+    converted = convert_se_modules(copy.deepcopy(original))
+    assert isinstance(converted[0].se_call(torch.randn(1, 24, 3, 3, dtype=torch.float64)), SECall)
+    x = torch.randn(2, 24, 5, 7, dtype=torch.float64)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), original(x), rtol=1e-12, atol=1e-12)
+
+    check()
+    check()
+    updates = [
+        lambda m: m[0].bn.running_var.mul_(3.0),
+        lambda m: m[0].bn.weight.add_(0.5),
+        lambda m: setattr(m[0].fc1.bias, "data", m[0].fc1.bias.data + 1.0),
+        lambda m: setattr(m[0].bn, "bias", nn.Parameter(m[0].bn.bias.detach() - 0.25)),
+    ]
+    for update in updates:
+        with torch.no_grad():
+            update(original)
+            update(converted)
+        check()
 
 
 def unservable_cases():

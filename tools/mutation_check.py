@@ -41,6 +41,7 @@ CUDA_SCHEDULES = "csrc/cuda/se_cuda_schedules.cuh"
 CUDA_BACKWARD = "csrc/cuda/se_backward.cu"
 CUDA_FORWARD = "csrc/cuda/se_forward.cu"
 CUDA_STREAM = "csrc/cuda/se_stream.cu"
+CPU_STREAM = "csrc/cpu/stream_impl.h"
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ CATALOGUE = [
     # Channels-last only: in NCHW both halves of a vector hold one channel.
     Bug("cpu/stream-map-shift-high-half-takes-low", "cpu", CPU_KERNELS, (
         ("y[1] = y[1] + shift.hi(i);", "y[1] = y[1] + shift.lo(i);"),)),
+    # The linear forms' inference kernel (stream_impl.h): the convolution across channels.
+    Bug("cpu/linear-form-circular-clamps", "cpu", CPU_STREAM, (
+        ("j = ((j % C) + C) % C;", "j = std::clamp<int64_t>(j, 0, C - 1);"),)),
+    Bug("cpu/linear-form-conv-bias-dropped", "cpu", CPU_STREAM, (
+        ("g[n * C + c] = b ? v + b[0] : v;", "g[n * C + c] = v;"),)),
     # ---- Triton kernels ----------------------------------------------------------------
     Bug("triton/ties-not-divided", "triton", TRITON_KERNELS, (
         ("tl.store(dx_max_ptr + idx, dz / count, mask=mask)", "tl.store(dx_max_ptr + idx, dz, mask=mask)"),
@@ -201,7 +207,7 @@ CATALOGUE = [
 # The tests each family's bugs must fail, cheapest first (pytest stops at the first failure).
 FAMILY_TESTS = {
     "cpu": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_low_precision.py",
-             "tests/test_stream_cpu.py"],
+             "tests/test_stream_cpu.py", "tests/test_form_ops_cpu.py"],
             "cpu or low_precision"),
     "triton": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_triton_kernels.py",
                 "tests/test_triton_stream.py"],

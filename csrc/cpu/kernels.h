@@ -106,6 +106,26 @@ struct StreamGradMapArgs {
   void* dx;
 };
 
+// The inference op of the linear excitation forms (se_kernels/_form_ops.py): g is a linear
+// map of z across channels. One group of samples, as ForwardArgs; z, zmax (max pools) and g
+// are the caller's [N, C] scratch vectors.
+
+struct LinearFormArgs {
+  Geometry geo;
+  Options opt;  // gate, pool and out_activation: the form replaces the activation
+  c10::ScalarType dtype;  // of x, residual and out
+  LinearForm form;
+  int64_t kernel;  // the convolutions' odd width
+  const void* x;
+  const void* residual;  // nullptr: none
+  void* out;
+  const void* weight;  // fc: [C, C]; conv: [kernel]
+  const void* bias;    // fc: [C]; conv: [1]; nullptr: none
+  void* z;
+  void* zmax;
+  void* g;
+};
+
 struct KernelTable {
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
@@ -113,6 +133,7 @@ struct KernelTable {
   void (*stream_map)(const StreamMapArgs&);
   void (*stream_grad_reduce)(const StreamGradReduceArgs&);
   void (*stream_grad_map)(const StreamGradMapArgs&);
+  void (*linear_form)(const LinearFormArgs&);
 };
 
 namespace DEFAULT {

@@ -492,24 +492,19 @@ void grad_input_pass(const Geometry& geo, const scalar_t* grad_out, const scalar
   });
 }
 
+// Squeeze: z = avg, max or their mean, from one pass over x; zmax = the max (max pools).
 template <typename scalar_t>
-void forward_group(const ForwardArgs& p) {
+void squeeze(const Geometry& geo, Pool pool, const scalar_t* x, at::opmath_type<scalar_t>* z,
+             at::opmath_type<scalar_t>* zmax) {
   using acc_t = at::opmath_type<scalar_t>;
-  using M = Mlp<acc_t>;
-  const Geometry& geo = p.geo;
-  const int64_t N = geo.N, C = geo.C, S = p.S;
+  const int64_t N = geo.N, C = geo.C;
   const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const auto* x = static_cast<const scalar_t*>(p.x);
-  auto* z = static_cast<acc_t*>(p.z);
-  auto* zmax = static_cast<acc_t*>(p.zmax);
-
-  // Squeeze: z = avg, max or their mean, from one pass over x.
   const acc_t inv_p = acc_t(1) / static_cast<acc_t>(geo.P);
-  if (p.opt.uses_max()) {
+  const PoolWeights w = pool_weights(pool);
+  if (w.max != 0) {
     const at::Tensor sums = reduce_spatial<scalar_t>(geo, PoolTerms<scalar_t, false, true, false>{x}, acc);
     const acc_t* sum = sums.const_data_ptr<acc_t>();
     const acc_t* max = sum + N * C;
-    const PoolWeights w = pool_weights(p.opt.pool);
     const acc_t w_avg = static_cast<acc_t>(w.avg), w_max = static_cast<acc_t>(w.max);
     for (int64_t i = 0; i < N * C; ++i) {
       zmax[i] = max[i];
@@ -520,6 +515,19 @@ void forward_group(const ForwardArgs& p) {
     const acc_t* sum = sums.const_data_ptr<acc_t>();
     for (int64_t i = 0; i < N * C; ++i) z[i] = sum[i] * inv_p;
   }
+}
+
+template <typename scalar_t>
+void forward_group(const ForwardArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = Mlp<acc_t>;
+  const Geometry& geo = p.geo;
+  const int64_t N = geo.N, C = geo.C, S = p.S;
+  const auto* x = static_cast<const scalar_t*>(p.x);
+  auto* z = static_cast<acc_t*>(p.z);
+  auto* zmax = static_cast<acc_t*>(p.zmax);
+
+  squeeze<scalar_t>(geo, p.opt.pool, x, z, zmax);
 
   // Excite: a = W1 z + b1, h = act(a), g = W2 h + b2, s = gate(g).
   auto* a = static_cast<acc_t*>(p.a);

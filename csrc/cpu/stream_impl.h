@@ -1,5 +1,6 @@
-// The stream ops' CPU kernels (se_kernels/_stream_ops.py, DESIGN.md §1.4), built from the
-// passes of kernels_impl.h, and this capability's KernelTable. Included, after
+// The stream ops' CPU kernels (se_kernels/_stream_ops.py, DESIGN.md §1.4) and the linear
+// excitation forms' inference kernel (se_kernels/_form_ops.py), built from the passes of
+// kernels_impl.h, and this capability's KernelTable. Included, after
 // kernels_impl.h, by exactly one source per CPU capability.
 //
 // Each op is one pass over the whole batch. The reductions run through reduce_spatial, so
@@ -86,6 +87,65 @@ void stream_grad_map_typed(const StreamGradMapArgs& p) {
                             k, static_cast<scalar_t*>(p.dx), nullptr);
 }
 
+// g[n, c] = b + sum_{i < k} w[i] * z~[n, c + i - (k - 1) / 2], z~ zero outside [0, C) or,
+// circular, z[n, (c + i - (k - 1) / 2) mod C] (the index wraps as often as k needs).
+template <typename acc_t>
+void channel_conv(const acc_t* z, int64_t N, int64_t C, const acc_t* w, int64_t k, const acc_t* b,
+                  bool circular, acc_t* g) {
+  const int64_t pad = (k - 1) / 2;
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* zn = z + n * C;
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t v = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        int64_t j = c + i - pad;
+        if (circular) {
+          j = ((j % C) + C) % C;
+        } else if (j < 0 || j >= C) {
+          continue;
+        }
+        v += w[i] * zn[j];
+      }
+      g[n * C + c] = b ? v + b[0] : v;
+    }
+  }
+}
+
+// The linear forms' inference on one group of samples: squeeze, g from z, s = gate(g), and
+// out = out_act(s * x + residual), the group's x re-read from cache.
+template <typename scalar_t>
+void linear_form_typed(const LinearFormArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = Mlp<acc_t>;
+  const Geometry& geo = p.geo;
+  const int64_t N = geo.N, C = geo.C;
+  const auto* x = static_cast<const scalar_t*>(p.x);
+  auto* z = static_cast<acc_t*>(p.z);
+  auto* g = static_cast<acc_t*>(p.g);
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const auto* b = static_cast<const acc_t*>(p.bias);
+  squeeze<scalar_t>(geo, p.opt.pool, x, z, static_cast<acc_t*>(p.zmax));
+  switch (p.form) {
+    case LinearForm::Fc:
+      M::dot_rows(z, N, w, C, C, b, g);
+      break;
+    case LinearForm::Conv:
+      channel_conv(z, N, C, w, p.kernel, b, false, g);
+      break;
+    case LinearForm::CircularConv:
+      channel_conv(z, N, C, w, p.kernel, b, true, g);
+      break;
+  }
+  std::vector<acc_t> s(N * C);
+  M::gate(p.opt.gate, N * C, g, s.data(), nullptr, nullptr);
+  scale_pass<scalar_t>(geo, x, s.data(), nullptr, static_cast<const scalar_t*>(p.residual),
+                       static_cast<scalar_t*>(p.out), p.opt.out_relu());
+}
+
+void linear_form(const LinearFormArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { linear_form_typed<decltype(t)>(p); });
+}
+
 void stream_reduce(const StreamReduceArgs& p) {
   dispatch_dtype(p.dtype, [&](auto t) { stream_reduce_typed<decltype(t)>(p); });
 }
@@ -105,6 +165,6 @@ void stream_grad_map(const StreamGradMapArgs& p) {
 }  // namespace
 
 extern const KernelTable kKernels = {&forward, &backward, &stream_reduce, &stream_map,
-                                     &stream_grad_reduce, &stream_grad_map};
+                                     &stream_grad_reduce, &stream_grad_map, &linear_form};
 
 }  // namespace se_kernels::cpu::SE_CPU_CAPABILITY

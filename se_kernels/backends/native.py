@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _compat, _ops, _stream_ops, dispatch
+from .. import _compat, _form_ops, _ops, _stream_ops, dispatch
 from ..call import SECall
 from ..options import (AVG, AVGMAX, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, LEAKY_RELU,
                        MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU, TANH)
@@ -123,6 +123,13 @@ class NativeBackend(dispatch.Backend):
         if device_type != self.name or not has_stream_kernel(device_type):
             return None
         return _stream_ops.NATIVE
+
+    def linear_form_op(self, device_type: str):
+        # The extension has this op's kernel on CPU only; on a GPU the stream ops serve.
+        if device_type != self.name or device_type != "cpu" or not _kernel_registered(
+                "se_kernels::linear_form_forward", device_type):
+            return None
+        return _form_ops.linear_form_forward
 
     def schedule_trace(self, call, gpu, backward: bool) -> list:
         """The cuda kernels' plan (csrc/cuda/se_plan.h), through the extension's
