@@ -112,34 +112,53 @@ def _add_module_command(commands, name: str, module: str, help: str, description
 def _add_bench_parser(commands) -> None:
     parser = commands.add_parser(
         "bench", help="time SE blocks and models against eager and torch.compile",
-        description="Times the SE layers of real networks (and, with --suite model, whole "
-                    "SE-ResNets) for every implementation usable on the device, with the same "
-                    "inputs. With no --suite: a quick suite for the best device present.")
+        description="Times the SE layers of real networks (with --suite tail, SE-ResNet(X)t-50's "
+                    "BatchNorm -> SE -> add -> ReLU block tails; with --suite model, whole "
+                    "SE-ResNet(X)t-50s against their plain models) for every implementation "
+                    "usable on the device, with the same inputs. With no --suite: a quick suite "
+                    "for the best device present.")
     parser.add_argument("--device", default="auto", help="auto (default: cuda if present), cpu, cuda[:N]")
     from .bench.shapes import NETWORKS
-    parser.add_argument("--suite", choices=[*NETWORKS, "cpu", "blocks", "model", "all"],
+    parser.add_argument("--suite", choices=[*NETWORKS, "cpu", "blocks", "tail", "model", "all"],
                         help="one network's SE shapes; cpu = every network at batch 1, 8 and 32, "
-                             "fp32, on 1 and 2 threads; blocks = every network; "
-                             "model = SE-ResNet-50 vs ResNet-50; all = blocks + model")
+                             "fp32, on 1 and 2 threads; blocks = every network; tail = the "
+                             "block tails of SE-ResNet-50 / SE-ResNeXt-50 (eager, se-only, "
+                             "compile, fused); model = SE-ResNet(X)t-50 vs ResNet(X)t-50; "
+                             "all = blocks + model")
     parser.add_argument("--dtype", help="comma list of fp32, bf16, fp16 (default: fp32 on CPU, bf16 on GPU)")
     parser.add_argument("--layout", help="comma list of nchw, channels_last "
                                          "(default: nchw on CPU, channels_last on GPU)")
-    parser.add_argument("--modes", help="comma list of fwd, bwd, fwd+bwd")
-    parser.add_argument("--batch", help="comma list of batch sizes for the SE blocks")
+    parser.add_argument("--modes",
+                        help="comma list of fwd, bwd, fwd+bwd (the tail suite: fwd, fwd+bwd)")
+    parser.add_argument("--batch", help="comma list of batch sizes for the SE blocks and the tails")
     parser.add_argument("--backends", help="comma list of peers: eager, compile, compile-max, auto "
                                            "and se_kernels backends (default: all usable here; "
-                                           "eager always runs, as the baseline)")
+                                           "eager always runs, as the baseline); the tail "
+                                           "suite: eager, se-only, compile, compile-max, fused "
+                                           "(default: all but compile-max)")
     parser.add_argument("--quick", action="store_true",
-                        help="the first and last SE shape of each network, shorter timing (GPU: "
+                        help="the first and last SE shape of each network (the tail suite: "
+                             "the first and last tail shape at 224), shorter timing (GPU: "
                              "batch 256 only, no bwd-only mode); the default with no --suite")
     parser.add_argument("--out", default="benchmarks/results",
                         help="results folder (default: benchmarks/results)")
     parser.add_argument("--compare", metavar="OLD.csv", help="print the change against an earlier run's CSV")
     parser.add_argument("--threads",
-                        help="comma list of CPU thread counts for torch, the block cases run "
-                             "once per count (default: 1,2 for --suite cpu, else torch's own choice)")
-    parser.add_argument("--model-batch", type=int, help="model suite batch size")
-    parser.add_argument("--image-size", type=int, help="model suite image size")
+                        help="comma list of CPU thread counts for torch, the block and tail "
+                             "cases run once per count (default: 1,2 for a CPU suite without "
+                             "--quick, else torch's own choice)")
+    parser.add_argument("--model-batch", help="model suite: comma list of batch sizes")
+    parser.add_argument("--image-size",
+                        help="comma list of image sizes: the model suite's inputs; the tail "
+                             "suite's shapes are traced at them (default 224,160)")
+    parser.add_argument("--model-tasks",
+                        help="model suite: comma list of train, infer (default both)")
+    parser.add_argument("--families", help="model suite: comma list of torchvision, timm "
+                                           "(default both)")
+    parser.add_argument("--models",
+                        help="model suite: comma list of model names or shell-style patterns "
+                             "(seresnet50*, 'se*+convert'); an SE model brings its plain model "
+                             "along (default: all)")
     parser.add_argument("--model-compile", action="store_true",
                         help="model suite: also time torch.compile'd models")
     parser.add_argument("--keep-malloc-defaults", action="store_true",

@@ -1,6 +1,7 @@
-"""se-kernels bench / flops: shapes read from torchvision, floor bytes, FLOP and parameter
-counts, and a tiny CPU suite end to end (CSV, markdown, PNG, --compare). Nothing here
-asserts a speed: only that what was measured is there, positive and finite."""
+"""se-kernels bench / flops: shapes read from torchvision and timm, floor bytes, FLOP and
+parameter counts, and tiny CPU suites end to end (CSV, markdown, PNG, --compare): SE
+blocks, block tails, models. Nothing here asserts a speed: only that what was measured is
+there, positive and finite."""
 
 from __future__ import annotations
 
@@ -225,16 +226,177 @@ def test_model_suite_tiny_training_step():
     pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
     from se_kernels.bench import model
 
-    rows = model.run(torch.device("cpu"), batch=2, image=32, tasks=["train"], quick=True,
-                     backends=["cpu"], compile_models=False)
+    rows = model.run(torch.device("cpu"), batches=[2], images=[32], tasks=["train"], quick=True,
+                     backends=["cpu"], compile_models=False, models=["se_resnet50", "seresnet50*"])
     assert [(r["family"], r["model"], r["backend"]) for r in rows] == [
         ("torchvision", "resnet50", ""), ("torchvision", "se_resnet50", "cpu"),
         ("timm", "resnet50", ""), ("timm", "seresnet50", ""),
-        ("timm", "seresnet50+convert", "auto")]
+        ("timm", "seresnet50+convert-se-only", "auto"), ("timm", "seresnet50+convert", "auto")]
+    medians = {(r["family"], r["model"]): r["median_ms"] for r in rows}
     for r in rows:
         assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0
         if r["se"]:
             assert r["time_vs_plain"] > 0 and r["reference_ratio"] == pytest.approx(209 / 190)
+            plain = medians[(r["family"], "resnet50")]  # each SE model against its own family's
+            assert r["time_vs_plain"] == pytest.approx(r["median_ms"] / plain)
+
+
+def test_model_suite_pairs_each_se_model_with_its_plain_model():
+    """Three timm variants per SE model, each compared with its own plain model; a subset
+    chosen by family or by name pattern brings the plain models its SE models need."""
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    from se_kernels.bench import model
+
+    found = model.variants(torch.device("cpu"), ["cpu"])
+    timm_rows = [(v.model, v.se, v.plain) for v in found if v.family == "timm"]
+    assert timm_rows == [
+        ("resnet50", False, ""), ("seresnet50", True, "resnet50"),
+        ("seresnet50+convert-se-only", True, "resnet50"), ("seresnet50+convert", True, "resnet50"),
+        ("resnext50_32x4d", False, ""), ("seresnext50_32x4d", True, "resnext50_32x4d"),
+        ("seresnext50_32x4d+convert-se-only", True, "resnext50_32x4d"),
+        ("seresnext50_32x4d+convert", True, "resnext50_32x4d")]
+
+    def chosen(families, models):
+        return [f"{v.family} {v.model}" for v in model.select(found, families, models)]
+
+    assert chosen(["timm"], ["*+convert"]) == [
+        "timm resnet50", "timm seresnet50+convert", "timm resnext50_32x4d",
+        "timm seresnext50_32x4d+convert"]
+    assert chosen(None, ["seresnext50_32x4d"]) == ["timm resnext50_32x4d", "timm seresnext50_32x4d"]
+    assert chosen(["torchvision"], None) == ["torchvision resnet50", "torchvision se_resnet50"]
+    assert chosen(["torchvision"], ["seresnet50*"]) == []
+
+
+def test_model_suite_flags_choose_batches_images_tasks_and_models(tmp_path):
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    from se_kernels.bench import runner
+    from se_kernels.cli import build_parser
+
+    def plan(*flags):
+        args = build_parser().parse_args(["bench", "--device", "cpu", "--out", str(tmp_path),
+                                          *flags])
+        return runner.make_plan(args, torch.device("cpu"))
+
+    kwargs = plan("--suite", "model", "--model-batch", "8,32", "--image-size", "160,224",
+                  "--model-tasks", "train", "--families", "timm", "--models", "seresnet50*").model
+    assert (kwargs["batches"], kwargs["images"], kwargs["tasks"]) == ([8, 32], [160, 224], ["train"])
+    assert (kwargs["families"], kwargs["models"]) == (["timm"], ["seresnet50*"])
+    default = plan("--suite", "model").model  # a full CPU run: batch 8 at 224, both tasks
+    assert (default["batches"], default["images"], default["tasks"]) == ([8], [224], ["train", "infer"])
+    assert default["families"] is None and default["models"] is None
+    with pytest.raises(SystemExit, match="select no model; the models are resnet50, se_resnet50"):
+        plan("--suite", "model", "--models", "vgg16")
+    with pytest.raises(SystemExit, match="--model-tasks"):
+        plan("--suite", "model", "--model-tasks", "fly")
+    with pytest.raises(SystemExit, match="--model-batch must be >= 2"):
+        plan("--suite", "model", "--model-batch", "1,8")
+    assert plan("--suite", "model", "--model-batch", "1", "--model-tasks", "infer").model["batches"] == [1]
+
+
+def test_tail_shapes_are_the_four_stages_of_both_networks():
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    for image, sides in ((224, (56, 28, 14, 7)), (160, (40, 20, 10, 5))):
+        found = shapes.tail_shapes(image)
+        assert [(s.channels, s.squeeze, s.height, s.width, s.count) for s in found] == [
+            (256, 16, sides[0], sides[0], 3), (512, 32, sides[1], sides[1], 4),
+            (1024, 64, sides[2], sides[2], 6), (2048, 128, sides[3], sides[3], 3)]
+        assert {(s.network, s.activation, s.gate) for s in found} == {
+            ("seresnet50/seresnext50_32x4d", "relu", "sigmoid")}
+
+
+def test_tail_floor_bytes_count_each_tensor_once():
+    from se_kernels.bench import tail
+
+    shape = shapes.SEShape("n", "layer1.0", 256, 16, 56, 56, "relu", "sigmoid")
+    act = 8 * 256 * 56 * 56 * 4  # fp32
+    params = (2 * 256 * 16 + 256 + 16 + 2 * 256) * 4  # the SE's weights and biases, BN's affine
+    fwd = tail.floor_bytes(block.Case(shape, 8, "fp32", "nchw", "fwd"))
+    both = tail.floor_bytes(block.Case(shape, 8, "fp32", "nchw", "fwd+bwd"))
+    assert (fwd, both) == (3 * act + params, 8 * act + 3 * params)
+
+
+def test_tail_suite_end_to_end(tmp_path, capsys):
+    """A tiny tail suite: the first and last tail shape of a 64x64 image (C256 16x16 and
+    C2048 2x2, so the BatchNorm sees 8 values a channel at batch 2) x (fwd, fwd+bwd) x
+    (eager, se-only, fused), with --compare against an old CSV that holds one of its rows."""
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    from se_kernels.bench import tail
+
+    old = tmp_path / "old.csv"
+    report.write_csv([{"network": "seresnet50/seresnext50_32x4d", "channels": 256, "squeeze": 16,
+                       "height": 16, "width": 16, "batch": 2, "dtype": "fp32", "layout": "nchw",
+                       "mode": "fwd", "threads": 1, "peer": "fused", "median_us": 1e9,
+                       "x_se_only": 1.0}], old, tail.TAIL_COLUMNS)
+    out = tmp_path / "results"
+    argv = ["bench", "--device", "cpu", "--suite", "tail", "--quick", "--image-size", "64",
+            "--batch", "2", "--threads", "1", "--backends", "eager,se-only,fused",
+            "--out", str(out), "--compare", str(old)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+
+    csvs = list(out.glob("*.csv"))
+    assert [p.name.endswith("-tail.csv") for p in csvs] == [True]
+    rows = report.read_csv(csvs[0])
+    assert list(rows[0]) == tail.TAIL_COLUMNS
+    assert [(r["channels"], r["height"], r["mode"], r["peer"]) for r in rows] == [
+        (c, h, mode, peer) for c, h in (("256", "16"), ("2048", "2"))
+        for mode in ("fwd", "fwd+bwd") for peer in ("eager", "se-only", "fused")]
+    for r in rows:
+        assert r["check"] == "ok", r
+        assert float(r["max_rel_err"]) < 1e-4
+        for column in ("median_us", "p20_us", "p80_us", "floor_bytes", "gbps", "x_eager",
+                       "x_se_only"):
+            _positive(r[column])
+        assert r["runs"] == ("" if r["peer"] == "eager" else "cpu")
+        assert r["x_compile"] == "" and r["peak_mib"] == ""
+    assert all(float(r["x_se_only"]) == 1.0 for r in rows if r["peer"] == "se-only")
+    assert all(float(r["x_eager"]) == 1.0 for r in rows if r["peer"] == "eager")
+
+    stem = csvs[0].with_name(csvs[0].name.removesuffix("-tail.csv"))
+    assert csvs[0].with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = stem.with_suffix(".md").read_text()
+    for needle in ("- command: `se-kernels bench --device cpu --suite tail", "torch " + torch.__version__,
+                   "copy bandwidth", "block tail peers", "GB/s on the tail's floor bytes",
+                   "## Block tail: speed-up over eager", "## Block tail: speed-up over SE-only",
+                   "| geomean x se only |", "| x se-only |", f"]({stem.name}-tail.png)",
+                   "## Change against old.csv"):
+        assert needle in markdown, needle
+    assert "matched 1 of 12 new rows" in printed
+
+
+def test_tail_suite_flags(tmp_path):
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    from se_kernels.bench import runner
+    from se_kernels.cli import build_parser
+
+    def plan(*flags):
+        args = build_parser().parse_args(["bench", "--device", "cpu", "--suite", "tail",
+                                          "--out", str(tmp_path), *flags])
+        return runner.make_plan(args, torch.device("cpu"))
+
+    full = plan()  # both images' four stages, N 8 and 32, fwd and fwd+bwd, 1 and 2 threads
+    assert not full.cases and not full.model
+    assert len(full.tail_cases) == 8 * 2 * 2 * 2
+    assert {(c.batch, c.mode, c.threads, c.dtype) for c in full.tail_cases} == {
+        (n, m, t, "fp32") for n in (8, 32) for m in ("fwd", "fwd+bwd") for t in (1, 2)}
+    assert {c.shape.height for c in full.tail_cases} == {56, 28, 14, 7, 40, 20, 10, 5}
+    assert len(plan("--image-size", "160", "--batch", "32", "--threads", "1").tail_cases) == 4 * 2
+    with pytest.raises(SystemExit, match="--modes"):
+        plan("--modes", "bwd")
+    with pytest.raises(SystemExit, match="--backends"):
+        plan("--backends", "auto")
+
+
+@pytest.mark.slow  # ~10-20 s: Inductor compiles the tail's forward and backward
+def test_tail_compile_peer_agrees_with_eager():
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    from se_kernels.bench import tail
+
+    shape = shapes.tail_shapes(64)[-1]  # C2048 2x2
+    rows = tail.run_case(block.Case(shape, 2, "fp32", "nchw", "fwd+bwd"), ["compile"],
+                         torch.device("cpu"), quick=True, copy_gbps=1.0, refused={})
+    assert [r["peer"] for r in rows] == ["eager", "compile"]
+    assert rows[1]["check"] == "ok" and rows[1]["compile_s"] > 0 and rows[1]["x_compile"] == 1.0
 
 
 def test_flops_cli_prints_and_writes_both_tables(tmp_path, capsys, monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import math
 import sys
@@ -71,41 +72,53 @@ def floor_bytes(case: Case) -> int:
     return {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[case.mode]
 
 
-def make_inputs(case: Case, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_inputs(case: Case, device: torch.device, *,
+                arguments: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    """Input sets (*arguments, dout) of x-shaped random tensors: x (and, for a block tail,
+    the shortcut), which require gradients outside fwd, and the output's gradient."""
     s = case.shape
     shape = (case.batch, s.channels, s.height, s.width)
     dtype, layout = DTYPES[case.dtype], LAYOUTS[case.layout]
-    per_set = math.prod(shape) * dtype.itemsize * (1 if case.mode == "fwd" else 2)
+    per_set = math.prod(shape) * dtype.itemsize * (arguments + (case.mode != "fwd"))
     sets = []
     for _ in range(rotation(per_set, device)):
-        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
-        dout = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
-        sets.append((x.requires_grad_(case.mode != "fwd"), dout))
+        tensors = [torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+                   for _ in range(arguments + 1)]
+        *leading, dout = tensors
+        sets.append((*(t.requires_grad_(case.mode != "fwd") for t in leading), dout))
     return sets
 
 
+def _differentiated(arguments) -> list[torch.Tensor]:
+    return [a for a in arguments if a.requires_grad]
+
+
 def make_step(module, params: list[torch.Tensor], inputs, mode: str, *, hold: int = 0) -> Step:
-    """A call that runs `mode` once on the next input set. fwd returns out; fwd+bwd returns
-    (out, dx, dparams...); bwd returns (dx, dparams...). With hold > 0 the step keeps the
-    results of its last `hold` calls alive (see the module docstring)."""
+    """A call that runs `mode` once on the next input set, each set being (*arguments,
+    dout): module(*arguments), differentiated with respect to the arguments that require a
+    gradient, then `params`. fwd returns out; fwd+bwd returns (out, dx..., dparams...); bwd
+    returns (dx..., dparams...). With hold > 0 the step keeps the results of its last `hold`
+    calls alive (see the module docstring)."""
     order = itertools.cycle(range(len(inputs)))
     if mode == "fwd":
         def run():
-            x, _ = inputs[next(order)]
+            *arguments, _ = inputs[next(order)]
             with torch.no_grad():
-                return (module(x),)
+                return (module(*arguments),)
     elif mode == "fwd+bwd":
         def run():
-            x, dout = inputs[next(order)]
-            out = module(x)
-            return (out.detach(), *torch.autograd.grad(out, [x, *params], dout))
+            *arguments, dout = inputs[next(order)]
+            out = module(*arguments)
+            return (out.detach(),
+                    *torch.autograd.grad(out, [*_differentiated(arguments), *params], dout))
     elif mode == "bwd":
-        outs = [module(x) for x, _ in inputs]
+        outs = [module(*arguments) for *arguments, _ in inputs]
 
         def run():
             i = next(order)
-            x, dout = inputs[i]
-            return torch.autograd.grad(outs[i], [x, *params], dout, retain_graph=True)
+            *arguments, dout = inputs[i]
+            return torch.autograd.grad(outs[i], [*_differentiated(arguments), *params], dout,
+                                       retain_graph=True)
     else:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if hold <= 0:
@@ -123,12 +136,14 @@ RESULT_NAMES = {"fwd": ("out",), "fwd+bwd": ("out", "dx", "dw1", "db1", "dw2", "
                 "bwd": ("dx", "dw1", "db1", "dw2", "db2")}
 
 
-def disagreement(results: tuple, reference: tuple, mode: str, dtype: str) -> tuple[float, str | None]:
+def disagreement(results: tuple, reference: tuple, mode: str, dtype: str,
+                 names: tuple[str, ...] | None = None) -> tuple[float, str | None]:
     """(worst relative error ||a - b|| / ||b|| in fp64 over the returned tensors, None) when
-    every tensor agrees with eager's within CHECK_TOLERANCE; else (error, what is wrong)."""
+    every tensor agrees with eager's within CHECK_TOLERANCE; else (error, what is wrong).
+    names: the returned tensors' names (default: an SE block's, RESULT_NAMES)."""
     if len(results) != len(reference):
         return math.inf, f"returned {len(results)} tensors, eager {len(reference)}"
-    names = RESULT_NAMES[mode]
+    names = names or RESULT_NAMES[mode]
     if len(names) != len(results):  # a staged form's module: its own parameters, by position
         lead = [n for n in names if not n.startswith(("dw", "db"))]
         names = [*lead, *(f"d(parameter {i})" for i in range(len(results) - len(lead)))]
@@ -160,37 +175,39 @@ def runs_backend(name: str, x: torch.Tensor, eager, mode: str) -> str:
     return name
 
 
-def run_case(case: Case, requested: list[str], device: torch.device, *, quick: bool,
-             copy_gbps: float, refused: dict[str, set[str]]) -> list[dict]:
+def begin_case(case: Case, device: torch.device) -> None:
+    """What every case starts from: no compiled code, its thread count, the same seed."""
     torch.compiler.reset()  # fresh compiled code per case, never a dynamic-shape recompile
     if case.threads is not None and device.type == "cpu":
         torch.set_num_threads(case.threads)
     torch.manual_seed(0)
-    # Inference in eval mode, training in train mode: a batch norm inside an SE (RexNet)
-    # uses its running statistics, or the batch's.
-    eager = peers_mod.eager_module(case.shape, device, DTYPES[case.dtype]).train(case.mode != "fwd")
-    inputs = make_inputs(case, device)
-    x0 = inputs[0][0]
-    if requested:
-        names = [peers_mod.EAGER] + [n for n in requested if n != peers_mod.EAGER]
-    else:
-        names = [*peers_mod.BASELINES, *peers_mod.default_backends(x0, eager)]
 
-    steps: dict[str, Step] = {}
-    compile_s: dict[str, float] = {}
-    errors: dict[str, float] = {}
-    failures: dict[str, str] = {}
-    peaks: dict[str, float] = {}
+
+@dataclass
+class Checked:
+    """A case's peers after their first call: the steps to time (those whose result agreed
+    with eager's), each peer's error against eager's result, and why a peer is not timed."""
+
+    steps: dict[str, Step]
+    errors: dict[str, float]
+    failures: dict[str, str]
+    compile_s: dict[str, float]
+    peaks: dict[str, float]
+
+
+PeerBuilder = Callable[[], tuple[torch.nn.Module, list[torch.Tensor]]]
+
+
+def check_peers(builders: dict[str, PeerBuilder], inputs, case: Case, device: torch.device, *,
+                result_names: tuple[str, ...] | None = None) -> Checked:
+    """Builds each peer (its module and the parameters to differentiate), makes its step and
+    calls it once. The first peer, eager, gives the reference every other result is checked
+    against; a peer that raises or disagrees is not timed (eager raising ends the run)."""
+    checked = Checked({}, {}, {}, {}, {})
     reference = None
-    for name in names:
-        if name not in peers_mod.BASELINES:
-            reasons = peers_mod.backend_refusals(name, x0, eager)
-            if reasons:
-                refused.setdefault(name, set()).update(reasons)
-                continue
+    for name, build in builders.items():
         try:
-            module = peers_mod.build_peer(name, eager, case.shape)
-            params = list(eager.parameters() if name in peers_mod.BASELINES else module.parameters())
+            module, params = build()
             context = (peers_mod.replayable_backward(name) if case.mode == "bwd"
                        else contextlib.nullcontext())
             with context:
@@ -201,51 +218,99 @@ def run_case(case: Case, requested: list[str], device: torch.device, *, quick: b
                 first = step()
                 synchronize(device)
                 if name in peers_mod.COMPILE_MODES:
-                    compile_s[name] = time.perf_counter() - start
+                    checked.compile_s[name] = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - reported in the row, and fails the run
             if name == peers_mod.EAGER:
                 raise
-            errors[name], failures[name] = math.nan, f"ERROR {type(error).__name__}: {error}"
+            checked.errors[name] = math.nan
+            checked.failures[name] = f"ERROR {type(error).__name__}: {error}"
             continue
         if reference is None:
             reference = first
-        errors[name], problem = disagreement(first, reference, case.mode, case.dtype)
+        checked.errors[name], problem = disagreement(first, reference, case.mode, case.dtype,
+                                                     result_names)
         del first
         if problem is not None:
-            failures[name] = f"MISMATCH {problem}"
+            checked.failures[name] = f"MISMATCH {problem}"
             continue  # a wrong answer is not timed
         if device.type == "cuda":
-            peaks[name] = cuda_peak_mib(step, device)
-        steps[name] = step
+            checked.peaks[name] = cuda_peak_mib(step, device)
+        checked.steps[name] = step
+    return checked
 
-    timings = time_steps(steps, device, quick=quick)
-    walls = time_steps_wall(steps, device, quick=quick)
-    floor = floor_bytes(case)
+
+def timed_rows(case: Case, names: list[str], checked: Checked, device: torch.device, *,
+               quick: bool, floor: int, copy_gbps: float, input_sets: int) -> list[dict]:
+    """Times the checked steps, interleaved, and gives one row per peer in `names` that was
+    timed or refused: the case's settings and what was measured (the caller adds what the
+    case is of)."""
+    timings = time_steps(checked.steps, device, quick=quick)
+    walls = time_steps_wall(checked.steps, device, quick=quick)
     eager_us = timings[peers_mod.EAGER].median_us
     eager_wall_us = walls.get(peers_mod.EAGER, math.nan)
     compile_us = timings["compile"].median_us if "compile" in timings else math.nan
     rows = []
-    s = case.shape
-    for name in [n for n in names if n in timings or n in failures]:
+    for name in [n for n in names if n in timings or n in checked.failures]:
         timing = timings.get(name, Timing(math.nan, math.nan, math.nan, 0))
         gbps = floor / (timing.median_us * 1e-6) / 1e9
         wall_us = walls.get(name, math.nan)
         rows.append({
-            "network": s.network, "layer": s.layer, "count": s.count, "batch": case.batch,
-            "channels": s.channels, "squeeze": s.squeeze, "height": s.height, "width": s.width,
-            "activation": s.activation, "gate": s.gate, "dtype": case.dtype,
-            "layout": case.layout, "mode": case.mode, "threads": torch.get_num_threads(),
-            "peer": name, "runs": runs_backend(name, x0, eager, case.mode),
+            "batch": case.batch, "dtype": case.dtype, "layout": case.layout, "mode": case.mode,
+            "threads": torch.get_num_threads(), "peer": name,
             "median_us": timing.median_us, "p20_us": timing.p20_us, "p80_us": timing.p80_us,
             "samples": timing.samples, "floor_bytes": floor, "gbps": gbps,
             "pct_copy_bw": 100 * gbps / copy_gbps if copy_gbps > 0 else math.nan,
             "x_eager": eager_us / timing.median_us, "x_compile": compile_us / timing.median_us,
             "wall_us": wall_us, "x_eager_wall": eager_wall_us / wall_us,
-            "peak_mib": peaks.get(name, math.nan), "compile_s": compile_s.get(name, math.nan),
-            "max_rel_err": errors[name], "check": failures.get(name, "ok"),
-            "input_sets": len(inputs),
+            "peak_mib": checked.peaks.get(name, math.nan),
+            "compile_s": checked.compile_s.get(name, math.nan),
+            "max_rel_err": checked.errors[name], "check": checked.failures.get(name, "ok"),
+            "input_sets": input_sets,
         })
     return rows
+
+
+def shape_fields(shape: SEShape) -> dict:
+    """A row's columns that say which layer it times."""
+    return {"network": shape.network, "layer": shape.layer, "count": shape.count,
+            "channels": shape.channels, "squeeze": shape.squeeze, "height": shape.height,
+            "width": shape.width, "activation": shape.activation, "gate": shape.gate}
+
+
+def run_case(case: Case, requested: list[str], device: torch.device, *, quick: bool,
+             copy_gbps: float, refused: dict[str, set[str]]) -> list[dict]:
+    begin_case(case, device)
+    # Inference in eval mode, training in train mode: a batch norm inside an SE (RexNet)
+    # uses its running statistics, or the batch's.
+    eager = peers_mod.eager_module(case.shape, device, DTYPES[case.dtype]).train(case.mode != "fwd")
+    inputs = make_inputs(case, device)
+    x0 = inputs[0][0]
+    if requested:
+        names = [peers_mod.EAGER] + [n for n in requested if n != peers_mod.EAGER]
+    else:
+        names = [*peers_mod.BASELINES, *peers_mod.default_backends(x0, eager)]
+
+    builders: dict[str, PeerBuilder] = {}
+    for name in names:
+        if name not in peers_mod.BASELINES:
+            reasons = peers_mod.backend_refusals(name, x0, eager)
+            if reasons:
+                refused.setdefault(name, set()).update(reasons)
+                continue
+        builders[name] = functools.partial(_peer, name, eager, case.shape)
+    checked = check_peers(builders, inputs, case, device)
+    rows = timed_rows(case, names, checked, device, quick=quick, floor=floor_bytes(case),
+                      copy_gbps=copy_gbps, input_sets=len(inputs))
+    for row in rows:
+        row.update(shape_fields(case.shape), runs=runs_backend(row["peer"], x0, eager, case.mode))
+    return rows
+
+
+def _peer(name: str, eager, shape: SEShape) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """A peer's module and the parameters its gradients are taken of: eager's own for the
+    baselines (the compiled module shares them), the converted module's for ours."""
+    module = peers_mod.build_peer(name, eager, shape)
+    return module, list(eager.parameters() if name in peers_mod.BASELINES else module.parameters())
 
 
 def cases(shapes: list[SEShape], batches: list[int], dtypes: list[str], layouts: list[str],
@@ -261,21 +326,23 @@ def cases(shapes: list[SEShape], batches: list[int], dtypes: list[str], layouts:
 
 def run(all_cases: list[Case], requested: list[str], device: torch.device, *, quick: bool,
         copy_gbps: float, on_rows: Callable[[list[dict]], None] | None = None,
-        ) -> tuple[list[dict], dict[str, set[str]]]:
+        case_runner=None, desc: str = "SE blocks") -> tuple[list[dict], dict[str, set[str]]]:
     """Rows of every case (one per peer), and the reasons backends refused. on_rows, if
-    given, gets each case's rows as soon as the case is done (runner.main writes them)."""
+    given, gets each case's rows as soon as the case is done (runner.main writes them).
+    case_runner: what runs one case (default run_case; the tail suite passes its own)."""
     from tqdm import tqdm
 
     rows: list[dict] = []
     refused: dict[str, set[str]] = {}
     threads = torch.get_num_threads()
+    run_one = case_runner or run_case
     try:
-        with tqdm(all_cases, desc="SE blocks", unit="case", file=sys.stderr,
+        with tqdm(all_cases, desc=desc, unit="case", file=sys.stderr,
                   dynamic_ncols=True) as bar:
             for case in bar:
                 bar.set_postfix_str(case.label, refresh=True)
-                done = run_case(case, requested, device, quick=quick, copy_gbps=copy_gbps,
-                                refused=refused)
+                done = run_one(case, requested, device, quick=quick, copy_gbps=copy_gbps,
+                               refused=refused)
                 rows.extend(done)
                 if on_rows is not None:
                     on_rows(done)

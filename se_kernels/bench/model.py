@@ -1,11 +1,21 @@
 """The model suite: what SE costs in a whole network, plain vs SE, eager SE vs ours.
 
-Pairs (each SE model is compared with the plain model of its own family):
+Pairs (each SE model is compared with its plain model, of its own family):
   torchvision resnet50          vs  se_kernels.models.se_resnet50(reduction=16), once per
                                     se_kernels backend usable here ("torch" runs the SE as
                                     plain PyTorch ops, i.e. eager)
-  timm resnet50                 vs  timm seresnet50 as timm builds it (eager SEModule), and
-                                    the same after se_kernels.convert_se_modules(backend="auto")
+  timm resnet50                 vs  timm seresnet50, and
+  timm resnext50_32x4d          vs  timm seresnext50_32x4d, each three ways:
+                                      <model>                     as timm builds it (eager)
+                                      <model>+convert-se-only     convert_se_modules(
+                                                                  fuse_blocks=False): the SE
+                                                                  modules on the fused op
+                                      <model>+convert             convert_se_modules: the
+                                                                  block tails fused as well
+                                    (backend "auto" for both conversions)
+
+--families and --models (names or shell-style patterns of the model column) pick a subset;
+an SE model always brings its plain model along, which its ratio needs.
 
 Tasks: a training step (forward, cross-entropy, backward, SGD with momentum) and inference
 (forward under torch.inference_mode). On a GPU both run under autocast bf16 with
@@ -18,10 +28,12 @@ forward+backward of SE-ResNet-50 vs ResNet-50) and throughput ratio (timm's benc
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Callable
 
 import torch
@@ -33,6 +45,9 @@ from .timing import Timing, cuda_peak_mib, synchronize, time_cpu_calls_interleav
 PAPER_TRAIN_TIME_RATIO = 209 / 190
 TIMM_THROUGHPUT_RATIO = {"eager": 0.864, "compiled": 0.779}
 TASKS = ("train", "infer")
+FAMILIES = ("torchvision", "timm")
+# timm's (plain, SE) pairs.
+TIMM_PAIRS = (("resnet50", "seresnet50"), ("resnext50_32x4d", "seresnext50_32x4d"))
 MODEL_COLUMNS = [
     "family", "model", "se", "backend", "compiled", "task", "batch", "image", "precision",
     "layout", "median_ms", "p20_ms", "p80_ms", "images_per_s", "time_vs_plain",
@@ -42,11 +57,12 @@ MODEL_COLUMNS = [
 
 @dataclass(frozen=True)
 class Variant:
-    family: str  # "torchvision" | "timm": SE models are compared with their family's plain model
+    family: str  # "torchvision" | "timm"
     model: str
     se: bool
     backend: str  # se_kernels backend of its SE modules, "" for none/eager
     build: Callable[[], nn.Module]
+    plain: str = ""  # an SE model's plain model, of the same family, that its ratio is to
 
     @property
     def label(self) -> str:
@@ -72,23 +88,45 @@ def variants(device: torch.device, backends: list[str] | None) -> list[Variant]:
     found = [Variant("torchvision", "resnet50", False, "", torchvision.models.resnet50)]
     for name in chosen:
         found.append(Variant("torchvision", "se_resnet50", True, name,
-                             lambda name=name: se_resnet50(reduction=16, backend=name)))
+                             lambda name=name: se_resnet50(reduction=16, backend=name),
+                             plain="resnet50"))
     try:
-        import timm
+        import timm  # noqa: F401 - the timm pairs' builders import it when called
     except ImportError:
-        print("model suite: timm is not installed, skipping the timm pair "
+        print("model suite: timm is not installed, skipping the timm pairs "
               "(pip install 'se-kernels[bench]')", file=sys.stderr)
         return found
-
-    def converted():
-        from se_kernels.convert import convert_se_modules
-
-        return convert_se_modules(timm.create_model("seresnet50", pretrained=False), backend="auto")
-
-    found += [Variant("timm", "resnet50", False, "", lambda: timm.create_model("resnet50", pretrained=False)),
-              Variant("timm", "seresnet50", True, "", lambda: timm.create_model("seresnet50", pretrained=False)),
-              Variant("timm", "seresnet50+convert", True, "auto", converted)]
+    for plain, se in TIMM_PAIRS:
+        found += [Variant("timm", plain, False, "", functools.partial(_timm_model, plain)),
+                  Variant("timm", se, True, "", functools.partial(_timm_model, se), plain=plain),
+                  Variant("timm", f"{se}+convert-se-only", True, "auto",
+                          functools.partial(_timm_model, se, convert=True, fuse_blocks=False),
+                          plain=plain),
+                  Variant("timm", f"{se}+convert", True, "auto",
+                          functools.partial(_timm_model, se, convert=True), plain=plain)]
     return found
+
+
+def _timm_model(name: str, *, convert: bool = False, fuse_blocks: bool = True) -> nn.Module:
+    """timm's `name`, as timm builds it or converted by convert_se_modules (backend auto)."""
+    import timm
+
+    from se_kernels.convert import convert_se_modules
+
+    model = timm.create_model(name, pretrained=False)
+    return convert_se_modules(model, backend="auto", fuse_blocks=fuse_blocks) if convert else model
+
+
+def select(found: list[Variant], families: list[str] | None,
+           models: list[str] | None) -> list[Variant]:
+    """The variants of `families` whose model name matches one of `models` (names or
+    shell-style patterns; None: any), with the plain model of every SE model chosen, in
+    `found`'s order."""
+    wanted = {v.label for v in found
+              if (families is None or v.family in families)
+              and (models is None or any(fnmatchcase(v.model, p) for p in models))}
+    plains = {(v.family, v.plain) for v in found if v.label in wanted and v.se}
+    return [v for v in found if v.label in wanted or (not v.se and (v.family, v.model) in plains)]
 
 
 def _precision(device: torch.device):
@@ -122,24 +160,28 @@ def make_step(model: nn.Module, task: str, device: torch.device, batch: int, ima
     return step
 
 
-def run(device: torch.device, *, batch: int, image: int, tasks: list[str], quick: bool,
-        backends: list[str] | None, compile_models: bool,
+def run(device: torch.device, *, batches: list[int], images: list[int], tasks: list[str],
+        quick: bool, backends: list[str] | None, compile_models: bool,
+        families: list[str] | None = None, models: list[str] | None = None,
         on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Rows of every variant, task by task; on_rows, if given, gets each task's rows as soon
-    as they are timed (runner.main writes them)."""
+    """Rows of every variant chosen (select), for each batch, image size, task and
+    compiled flag; on_rows, if given, gets each such job's rows as soon as they are timed
+    (runner.main writes them)."""
     from tqdm import tqdm
 
     _, precision, layout = _precision(device)
-    chosen = variants(device, backends)
+    chosen = select(variants(device, backends), families, models)
     compiled_flags = [False, True] if compile_models else [False]
     rows = []
-    jobs = [(task, c) for task in tasks for c in compiled_flags]
+    jobs = [(batch, image, task, c) for batch in batches for image in images for task in tasks
+            for c in compiled_flags]
     with tqdm(total=len(jobs) * len(chosen), desc="models", unit="model", file=sys.stderr,
               dynamic_ncols=True) as bar:
-        for task, compiled in jobs:
+        for batch, image, task, compiled in jobs:
             steps, compile_s, peaks = {}, {}, {}
             for variant in chosen:
-                bar.set_postfix_str(f"{task} {variant.label}{' compiled' if compiled else ''}")
+                bar.set_postfix_str(f"{task} N{batch} {image}px {variant.label}"
+                                    f"{' compiled' if compiled else ''}")
                 torch.manual_seed(0)
                 model = variant.build().to(device=device, memory_format=layout)
                 if compiled:
@@ -178,7 +220,7 @@ def _time(steps: dict, device: torch.device, quick: bool) -> dict:
 
 def _rows(chosen, timings: dict[Variant, Timing], task, compiled, batch, image, precision,
           layout, compile_s, peaks) -> list[dict]:
-    plain = {v.family: timings[v].median_us for v in chosen if not v.se}
+    plain = {(v.family, v.model): timings[v].median_us for v in chosen if not v.se}
     if task == "train":
         reference = PAPER_TRAIN_TIME_RATIO
     else:
@@ -186,7 +228,7 @@ def _rows(chosen, timings: dict[Variant, Timing], task, compiled, batch, image, 
     rows = []
     for v in chosen:
         t = timings[v]
-        base = plain.get(v.family, math.nan)
+        base = plain.get((v.family, v.plain), math.nan)
         rows.append({
             "family": v.family, "model": v.model, "se": v.se, "backend": v.backend,
             "compiled": compiled, "task": task, "batch": batch, "image": image,

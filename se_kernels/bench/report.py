@@ -70,12 +70,13 @@ def _measured(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def block_table(rows: list[dict], *, markdown: bool) -> str:
+def block_table(rows: list[dict], *, markdown: bool, extra: list[tuple[str, str]] = ()) -> str:
     """One line per case and peer; the wall-clock columns only where they were measured
-    (GPU), the check column holds the error of a peer that was refused."""
+    (GPU), the check column holds the error of a peer that was refused. extra: (header,
+    row key) of further ratios, after x compile."""
     walls = any(_measured(r.get("wall_us")) for r in rows)
     headers = ["shape", "N", "threads", "dtype", "layout", "mode", "peer", "median us",
-               "p20-p80 us", "GB/s", "% copy", "x eager", "x compile",
+               "p20-p80 us", "GB/s", "% copy", "x eager", "x compile", *(h for h, _ in extra),
                *(["wall us", "x eager wall"] if walls else []), "peak MiB", "compile s", "check"]
     body = []
     for r in rows:
@@ -83,6 +84,7 @@ def block_table(rows: list[dict], *, markdown: bool) -> str:
                      r["layout"], r["mode"], peer_label(r), number(r["median_us"]),
                      f"{number(r['p20_us'])}-{number(r['p80_us'])}", number(r["gbps"]),
                      number(r["pct_copy_bw"], 2), number(r["x_eager"]), number(r["x_compile"]),
+                     *(number(r.get(key)) for _, key in extra),
                      *([number(r.get("wall_us")), number(r.get("x_eager_wall"))] if walls else []),
                      number(r["peak_mib"]), number(r["compile_s"], 2), r["check"]])
     return table(headers, body, markdown=markdown)
@@ -92,13 +94,14 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
 
 
-def speedup_summary(rows: list[dict], column: str, *, markdown: bool) -> str:
-    """Per peer (eager excluded), mode, thread count and batch, then per peer and mode over
-    all of them: the geometric mean and the worst of `column` (x_eager, or x_eager_wall) with
-    the case it happened on, and how many of the peer's rows were refused (a wrong answer or
-    an error: not timed)."""
+def speedup_summary(rows: list[dict], column: str, *, markdown: bool,
+                    baseline: str = "eager") -> str:
+    """Per peer (the baseline `column` is over excluded), mode, thread count and batch, then
+    per peer and mode over all of them: the geometric mean and the worst of `column`
+    (x_eager, x_eager_wall, x_se_only) with the case it happened on, and how many of the
+    peer's rows were refused (a wrong answer or an error: not timed)."""
     def ordered(key) -> list:
-        return list(dict.fromkeys(key(r) for r in rows if r["peer"] != "eager"))
+        return list(dict.fromkeys(key(r) for r in rows if r["peer"] != baseline))
 
     body = []
     for peer in ordered(lambda r: r["peer"]):
@@ -149,7 +152,8 @@ def output_stem(out_dir: Path, device: torch.device, today: _dt.date | None = No
     """<out>/<device-slug>-<date>; a second run on the same day gets the time appended."""
     name = device_name(device).split(" (")[0]
     stem = out_dir / f"{slug(name)}-{(today or _dt.date.today()).isoformat()}"
-    if any(stem.with_name(stem.name + ext).exists() for ext in (".csv", ".md", "-model.csv")):
+    if any(stem.with_name(stem.name + ext).exists()
+           for ext in (".csv", ".md", "-model.csv", "-tail.csv")):
         stem = stem.with_name(stem.name + _dt.datetime.now().strftime("-%H%M%S"))
     return stem
 

@@ -12,17 +12,19 @@ import torch
 
 from . import report
 from .host_memory import keep_freed_memory
-from .shapes import NETWORKS, evenly_spaced, network_shapes
+from .shapes import IMAGE_SIZE, NETWORKS, evenly_spaced, network_shapes, tail_shapes
 
 SUITES = {
     **{name: (name,) for name in NETWORKS},
     # The CPU backends against eager and compiled torchvision SE, every network.
     "cpu": NETWORKS,
     "blocks": NETWORKS,
+    "tail": (),
     "model": (),
     "all": NETWORKS,
 }
 WITH_MODEL = ("model", "all")
+WITH_TAIL = ("tail",)
 QUICK_SHAPES_PER_NETWORK = 2  # the first and the last distinct SE shape of each network
 
 # Per device: (batches, dtypes, layouts, modes, torch threads) for a full suite, then for
@@ -38,6 +40,10 @@ QUICK_DEFAULTS = {
 }
 # Model suite: (batch, image size) for a full and a quick run.
 MODEL_DEFAULTS = {"cpu": ((8, 224), (2, 128)), "cuda": ((256, 224), (128, 224))}
+# Tail suite: the batches of a full run (a quick run takes QUICK_DEFAULTS'), and the image
+# sizes its shapes are traced at (a quick run: the first and last shape at 224).
+TAIL_BATCHES = {"cpu": (8, 32), "cuda": (32, 256)}
+TAIL_IMAGES = (224, 160)
 
 
 def require(*modules: str, why: str) -> None:
@@ -119,27 +125,33 @@ class Plan:
     requested: list[str]  # peers named by --backends (empty: all usable)
     threads: list[int]  # CPU threads for torch, one pass of the block cases each (empty: as is)
     model: dict | None  # model.run keyword arguments, or None without the model suite
+    tail_cases: list  # the tail suite's cases (block.Case of tail shapes), empty without it
 
 
 def make_plan(args, device: torch.device) -> Plan:
     """Everything the flags decide, checked before anything runs."""
     from se_kernels import dispatch
 
-    from . import block, model, peers
+    from . import block, peers, tail
 
     kind = device.type
     suite = args.suite or ("cpu" if kind == "cpu" else "blocks")
     quick = args.quick or args.suite is None
     batches, dtypes, layouts, modes, threads = (QUICK_DEFAULTS if quick else DEFAULTS)[kind]
+    if suite in WITH_TAIL:
+        require("timm", why="the tail suite")
+        batches = batches if quick else TAIL_BATCHES[kind]
+        modes = tuple(m for m in modes if m in tail.MODES)
     dtypes = split(args.dtype, tuple(block.DTYPES), "--dtype") or dtypes
     layouts = split(args.layout, tuple(block.LAYOUTS), "--layout") or layouts
-    modes = split(args.modes, block.MODES, "--modes") or modes
+    modes = split(args.modes, tail.MODES if suite in WITH_TAIL else block.MODES, "--modes") or modes
     batches = positive_ints(args.batch, "--batch") or batches
     threads = positive_ints(args.threads, "--threads") or threads
     if kind != "cpu":
         threads = (None,)
-    requested = split(args.backends, (*peers.BASELINES, peers.AUTO, *dispatch.backend_names()),
-                      "--backends") or []
+    peer_names = (tail.PEERS if suite in WITH_TAIL
+                  else (*peers.BASELINES, peers.AUTO, *dispatch.backend_names()))
+    requested = split(args.backends, peer_names, "--backends") or []
     if args.compare and not Path(args.compare).is_file():
         raise SystemExit(f"--compare: no such file {args.compare!r}")
 
@@ -150,23 +162,48 @@ def make_plan(args, device: torch.device) -> Plan:
     cases = block.cases(shapes, list(batches), list(dtypes), list(layouts), list(modes),
                         list(threads))
 
+    tail_cases = []
+    if suite in WITH_TAIL:
+        images = positive_ints(args.image_size, "--image-size") or (
+            (IMAGE_SIZE,) if quick else TAIL_IMAGES)
+        found = tuple(shape for image in images for shape in tail_shapes(image))
+        tail_cases = block.cases(list(evenly_spaced(found, QUICK_SHAPES_PER_NETWORK)
+                                      if quick else found), list(batches), list(dtypes),
+                                 list(layouts), list(modes), list(threads))
+
     model_kwargs = None
     if suite in WITH_MODEL:
         require("timm", why="the model suite")
-        (batch, image), (quick_batch, quick_image) = MODEL_DEFAULTS[kind]
-        batch = args.model_batch or (quick_batch if quick else batch)
-        if batch < 2:
-            raise SystemExit("--model-batch must be >= 2: a training step's BatchNorm needs "
-                             "more than one value per channel")
-        model_kwargs = dict(
-            batch=batch, image=args.image_size or (quick_image if quick else image),
-            tasks=list(model.TASKS), quick=quick, compile_models=args.model_compile,
-            backends=[b for b in requested if b not in peers.BASELINES] or None)
+        model_kwargs = model_plan(args, device, quick,
+                                  [b for b in requested if b not in peers.BASELINES] or None)
     return Plan(suite, quick, cases, requested, [t for t in threads if t is not None],
-                model_kwargs)
+                model_kwargs, tail_cases)
 
 
-def block_notes(kind: str, copy_gbps: float) -> list[str]:
+def model_plan(args, device: torch.device, quick: bool, backends: list[str] | None) -> dict:
+    """model.run's keyword arguments from the model suite's flags, checked."""
+    from . import model
+
+    (batch, image), (quick_batch, quick_image) = MODEL_DEFAULTS[device.type]
+    batches = positive_ints(args.model_batch, "--model-batch") or [quick_batch if quick else batch]
+    images = positive_ints(args.image_size, "--image-size") or [quick_image if quick else image]
+    tasks = split(args.model_tasks, model.TASKS, "--model-tasks") or list(model.TASKS)
+    if "train" in tasks and min(batches) < 2:
+        raise SystemExit("--model-batch must be >= 2: a training step's BatchNorm needs "
+                         "more than one value per channel")
+    families = split(args.families, model.FAMILIES, "--families")
+    models = split(args.models, None, "--models")
+    found = model.variants(device, backends)
+    if not model.select(found, families, models):
+        raise SystemExit(f"--families/--models select no model; the models are "
+                         f"{', '.join(dict.fromkeys(v.model for v in found))}")
+    return dict(batches=batches, images=images, tasks=tasks, quick=quick,
+                compile_models=args.model_compile, backends=backends, families=families,
+                models=models)
+
+
+def timing_notes(kind: str, copy_gbps: float) -> list[str]:
+    """How the block and the tail suites time, and what their bandwidths are compared with."""
     return [
         f"copy bandwidth (copy_ of a large tensor into another, read + write): {copy_gbps:.1f} GB/s",
         "timing: " + ("CUDA events (triton.testing.do_bench where available), L2 flushed "
@@ -177,15 +214,20 @@ def block_notes(kind: str, copy_gbps: float) -> list[str]:
                       "inputs rotated through sets twice the size of the last-level cache, and "
                       "each peer's results held for as many calls, so that no call finds its "
                       "inputs, or the memory its output goes to, in cache"),
-        "GB/s on floor bytes: fwd reads x and writes out once, bwd reads dout and x and writes "
-        "dx once (plus the weights and their gradients); % copy: of the copy bandwidth",
-        "x eager / x compile: speed-up over eager torchvision SE / its torch.compile (mode "
-        "default); compile-max is mode max-autotune-no-cudagraphs; compile s is the first "
-        "call, Dynamo and Inductor included (Inductor caches on disk across runs)",
+        "% copy: GB/s on floor bytes as a share of the copy bandwidth; compile s: a compiled "
+        "peer's first call, Dynamo and Inductor included (Inductor caches on disk across runs)",
         "peak MiB: " + ("torch.cuda.max_memory_allocated during one call, above what was "
                         "allocated before it" if kind == "cuda" else "not measured on CPU"),
-        "check: each peer's output (and gradients) against eager's on the same inputs",
     ]
+
+
+BLOCK_NOTES = [
+    "GB/s on floor bytes: fwd reads x and writes out once, bwd reads dout and x and writes "
+    "dx once (plus the weights and their gradients)",
+    "x eager / x compile: speed-up over eager torchvision SE / its torch.compile (mode "
+    "default); compile-max is mode max-autotune-no-cudagraphs",
+    "check: each peer's output (and gradients) against eager's on the same inputs",
+]
 
 
 class Results:
@@ -195,13 +237,15 @@ class Results:
     every finished row behind in both. The plots and the final markdown come at the end."""
 
     def __init__(self, stem: Path, device: torch.device, argv: list[str], notes: list[str],
-                 cases: int, model_tasks: int):
+                 cases: int, model_tasks: int, tail_cases: int = 0):
         self.stem, self.device, self.argv, self.notes = stem, device, argv, notes
         self.model_stem = stem.with_name(stem.name + "-model")
-        self.cases, self.model_tasks = cases, model_tasks
+        self.tail_stem = stem.with_name(stem.name + "-tail")
+        self.cases, self.model_tasks, self.tail_cases = cases, model_tasks, tail_cases
         self.block_rows: list[dict] = []
         self.model_rows: list[dict] = []
-        self.cases_done = self.model_tasks_done = 0
+        self.tail_rows: list[dict] = []
+        self.cases_done = self.model_tasks_done = self.tail_cases_done = 0
         self._files: dict[str, report.CsvRows] = {}
 
     def _append(self, kind: str, path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -213,6 +257,14 @@ class Results:
         self._append("block", self.stem.with_suffix(".csv"), report.BLOCK_COLUMNS, rows)
         self.block_rows += rows
         self.cases_done += 1
+        self.write_markdown(final=False)
+
+    def add_tail(self, rows: list[dict]) -> None:
+        from . import tail
+
+        self._append("tail", self.tail_stem.with_suffix(".csv"), tail.TAIL_COLUMNS, rows)
+        self.tail_rows += rows
+        self.tail_cases_done += 1
         self.write_markdown(final=False)
 
     def add_model(self, rows: list[dict]) -> None:
@@ -233,6 +285,8 @@ class Results:
         notes = list(self.notes)
         if not final:
             done = [f"{self.cases_done} of {self.cases} block cases"] if self.cases else []
+            if self.tail_cases:
+                done.append(f"{self.tail_cases_done} of {self.tail_cases} tail cases")
             if self.model_tasks:
                 done.append(f"{self.model_tasks_done} of {self.model_tasks} model tasks")
             notes.insert(0, f"incomplete: {' and '.join(done)} so far (the run rewrites this "
@@ -243,11 +297,22 @@ class Results:
                    "## SE blocks", "", report.block_table(self.block_rows, markdown=True)]
             if final:
                 md += ["", f"![speed-up over eager]({self.stem.with_suffix('.png').name})"]
+        if self.tail_rows:
+            md += ["## Block tail: speed-up over eager", "",
+                   *summaries(self.tail_rows, markdown=True),
+                   "## Block tail: speed-up over SE-only", "",
+                   report.speedup_summary(self.tail_rows, "x_se_only", markdown=True,
+                                          baseline="se-only"), "",
+                   "## Block tails", "", tail_table(self.tail_rows, markdown=True)]
+            if final:
+                md += ["", f"![speed-up over eager]({self.tail_stem.with_suffix('.png').name})"]
         if self.model_rows:
             md += ["## Models", "",
                    "SE/plain: train rows give time(SE) / time(plain), the paper's 209/190 ms = "
                    f"{model.PAPER_TRAIN_TIME_RATIO:.2f}; infer rows give throughput(SE) / "
-                   "throughput(plain), timm's 0.864 eager / 0.779 compiled (column reference).",
+                   "throughput(plain), timm's 0.864 eager / 0.779 compiled (column reference). "
+                   "+convert-se-only: convert_se_modules(fuse_blocks=False), the SE modules "
+                   "on the fused op; +convert: convert_se_modules, the block tails fused too.",
                    "", report.model_table(self.model_rows, markdown=True)]
             if final:
                 md += ["", f"![SE / plain]({self.model_stem.with_suffix('.png').name})"]
@@ -260,7 +325,7 @@ class Results:
 
 
 def main(args, argv: list[str]) -> int:
-    from . import block, model
+    from . import block, model, tail
 
     require("tqdm", "matplotlib", "torchvision", why="se-kernels bench")
     device = resolve_device(args.device)
@@ -282,30 +347,43 @@ def main(args, argv: list[str]) -> int:
         report.print_err(f"warning: {busy}")
     report.print_err(f"se-kernels bench: suite {plan.suite}{' (quick)' if plan.quick else ''} "
                      f"on {name}: {len(plan.cases)} block cases"
+                     + (f", {len(plan.tail_cases)} tail cases" if plan.tail_cases else "")
                      + (", model suite" if plan.model else ""))
 
     # While rows come in, the markdown carries the notes known so far.
     early = [f"machine load: at the start {load_at_start}", *([malloc_note] if malloc_note else [])]
-    model_tasks = len(plan.model["tasks"]) * (1 + plan.model["compile_models"]) if plan.model else 0
-    results = Results(stem, device, argv, early, len(plan.cases), model_tasks)
+    model_tasks = 0
+    if plan.model:
+        model_tasks = (len(plan.model["tasks"]) * (1 + plan.model["compile_models"])
+                       * len(plan.model["batches"]) * len(plan.model["images"]))
+    results = Results(stem, device, argv, early, len(plan.cases), model_tasks,
+                      len(plan.tail_cases))
     notes: list[str] = []
     try:
-        if plan.cases:
+        if plan.cases or plan.tail_cases:
             from .timing import copy_bandwidth_gbps
 
             copy_gbps = copy_bandwidth_gbps(device, quick=plan.quick)
-            notes += block_notes(device.type, copy_gbps)
+            notes += timing_notes(device.type, copy_gbps)
+        if plan.cases:
+            notes += BLOCK_NOTES
             results.notes = notes + early
             _, refused = block.run(plan.cases, plan.requested, device, quick=plan.quick,
                                    copy_gbps=copy_gbps, on_rows=results.add_block)
             notes += [f"backend {backend!r} not run: {'; '.join(sorted(reasons))}"
                       for backend, reasons in refused.items()]
             results.notes = notes + early
+        if plan.tail_cases:
+            notes += tail.NOTES
+            results.notes = notes + early
+            block.run(plan.tail_cases, plan.requested, device, quick=plan.quick,
+                      copy_gbps=copy_gbps, on_rows=results.add_tail, case_runner=tail.run_case,
+                      desc="block tails")
         if plan.model:
             model.run(device, **plan.model, on_rows=results.add_model)
     finally:
         results.close()
-    block_rows, model_rows = results.block_rows, results.model_rows
+    block_rows, model_rows, tail_rows = results.block_rows, results.model_rows, results.tail_rows
     if plan.model:
         notes.append("models: " + ("CUDA events (triton.testing.do_bench where available) per "
                                    "step, after a warm-up step" if device.type == "cuda" else
@@ -324,12 +402,16 @@ def main(args, argv: list[str]) -> int:
     if device.type == "cpu":
         notes.append("torch threads: " + ", ".join(map(str, plan.threads or [torch.get_num_threads()])))
     results.notes = notes
-    refusals = [r for r in block_rows if r["check"] != "ok"]
+    refusals = [r for r in block_rows + tail_rows if r["check"] != "ok"]
 
     outputs = []
     if block_rows:
         report.plot_blocks(block_rows, stem.with_suffix(".png"), name)
         outputs += [stem.with_suffix(".csv"), stem.with_suffix(".png")]
+    if tail_rows:
+        tail_stem = results.tail_stem
+        report.plot_blocks(tail_rows, tail_stem.with_suffix(".png"), f"{name}, block tail")
+        outputs += [tail_stem.with_suffix(".csv"), tail_stem.with_suffix(".png")]
     if model_rows:
         model_stem = results.model_stem
         report.plot_models(model_rows, model_stem.with_suffix(".png"), name)
@@ -338,7 +420,10 @@ def main(args, argv: list[str]) -> int:
     comparison, extra = None, []
     if args.compare:
         old_rows = report.read_csv(Path(args.compare))
-        new_rows = model_rows if old_rows and "task" in old_rows[0] else block_rows
+        if old_rows and "task" in old_rows[0]:
+            new_rows = model_rows
+        else:
+            new_rows = tail_rows if old_rows and "x_se_only" in old_rows[0] else block_rows
         comparison = report.compare(old_rows, new_rows, markdown=False)
         extra = ["", f"## Change against {Path(args.compare).name}", "",
                  report.compare(old_rows, new_rows, markdown=True)]
@@ -350,6 +435,10 @@ def main(args, argv: list[str]) -> int:
     if block_rows:
         print("\n" + report.block_table(block_rows, markdown=False))
         print("\n" + "\n".join(summaries(block_rows, markdown=False)))
+    if tail_rows:
+        print("\n" + tail_table(tail_rows, markdown=False))
+        print("\n" + "\n".join(summaries(tail_rows, markdown=False)))
+        print(report.speedup_summary(tail_rows, "x_se_only", markdown=False, baseline="se-only"))
     if model_rows:
         print("\n" + report.model_table(model_rows, markdown=False))
     if comparison is not None:
@@ -373,3 +462,8 @@ def summaries(rows: list[dict], *, markdown: bool) -> list[str]:
     for column in columns:
         out += [report.speedup_summary(rows, column, markdown=markdown), ""]
     return out
+
+
+def tail_table(rows: list[dict], *, markdown: bool) -> str:
+    """The block table of the tail suite's rows, with the speed-up over se-only."""
+    return report.block_table(rows, markdown=markdown, extra=[("x se-only", "x_se_only")])

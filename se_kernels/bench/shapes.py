@@ -15,6 +15,10 @@ the shapes are exactly those of torchvision at 224x224 and cost no arithmetic:
                    round(0.25 * block input width)).
 
 Layers of one network with the same (C, S, H, W) are listed once, with their count.
+
+The tail suite's shapes (tail_shapes) are traced the same way from timm's seresnet50 and
+seresnext50_32x4d at a given image size: every Bottleneck's output, where bn3 -> SE ->
++ shortcut -> ReLU runs, with its SE's squeeze (make_divisible(C / 16, 8)).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ TORCHVISION_NETWORKS = ("resnet50", "mobilenetv3", "efficientnet_b0", "regnety_4
 TIMM_NETWORKS = ("fbnetv3_b", "gcvit_xxtiny", "sedarknet21", "ecaresnet50d", "rexnet_100",
                  "ese_vovnet19b_dw")
 NETWORKS = TORCHVISION_NETWORKS + TIMM_NETWORKS
+# timm's SE-ResNet-50 and SE-ResNeXt-50, whose bottleneck tails the tail suite times.
+TAIL_NETWORKS = ("seresnet50", "seresnext50_32x4d")
 IMAGE_SIZE = 224
 RESNET_REDUCTION = 16
 
@@ -82,10 +88,10 @@ def _torchvision():
     return torchvision
 
 
-def _trace(model: nn.Module, wanted: type[nn.Module], *,
-           at_output: bool = False) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+def _trace(model: nn.Module, wanted: type[nn.Module], *, at_output: bool = False,
+           image: int = IMAGE_SIZE) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """(module path, module, shape of its input, or of its output if at_output) of every
-    `wanted` module, in execution order."""
+    `wanted` module, in execution order, for a 1x3x`image`x`image` input."""
     model = model.to("meta").eval()
     seen: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     handles = []
@@ -96,7 +102,7 @@ def _trace(model: nn.Module, wanted: type[nn.Module], *,
                 seen.append((name, mod, tuple(tensor.shape)))
             handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
-        model(torch.empty(1, 3, IMAGE_SIZE, IMAGE_SIZE, device="meta"))
+        model(torch.empty(1, 3, image, image, device="meta"))
     for handle in handles:
         handle.remove()
     return seen
@@ -161,6 +167,41 @@ def _timm_shapes(network: str) -> list[SEShape]:
             shapes.append(SEShape(network, name, c, module.get_submodule(spec.reduce).out_channels,
                                   h, w, spec.activation, spec.gate))
     return shapes
+
+
+@functools.lru_cache(maxsize=None)
+def tail_shapes(image: int) -> tuple[SEShape, ...]:
+    """The distinct block-tail shapes of TAIL_NETWORKS at image x image, in network order:
+    the output of every timm Bottleneck (its bn3 -> SE -> + shortcut -> ReLU), with the SE's
+    squeeze, activation and gate. A shape several of the networks have is listed once,
+    under their names joined by '/' (SE-ResNeXt-50's tails are SE-ResNet-50's), with the
+    count of the first."""
+    try:
+        import timm
+        from timm.models.resnet import Bottleneck
+    except ImportError as error:
+        raise SystemExit("se-kernels bench needs timm for the block-tail shapes: "
+                         "pip install 'se-kernels[bench]'") from error
+    from ..convert import SESpec, inspect_se_module
+
+    found: dict[tuple, SEShape] = {}
+    for network in TAIL_NETWORKS:
+        layers = []
+        for name, module, (_, c, h, w) in _trace(timm.create_model(network, pretrained=False),
+                                                 Bottleneck, at_output=True, image=image):
+            report = inspect_se_module(module.se) if module.se is not None else None
+            if report is not None and isinstance(report.spec, SESpec):
+                squeeze = module.se.get_submodule(report.spec.reduce).out_channels
+                layers.append(SEShape(network, name, c, squeeze, h, w, report.spec.activation,
+                                      report.spec.gate))
+        for shape in _dedupe(network, layers):
+            key = (shape.channels, shape.squeeze, shape.height, shape.width, shape.activation,
+                   shape.gate)
+            first = found.setdefault(key, shape)
+            if first is not shape:
+                found[key] = SEShape(**{**first.__dict__,
+                                        "network": f"{first.network}/{network}"})
+    return tuple(found.values())
 
 
 def form_label(form) -> str:
