@@ -47,6 +47,10 @@ GRAD_MAP_SCHEMA = (
     "Tensor? peak, Tensor? peak_shift, str out_activation) -> Tensor")
 SCHEMAS = {"stream_reduce": REDUCE_SCHEMA, "stream_map": MAP_SCHEMA,
            "stream_grad_reduce": GRAD_REDUCE_SCHEMA, "stream_grad_map": GRAD_MAP_SCHEMA}
+# Each op's outputs by name: the schemas' names, and what the map ops' one output is.
+OUTPUTS = {"stream_reduce": ("sum", "sumsq", "max", "min"), "stream_map": ("out",),
+           "stream_grad_reduce": ("sdy", "sdyx", "count", "dresidual"),
+           "stream_grad_map": ("dx",)}
 
 _lib = torch.library.Library("se_kernels", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's life
 for _name, _schema in SCHEMAS.items():
@@ -200,6 +204,13 @@ stream_reduce = NATIVE["stream_reduce"]
 stream_map = NATIVE["stream_map"]
 stream_grad_reduce = NATIVE["stream_grad_reduce"]
 stream_grad_map = NATIVE["stream_grad_map"]
+
+
+def named(name: str, args: tuple, outputs) -> dict:
+    """A call of the op `name` as {argument or output name: value} (SCHEMAS, OUTPUTS)."""
+    params = [argument.name for argument in NATIVE[name]._schema.arguments]
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return {**dict(zip(params, args)), **dict(zip(OUTPUTS[name], outputs))}
 
 
 def reference(name: str, *args):

@@ -93,8 +93,8 @@ def flops(args: argparse.Namespace) -> int:
 # (subcommand = module of se_kernels, help, description)
 MODULE_COMMANDS = (
     ("plan", "launches, modeled DRAM bytes and predicted time of one call on a GPU",
-     "Runs a GPU backend's planning code for one SE call (no GPU needed) and models its DRAM "
-     "traffic against the bandwidth floor."),
+     "Runs a GPU backend's planning code for one SE call or block tail (no GPU needed) and "
+     "models its DRAM traffic against the bandwidth floor."),
     ("coverage", "timm's SE-style modules the fused op serves, per model family",
      "Builds timm's models on the meta device and reports, per family, the SE-style modules "
      "convert_se_modules replaces and why the rest stay eager."),

@@ -1,4 +1,5 @@
-"""`se-kernels plan`: what one SE call costs a GPU, from the backends' own planning code.
+"""`se-kernels plan`: what one SE call (or block tail) costs a GPU, from the backends' own
+planning code.
 
 A backend's planner yields a trace: the launches of one forward or backward, in order, each
 with its kernel, its program (CTA) count, and the byte ranges it touches, in the order its
@@ -15,13 +16,19 @@ dram_bytes counts the tensors of the floor (x, residual, out, grad_out, dx, dres
 other_dram_bytes the rest of the trace: weights, weight gradients and the [N, C]-sized
 vectors and partial sums, which the floor leaves out. predicted_us = launches * launch_us +
 (dram_bytes + other_dram_bytes) / bandwidth, and the floor is the bytes no schedule can
-avoid (DESIGN.md §2), over the same bandwidth:
+avoid (DESIGN.md §2), over the same bandwidth. For an SE call, fused or staged:
   forward:  read x (+ residual), write out;
   backward: read grad_out and x (+ out under the output ReLU), write dx (+ dresidual when
             there is a residual and the output ReLU: without it dresidual is grad_out itself
             and nothing is written).
+For the block tail, whose batch statistics need all of x before any output (and all of dy
+before any dx), the two passes' bytes:
+  forward:  read x twice (+ the shortcut), write out;
+  backward: read dy twice (under the output ReLU: grad_out and out, then the written
+            dshortcut, or without a shortcut grad_out and out again) and x twice, write dx.
 
-The traces come from the backends themselves (their `schedule_trace`); their data types are
+The traces come from the backends themselves (their `schedule_trace`; for staged and tail
+calls, of the stream ops the path calls, se_kernels.stream_schedule); their data types are
 in se_kernels.schedule.
 """
 
@@ -35,12 +42,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import dispatch
-from .schedule import GPUS, STREAMS, GpuProfile, Launch, PlanCall, PlanUnavailable
+from .schedule import (FUSED, GPUS, PATHS, STAGED, STREAMS, TAIL, GpuProfile, Launch, PlanCall,
+                       PlanUnavailable)
 from .options import AVG, POOLS
 
 CURRENT = "current"  # --gpu: the GPU torch sees (current_gpu)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
+PATH_NAMES = {FUSED: "SE op", STAGED: "staged SE",
+              TAIL: "block tail (BatchNorm in training -> SE)"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,8 @@ def dram_bytes_by_tensor(trace: list[Launch], l2_bytes: int) -> dict[str, int]:
 
 def floor_bytes(call: PlanCall, backward: bool) -> int:
     x = call.x_bytes
+    if call.path == TAIL:
+        return x * (5 + 2 * call.out_relu if backward else 3 + call.residual)
     if not backward:
         return x * (2 + call.residual)
     return x * (3 + call.out_relu + (call.residual and call.out_relu))
@@ -125,13 +137,20 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", required=True, choices=planning_backends())
+    parser.add_argument("--path", default=FUSED, choices=PATHS,
+                        help="fused (default): the SE op of the plain two-FC excitation; staged: "
+                             "an SE on the stream ops, as every other excitation form runs; "
+                             "tail: the block tail BatchNorm -> SE -> drop path -> + shortcut "
+                             "(--residual) -> ReLU (--out-activation relu), in training")
     parser.add_argument("--shape", required=True, type=parse_shape, metavar="N,C,H,W")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--layout", default="channels_last", choices=LAYOUTS)
     parser.add_argument("--squeeze", type=int, metavar="S",
                         help="hidden units of the SE MLP (default: C // 16, at least 1)")
     parser.add_argument("--pool", default=AVG, choices=POOLS)
-    parser.add_argument("--residual", action="store_true", help="a residual is added before the output activation")
+    parser.add_argument("--residual", action="store_true",
+                        help="a residual (the tail's shortcut) is added before the output "
+                             "activation")
     parser.add_argument("--out-activation", default="none", choices=["none", "relu"])
     parser.add_argument("--gpu", default="h200", choices=[*sorted(GPUS), CURRENT],
                         help="the GPU profile (default h200); current: the GPU torch sees, "
@@ -145,7 +164,7 @@ def call_from_args(args: argparse.Namespace) -> PlanCall:
     if squeeze < 1:
         raise ValueError(f"--squeeze must be a positive integer, got {squeeze}")
     return PlanCall(n, c, h, w, squeeze, DTYPES[args.dtype], args.layout == "channels_last",
-                    args.residual, args.out_activation == "relu", args.pool)
+                    args.residual, args.out_activation == "relu", args.pool, args.path)
 
 
 def table(plans: dict[str, PassCost]) -> str:
@@ -194,7 +213,8 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({name: asdict(p) for name, p in plans.items()}))
     else:
         n, c, h, w = args.shape
-        print(f"{args.backend} schedule for x {n}x{c}x{h}x{w} {args.dtype} {args.layout}, "
+        print(f"{args.backend} schedule of the {PATH_NAMES[call.path]} for x "
+              f"{n}x{c}x{h}x{w} {args.dtype} {args.layout}, "
               f"squeeze {call.squeeze}, pool {call.pool}"
               f"{', residual' if call.residual else ''}"
               f"{', output ReLU' if call.out_relu else ''}; {gpu.describe()}")

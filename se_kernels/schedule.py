@@ -17,6 +17,10 @@ from .options import AVG
 
 # The x-sized tensors: the floor's (DESIGN.md §2) and the streams a pass walks sample by sample.
 STREAMS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
+# What a plan is of (PlanCall.path): the fused SE op; an SE on the stream ops (the staged path,
+# DESIGN.md §1.4, every excitation form but the plain two-FC one); the block tail (§1.5).
+FUSED, STAGED, TAIL = "fused", "staged", "tail"
+PATHS = (FUSED, STAGED, TAIL)
 # The tensors a trace names: the streams, then the weights (and their gradients) and
 # everything else (the [N, C] vectors, partial sums). The cuda backend's cuda_schedule op
 # encodes tensors and kernels as indices into these lists, which csrc/cuda/se_trace.h
@@ -71,7 +75,8 @@ class Launch:
 
 @dataclass(frozen=True)
 class PlanCall:
-    """The arguments of an SE call that shape its schedule."""
+    """The arguments of an SE call that shape its schedule, and the path it takes (PATHS);
+    for the tail, `residual` is the shortcut."""
     n: int
     c: int
     h: int
@@ -82,6 +87,13 @@ class PlanCall:
     residual: bool = False
     out_relu: bool = False
     pool: str = AVG
+    path: str = FUSED
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"a plan's path is one of {', '.join(PATHS)}, got {self.path!r}")
+        if self.path == TAIL and self.pool != AVG:
+            raise ValueError(f"the block tail squeezes with the mean, not pool {self.pool!r}")
 
     @property
     def p(self) -> int:

@@ -84,9 +84,9 @@ def _pooled(sums, xmax, pool: str, p: int):
     return w_avg * (sums / p) + w_max * xmax
 
 
-def _forward(backend: str, form, gate: str, pool: str, out_activation: str, x, residual, params):
-    """out, the batch statistics (or None) and what the backward needs."""
-    ops = dispatch.get_backend(backend).stream_ops(x.device.type)
+def forward_passes(ops, form, gate: str, pool: str, out_activation: str, x, residual, params):
+    """out, the batch statistics (or None) and what backward_passes needs, with `ops` as the
+    stream ops."""
     acc = accumulate_dtype(x.dtype)
     cast = tuple(t if t is None or t.dtype == acc else t.to(acc) for t in params)
     sums, _, xmax, _ = ops["stream_reduce"](x, False, pool != AVG, False)
@@ -96,11 +96,37 @@ def _forward(backend: str, form, gate: str, pool: str, out_activation: str, x, r
     return out, stats, (z, xmax if pool != AVG else None, g, cast, saved)
 
 
+def backward_passes(ops, form, gate: str, pool: str, out_activation: str, residual_grad: bool,
+                    grad_out, x, out, z, xmax, g, cast, saved):
+    """(dx, dresidual, grads) with `ops` as the stream ops: dresidual is grad_out itself
+    unless the reduce pass wrote the masked dy; grads are the form's parameters', in the
+    accumulation dtype. `out` is the forward's output under an output ReLU, else None."""
+    _, sdyx, count, dresidual = ops["stream_grad_reduce"](
+        grad_out, out, x, xmax, out_activation, False, residual_grad)
+    s = GATE_VALUES[gate](g)
+    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyx), z, cast, saved)
+    w_avg, w_max = POOL_WEIGHTS[pool]
+    shift = dz * (w_avg / (x.shape[2] * x.shape[3])) if w_avg else None
+    # count is 0 only where the max is NaN: no x equals it, and nothing is added.
+    peak_shift = torch.where(count > 0, dz * w_max / count, 0.0) if w_max else None
+    if dresidual.numel():  # the masked dy, written by the reduce pass: read it, not out
+        dx = ops["stream_grad_map"](dresidual, None, x, s, None, shift, xmax, peak_shift, NONE)
+    else:
+        dresidual = grad_out
+        dx = ops["stream_grad_map"](grad_out, out, x, s, None, shift, xmax, peak_shift,
+                                    out_activation)
+    return dx, dresidual, grads
+
+
+def _stream_ops(backend: str, x: torch.Tensor) -> dict:
+    return dispatch.get_backend(backend).stream_ops(x.device.type)
+
+
 class _StagedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, form, gate, pool, out_activation, x, residual, *params):
-        out, stats, (z, xmax, g, cast, saved) = _forward(backend, form, gate, pool, out_activation,
-                                                         x, residual, params)
+        out, stats, (z, xmax, g, cast, saved) = forward_passes(
+            _stream_ops(backend, x), form, gate, pool, out_activation, x, residual, params)
         mean, var = stats if stats is not None else (g.new_empty((0,)), g.new_empty((0,)))
         ctx.mark_non_differentiable(mean, var)
         ctx.save_for_backward(x, out if out_activation == OUT_RELU else None, z, xmax, g, *cast,
@@ -114,22 +140,10 @@ class _StagedFunction(torch.autograd.Function):
         backend, form, gate, pool, out_activation, n_params, has_residual, dtypes = ctx.static
         x, out, z, xmax, g, *rest = ctx.saved_tensors
         cast, saved = tuple(rest[:n_params]), tuple(rest[n_params:])
-        ops = dispatch.get_backend(backend).stream_ops(x.device.type)
         residual_grad = has_residual and ctx.needs_input_grad[6]
-        _, sdyx, count, dresidual = ops["stream_grad_reduce"](
-            grad_out, out, x, xmax, out_activation, False, residual_grad)
-        s = GATE_VALUES[gate](g)
-        dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyx), z, cast, saved)
-        w_avg, w_max = POOL_WEIGHTS[pool]
-        shift = dz * (w_avg / (x.shape[2] * x.shape[3])) if w_avg else None
-        # count is 0 only where the max is NaN: no x equals it, and nothing is added.
-        peak_shift = torch.where(count > 0, dz * w_max / count, 0.0) if w_max else None
-        if dresidual.numel():  # the masked dy, written by the reduce pass: read it, not out
-            dx = ops["stream_grad_map"](dresidual, None, x, s, None, shift, xmax, peak_shift, NONE)
-        else:
-            dresidual = grad_out
-            dx = ops["stream_grad_map"](grad_out, out, x, s, None, shift, xmax, peak_shift,
-                                        out_activation)
+        dx, dresidual, grads = backward_passes(_stream_ops(backend, x), form, gate, pool,
+                                               out_activation, residual_grad, grad_out, x, out,
+                                               z, xmax, g, cast, saved)
         grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes))
         return (None, None, None, None, None, dx, dresidual if residual_grad else None, *grads)
 
@@ -169,8 +183,9 @@ def run_stream_ops(backend: dispatch.Backend, call: StagedCall):
         out = _linear_form_forward(backend, call)
         if out is not None:
             return out, None
-        out, stats, _ = _forward(backend.name, call.form, call.gate, call.pool,
-                                 call.out_activation, call.x, call.residual, call.params)
+        out, stats, _ = forward_passes(backend.stream_ops(call.x.device.type), call.form,
+                                       call.gate, call.pool, call.out_activation, call.x,
+                                       call.residual, call.params)
         return out, stats
     out, mean, var = _StagedFunction.apply(backend.name, call.form, call.gate, call.pool,
                                            call.out_activation, call.x, call.residual,

@@ -104,87 +104,106 @@ def _affine(weight, bias, mean, rstd):
     return a, b
 
 
+def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, running_var,
+                   params):
+    """(out, stats, total, saved) with `ops` as the stream ops: the batch mean and variance
+    stacked (empty without batch statistics), the count of values per channel (likewise),
+    and the tensors backward_passes takes."""
+    batch_stats, eps, form, gate, out_activation, group = static
+    acc = accumulate_dtype(x.dtype)
+    cast = tuple(None if t is None else t.to(acc) for t in params)
+    weight_a = None if weight is None else weight.to(acc)
+    bias_a = None if bias is None else bias.to(acc)
+    p = x.shape[2] * x.shape[3]
+    sums, sumsq, _, _ = ops["stream_reduce"](x, batch_stats, False, False)
+    if batch_stats:
+        mean, var, count = _batch_statistics(sums, sumsq, p, group)
+    else:
+        mean, var, count = running_mean.to(acc), running_var.to(acc), None
+    rstd = torch.rsqrt(var + eps)
+    a, b = _affine(weight_a, bias_a, mean, rstd)
+    z = a * (sums / p) + b
+    g, form_saved, _ = form.forward(z, cast)
+    s = GATE_VALUES[gate](g)
+    k = s if keep is None else s * keep.to(acc)[:, None]
+    out = ops["stream_map"](x, k * a, k * b, residual, out_activation)
+    stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
+    total = count if count is not None else mean.new_empty((0,))
+    saved = (x, out if out_activation == OUT_RELU else None, keep, weight_a, bias_a, sums, z, g,
+             mean, rstd, *cast, *form_saved)
+    return out, stats, total, saved
+
+
+def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
+    """(dx, dresidual, grads) with `ops` as the stream ops, from forward_passes' `saved`:
+    dresidual is grad_out itself unless the reduce pass wrote the masked dy; grads are those
+    of the norm's weight and bias and of the form's parameters, in the accumulation dtype."""
+    batch_stats, eps, form, gate, out_activation, group = static
+    x, out, keep, weight_a, bias_a, sums, z, g, mean, rstd, *rest = saved
+    cast, form_saved = tuple(rest[:n_params]), tuple(rest[n_params:])
+    acc = mean.dtype
+    n, c, h, w = x.shape
+    p = h * w
+    sdy, sdyx, _, dresidual = ops["stream_grad_reduce"](
+        grad_out, out, x, None, out_activation, True, residual_grad)
+    a, b = _affine(weight_a, bias_a, mean, rstd)
+    s = GATE_VALUES[gate](g)
+    keep_a = None if keep is None else keep.to(acc)[:, None]
+    ds = a * sdyx + b * sdy  # Σ_p dy·u
+    if keep_a is not None:
+        ds = ds * keep_a
+    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, ds), z, cast, form_saved)
+    k = s if keep_a is None else s * keep_a
+    e = dz / p                        # du = k·dy + e, per (n, c)
+    sdu = k * sdy + p * e             # Σ_p du
+    sdux = k * sdyx + e * sums        # Σ_p du·x
+    local = torch.cat([sdu.sum(0), sdux.sum(0)])
+    # dγ = Σ du·x̂ and dβ = Σ du from this process's batch, as SyncBatchNorm's are (DDP
+    # then averages them); the input's gradient needs the whole batch's.
+    dweight = rstd * (local[c:] - mean * local[:c]) if weight_a is not None else None
+    dbias = local[:c] if bias_a is not None else None
+    gamma = weight_a if weight_a is not None else torch.ones_like(mean)
+    if batch_stats:
+        totals = _all_reduce(torch.cat([local, local.new_full((1,), n * p)]), group)
+        count = totals[-1]
+        mean_du = totals[:c] / count
+        mean_duxhat = rstd * (totals[c:2 * c] / count - mean * mean_du)
+        dy_scale = gamma * rstd * k
+        x_scale = (-gamma * rstd * rstd * mean_duxhat).expand(n, c)
+        shift = gamma * rstd * (e - mean_du + rstd * mean * mean_duxhat)
+    else:
+        dy_scale, x_scale, shift = a * k, None, a * e
+    if dresidual.numel():  # the masked dy, written by the reduce pass
+        dx = ops["stream_grad_map"](dresidual, None, x, dy_scale, x_scale, shift, None, None, NONE)
+    else:
+        dresidual = grad_out
+        dx = ops["stream_grad_map"](grad_out, out, x, dy_scale, x_scale, shift, None, None,
+                                    out_activation)
+    return dx, dresidual, (dweight, dbias, *grads)
+
+
 class _TailFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, static, x, residual, keep, weight, bias, running_mean, running_var,
                 *params):
-        batch_stats, eps, form, gate, out_activation, group = static
         ops = dispatch.get_backend(backend).stream_ops(x.device.type)
-        acc = accumulate_dtype(x.dtype)
-        cast = tuple(None if t is None else t.to(acc) for t in params)
-        weight_a = None if weight is None else weight.to(acc)
-        bias_a = None if bias is None else bias.to(acc)
-        n, c, h, w = x.shape
-        p = h * w
-        sums, sumsq, _, _ = ops["stream_reduce"](x, batch_stats, False, False)
-        if batch_stats:
-            mean, var, count = _batch_statistics(sums, sumsq, p, group)
-        else:
-            mean, var, count = running_mean.to(acc), running_var.to(acc), None
-        rstd = torch.rsqrt(var + eps)
-        a, b = _affine(weight_a, bias_a, mean, rstd)
-        z = a * (sums / p) + b
-        g, saved, _ = form.forward(z, cast)
-        s = GATE_VALUES[gate](g)
-        k = s if keep is None else s * keep.to(acc)[:, None]
-        out = ops["stream_map"](x, k * a, k * b, residual, out_activation)
-        stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
-        total = count if count is not None else mean.new_empty((0,))
+        out, stats, total, saved = forward_passes(ops, static, x, residual, keep, weight, bias,
+                                                  running_mean, running_var, params)
         ctx.mark_non_differentiable(stats, total)
-        ctx.save_for_backward(x, out if out_activation == OUT_RELU else None, keep, weight_a,
-                              bias_a, sums, z, g, mean, rstd, *cast, *saved)
-        ctx.static = (backend, static, len(cast), residual is not None,
+        ctx.save_for_backward(*saved)
+        ctx.static = (backend, static, len(params), residual is not None,
                       tuple(None if t is None else t.dtype for t in (weight, bias, *params)))
         return out, stats, total
 
     @staticmethod
     def backward(ctx, grad_out, _dstats, _dtotal):
         backend, static, n_params, has_residual, dtypes = ctx.static
-        batch_stats, eps, form, gate, out_activation, group = static
-        x, out, keep, weight_a, bias_a, sums, z, g, mean, rstd, *rest = ctx.saved_tensors
-        cast, saved = tuple(rest[:n_params]), tuple(rest[n_params:])
-        ops = dispatch.get_backend(backend).stream_ops(x.device.type)
-        acc = mean.dtype
-        n, c, h, w = x.shape
-        p = h * w
+        saved = ctx.saved_tensors
+        ops = dispatch.get_backend(backend).stream_ops(saved[0].device.type)
         residual_grad = has_residual and ctx.needs_input_grad[3]
-        sdy, sdyx, _, dresidual = ops["stream_grad_reduce"](
-            grad_out, out, x, None, out_activation, True, residual_grad)
-        a, b = _affine(weight_a, bias_a, mean, rstd)
-        s = GATE_VALUES[gate](g)
-        keep_a = None if keep is None else keep.to(acc)[:, None]
-        ds = a * sdyx + b * sdy  # Σ_p dy·u
-        if keep_a is not None:
-            ds = ds * keep_a
-        dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, ds), z, cast, saved)
-        k = s if keep_a is None else s * keep_a
-        e = dz / p                        # du = k·dy + e, per (n, c)
-        sdu = k * sdy + p * e             # Σ_p du
-        sdux = k * sdyx + e * sums        # Σ_p du·x
-        local = torch.cat([sdu.sum(0), sdux.sum(0)])
-        # dγ = Σ du·x̂ and dβ = Σ du from this process's batch, as SyncBatchNorm's are (DDP
-        # then averages them); the input's gradient needs the whole batch's.
-        dweight = rstd * (local[c:] - mean * local[:c]) if weight_a is not None else None
-        dbias = local[:c] if bias_a is not None else None
-        gamma = weight_a if weight_a is not None else torch.ones_like(mean)
-        if batch_stats:
-            totals = _all_reduce(torch.cat([local, local.new_full((1,), n * p)]), group)
-            count = totals[-1]
-            mean_du = totals[:c] / count
-            mean_duxhat = rstd * (totals[c:2 * c] / count - mean * mean_du)
-            dy_scale = gamma * rstd * k
-            x_scale = (-gamma * rstd * rstd * mean_duxhat).expand(n, c)
-            shift = gamma * rstd * (e - mean_du + rstd * mean * mean_duxhat)
-        else:
-            dy_scale, x_scale, shift = a * k, None, a * e
-        if dresidual.numel():  # the masked dy, written by the reduce pass
-            dx = ops["stream_grad_map"](dresidual, None, x, dy_scale, x_scale, shift, None, None, NONE)
-        else:
-            dresidual = grad_out
-            dx = ops["stream_grad_map"](grad_out, out, x, dy_scale, x_scale, shift, None, None,
-                                        out_activation)
-        grads = tuple(None if d is None else d.to(dtype)
-                      for d, dtype in zip((dweight, dbias, *grads), dtypes))
+        dx, dresidual, grads = backward_passes(ops, static, n_params, residual_grad, grad_out,
+                                               saved)
+        grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes))
         return (None, None, dx, dresidual if residual_grad else None, None, *grads[:2], None,
                 None, *grads[2:])
 

@@ -15,9 +15,10 @@ import zlib
 import pytest
 import torch
 
-from cuda_emulator.build import DEFAULT_MODE, STRICT, Mode, load_or_skip, load_se_kernels, set_mode
+from cuda_emulator.build import (DEFAULT_MODE, EMULATED_DEVICE, STRICT, Mode, load_or_skip,
+                                 load_se_kernels, set_mode)
 from se_kernels._ops import accumulate_dtype, kernel_memory_format
-from se_kernels._stream_ops import reference
+from se_kernels._stream_ops import named, reference
 from helpers import apply_layout
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -237,6 +238,30 @@ def test_launches(emu):
     assert emu.last_launches()[::2] == [6]
     emu.stream_reduce(torch.randn(0, 3, 4, 4), True, True, True)
     assert emu.last_launches() == []
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_launches_are_the_plan(emu, dtype, layout):
+    """Every call launches the kernels, with the CTA counts, that se_kernels::
+    cuda_stream_schedule (the source of `se-kernels plan` for staged and tail calls) plans
+    for the emulated device: rows split into pieces, and their combine kernel, included."""
+    from se_kernels.backends.native import plan_stream_call
+    from se_kernels.schedule import CUDA_TRACE_KERNELS
+
+    set_mode(emu, DEFAULT_MODE, 0)
+    kernels = set()
+    for name in OPS:
+        for variant, shape in enumerate(SHAPES):
+            args, got = OPS[name](emu, Inputs(shape, dtype, layout, seed_of("plan", shape)),
+                                  variant)
+            made = emu.last_launches()
+            planned = plan_stream_call(name, named(name, args, got), EMULATED_DEVICE[0])
+            assert list(zip(made[::2], made[1::2])) == [
+                (CUDA_TRACE_KERNELS.index(launch.kernel), launch.programs) for launch in planned
+            ], (name, shape, variant)
+            kernels.update(launch.kernel for launch in planned)
+    assert kernels == {"reduce", "combine", "map"}
 
 
 @pytest.mark.parametrize("call, message", [

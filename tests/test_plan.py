@@ -109,6 +109,22 @@ def test_floor_and_prediction():
                                    8600 / 4.3e12 * 1e6, 0)
 
 
+def test_tail_floor_counts_the_second_pass():
+    """The tail's batch statistics need all of x (backward: all of dy) before any output:
+    x twice forward; dy (or the written dshortcut) and x twice backward, out once more
+    without a shortcut under the ReLU."""
+    x = 2 * 8 * 16 * 2
+    for residual, relu, forward, backward in ((True, True, 4, 7), (False, True, 3, 7),
+                                              (True, False, 4, 5), (False, False, 3, 5)):
+        call = plan.PlanCall(2, 8, 4, 4, 2, torch.bfloat16, True, residual=residual,
+                             out_relu=relu, path=plan.TAIL)
+        assert plan.floor_bytes(call, backward=False) == forward * x
+        assert plan.floor_bytes(call, backward=True) == backward * x
+    staged = plan.PlanCall(2, 8, 4, 4, 2, torch.bfloat16, True, residual=True, out_relu=True,
+                           path=plan.STAGED)
+    assert plan.floor_bytes(staged, backward=False) == 3 * x  # the SE's: staging gives up reuse
+
+
 def test_weights_and_scratch_count_apart_from_the_floors_tensors():
     """dram_bytes counts the floor's tensors; weights and scratch go to other_dram_bytes,
     yet take their place in the L2 window (here they push x's re-read out of it)."""
@@ -144,6 +160,34 @@ def test_plan_command_json_for_triton(capsys):
         assert half["floor_bytes"] == floor
         assert half["dram_bytes"] >= floor and half["launches"] >= 2
         assert half["predicted_us"] > half["floor_us"] == pytest.approx(floor / 4.3e6)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_plan_command_for_the_tail(capsys, backend):
+    """`--path tail`: the stream ops' launches, two passes each way; the second read of x
+    is in the floor, and the re-read of x from L2 (this x fits) takes the bytes below it."""
+    if backend == "cuda" and native.EXTENSION_ERROR is not None:
+        pytest.skip(f"no compiled extension: {native.EXTENSION_ERROR}")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    assert cli.main(["plan", "--backend", backend, "--path", "tail", "--shape", "8,256,14,14",
+                     "--residual", "--out-activation", "relu", "--gpu", "h100", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    x = 8 * 256 * 14 * 14 * 2
+    assert (result["forward"]["floor_bytes"], result["backward"]["floor_bytes"]) == (4 * x, 7 * x)
+    for half in result.values():
+        assert half["launches"] >= 2
+        assert half["floor_bytes"] - 26 * MB <= half["dram_bytes"] < half["floor_bytes"]
+    assert cli.main(["plan", "--backend", backend, "--path", "staged", "--shape", "8,256,14,14",
+                     "--pool", "max"]) == 0
+    assert "schedule of the staged SE" in capsys.readouterr().out
+
+
+def test_plan_command_refuses_a_tail_that_pools_max(capsys):
+    assert cli.main(["plan", "--backend", "triton", "--path", "tail", "--shape", "2,8,4,4",
+                     "--pool", "max"]) == 2
+    assert capsys.readouterr().err == ("se-kernels plan: the block tail squeezes with the mean, "
+                                       "not pool 'max'\n")
 
 
 def test_plan_command_table(capsys):

@@ -1,15 +1,18 @@
-// The trace of a planned call: the launches a Plan (se_plan.h) makes and, per launch, the
-// ranges of each tensor it reads and writes, in the encoding of se_trace.h. It is the
-// schedule that `se-kernels plan` (se_kernels/plan.py) runs its DRAM model over, made by
-// the kernels' own planning code; tests compare it with the launches real calls log. Only
-// csrc/cuda_schedule.cpp includes it. Free of CUDA and torch headers.
+// The trace of a planned call: the launches a Plan (se_plan.h) or a stream op's StreamPlan
+// (se_stream_plan.h) makes and, per launch, the ranges of each tensor it reads and writes,
+// in the encoding of se_trace.h. It is the schedule that `se-kernels plan`
+// (se_kernels/plan.py) runs its DRAM model over, made by the kernels' own planning code;
+// tests compare it with the launches real calls log. Only csrc/cuda_schedule.cpp includes
+// it. Free of CUDA and torch headers.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 #include "se_plan.h"
+#include "se_stream_plan.h"
 #include "se_trace.h"
 
 namespace se_kernels::cuda {
@@ -99,6 +102,85 @@ inline std::vector<int64_t> trace(const Plan& plan, bool backward) {
     }
   }
   if (backward) trace_weight_grads(plan, t);
+  return t.data;
+}
+
+// ---- the stream ops ------------------------------------------------------------------------
+
+// What a stream op's pass touches, from the pointers its arguments give (what se_stream.cu's
+// Terms and Ops load and store): its x-sized tensors in the order a tile touches them, and
+// how many [N, C] vectors it reads and writes.
+struct StreamAccesses {
+  PlaneAccesses streams;
+  int vectors_read = 0;
+  int vectors_written = 0;
+};
+
+inline int count_given(std::initializer_list<const void*> pointers) {
+  int given = 0;
+  for (const void* p : pointers) given += p != nullptr;
+  return given;
+}
+
+inline StreamAccesses stream_accesses(const StreamReduceArgs& a) {
+  StreamAccesses s;
+  s.streams.add(TraceTensor::X, false);
+  s.vectors_written = count_given({a.sum, a.sumsq, a.max, a.min});
+  return s;
+}
+
+inline StreamAccesses stream_accesses(const StreamMapArgs& a) {
+  StreamAccesses s;
+  s.vectors_read = count_given({a.scale, a.shift});
+  s.streams.add(TraceTensor::X, false);
+  if (a.residual != nullptr) s.streams.add(TraceTensor::Residual, false);
+  s.streams.add(TraceTensor::Out, true);
+  return s;
+}
+
+inline StreamAccesses stream_accesses(const StreamGradReduceArgs& a) {
+  StreamAccesses s;
+  s.vectors_read = count_given({a.peak});
+  s.streams.add(TraceTensor::GradOut, false);
+  s.streams.add(TraceTensor::X, false);
+  if (a.out != nullptr) s.streams.add(TraceTensor::Out, false);
+  if (a.dresidual != nullptr) s.streams.add(TraceTensor::Dresidual, true);
+  s.vectors_written = count_given({a.sdy, a.sdyx, a.count});
+  return s;
+}
+
+inline StreamAccesses stream_accesses(const StreamGradMapArgs& a) {
+  StreamAccesses s;
+  s.vectors_read = count_given({a.dy_scale, a.x_scale, a.shift, a.peak, a.peak_shift});
+  s.streams.add(TraceTensor::GradOut, false);
+  if (a.out != nullptr) s.streams.add(TraceTensor::Out, false);
+  if (a.x_scale != nullptr || a.peak != nullptr) s.streams.add(TraceTensor::X, false);
+  s.streams.add(TraceTensor::Dx, true);
+  return s;
+}
+
+// The launches of a planned stream pass (se_stream.cu: a reduce kernel, then the combine
+// kernel when rows are split, or a map kernel) and what each touches. The pass walks the
+// whole batch once, so each x-sized tensor is one access. Scratch holds the partial sums,
+// then the vectors the pass reads, then those it writes.
+template <typename Args>
+std::vector<int64_t> trace_stream(const StreamPlan& plan, const Args& args) {
+  const Problem& pb = plan.problem;
+  Trace t;
+  if (pb.N == 0) return t.data;
+  const StreamAccesses a = stream_accesses(args);
+  const int64_t acc = acc_size(pb.dtype);
+  const int64_t tensor = pb.N * pb.C * pb.P * element_size(pb.dtype), vector = pb.N * pb.C * acc;
+  const int64_t partials = plan.workspace_elems * acc, read = a.vectors_read * vector;
+  t.launch(stream_quantities(args) > 0 ? TraceKernel::Reduce : TraceKernel::Map, plan.pass.ctas);
+  t.access(TraceTensor::Scratch, partials, read, false);
+  for (const auto& s : a.streams) t.access(s.tensor, 0, tensor, s.write);
+  if (partials > 0) {
+    t.access(TraceTensor::Scratch, 0, partials, true);
+    t.launch(TraceKernel::Combine, ceil_div(pb.N * pb.C, kThreads));
+    t.access(TraceTensor::Scratch, 0, partials, false);
+  }
+  t.access(TraceTensor::Scratch, partials + read, a.vectors_written * vector, true);
   return t.data;
 }
 

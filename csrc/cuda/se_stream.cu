@@ -24,7 +24,7 @@ __device__ __forceinline__ void channel_values(const A* v, int64_t nc, A (&out)[
 template <typename T>
 struct ReduceTerms {
   using A = acc_t<T>;
-  static constexpr int kQ = 4, kChan = 1;
+  static constexpr int kQ = kStreamReduceQuantities, kChan = 1;
   const T* x;
   A* sum;
   A* sumsq;  // nullptr: not asked for (likewise max and min)
@@ -76,7 +76,7 @@ __device__ __forceinline__ acc_t<T> masked_dy(const Loaded& e, int i, const T* o
 template <typename T>
 struct GradReduceTerms {
   using A = acc_t<T>;
-  static constexpr int kQ = 3, kChan = 1;  // peak
+  static constexpr int kQ = kStreamGradReduceQuantities, kChan = 1;  // peak
   const T* grad_out;
   const T* out;   // nullptr: no output ReLU
   const T* x;
@@ -172,19 +172,19 @@ struct GradMapOp {
   }
 };
 
-// The tiles of a pass over the whole batch whose x-sized tensors start at `tensors`, and the
-// scratch of a reduce pass of kQ quantities (0 for a map pass) when its rows are split.
-template <int kQ>
-StreamPlan plan_pass(const Problem& pb, std::initializer_list<const void*> tensors) {
-  StreamPlan plan{pb, {}, 0};
-  if (pb.N == 0) return plan;
-  int width = 1;
-  dispatch_dtype(pb.dtype, [&](auto tag) {
-    width = pass_width<decltype(tag)>(pb.channels_last ? pb.C : pb.P, pb.channels_last, tensors);
-  });
-  plan.pass = tile_pass(pb, pb.N, width, current_device_info().sm_count);
-  if (plan.pass.pieces > 1) plan.workspace_elems = kQ * plan.pass.pieces * pb.N * pb.C;
-  return plan;
+// The plan of `args`' pass (se_stream_plan.h) on the current device, with the widest
+// accesses that its x-sized tensors, starting at `tensors`, allow.
+template <typename Args>
+StreamPlan plan_pass(const Problem& pb, const Args& args,
+                     std::initializer_list<const void*> tensors) {
+  int width = 1, sm_count = 1;
+  if (pb.N > 0) {  // an empty batch launches nothing: no device to ask
+    dispatch_dtype(pb.dtype, [&](auto tag) {
+      width = pass_width<decltype(tag)>(pb.channels_last ? pb.C : pb.P, pb.channels_last, tensors);
+    });
+    sm_count = current_device_info().sm_count;
+  }
+  return plan_stream_pass(pb, width, sm_count, stream_quantities(args));
 }
 
 template <typename T, typename Terms>
@@ -206,7 +206,7 @@ void map_pass(const StreamPlan& plan, const Op& op, cudaStream_t stream) {
 }  // namespace detail
 
 StreamPlan plan_stream(const Problem& problem, const StreamReduceArgs& args) {
-  return detail::plan_pass<detail::ReduceTerms<float>::kQ>(problem, {args.x});
+  return detail::plan_pass(problem, args, {args.x});
 }
 
 void launch_stream(const StreamPlan& plan, const StreamReduceArgs& args, cudaStream_t stream) {
@@ -221,7 +221,7 @@ void launch_stream(const StreamPlan& plan, const StreamReduceArgs& args, cudaStr
 }
 
 StreamPlan plan_stream(const Problem& problem, const StreamMapArgs& args) {
-  return detail::plan_pass<0>(problem, {args.x, args.residual, args.out});
+  return detail::plan_pass(problem, args, {args.x, args.residual, args.out});
 }
 
 void launch_stream(const StreamPlan& plan, const StreamMapArgs& args, cudaStream_t stream) {
@@ -242,8 +242,7 @@ void launch_stream(const StreamPlan& plan, const StreamMapArgs& args, cudaStream
 }
 
 StreamPlan plan_stream(const Problem& problem, const StreamGradReduceArgs& args) {
-  return detail::plan_pass<detail::GradReduceTerms<float>::kQ>(
-      problem, {args.grad_out, args.out, args.x, args.dresidual});
+  return detail::plan_pass(problem, args, {args.grad_out, args.out, args.x, args.dresidual});
 }
 
 void launch_stream(const StreamPlan& plan, const StreamGradReduceArgs& args,
@@ -261,7 +260,7 @@ void launch_stream(const StreamPlan& plan, const StreamGradReduceArgs& args,
 }
 
 StreamPlan plan_stream(const Problem& problem, const StreamGradMapArgs& args) {
-  return detail::plan_pass<0>(problem, {args.grad_out, args.out, args.x, args.dx});
+  return detail::plan_pass(problem, args, {args.grad_out, args.out, args.x, args.dx});
 }
 
 void launch_stream(const StreamPlan& plan, const StreamGradMapArgs& args,

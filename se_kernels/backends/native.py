@@ -85,17 +85,81 @@ def build_refusals(device_type: str, device_index: int) -> tuple[str, ...]:
     return ()
 
 
-def cuda_schedule_op():
-    """se_kernels::cuda_schedule from the compiled extension (PlanUnavailable if missing)."""
+def _planning_op(name: str):
+    """The op se_kernels::`name` from the compiled extension (PlanUnavailable if missing)."""
     from ..schedule import PlanUnavailable
 
     if EXTENSION_ERROR is not None:
         raise PlanUnavailable(f"the cuda plan needs the compiled extension: {EXTENSION_ERROR}")
     try:
-        return torch.ops.se_kernels.cuda_schedule
+        return getattr(torch.ops.se_kernels, name)
     except (AttributeError, RuntimeError):
-        raise PlanUnavailable("the loaded extension se_kernels._C has no cuda_schedule op: "
+        raise PlanUnavailable(f"the loaded extension se_kernels._C has no {name} op: "
                               "rebuild it from this source") from None
+
+
+def cuda_schedule_op():
+    """se_kernels::cuda_schedule: the plan of an SE call."""
+    return _planning_op("cuda_schedule")
+
+
+def cuda_stream_schedule_op():
+    """se_kernels::cuda_stream_schedule: the plan of a stream op's call."""
+    return _planning_op("cuda_stream_schedule")
+
+
+def _recording_stream_ops(calls: list) -> dict:
+    """The stream ops on fake tensors, each appending its call, as {argument or output name:
+    value} (_stream_ops.named), to `calls`."""
+    def recording(name: str):
+        def record(*args):
+            outputs = _stream_ops.FAKES[name](*args)
+            calls.append((name, _stream_ops.named(name, args, outputs)))
+            return outputs
+        return record
+    return {name: recording(name) for name in _stream_ops.SCHEMAS}
+
+
+def plan_stream_call(name: str, call: dict, sm_count: int) -> list:
+    """The launches that se_kernels::cuda_stream_schedule plans for one call of the stream
+    op `name`, given as {argument or output name: value} (_stream_ops.named), on a device
+    of `sm_count` SMs, in the layout the kernels take; its x-sized tensors are named by the
+    op's arguments (x, out, ...)."""
+    from ..schedule import decode_cuda_trace
+
+    given = [key for key, value in call.items()
+             if isinstance(value, torch.Tensor) and value.numel()]
+    if call.get("out_activation") == OUT_RELU:
+        given.append("relu")
+    x = call["x"]
+    channels_last = _ops.kernel_memory_format(x) == torch.channels_last
+    return decode_cuda_trace(cuda_stream_schedule_op()(
+        name, x.shape[0], x.shape[1], x.shape[2] * x.shape[3], x.element_size(), channels_last,
+        given, sm_count))
+
+
+def _stream_path_trace(call, gpu, backward: bool) -> list:
+    """The launches of a staged or tail call (se_kernels.stream_schedule), each stream op's
+    call planned as the kernels plan it, its tensors under their plan names; each call's
+    scratch lies after the previous one's."""
+    from ..schedule import STREAMS
+    from ..stream_schedule import run_passes, storage
+
+    forward_calls, backward_calls = [], []
+    names = run_passes(call, _recording_stream_ops(forward_calls),
+                       _recording_stream_ops(backward_calls))
+    launches, scratch_at = [], 0
+    for name, bound in backward_calls if backward else forward_calls:
+        trace = plan_stream_call(name, bound, gpu.sm_count)
+        for launch in trace:
+            launch.accesses = [
+                a._replace(tensor=names[storage(bound[a.tensor])]) if a.tensor in STREAMS
+                else a._replace(offset=scratch_at + a.offset) if a.tensor == "scratch" else a
+                for a in launch.accesses]
+        launches += trace
+        scratch_at = max([scratch_at] + [a.offset + a.nbytes for launch in trace
+                                         for a in launch.accesses if a.tensor == "scratch"])
+    return launches
 
 
 class NativeBackend(dispatch.Backend):
@@ -132,12 +196,15 @@ class NativeBackend(dispatch.Backend):
         return _form_ops.linear_form_forward
 
     def schedule_trace(self, call, gpu, backward: bool) -> list:
-        """The cuda kernels' plan (csrc/cuda/se_plan.h), through the extension's
-        cuda_schedule op, which runs the same planning code as a call."""
+        """The cuda kernels' plan (csrc/cuda/se_plan.h; for the stream ops of a staged or
+        tail call, se_stream_plan.h), through the extension's cuda_schedule and
+        cuda_stream_schedule ops, which run the same planning code as a call."""
         if not self.PLANS_SCHEDULE:
             return super().schedule_trace(call, gpu, backward)
-        from ..schedule import decode_cuda_trace
+        from ..schedule import FUSED, decode_cuda_trace
 
+        if call.path != FUSED:
+            return _stream_path_trace(call, gpu, backward)
         codes = cuda_schedule_op()(call.n, call.c, call.p, call.squeeze, call.element_size,
                                    call.channels_last, call.residual, call.pool, call.out_relu,
                                    backward, gpu.sm_count, gpu.l2_bytes)

@@ -7,7 +7,9 @@ SE passes' kernels with the stream ops' constexpr branches on (kernels.py): one 
 x per op. The reduce ops cut H*W into pieces as the SE passes do to fill the GPU at small
 N*C; more than one piece is then added up by a torch reduction of the [pieces, N, C]
 partials (no atomics anywhere: run to run the same bits). Plans are cached per shape, dtype, layout,
-arguments given and device, as in driver.py, whose launch plumbing they reuse.
+arguments given and device, as in driver.py, whose launch plumbing they reuse. Like the
+drivers, the ops' bodies take the device profile to plan for and the `launch` that makes the
+launches: se_kernels.plan runs them on fake tensors with its own (planning_ops).
 
 Importing this module does not import triton: the drivers and kernels load on the first
 call.
@@ -16,13 +18,14 @@ call.
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch import Tensor
 
 from ... import _ops, _stream_ops
 from ...options import OUT_RELU
-from .heuristics import device_profile, map_walks_backwards, pass_config
+from .heuristics import DeviceProfile, device_profile, map_walks_backwards, pass_config
 from .interpreter import keep_opaque_under_interpreter
 from .ops import driver, launch_device
 
@@ -79,11 +82,33 @@ def _pieces(x: Tensor, splits: int, wanted: bool, dtype: torch.dtype) -> Tensor:
     return x.new_empty(shape, dtype=dtype)
 
 
-def _combined(pieces: Tensor, how: str, dtype: torch.dtype) -> Tensor:
-    """The [N, C] statistic from its pieces (sum, amax or amin over them, in order)."""
+# The PyTorch reduction of a split reduce's [pieces, N, C] partials, as a launch the plan
+# records: a kernel's name and @touches declaration (kernels.py), its grid PyTorch's own.
+PIECES_REDUCTION = types.SimpleNamespace(
+    __name__="torch_reduce_pieces", arg_names=("pieces_ptr", "out_ptr"),
+    accesses=(("pieces_ptr", False, None), ("out_ptr", True, None)))
+
+
+def _combined(pieces: Tensor, how: str, dtype: torch.dtype, launch) -> Tensor:
+    """The [N, C] statistic from its pieces (sum, amax or amin over them, in order); a
+    recording `launch` (se_kernels.plan's) is shown the reduction as PIECES_REDUCTION."""
     if pieces.dim() == 3:
-        pieces = getattr(pieces, how)(0)
+        combined = getattr(pieces, how)(0)
+        if launch is not None:
+            launch(PIECES_REDUCTION, 1, pieces, combined)
+        pieces = combined
     return pieces.to(dtype)
+
+
+def _profile(x: Tensor, profile: DeviceProfile | None) -> DeviceProfile:
+    """The device profile to plan for: x's device's unless one is given."""
+    return device_profile(x.device) if profile is None else profile
+
+
+def _launcher(launch):
+    """What makes a body's launches: the drivers' (on the GPU, or interpreted) unless a
+    `launch` is given."""
+    return driver()._launch if launch is None else launch
 
 
 def _stand_in(t: Tensor | None, x: Tensor) -> Tensor:
@@ -91,38 +116,42 @@ def _stand_in(t: Tensor | None, x: Tensor) -> Tensor:
     return x if t is None or t.numel() == 0 else t
 
 
-def _reduce(x, squares, maxima, minima, memory_format):
+def _reduce(x, squares, maxima, minima, *, profile=None, launch=None):
+    memory_format = _ops.kernel_memory_format(x)
     x = _dense(x, memory_format)
     acc = _ops.accumulate_dtype(x.dtype)
     pass_, splits = _reduce_plan(tuple(map(int, x.shape)), x.dtype,
-                                 memory_format == torch.channels_last, device_profile(x.device),
+                                 memory_format == torch.channels_last, _profile(x, profile),
                                  (("SQUARES", squares), ("USE_MAX", maxima), ("MINIMA", minima)))
     sums, sumsq, maxes, mins = (_pieces(x, splits, wanted, acc)
                                 for wanted in (True, squares, maxima, minima))
-    driver()._launch(_kernels()._pool_kernel, pass_.programs, x, sums,
-                     _stand_in(sumsq, x), _stand_in(maxes, x), _stand_in(mins, x),
-                     *pass_.scalars, **pass_.meta)
-    return (_combined(sums, "sum", acc), _combined(sumsq, "sum", acc),
-            _combined(maxes, "amax", acc), _combined(mins, "amin", acc))
+    _launcher(launch)(_kernels()._pool_kernel, pass_.programs, x, sums,
+                      _stand_in(sumsq, x), _stand_in(maxes, x), _stand_in(mins, x),
+                      *pass_.scalars, **pass_.meta)
+    return (_combined(sums, "sum", acc, launch), _combined(sumsq, "sum", acc, launch),
+            _combined(maxes, "amax", acc, launch), _combined(mins, "amin", acc, launch))
 
 
-def _map(x, scale, shift, residual, out_activation, memory_format):
+def _map(x, scale, shift, residual, out_activation, *, profile=None, launch=None):
+    memory_format = _ops.kernel_memory_format(x)
     x, residual = _dense(x, memory_format), _dense(residual, memory_format)
     scale, shift = _vector(scale), _vector(shift)
     kernels = _kernels()
     # x read by the reduce op; x (+ residual) read here and out written
-    launch = _map_plan(tuple(map(int, x.shape)), x.dtype, memory_format == torch.channels_last,
-                       device_profile(x.device), 1, 2 + (residual is not None), 1,
-                       (("GATE", kernels.AS_GIVEN.value), ("HAS_SHIFT", shift is not None),
-                        ("HAS_RESIDUAL", residual is not None),
-                        ("OUT_RELU", out_activation == OUT_RELU)))
+    planned = _map_plan(tuple(map(int, x.shape)), x.dtype, memory_format == torch.channels_last,
+                        _profile(x, profile), 1, 2 + (residual is not None), 1,
+                        (("GATE", kernels.AS_GIVEN.value), ("HAS_SHIFT", shift is not None),
+                         ("HAS_RESIDUAL", residual is not None),
+                         ("OUT_RELU", out_activation == OUT_RELU)))
     out = _x_sized(x, memory_format)
-    driver()._launch(kernels._scale_kernel, launch.programs, x, _stand_in(residual, x), out,
-                     scale, _stand_in(shift, x), *launch.scalars, **launch.meta)
+    _launcher(launch)(kernels._scale_kernel, planned.programs, x, _stand_in(residual, x), out,
+                      scale, _stand_in(shift, x), *planned.scalars, **planned.meta)
     return out
 
 
-def _grad_reduce(grad_out, out, x, peak, out_activation, sum_dy, residual_grad, memory_format):
+def _grad_reduce(grad_out, out, x, peak, out_activation, sum_dy, residual_grad, *, profile=None,
+                 launch=None):
+    memory_format = _ops.kernel_memory_format(x)
     out_relu = out_activation == OUT_RELU
     x, grad_out = _dense(x, memory_format), _dense(grad_out, memory_format)
     out = _dense(out, memory_format) if out_relu else None
@@ -130,22 +159,23 @@ def _grad_reduce(grad_out, out, x, peak, out_activation, sum_dy, residual_grad, 
     acc = _ops.accumulate_dtype(x.dtype)
     write_dres = bool(residual_grad) and out_relu
     pass_, splits = _reduce_plan(tuple(map(int, x.shape)), x.dtype,
-                                 memory_format == torch.channels_last, device_profile(x.device),
+                                 memory_format == torch.channels_last, _profile(x, profile),
                                  (("OUT_RELU", out_relu), ("USE_MAX", peak is not None),
                                   ("SUM_DY", sum_dy), ("WRITE_DRES", write_dres)))
     sdyx = _pieces(x, splits, True, acc)
     sdy = _pieces(x, splits, sum_dy, acc)
     count = _pieces(x, splits, peak is not None, torch.int32)
     dres = _x_sized(x, memory_format) if write_dres else x.new_empty((0,))
-    driver()._launch(_kernels()._grad_reduce_kernel, pass_.programs, grad_out,
-                     _stand_in(out, x), x, _stand_in(peak, x), sdyx, _stand_in(sdy, x),
-                     _stand_in(count, x), _stand_in(dres, x), *pass_.scalars, **pass_.meta)
-    return (_combined(sdy, "sum", acc), _combined(sdyx, "sum", acc),
-            _combined(count, "sum", acc), dres)
+    _launcher(launch)(_kernels()._grad_reduce_kernel, pass_.programs, grad_out,
+                      _stand_in(out, x), x, _stand_in(peak, x), sdyx, _stand_in(sdy, x),
+                      _stand_in(count, x), _stand_in(dres, x), *pass_.scalars, **pass_.meta)
+    return (_combined(sdy, "sum", acc, launch), _combined(sdyx, "sum", acc, launch),
+            _combined(count, "sum", acc, launch), dres)
 
 
-def _grad_map(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift, out_activation,
-             memory_format):
+def _grad_map(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift, out_activation, *,
+              profile=None, launch=None):
+    memory_format = _ops.kernel_memory_format(x)
     out_relu = out_activation == OUT_RELU
     x, grad_out = _dense(x, memory_format), _dense(grad_out, memory_format)
     out = _dense(out, memory_format) if out_relu else None
@@ -154,17 +184,29 @@ def _grad_map(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift, out_
     reads_x = x_scale is not None or peak is not None
     kernels = _kernels()
     # grad_out, x (+ out) read by the reduce op; grad_out (+ out, + x) read here, dx written
-    launch = _map_plan(tuple(map(int, x.shape)), x.dtype, memory_format == torch.channels_last,
-                       device_profile(x.device), 2 + out_relu, 2 + out_relu + reads_x,
-                       1 + out_relu + reads_x,
-                       (("GATE", kernels.AS_GIVEN.value), ("OUT_RELU", out_relu),
-                        ("X_SCALE", x_scale is not None), ("HAS_AVG", shift is not None),
-                        ("USE_MAX", peak is not None), ("WRITE_DRES", False)))
+    planned = _map_plan(tuple(map(int, x.shape)), x.dtype, memory_format == torch.channels_last,
+                        _profile(x, profile), 2 + out_relu, 2 + out_relu + reads_x,
+                        1 + out_relu + reads_x,
+                        (("GATE", kernels.AS_GIVEN.value), ("OUT_RELU", out_relu),
+                         ("X_SCALE", x_scale is not None), ("HAS_AVG", shift is not None),
+                         ("USE_MAX", peak is not None), ("WRITE_DRES", False)))
     dx = _x_sized(x, memory_format)
-    driver()._launch(kernels._grad_input_kernel, launch.programs, grad_out, _stand_in(out, x), x,
-                     dy_scale, _stand_in(x_scale, x), _stand_in(peak, x), _stand_in(shift, x),
-                     _stand_in(peak_shift, x), dx, x, *launch.scalars, **launch.meta)
+    _launcher(launch)(kernels._grad_input_kernel, planned.programs, grad_out, _stand_in(out, x),
+                      x, dy_scale, _stand_in(x_scale, x), _stand_in(peak, x),
+                      _stand_in(shift, x), _stand_in(peak_shift, x), dx, x, *planned.scalars,
+                      **planned.meta)
     return dx
+
+
+_BODIES = {"stream_reduce": _reduce, "stream_map": _map, "stream_grad_reduce": _grad_reduce,
+           "stream_grad_map": _grad_map}
+
+
+def planning_ops(profile: DeviceProfile, launch) -> dict:
+    """The ops' bodies by base name, planning for `profile` and handing their launches
+    (PIECES_REDUCTION included) to `launch` instead of making them."""
+    return {name: functools.partial(body, profile=profile, launch=launch)
+            for name, body in _BODIES.items()}
 
 
 # The annotations spell the schemas of _stream_ops.SCHEMAS: torch 2.11's triton_op ignores
@@ -175,7 +217,7 @@ def stream_reduce_triton(x: Tensor, squares: bool, maxima: bool,
                          minima: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _stream_ops.check_reduce_args(x, squares, maxima, minima)
     with launch_device(x):
-        return _reduce(x, squares, maxima, minima, _ops.kernel_memory_format(x))
+        return _reduce(x, squares, maxima, minima)
 
 
 @torch.library.triton_op("se_kernels::stream_map_triton", mutates_args=(),
@@ -184,7 +226,7 @@ def stream_map_triton(x: Tensor, scale: Tensor, shift: Tensor | None, residual: 
                       out_activation: str) -> Tensor:
     _stream_ops.check_map_args(x, scale, shift, residual, out_activation)
     with launch_device(x):
-        return _map(x, scale, shift, residual, out_activation, _ops.kernel_memory_format(x))
+        return _map(x, scale, shift, residual, out_activation)
 
 
 @torch.library.triton_op("se_kernels::stream_grad_reduce_triton", mutates_args=(),
@@ -196,8 +238,7 @@ def stream_grad_reduce_triton(
     _stream_ops.check_grad_reduce_args(grad_out, out, x, peak, out_activation, sum_dy,
                                        residual_grad)
     with launch_device(x):
-        return _grad_reduce(grad_out, out, x, peak, out_activation, sum_dy, residual_grad,
-                           _ops.kernel_memory_format(x))
+        return _grad_reduce(grad_out, out, x, peak, out_activation, sum_dy, residual_grad)
 
 
 @torch.library.triton_op("se_kernels::stream_grad_map_triton", mutates_args=(),
@@ -210,7 +251,7 @@ def stream_grad_map_triton(
                                     peak_shift, out_activation)
     with launch_device(x):
         return _grad_map(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift,
-                        out_activation, _ops.kernel_memory_format(x))
+                         out_activation)
 
 
 for _op in (stream_reduce_triton, stream_map_triton, stream_grad_reduce_triton,

@@ -1,15 +1,16 @@
 """The Triton backend's schedule as a plan trace (se_kernels.plan), from the drivers themselves.
 
-The drivers run on fake CUDA tensors (no GPU, no memory) with a given device profile and a
-`launch` that records their launches instead of making them. Each recorded launch becomes a
-plan launch whose accesses come from the kernel's actual arguments: the kernel's @touches
-declaration (kernels.py) says which pointer parameters it reads and writes, in the order a
-program touches them, and the
-arguments say which tensor each one is and, for the x-sized streams, which samples the
-launch walks. The streams are listed per sample, interleaved as a program touches them
-(reads, then writes), in the order the programs walk the samples: first to last, or last
-to first for a map pass launched with BACKWARDS (kernels._map_program); the [N, C] vectors
-and weights are read whole before the streams and written whole after them.
+The drivers (for a staged or tail call, the stream ops' bodies, stream.py, which the path's
+own code calls: se_kernels.stream_schedule) run on fake CUDA tensors (no GPU, no memory)
+with a given device profile and a `launch` that records their launches instead of making
+them. Each recorded launch becomes a plan launch whose accesses come from the kernel's
+actual arguments: the kernel's @touches declaration (kernels.py) says which pointer
+parameters it reads and writes, in the order a program touches them, and the arguments say
+which tensor each one is and, for the x-sized streams, which samples the launch walks. The
+streams are listed per sample, interleaved as a program touches them (reads, then writes),
+in the order the programs walk the samples: first to last, or last to first for a map pass
+launched with BACKWARDS (kernels._map_program); the [N, C] vectors and weights are read
+whole before the streams and written whole after them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import dataclasses
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ... import _compat
-from ...schedule import STREAMS, Access, GpuProfile, Launch, PlanCall
+from ... import _compat, stream_schedule
+from ...schedule import FUSED, STREAMS, Access, GpuProfile, Launch, PlanCall
 from ...options import NONE, OUT_RELU, RELU, SIGMOID
-from . import driver
+from . import driver, stream
 from .heuristics import GPU_PROFILE, DeviceProfile
 
 
@@ -72,6 +73,15 @@ def record(call: PlanCall, profile: DeviceProfile, device: str = "cuda"):
     return forward, backward, names
 
 
+def record_stream_path(call: PlanCall, profile: DeviceProfile):
+    """record's answer for a staged or tail call: the stream ops' launches, recorded as its
+    path makes its calls of them."""
+    forward, backward = [], []
+    names = stream_schedule.run_passes(call, stream.planning_ops(profile, _recorder(forward)),
+                                       stream.planning_ops(profile, _recorder(backward)))
+    return forward, backward, names
+
+
 class _Places:
     """Where each [N, C] vector and weight lies in its trace tensor ("scratch" or
     "weights"): storages one after another, in the order they are first met."""
@@ -117,7 +127,8 @@ def _accesses(kernel, args, meta, names, places: _Places) -> list[Access]:
 
 def schedule_trace(call: PlanCall, profile: DeviceProfile, backward: bool) -> list[Launch]:
     """The plan trace of `call`'s forward or backward, planned with `profile`."""
-    forward, backward_launches, names = record(call, profile)
+    recorded = record if call.path == FUSED else record_stream_path
+    forward, backward_launches, names = recorded(call, profile)
     places = _Places()
     return [Launch(kernel_name(kernel), programs, _accesses(kernel, args, meta, names, places))
             for kernel, programs, args, meta in (backward_launches if backward else forward)]
