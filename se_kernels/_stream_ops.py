@@ -67,6 +67,12 @@ def check_x(x: torch.Tensor) -> None:
         raise ValueError(f"x must have C, H and W >= 1, got shape {list(x.shape)}")
 
 
+def check_residual(x: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """The residual of a staged call or a block tail: x's shape, dtype and device, as
+    stream_map reads it."""
+    _check_x_sized(x, residual=residual)
+
+
 def _check_vectors(x: torch.Tensor, **vectors: torch.Tensor | None) -> None:
     shape, acc = x.shape[:2], accumulate_dtype(x.dtype)
     for name, t in vectors.items():

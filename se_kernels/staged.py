@@ -17,10 +17,23 @@ import torch
 
 from . import dispatch
 from ._ops import accumulate_dtype
-from ._stream_ops import check_x
+from ._stream_ops import check_residual, check_x
 from .backends.torch_backend import (GATE_GRADIENTS, GATE_VALUES, GATES, POOL_WEIGHTS, POOLS,
                                       scale_epilogue)
 from .options import AVG, NONE, OUT_RELU, check_choice, normalize_out_activation
+
+
+def records_gradient(tensors) -> bool:
+    """Whether autograd will record a call on `tensors`: grad mode is on and one of them
+    requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def forward_alone(call) -> bool:
+    """Whether `call` runs its forward computation directly, outside its autograd.Function:
+    autograd will not record it (the Function costs more than a batch-1 call's kernels), and
+    torch.compile is not tracing it (the graph keeps the Function and its backward)."""
+    return not (call.wants_gradient() or torch.compiler.is_compiling())
 
 
 class StagedCall(NamedTuple):
@@ -45,8 +58,7 @@ class StagedCall(NamedTuple):
 
     def wants_gradient(self) -> bool:
         """Whether autograd will record this call."""
-        return torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                               for t in self.tensors())
+        return records_gradient(self.tensors())
 
     def stream_forward(self, backend: dispatch.Backend):
         """(out, stats) on `backend`'s stream ops."""
@@ -62,16 +74,17 @@ def make_call(x, form, params, *, gate, pool=AVG, residual=None, out_activation=
     check_choice("gate", gate)
     check_choice("pool", pool)
     out_activation = normalize_out_activation(out_activation)
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
-                                 or residual.device != x.device):
-        raise ValueError(f"residual must match x in shape, dtype and device "
-                         f"({list(x.shape)}, {x.dtype}, {x.device}), got {list(residual.shape)}, "
-                         f"{residual.dtype}, {residual.device}")
+    check_residual(x, residual)
+    check_form_params(x, form, params)
+    return StagedCall(x, residual, form, tuple(params), gate, pool, out_activation)
+
+
+def check_form_params(x: torch.Tensor, form, params) -> None:
+    """The excitation form's parameters: the shapes the form takes, on x's device."""
     form.check(x.shape[1], params)
     for i, p in enumerate(params):
         if p is not None and p.device != x.device:
             raise TypeError(f"{type(form).__name__} parameter {i} is on {p.device}, x on {x.device}")
-    return StagedCall(x, residual, form, tuple(params), gate, pool, out_activation)
 
 
 def _pooled(sums, xmax, pool: str, p: int):
@@ -176,10 +189,10 @@ def _linear_form_forward(backend: dispatch.Backend, call: StagedCall):
 
 
 def run_stream_ops(backend: dispatch.Backend, call: StagedCall):
-    """(out, stats) of `call` on `backend`'s stream ops. A call autograd will not record runs
-    the function's forward alone (the autograd.Function costs more than a batch-1 call's
-    kernels), and a linear form's as one linear_form_forward op where the backend has it."""
-    if not (call.wants_gradient() or torch.compiler.is_compiling()):
+    """(out, stats) of `call` on `backend`'s stream ops: through the autograd.Function, or
+    its forward alone (forward_alone), and a linear form's as one linear_form_forward op
+    where the backend has it."""
+    if forward_alone(call):
         out = _linear_form_forward(backend, call)
         if out is not None:
             return out, None

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._ops import accumulate_dtype
-from ._stream_ops import check_x
+from ._ops import DTYPES, accumulate_dtype
+from ._stream_ops import check_residual, check_x
 from .backends.torch_backend import GATE_GRADIENTS, GATE_VALUES, GATES, scale_epilogue
 from .options import NONE, OUT_RELU, check_choice, normalize_out_activation
+from .staged import check_form_params, forward_alone, records_gradient
 
 
 class TailCall(NamedTuple):
@@ -47,6 +48,10 @@ class TailCall(NamedTuple):
     def tensors(self) -> tuple:
         return (self.x, self.residual, *self.norm, *self.params)
 
+    def wants_gradient(self) -> bool:
+        """Whether autograd will record this call (keep, a drawn mask, takes no gradient)."""
+        return records_gradient(self.tensors())
+
     def stream_forward(self, backend: dispatch.Backend):
         return _run(backend.name, self)
 
@@ -59,23 +64,37 @@ def make_call(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=No
     check_x(x)
     check_choice("gate", gate)
     out_activation = normalize_out_activation(out_activation)
-    c = x.shape[1]
+    if len(norm) != 4:
+        raise ValueError(f"norm must be (weight, bias, running_mean, running_var), got {len(norm)} "
+                         f"items")
     for name, t in zip(("norm weight", "norm bias", "running_mean", "running_var"), norm):
-        if t is not None and tuple(t.shape) != (c,):
-            raise ValueError(f"{name} must have shape [{c}], got {list(t.shape)}")
+        _check_vector(name, t, x.shape[1], x)
     if not batch_stats and (norm[2] is None or norm[3] is None):
         raise ValueError("running_mean and running_var are required without batch statistics")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual must match x in shape and dtype ({list(x.shape)}, {x.dtype}), "
-                         f"got {list(residual.shape)}, {residual.dtype}")
-    if keep is not None and tuple(keep.shape) != (x.shape[0],):
-        raise ValueError(f"keep must have shape [{x.shape[0]}], got {list(keep.shape)}")
+    check_residual(x, residual)
+    _check_vector("keep", keep, x.shape[0], x)
     if batch_stats and group is None and x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
                          f"size {list(x.shape)}")
-    form.check(c, params)
+    check_form_params(x, form, params)
     return TailCall(x, residual, tuple(norm), batch_stats, float(eps), form, tuple(params), gate,
                     keep, out_activation, group)
+
+
+def _check_vector(name: str, t: torch.Tensor | None, length: int, x: torch.Tensor) -> None:
+    """A per-channel or per-sample vector beside x, if given: shape [length], a dtype the
+    stream ops take (any of them: the tail computes in the accumulation dtype, so a norm
+    may keep fp32 statistics for fp16 x), on x's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (length,):
+        raise ValueError(f"{name} must have shape [{length}], got {list(t.shape)}")
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.device != x.device:
+        raise TypeError(f"{name} must be on device {x.device} like x, got {t.device}")
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -104,6 +123,10 @@ def _affine(weight, bias, mean, rstd):
     return a, b
 
 
+def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, running_var,
                    params):
     """(out, stats, total, saved) with `ops` as the stream ops: the batch mean and variance
@@ -111,15 +134,14 @@ def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, r
     and the tensors backward_passes takes."""
     batch_stats, eps, form, gate, out_activation, group = static
     acc = accumulate_dtype(x.dtype)
-    cast = tuple(None if t is None else t.to(acc) for t in params)
-    weight_a = None if weight is None else weight.to(acc)
-    bias_a = None if bias is None else bias.to(acc)
+    cast = tuple(_to(t, acc) for t in params)
+    weight_a, bias_a = _to(weight, acc), _to(bias, acc)
     p = x.shape[2] * x.shape[3]
     sums, sumsq, _, _ = ops["stream_reduce"](x, batch_stats, False, False)
     if batch_stats:
         mean, var, count = _batch_statistics(sums, sumsq, p, group)
     else:
-        mean, var, count = running_mean.to(acc), running_var.to(acc), None
+        mean, var, count = _to(running_mean, acc), _to(running_var, acc), None
     rstd = torch.rsqrt(var + eps)
     a, b = _affine(weight_a, bias_a, mean, rstd)
     z = a * (sums / p) + b
@@ -209,10 +231,16 @@ class _TailFunction(torch.autograd.Function):
 
 
 def _run(backend: str, call: TailCall):
-    weight, bias, running_mean, running_var = call.norm
+    """(out, stats) of `call` on the backend's stream ops: through the autograd.Function, or
+    its forward alone (staged.forward_alone)."""
     static = (call.batch_stats, call.eps, call.form, call.gate, call.out_activation, call.group)
-    out, stats, total = _TailFunction.apply(backend, static, call.x, call.residual, call.keep,
-                                            weight, bias, running_mean, running_var, *call.params)
+    if forward_alone(call):
+        ops = dispatch.get_backend(backend).stream_ops(call.x.device.type)
+        out, stats, total, _ = forward_passes(ops, static, call.x, call.residual, call.keep,
+                                              *call.norm, call.params)
+    else:
+        out, stats, total = _TailFunction.apply(backend, static, call.x, call.residual, call.keep,
+                                                *call.norm, *call.params)
     return out, ((stats[0], stats[1], total) if stats.numel() else None)
 
 

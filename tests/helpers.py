@@ -10,9 +10,12 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import se_kernels
@@ -385,3 +388,32 @@ def sgd_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: 
 def image(n: int = 2, size: int = 64, seed: int = 2) -> torch.Tensor:
     """A random batch of RGB images."""
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- 2 CPU processes in one gloo process group ------------------------------------------
+
+GLOO_WORLD_SIZE = 2
+
+needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+
+def _gloo_process(rank: int, fn, rendezvous: str, results: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=GLOO_WORLD_SIZE)
+    try:
+        torch.save(fn(rank, *args), f"{results}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo(fn, directory, *args) -> list:
+    """fn(rank, *args) in each of GLOO_WORLD_SIZE spawned CPU processes of one gloo process
+    group, on one thread each; what each returned (tensors, numbers, strings and containers
+    of them), by rank. fn must be importable by name: a module-level function."""
+    directory = Path(directory)
+    # A file rendezvous instead of a TCP port: no port to find free, nothing to race for.
+    mp.spawn(_gloo_process, args=(fn, str(directory / "rendezvous"), str(directory), args),
+             nprocs=GLOO_WORLD_SIZE, join=True)
+    return [torch.load(directory / f"rank{rank}.pt") for rank in range(GLOO_WORLD_SIZE)]

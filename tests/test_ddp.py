@@ -3,19 +3,15 @@ gives the parameters of a single-process run on the same global batch."""
 
 import functools
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from helpers import sgd_losses
+from helpers import GLOO_WORLD_SIZE, needs_gloo, run_on_gloo, sgd_losses
 from se_kernels.models import SEBottleneck
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = needs_gloo
 
-WORLD_SIZE = 2
+WORLD_SIZE = GLOO_WORLD_SIZE
 GLOBAL_BATCH = 8
 STEPS = 3
 
@@ -45,22 +41,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     return sgd_losses(model, x, y, STEPS, lr=0.1)
 
 
-def worker(rank: int, rendezvous: str, results: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        model = nn.parallel.DistributedDataParallel(small_se_resnet())
-        x, y = global_batch()
-        shard = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
-        train(model, x[shard], y[shard])
-        torch.save(model.module.state_dict(), f"{results}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int) -> dict:
+    model = nn.parallel.DistributedDataParallel(small_se_resnet())
+    x, y = global_batch()
+    shard = slice(rank * GLOBAL_BATCH // WORLD_SIZE, (rank + 1) * GLOBAL_BATCH // WORLD_SIZE)
+    train(model, x[shard], y[shard])
+    return model.module.state_dict()
 
 
 def test_ddp_matches_single_process(tmp_path):
-    # A file rendezvous instead of a TCP port: no port to find free, nothing to race for.
-    mp.spawn(worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = run_on_gloo(worker, tmp_path)
 
     reference = small_se_resnet()
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
@@ -72,8 +62,7 @@ def test_ddp_matches_single_process(tmp_path):
         torch.set_num_threads(threads)
     assert losses[-1] < losses[0], losses
     expected = reference.state_dict()
-    for rank in range(WORLD_SIZE):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(results):
         assert got.keys() == expected.keys()
         for name, value in expected.items():
             # DDP averages two half-batch gradients where the reference reduces the whole

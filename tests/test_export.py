@@ -1,12 +1,15 @@
 """torch.export and AOTInductor keep the fused op: an exported program calls
-se_kernels::se_forward, and a package compiled from it runs our kernels."""
+se_kernels::se_forward, and a package compiled from it runs our kernels; fused block tails
+export as their stream ops."""
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
 import se_kernels
-from helpers import fused_forward, image
+from helpers import fused_forward, image, randomize_norms
 from se_kernels.convert import convert_se_modules
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,6 +31,37 @@ def test_torch_export_keeps_the_fused_op():
     assert fused_op_nodes(program.run_decompositions()) == 8
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+
+
+STREAM_FORWARD_OPS = (torch.ops.se_kernels.stream_reduce.default, torch.ops.se_kernels.stream_map.default)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_export_keeps_the_fused_tails_stream_ops(training):
+    """A model with fused block tails exports with each tail's two forward passes as the
+    stream ops (the excitation and the statistics between them as aten ops), before and after
+    decomposition, and the program computes what eager does: the output and, in training,
+    the running statistics. Training mode exports the forward only: the tail's written-out
+    backward lives in an autograd.Function, which export traces through, and the stream ops
+    have no autograd formula of their own, so a backward through the exported program
+    reaches no parameter (torch only warns)."""
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    from timm.models.resnet import BasicBlock, Bottleneck
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), BasicBlock(16, 16, attn_layer="se"),
+                          Bottleneck(16, 4, attn_layer="se")).double()
+    randomize_norms(model, seed=0)
+    model = convert_se_modules(model).train(training)
+    x = image(n=2, size=8).double()
+    program = torch.export.export(copy.deepcopy(model), (x,))
+    for graph in (program, program.run_decompositions()):
+        assert [sum(node.target == op for node in graph.graph.nodes) for op in STREAM_FORWARD_OPS] == [2, 2]
+    exported = program.module()
+    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+    if training:  # the second call runs on the statistics the first updated
+        torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 class ConvSE(nn.Module):

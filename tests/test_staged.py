@@ -197,9 +197,18 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="gate must be one of"):
         staged.staged_squeeze_excitation(torch.randn(2, 6, 3, 3), Fc(), [torch.randn(6, 6), None],
                                          gate="softmax")
-    with pytest.raises(ValueError, match="residual must match x"):
+
+
+@pytest.mark.parametrize("residual, error, message", [
+    (torch.randn(2, 6, 3, 4), ValueError, r"residual must have shape \[2, 6, 3, 3\], got \[2, 6, 3, 4\]"),
+    (torch.randn(2, 6, 3, 3, dtype=torch.float64), TypeError,
+     "residual must have dtype torch.float32, got torch.float64"),
+    (torch.randn(2, 6, 3, 3, device="meta"), TypeError, "residual must be on device cpu like x, got meta"),
+], ids=["shape", "dtype", "device"])
+def test_a_bad_residual_is_named(residual, error, message):
+    with pytest.raises(error, match=message):
         staged.staged_squeeze_excitation(torch.randn(2, 6, 3, 3), Fc(), [torch.randn(6, 6), None],
-                                         gate="sigmoid", residual=torch.randn(2, 6, 3, 4))
+                                         gate="sigmoid", residual=residual)
 
 
 def test_a_backend_without_stream_kernels_says_so():

@@ -1,7 +1,8 @@
 """The fused block tail (DESIGN.md §1.5): BatchNorm -> SE -> drop path -> + shortcut -> ReLU
 on every backend's stream ops against the float64 composition, whole timm blocks against
 their eager selves (outputs, every gradient, running statistics, in train and eval), the
-conversion at block level, and SyncBatchNorm over 2 gloo processes."""
+conversion at block level, SyncBatchNorm over 2 gloo processes; the forward alone for calls
+autograd will not record, the argument checks, the FLOP count."""
 
 import copy
 import functools
@@ -10,10 +11,10 @@ import logging
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import randomize_norms
+from helpers import needs_gloo, randomize_norms, run_on_gloo
 from se_kernels import convert_se_modules, restore_se_modules, tail
 from se_kernels.blocks import FusedBlock
 from se_kernels.convert import ConvertedSqueezeExcitation
@@ -124,6 +125,96 @@ def test_one_value_per_channel_in_training_fails_as_batch_norm_does():
                         make(4, torch.Generator()), gate="sigmoid", batch_stats=True)
 
 
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
+def test_a_call_autograd_will_not_record_runs_the_forward_alone(batch_stats, monkeypatch):
+    """Under no_grad, or with grad mode on and no tensor requiring grad, the tail computes its
+    forward directly, not through the autograd.Function: the same output and statistics."""
+    form, make = FORMS["mlp"]
+    gen = torch.Generator().manual_seed(5)
+    x, residual, _, norm, keep = tail_inputs((3, 8, 5, 6), torch.float64, gen)
+    params = [None if p is None else p.double() for p in make(8, gen)]
+    weight, bias = (t.clone().requires_grad_() for t in norm[:2])
+
+    def call():
+        return tail.block_tail(x, (weight, bias, *norm[2:]), form, params, gate="sigmoid",
+                               batch_stats=batch_stats, residual=residual, keep=keep,
+                               backend=reference_backend())
+
+    expected, expected_stats = call()
+    assert expected.grad_fn is not None
+    monkeypatch.setattr(tail._TailFunction, "apply",
+                        lambda *args: pytest.fail("the call went through the autograd.Function"))
+    with torch.no_grad():
+        no_grad = call()
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    nothing_requires_grad = call()
+    for out, stats in (no_grad, nothing_requires_grad):
+        assert out.grad_fn is None
+        torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+        assert (stats is None) == (expected_stats is None) == (not batch_stats)
+        if stats is not None:
+            for got, e in zip(stats, expected_stats):
+                torch.testing.assert_close(got, e, rtol=0, atol=0)
+
+
+def tail_arguments():
+    form, make = FORMS["fc"]
+    c = 4
+    norm = (torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c))
+    return dict(x=torch.randn(2, c, 3, 3), norm=norm, form=form,
+                params=make(c, torch.Generator().manual_seed(0)), gate="sigmoid", batch_stats=False,
+                residual=torch.randn(2, c, 3, 3), keep=torch.ones(2))
+
+
+def norm_with(i, t):
+    return tuple(t if j == i else v for j, v in enumerate(tail_arguments()["norm"]))
+
+
+BAD_ARGUMENTS = {  # id: (change, error, message)
+    "weight-dtype": (dict(norm=norm_with(0, torch.ones(4, dtype=torch.int64))), TypeError,
+                     "norm weight must be float16, bfloat16, float32 or float64, got torch.int64"),
+    "bias-device": (dict(norm=norm_with(1, torch.zeros(4, device="meta"))), TypeError,
+                    "norm bias must be on device cpu like x, got meta"),
+    "mean-shape": (dict(norm=norm_with(2, torch.zeros(5))), ValueError,
+                   r"running_mean must have shape \[4\], got \[5\]"),
+    "var-device": (dict(norm=norm_with(3, torch.ones(4, device="meta"))), TypeError,
+                   "running_var must be on device cpu like x, got meta"),
+    "norm-items": (dict(norm=(None, None)), ValueError,
+                   r"norm must be \(weight, bias, running_mean, running_var\), got 2 items"),
+    "keep-dtype": (dict(keep=torch.ones(2, dtype=torch.bool)), TypeError,
+                   "keep must be float16, bfloat16, float32 or float64, got torch.bool"),
+    "keep-device": (dict(keep=torch.ones(2, device="meta")), TypeError,
+                    "keep must be on device cpu like x, got meta"),
+    "keep-shape": (dict(keep=torch.ones(2, 1)), ValueError, r"keep must have shape \[2\], got \[2, 1\]"),
+    "residual-device": (dict(residual=torch.randn(2, 4, 3, 3, device="meta")), TypeError,
+                        "residual must be on device cpu like x, got meta"),
+    "residual-dtype": (dict(residual=torch.randn(2, 4, 3, 3, dtype=torch.float64)), TypeError,
+                       "residual must have dtype torch.float32, got torch.float64"),
+    "residual-shape": (dict(residual=torch.randn(2, 4, 3, 4)), ValueError,
+                       r"residual must have shape \[2, 4, 3, 3\], got \[2, 4, 3, 4\]"),
+    "param-device": (dict(params=[torch.randn(4, 4, device="meta"), None]), TypeError,
+                     "Fc parameter 0 is on meta, x on cpu"),
+}
+
+
+@pytest.mark.parametrize("change, error, message", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_are_named(change, error, message):
+    tail.make_call(**tail_arguments())  # the unchanged arguments are good
+    with pytest.raises(error, match=message):
+        tail.make_call(**(tail_arguments() | change))
+
+
+def test_norm_tensors_may_keep_another_float_dtype_than_x():
+    """As nn.BatchNorm2d under mixed precision: fp32 parameters and statistics for fp16 x."""
+    args = tail_arguments()
+    args["x"], args["residual"] = args["x"].half(), args["residual"].half()
+    out, _ = tail.block_tail(**args, backend=reference_backend())
+    expected, _ = tail.block_tail(**args, backend="torch")
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+
+
 # ---- whole blocks ---------------------------------------------------------------------
 
 BLOCK_MODELS = [  # timm model, blocks whose tail fuses
@@ -223,9 +314,6 @@ def test_se_kernels_builder_blocks_fuse():
 
 # ---- SyncBatchNorm over 2 processes ------------------------------------------------------
 
-WORLD_SIZE = 2
-
-
 def sync_block(sync: bool) -> nn.Module:
     """A stem and an SE BasicBlock whose tail norm (bn2) is a BatchNorm2d, or with `sync` a
     SyncBatchNorm. The other norms are GroupNorm, per-sample, so that only the tail's
@@ -247,38 +335,30 @@ def sync_batch():
         torch.randn(4, 16, 6, 6, generator=gen, dtype=torch.float64)
 
 
-def sync_worker(rank: int, rendezvous: str, results: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        model = convert_se_modules(sync_block(sync=True))
-        assert isinstance(model[3], FusedBlock)
-        x, grad = sync_batch()
-        shard = slice(rank * 2, rank * 2 + 2)
-        xs = x[shard].clone().requires_grad_()
-        out = model(xs)
-        out.backward(grad[shard])
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        for g in grads.values():  # the whole batch's gradient is the sum of the shards'
-            dist.all_reduce(g)
-        torch.save({"out": out.detach(), "x": xs.grad, "grads": grads, "state": model.state_dict()},
-                   f"{results}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def sync_worker(rank: int) -> dict:
+    model = convert_se_modules(sync_block(sync=True))
+    assert isinstance(model[3], FusedBlock)
+    x, grad = sync_batch()
+    shard = slice(rank * 2, rank * 2 + 2)
+    xs = x[shard].clone().requires_grad_()
+    out = model(xs)
+    out.backward(grad[shard])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for g in grads.values():  # the whole batch's gradient is the sum of the shards'
+        dist.all_reduce(g)
+    return {"out": out.detach(), "x": xs.grad, "grads": grads, "state": model.state_dict()}
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                    reason="torch.distributed with the gloo backend is not available")
+@needs_gloo
 def test_sync_batch_norm_over_two_processes_matches_one_process(tmp_path):
-    mp.spawn(sync_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = run_on_gloo(sync_worker, tmp_path)
     # One process, the whole batch, plain BatchNorm2d and eager SE: the reference.
     reference = sync_block(sync=False)
     x, grad = sync_batch()
     x = x.clone().requires_grad_()
     out = reference(x)
     out.backward(grad)
-    for rank in range(WORLD_SIZE):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(results):
         shard = slice(rank * 2, rank * 2 + 2)
         torch.testing.assert_close(got["out"], out.detach()[shard], rtol=1e-11, atol=1e-11)
         torch.testing.assert_close(got["x"], x.grad[shard], rtol=1e-10, atol=1e-11)
@@ -302,3 +382,30 @@ def test_fused_block_compiles_whole_graph():
         results.append((out.detach(), xs.grad, module.bn2.running_var.clone()))
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_flop_counter_counts_the_tail_by_its_formula(training):
+    """FlopCounterMode counts a fused tail's four passes by the stream ops' formulas, which
+    sum to DESIGN.md §1.5's: with E = N·C·H·W, forward (4 + 2·train)·E, backward
+    (5 + 2·train)·E. Everything else is what the eager block counts (the SE's FCs as
+    linear layers instead of 1x1 convolutions: the same FLOPs)."""
+    block = timm.models.resnet.BasicBlock(16, 16, attn_layer="se").double().train(training)
+    randomize_norms(block, seed=0)
+    fused = convert_se_modules(copy.deepcopy(block), backend="cpu")
+    x = torch.randn(4, 16, 6, 6, dtype=torch.float64, requires_grad=True)
+    counts = []
+    for module in (block, fused):
+        with FlopCounterMode(display=False) as counter:
+            module(x).sum().backward()
+        counts.append({str(op): n for op, n in counter.get_flop_counts()["Global"].items()})
+    eager, got = counts
+    e = x.numel()
+    tail_counts = {"se_kernels.stream_reduce": (1 + 2 * training) * e, "se_kernels.stream_map": 3 * e,
+                   "se_kernels.stream_grad_reduce": 3 * e,
+                   "se_kernels.stream_grad_map": (2 + 2 * training) * e}
+    assert {op: n for op, n in got.items() if op.startswith("se_kernels.")} == tail_counts
+    forward = tail_counts["se_kernels.stream_reduce"] + tail_counts["se_kernels.stream_map"]
+    assert forward == (4 + 2 * training) * e
+    assert sum(tail_counts.values()) - forward == (5 + 2 * training) * e
+    assert sum(got.values()) - sum(tail_counts.values()) == sum(eager.values())
