@@ -199,10 +199,17 @@ def staged_arguments(module: nn.Module, spec: StagedSpec) -> tuple:
                        for path in spec.params)
 
 
-@functools.lru_cache(maxsize=None)
 def _norm_mode(form, batch_stats: bool, eps: float):
     """`form` with its norm's mode: one object per mode, made once (a module call would
-    otherwise build a dataclass every time)."""
+    otherwise build a dataclass every time); under torch.compile a constant of the graph,
+    traced rather than looked up in a cache Dynamo would warn about."""
+    if torch.compiler.is_compiling():
+        return dataclasses.replace(form, batch_stats=batch_stats, eps=eps)
+    return _norm_mode_made_once(form, batch_stats, eps)
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_mode_made_once(form, batch_stats: bool, eps: float):
     return dataclasses.replace(form, batch_stats=batch_stats, eps=eps)
 
 
@@ -217,7 +224,7 @@ def _attribute(module: nn.Module, path: str):
     """The tensor at a dotted attribute path. Submodules, parameters and buffers are read
     from nn.Module's own tables, which nn.Module.__getattr__ would search in Python on
     every call; anything else (a property, a plain attribute) through getattr."""
-    *owners, name = _path_parts(path)
+    *owners, name = path.split(".")
     for part in owners:
         child = module._modules.get(part)
         module = child if child is not None else getattr(module, part)
@@ -226,11 +233,6 @@ def _attribute(module: nn.Module, path: str):
     if name in module._buffers:
         return module._buffers[name]
     return getattr(module, name)
-
-
-@functools.lru_cache(maxsize=None)
-def _path_parts(path: str) -> tuple[str, ...]:
-    return tuple(path.split("."))
 
 
 def form_skips(form, path: str) -> bool:
