@@ -242,6 +242,18 @@ void prepare_grad_inputs(Tensors& t, const at::Tensor& grad_out,
   t.x = x.contiguous(fmt);
 }
 
+// A map pass's x and residual checked and made dense in the kernels' layout, and its
+// output allocated in that layout.
+template <typename Tensors>
+void prepare_map_inputs(Tensors& t, const at::Tensor& x, const std::optional<at::Tensor>& residual) {
+  check_x_sized(residual, "residual", x);
+  t.geo = geometry_of(x);
+  const auto fmt = t.geo.memory_format();
+  t.x = x.contiguous(fmt);
+  t.residual = dense(residual, fmt);
+  t.out = stream_x_sized(x, t.geo);
+}
+
 }  // namespace
 
 StreamReduceTensors prepare_stream_reduce(const at::Tensor& x, bool squares, bool maxima,
@@ -264,16 +276,11 @@ StreamMapTensors prepare_stream_map(const at::Tensor& x, const at::Tensor& scale
   check_stream_x(x);
   check_vector(scale, "scale", x);
   check_vector(shift, "shift", x);
-  check_x_sized(residual, "residual", x);
   StreamMapTensors t;
+  prepare_map_inputs(t, x, residual);
   t.relu = parse_out_activation(out_activation) == OutActivation::ReLU;
-  t.geo = geometry_of(x);
-  const auto fmt = t.geo.memory_format();
-  t.x = x.contiguous(fmt);
   t.scale = scale.contiguous();
   t.shift = dense(shift);
-  t.residual = dense(residual, fmt);
-  t.out = stream_x_sized(x, t.geo);
   return t;
 }
 
@@ -307,14 +314,9 @@ LinearFormTensors prepare_linear_form(const at::Tensor& x, c10::string_view form
       if (bias) check_like(*bias, "bias", {1}, x, acc);
       break;
   }
-  check_x_sized(residual, "residual", x);
-  t.geo = geometry_of(x);
-  const auto fmt = t.geo.memory_format();
-  t.x = x.contiguous(fmt);
+  prepare_map_inputs(t, x, residual);
   t.weight = weight.contiguous();
   t.bias = dense(bias);
-  t.residual = dense(residual, fmt);
-  t.out = stream_x_sized(x, t.geo);
   t.z = stream_vector(x, true);
   t.zmax = stream_vector(x, t.opt.uses_max());
   t.g = stream_vector(x, true);

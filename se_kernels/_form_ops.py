@@ -21,7 +21,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from ._ops import _check_like, _op_packet, accumulate_dtype, kernel_memory_format
-from ._stream_ops import check_x
+from ._stream_ops import check_residual, check_x
 from .options import check_choice
 
 FORMS = ("fc", "conv", "circular_conv")
@@ -48,8 +48,7 @@ def check_args(x, form, weight, bias, gate, pool, residual, out_activation) -> N
         bias_shape = (1,)
     if bias is not None:
         _check_like("bias", bias, bias_shape, x, acc)
-    if residual is not None:
-        _check_like("residual", residual, x.shape, x)
+    check_residual(x, residual)
     for argument, value in (("gate", gate), ("pool", pool), ("out_activation", out_activation)):
         check_choice(argument, value)
 
