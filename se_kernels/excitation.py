@@ -234,25 +234,27 @@ class ChannelConv:
         return (self.kernel - 1) // 2
 
     def _padded(self, z):
-        z3 = z[:, None, :]
+        # unsqueeze and squeeze rather than indexing with None: a batch-1 call's Python
+        # entry is most of its cost, and indexing is the slower way to the same view.
+        z3 = z.unsqueeze(1)
         if not self.circular:
             return z3
-        return z3[:, :, _circular_indices(z.shape[1], self.pad, z.device)]
+        return z3.index_select(2, _circular_indices(z.shape[1], self.pad, z.device))
 
     def forward(self, z, params):
         w, b = params
-        g = F.conv1d(self._padded(z), w.reshape(1, 1, self.kernel), b,
+        g = F.conv1d(self._padded(z), w.view(1, 1, self.kernel), b,
                      padding=0 if self.circular else self.pad)
-        return g[:, 0, :], (), None
+        return g.squeeze(1), (), None
 
     def backward(self, dg, z, params, saved):
         w, b = params
         zp = self._padded(z)
         dzp, dw, db = torch.ops.aten.convolution_backward(
-            dg[:, None, :], zp, w.reshape(1, 1, self.kernel), [1] if b is not None else None,
+            dg.unsqueeze(1), zp, w.view(1, 1, self.kernel), [1] if b is not None else None,
             [1], [0 if self.circular else self.pad], [1], False, [0], 1,
             [True, True, b is not None])
-        dzp = dzp[:, 0, :]
+        dzp = dzp.squeeze(1)
         if self.circular:
             # Each padded position's gradient goes back to the channel it copies: a product
             # with the one-hot gather matrix, in a fixed order (index_add_ would use atomics
