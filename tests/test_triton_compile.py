@@ -96,10 +96,10 @@ def _stream_launches(module, case: Case) -> list:
     v = torch.randn(case.n, case.c, dtype=acc)
     full, act = case.residual, case.out_activation or "none"
     given = v if full else None
-    stream._reduce(x, full, full, full, fmt)
-    stream._map(x, v, given, x if full else None, act, fmt)
-    stream._grad_reduce(x, x, x, given, act, full, full, fmt)
-    stream._grad_map(x, x, x, v, given, given, given, given, act, fmt)
+    stream._reduce(x, full, full, full)
+    stream._map(x, v, given, x if full else None, act)
+    stream._grad_reduce(x, x, x, given, act, full, full)
+    stream._grad_map(x, x, x, v, given, given, given, given, act)
     return launches
 
 
