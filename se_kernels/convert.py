@@ -146,9 +146,9 @@ class ConvertedSqueezeExcitation(nn.Module):
     def _fused_weights(self, form, params):
         """form.fused_weights(params) for a form that fuses, remembered across calls that
         autograd does not record: folding a norm into the first FC is several small
-        operations, as many as the fused op's own call costs at batch 1. The folded weights are reused while every
-        parameter is the same tensor, at the same version and address (an in-place update,
-        a .data assignment or a move makes new ones)."""
+        operations, as many as the fused op's own call costs at batch 1. The folded weights
+        are reused while every parameter is the same tensor, at the same version and address
+        (an in-place update, a .data assignment or a move makes new ones)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return form.fused_weights(params)
         key = (form, *((t, t._version, t.data_ptr()) for t in params if t is not None))
