@@ -5,6 +5,7 @@ tests/op_checks.py."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import subprocess
 import sys
@@ -417,3 +418,18 @@ def run_on_gloo(fn, directory, *args) -> list:
     mp.spawn(_gloo_process, args=(fn, str(directory / "rendezvous"), str(directory), args),
              nprocs=GLOO_WORLD_SIZE, join=True)
     return [torch.load(directory / f"rank{rank}.pt") for rank in range(GLOO_WORLD_SIZE)]
+
+
+def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor, observed) -> None:
+    """torch.compile(fullgraph=True) of a copy of `module` gives eager's output, x's gradient
+    and `observed(module)` (a parameter's gradient, a running statistic) after one forward
+    and backward of the sum, to 1e-12 in float64."""
+    compiled = torch.compile(copy.deepcopy(module), fullgraph=True)
+    results = []
+    for m in (module, compiled):
+        xs = x.clone().requires_grad_()
+        out = m(xs)
+        out.sum().backward()
+        results.append((out.detach(), xs.grad, observed(m)))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -13,6 +13,7 @@ from se_kernels import convert_se_modules, dispatch, staged
 from se_kernels.convert import StagedSpec
 from se_kernels.excitation import ChannelConv, ChannelConvMlp, Fc, Mlp
 from se_kernels.options import GATES, POOLS
+from helpers import assert_compiled_matches_eager
 from stream_backends import staged_backend  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -222,13 +223,5 @@ def test_converted_staged_module_compiles_whole_graph():
     from timm.layers.eca import EcaModule
     torch.manual_seed(0)
     converted = convert_se_modules(EcaModule(32).double())
-    compiled = torch.compile(copy.deepcopy(converted), fullgraph=True)
-    x = torch.randn(4, 32, 6, 6, dtype=torch.float64)
-    results = []
-    for module in (converted, compiled):
-        xs = x.clone().requires_grad_()
-        out = module(xs)
-        out.sum().backward()
-        results.append((out.detach(), xs.grad, module.conv.weight.grad))
-    for got, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert_compiled_matches_eager(converted, torch.randn(4, 32, 6, 6, dtype=torch.float64),
+                                  lambda m: m.conv.weight.grad)

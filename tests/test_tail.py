@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import needs_gloo, randomize_norms, run_on_gloo
+from helpers import assert_compiled_matches_eager, needs_gloo, randomize_norms, run_on_gloo
 from se_kernels import convert_se_modules, restore_se_modules, tail
 from se_kernels.blocks import FusedBlock
 from se_kernels.convert import ConvertedSqueezeExcitation
@@ -371,17 +371,9 @@ def test_sync_batch_norm_over_two_processes_matches_one_process(tmp_path):
 def test_fused_block_compiles_whole_graph():
     block = timm.models.resnet.BasicBlock(16, 16, attn_layer="se").double()
     randomize_norms(block, seed=0)
-    fused = convert_se_modules(block)
-    compiled = torch.compile(copy.deepcopy(fused), fullgraph=True)
-    x = torch.randn(4, 16, 6, 6, dtype=torch.float64)
-    results = []
-    for module in (fused, compiled):
-        xs = x.clone().requires_grad_()
-        out = module(xs)
-        out.sum().backward()
-        results.append((out.detach(), xs.grad, module.bn2.running_var.clone()))
-    for got, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert_compiled_matches_eager(convert_se_modules(block),
+                                  torch.randn(4, 16, 6, 6, dtype=torch.float64),
+                                  lambda m: m.bn2.running_var.clone())
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
