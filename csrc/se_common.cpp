@@ -284,23 +284,18 @@ StreamMapTensors prepare_stream_map(const at::Tensor& x, const at::Tensor& scale
   return t;
 }
 
-LinearFormTensors prepare_linear_form(const at::Tensor& x, c10::string_view form,
-                                      const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, c10::string_view gate,
-                                      c10::string_view pool,
-                                      const std::optional<at::Tensor>& residual,
-                                      c10::string_view out_activation) {
-  check_stream_x(x);
-  LinearFormTensors t;
-  t.form = parse_choice("form", form, kLinearFormNames);
-  t.opt = Options{Activation::ReLU,  // unused: the form has no activation
-                  parse_choice("gate", gate, kGateNames), parse_choice("pool", pool, kPoolNames),
-                  parse_out_activation(out_activation)};
+namespace {
+
+// The form's name, and its weight and bias checked against x (_form_ops.check_args); the
+// convolutions' width in `kernel`, 0 for fc.
+LinearForm check_linear_form(const at::Tensor& x, c10::string_view form, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, int64_t& kernel) {
+  const LinearForm parsed = parse_choice("form", form, kLinearFormNames);
   const int64_t C = x.size(1);
   const auto acc = accumulate_type(x.scalar_type());
-  switch (t.form) {
+  switch (parsed) {
     case LinearForm::Fc:
-      t.kernel = 0;
+      kernel = 0;
       check_like(weight, "weight", {C, C}, x, acc);
       if (bias) check_like(*bias, "bias", {C}, x, acc);
       break;
@@ -309,17 +304,67 @@ LinearFormTensors prepare_linear_form(const at::Tensor& x, c10::string_view form
       TORCH_CHECK(weight.dim() == 1 && weight.size(0) % 2 == 1,
                   "se_kernels: weight of a conv form must be 1-D with an odd width, got shape ",
                   weight.sizes());
-      t.kernel = weight.size(0);
-      check_like(weight, "weight", {t.kernel}, x, acc);
+      kernel = weight.size(0);
+      check_like(weight, "weight", {kernel}, x, acc);
       if (bias) check_like(*bias, "bias", {1}, x, acc);
       break;
   }
+  return parsed;
+}
+
+Options linear_form_options(c10::string_view gate, c10::string_view pool,
+                            c10::string_view out_activation) {
+  return Options{Activation::ReLU,  // unused: the form has no activation
+                 parse_choice("gate", gate, kGateNames), parse_choice("pool", pool, kPoolNames),
+                 parse_out_activation(out_activation)};
+}
+
+}  // namespace
+
+LinearFormTensors prepare_linear_form(const at::Tensor& x, c10::string_view form,
+                                      const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, c10::string_view gate,
+                                      c10::string_view pool,
+                                      const std::optional<at::Tensor>& residual,
+                                      c10::string_view out_activation) {
+  check_stream_x(x);
+  LinearFormTensors t;
+  t.form = check_linear_form(x, form, weight, bias, t.kernel);
+  t.opt = linear_form_options(gate, pool, out_activation);
   prepare_map_inputs(t, x, residual);
   t.weight = weight.contiguous();
   t.bias = dense(bias);
   t.z = stream_vector(x, true);
   t.zmax = stream_vector(x, t.opt.uses_max());
   t.g = stream_vector(x, true);
+  return t;
+}
+
+LinearFormGradTensors prepare_linear_form_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& out, const at::Tensor& x,
+    c10::string_view form, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& z, const std::optional<at::Tensor>& zmax, const at::Tensor& g,
+    c10::string_view gate, c10::string_view pool, c10::string_view out_activation,
+    bool residual_grad) {
+  LinearFormGradTensors t;
+  prepare_grad_inputs(t, grad_out, out, x, out_activation);
+  t.form = check_linear_form(x, form, weight, bias, t.kernel);
+  t.opt = linear_form_options(gate, pool, out_activation);
+  check_vector(z, "z", x);
+  check_vector(g, "g", x);
+  check_vector(zmax, "zmax", x);
+  TORCH_CHECK(!t.opt.uses_max() || zmax.has_value(),
+              "se_kernels: zmax is required when pool is '", pool, "'");
+  t.weight = weight.contiguous();
+  t.z = z.contiguous();
+  t.zmax = t.opt.uses_max() ? zmax->contiguous() : at::Tensor();
+  t.g = g.contiguous();
+  t.dx = stream_x_sized(x, t.geo);
+  t.dresidual = t.out.defined() && residual_grad ? stream_x_sized(x, t.geo)
+                                                 : at::empty({0}, x.options());
+  // Summed over the sample groups in the accumulation dtype: zeros for an empty batch.
+  t.dweight = at::zeros(weight.sizes(), weight.options());
+  t.dbias = bias ? at::zeros(bias->sizes(), bias->options()) : at::empty({0}, weight.options());
   return t;
 }
 

@@ -137,6 +137,23 @@ LinearFormTensors prepare_linear_form(const at::Tensor& x, c10::string_view form
                                       const std::optional<at::Tensor>& residual,
                                       c10::string_view out_activation);
 
+// Its backward: the gradients of x, the residual, weight and bias from grad_out and what the
+// forward returned (z, zmax for max pools, g; out under an output ReLU).
+struct LinearFormGradTensors {
+  Options opt;  // its activation is unused, as in LinearFormTensors
+  Geometry geo;
+  LinearForm form;
+  int64_t kernel;
+  at::Tensor grad_out, out, x, weight, z, zmax, g;
+  at::Tensor dx, dresidual, dweight, dbias;  // dbias [0] without a bias
+};
+LinearFormGradTensors prepare_linear_form_backward(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& out, const at::Tensor& x,
+    c10::string_view form, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& z, const std::optional<at::Tensor>& zmax, const at::Tensor& g,
+    c10::string_view gate, c10::string_view pool, c10::string_view out_activation,
+    bool residual_grad);
+
 struct StreamGradReduceTensors {
   Geometry geo;
   at::Tensor grad_out, out, x, peak;

@@ -73,7 +73,8 @@ def check_residual(x: torch.Tensor, residual: torch.Tensor | None) -> None:
     _check_x_sized(x, residual=residual)
 
 
-def _check_vectors(x: torch.Tensor, **vectors: torch.Tensor | None) -> None:
+def check_vectors(x: torch.Tensor, **vectors: torch.Tensor | None) -> None:
+    """[N, C] vectors beside x, each if given: the accumulation dtype, on x's device."""
     shape, acc = x.shape[:2], accumulate_dtype(x.dtype)
     for name, t in vectors.items():
         if t is not None:
@@ -98,24 +99,27 @@ def check_reduce_args(x, squares, maxima, minima) -> None:
 
 def check_map_args(x, scale, shift, residual, out_activation) -> None:
     check_x(x)
-    _check_vectors(x, scale=scale, shift=shift)
+    check_vectors(x, scale=scale, shift=shift)
     _check_x_sized(x, residual=residual)
     check_choice("out_activation", out_activation)
 
 
-def check_grad_reduce_args(grad_out, out, x, peak, out_activation, sum_dy, residual_grad) -> None:
+def check_grad_inputs(grad_out, out, x, out_activation) -> None:
+    """A backward pass's x-sized inputs (out only under an output ReLU), with x checked."""
     check_x(x)
     _check_x_sized(x, grad_out=grad_out, out=out)
     _check_out(out, out_activation)
-    _check_vectors(x, peak=peak)
+
+
+def check_grad_reduce_args(grad_out, out, x, peak, out_activation, sum_dy, residual_grad) -> None:
+    check_grad_inputs(grad_out, out, x, out_activation)
+    check_vectors(x, peak=peak)
 
 
 def check_grad_map_args(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift,
                         out_activation) -> None:
-    check_x(x)
-    _check_x_sized(x, grad_out=grad_out, out=out)
-    _check_out(out, out_activation)
-    _check_vectors(x, dy_scale=dy_scale, x_scale=x_scale, shift=shift, peak=peak,
+    check_grad_inputs(grad_out, out, x, out_activation)
+    check_vectors(x, dy_scale=dy_scale, x_scale=x_scale, shift=shift, peak=peak,
                    peak_shift=peak_shift)
     if (peak is None) != (peak_shift is None):
         raise ValueError("peak and peak_shift must be given together")
@@ -190,10 +194,43 @@ FLOPS = {"stream_reduce": _reduce_flops, "stream_map": _map_flops,
          "stream_grad_reduce": _grad_reduce_flops, "stream_grad_map": _grad_map_flops}
 
 
+# The forward ops' autograd: what a program that calls them directly differentiates (an
+# exported training program: export traces through the staged path's and the tail's
+# autograd.Functions, whose written-out backwards it cannot keep). Such a backward is the
+# reference's own, recomputed: correct, not fast; the paths' Functions never reach it,
+# since they call the ops where autograd records nothing.
+DIFFERENTIABLE = ("stream_reduce", "stream_map")
+
+
+def _reference_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs))
+    ctx.constants = tuple(None if isinstance(a, torch.Tensor) else a for a in inputs)
+
+
+def _reference_backward(name: str):
+    def backward(ctx, *grads):
+        args = [t if t is not None else c for t, c in zip(ctx.saved_tensors, ctx.constants)]
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad) if needed]
+        for i in wanted:
+            args[i] = args[i].detach().requires_grad_()
+        with torch.enable_grad():
+            outs = _REFERENCE[name](*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        result = [None] * len(args)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
+                                      [g for _, g in pairs], allow_unused=True)
+            for i, g in zip(wanted, got):
+                result[i] = g
+        return tuple(result)
+    return backward
+
+
 def register_stream_family(suffix: str = "", *, fake: bool = True) -> dict[str, torch._ops.OpOverload]:
     """Give the four stream ops named `se_kernels::<name><suffix>` their fake kernels (unless
-    they bring their own, as triton_op does) and FLOP formulas; returns the overloads by
-    base name."""
+    they bring their own, as triton_op does), FLOP formulas and, for the forward ones,
+    autograd; returns the overloads by base name."""
     ops = {}
     for name in SCHEMAS:
         qualname = f"se_kernels::{name}{suffix}"
@@ -201,6 +238,9 @@ def register_stream_family(suffix: str = "", *, fake: bool = True) -> dict[str, 
             torch.library.register_fake(qualname, FAKES[name])
         packet = _op_packet(qualname)
         register_flop_formula(packet)(FLOPS[name])
+        if name in DIFFERENTIABLE:
+            torch.library.register_autograd(qualname, _reference_backward(name),
+                                            setup_context=_reference_setup_context)
         ops[name] = packet.default
     return ops
 

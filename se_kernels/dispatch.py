@@ -89,8 +89,9 @@ class Backend(abc.ABC):
         return None
 
     def linear_form_op(self, device_type: str):
-        """This backend's se_kernels::linear_form_forward (se_kernels._form_ops) for tensors
-        of `device_type`, or None: the staged path's inference of a linear form in one op."""
+        """This backend's se_kernels::linear_form_forward (se_kernels._form_ops), whose
+        autograd formula is its linear_form_backward, for tensors of `device_type`, or None:
+        the staged path of a linear form in one op each way."""
         return None
 
     def staged_refusals(self, call) -> list[str]:

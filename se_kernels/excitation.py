@@ -14,8 +14,8 @@ from z and the form's parameters, with
       whether the fused op's two FCs can compute the same g, and those FCs (a converted
       module then runs the fused op, one kernel call instead of the staged path's passes);
   linear_form(params) -> (form, weight, bias) or None
-      where g is a linear map of z, its name and tensors as se_kernels._form_ops'
-      linear_form_forward takes them (calls autograd does not record run that one op).
+      where g is a linear map of z, its name and tensors as se_kernels._form_ops' ops
+      take them (the staged path then runs one op each way where the backend has them).
 
 `params` are the module's own tensors in their own shapes (a conv weight [C, C, 1, 1],
 ECA's [1, 1, k]) cast to the accumulation dtype; the gradients come back in those shapes.

@@ -6,7 +6,8 @@ PyTorch code on [N, C] vectors, whose backward is written out, so that each dire
 is two passes over x-sized tensors: the backward's reduce gives ds, the form's backward
 dz, and one map pass then writes dx whole (autograd differentiating the pieces would
 write dx twice and add the halves). The torch backend computes the same function as one
-PyTorch composition that autograd differentiates.
+PyTorch composition that autograd differentiates. A form whose g is a linear map of z runs
+one op each way instead where the backend has the linear-form ops (se_kernels._form_ops).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import dispatch
+from . import _compat, dispatch
 from ._ops import accumulate_dtype
 from ._stream_ops import check_residual, check_x
 from .backends.torch_backend import (GATE_GRADIENTS, GATE_VALUES, GATES, POOL_WEIGHTS, POOLS,
@@ -172,30 +173,32 @@ def torch_composition(call: StagedCall):
                           call.x.dtype), stats
 
 
-def _linear_form_forward(backend: dispatch.Backend, call: StagedCall):
-    """out of `call` from the backend's linear_form_forward, one op for the whole forward,
-    or None where the form is not a linear map of z or the backend has no such op."""
+def _linear_form(backend: dispatch.Backend, call: StagedCall):
+    """(op, form, weight, bias) where the form is a linear map of z and the backend has
+    the linear-form op (se_kernels._form_ops) for x's device; else None."""
     op = backend.linear_form_op(call.x.device.type)
     if op is None:
         return None
     acc = accumulate_dtype(call.x.dtype)
     linear = call.form.linear_form(tuple(t if t is None or t.dtype == acc else t.to(acc)
                                          for t in call.params))
-    if linear is None:
-        return None
-    form, weight, bias = linear
-    return op(call.x, form, weight, bias, call.gate, call.pool, call.residual,
-              call.out_activation)
+    return None if linear is None else (op, *linear)
 
 
 def run_stream_ops(backend: dispatch.Backend, call: StagedCall):
     """(out, stats) of `call` on `backend`'s stream ops: through the autograd.Function, or
-    its forward alone (forward_alone), and a linear form's as one linear_form_forward op
-    where the backend has it."""
+    its forward alone (forward_alone); a linear form's as one op each way where the
+    backend has the linear-form op."""
+    linear = _linear_form(backend, call)
+    if linear is not None:
+        op, form, weight, bias = linear
+        args = (call.x, form, weight, bias, call.gate, call.pool, call.residual,
+                call.out_activation)
+        if forward_alone(call):  # below the op's autograd wrapper, as _ops.run_forward
+            with _compat.below_autograd():
+                return op(*args)[0], None
+        return op(*args)[0], None
     if forward_alone(call):
-        out = _linear_form_forward(backend, call)
-        if out is not None:
-            return out, None
         out, stats, _ = forward_passes(backend.stream_ops(call.x.device.type), call.form,
                                        call.gate, call.pool, call.out_activation, call.x,
                                        call.residual, call.params)

@@ -41,10 +41,9 @@ def test_torch_export_keeps_the_fused_tails_stream_ops(training):
     """A model with fused block tails exports with each tail's two forward passes as the
     stream ops (the excitation and the statistics between them as aten ops), before and after
     decomposition, and the program computes what eager does: the output and, in training,
-    the running statistics. Training mode exports the forward only: the tail's written-out
-    backward lives in an autograd.Function, which export traces through, and the stream ops
-    have no autograd formula of their own, so a backward through the exported program
-    reaches no parameter (torch only warns)."""
+    the running statistics, and every gradient of a backward through the program (export
+    traces through the tail's autograd.Function; the program's backward is the stream ops'
+    own autograd formulas)."""
     pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
     from timm.models.resnet import BasicBlock, Bottleneck
     torch.manual_seed(0)
@@ -62,6 +61,16 @@ def test_torch_export_keeps_the_fused_tails_stream_ops(training):
         torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    if training:
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        grad = torch.randn_like(model(x))
+        exported(xs[0]).backward(grad)
+        model(xs[1]).backward(grad)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, msg="x")
+        exported_params = dict(exported.named_parameters())
+        for name, p in model.named_parameters():
+            assert exported_params[name].grad is not None, name
+            torch.testing.assert_close(exported_params[name].grad, p.grad, msg=name)
 
 
 class ConvSE(nn.Module):

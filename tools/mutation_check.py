@@ -104,6 +104,11 @@ CATALOGUE = [
         ("j = ((j % C) + C) % C;", "j = std::clamp<int64_t>(j, 0, C - 1);"),)),
     Bug("cpu/linear-form-conv-bias-dropped", "cpu", CPU_STREAM, (
         ("g[n * C + c] = b ? v + b[0] : v;", "g[n * C + c] = v;"),)),
+    # Its backward: the convolution's transpose, and the weight gradient over sample groups.
+    Bug("cpu/linear-form-conv-transpose-flipped", "cpu", CPU_STREAM, (
+        ("dzn[j] += w[i] * d;", "dzn[j] += w[k - 1 - i] * d;"),)),
+    Bug("cpu/linear-form-weight-grad-last-group-only", "cpu", CPU_STREAM, (
+        ("if (!accumulate) {", "if (true) {"),)),
     # ---- Triton kernels ----------------------------------------------------------------
     Bug("triton/ties-not-divided", "triton", TRITON_KERNELS, (
         ("tl.store(dx_max_ptr + idx, dz / count, mask=mask)", "tl.store(dx_max_ptr + idx, dz, mask=mask)"),

@@ -126,6 +126,28 @@ struct LinearFormArgs {
   void* g;
 };
 
+// Its backward on one group of samples, as BackwardArgs: z, zmax and g as the forward wrote
+// them; the group's weight and bias gradients are written (the first group) or added.
+struct LinearFormGradArgs {
+  Geometry geo;
+  Options opt;
+  c10::ScalarType dtype;  // of grad_out, out, x, dx and dresidual
+  LinearForm form;
+  int64_t kernel;
+  const void* grad_out;
+  const void* out;  // read for the output ReLU's mask; nullptr without one
+  const void* x;
+  const void* weight;
+  const void* z;
+  const void* zmax;  // nullptr for avg pooling
+  const void* g;
+  void* dx;
+  void* dresidual;  // nullptr: not wanted
+  void* dweight;
+  void* dbias;      // nullptr: no bias
+  bool accumulate;
+};
+
 struct KernelTable {
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
@@ -134,6 +156,7 @@ struct KernelTable {
   void (*stream_grad_reduce)(const StreamGradReduceArgs&);
   void (*stream_grad_map)(const StreamGradMapArgs&);
   void (*linear_form)(const LinearFormArgs&);
+  void (*linear_form_backward)(const LinearFormGradArgs&);
 };
 
 namespace DEFAULT {

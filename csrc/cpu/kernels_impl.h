@@ -545,56 +545,39 @@ void forward_group(const ForwardArgs& p) {
                        static_cast<scalar_t*>(p.out), p.opt.out_relu());
 }
 
-template <typename scalar_t>
-void backward_group(const BackwardArgs& p) {
+// The backward of SE around any excitation: ds = sum_p dy * x (and the max positions'
+// count) from one pass over grad_out and x; excite(ds, s, dz) writes s and dz, the
+// excitation's backward; dz reaches x through the pooling; one more pass writes dx and
+// dresidual. The fused op and the linear forms' backward differ only in excite.
+template <typename scalar_t, typename Excite>
+void backward_through(const Geometry& geo, Pool pool, const scalar_t* grad_out,
+                      const scalar_t* out, const scalar_t* x, const at::opmath_type<scalar_t>* zmax,
+                      scalar_t* dx, scalar_t* dresidual, Excite&& excite) {
   using acc_t = at::opmath_type<scalar_t>;
-  using M = Mlp<acc_t>;
-  const Geometry& geo = p.geo;
-  const int64_t N = geo.N, C = geo.C, S = p.S;
+  const int64_t NC = geo.N * geo.C;
   const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const auto* grad_out = static_cast<const scalar_t*>(p.grad_out);
-  const auto* out = static_cast<const scalar_t*>(p.out);
-  const auto* x = static_cast<const scalar_t*>(p.x);
-  const auto* zmax = static_cast<const acc_t*>(p.zmax);
 
-  // ds = sum_p dy * x (and the max positions' count), from one pass over grad_out and x.
   const at::Tensor sums =
       zmax ? reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, true>{grad_out, out, x, zmax}, acc)
            : reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, false>{grad_out, out, x, zmax}, acc);
   const acc_t* ds = sums.const_data_ptr<acc_t>();
-  const acc_t* count = zmax ? ds + N * C : nullptr;
+  const acc_t* count = zmax ? ds + NC : nullptr;
 
-  // The MLP backward: dg = ds * gate'(g); dW2 += dg^T h; dh = dg W2; da = dh * act'(a);
-  // dW1 += da^T z; dz = da W1.
-  const auto* a = static_cast<const acc_t*>(p.a);
-  const auto* z = static_cast<const acc_t*>(p.z);
-  std::vector<acc_t> s(N * C), dg(N * C), h(N * S), dh(N * S), da(N * S), dz(N * C);
-  M::gate(p.opt.gate, N * C, static_cast<const acc_t*>(p.g), s.data(), ds, dg.data());
-  M::activation(p.opt.activation, N * S, a, h.data(), nullptr, nullptr);
-  const auto* w1 = static_cast<const acc_t*>(p.w1);
-  const auto* w2 = static_cast<const acc_t*>(p.w2);
-  auto* dw1 = static_cast<acc_t*>(p.dw1);
-  auto* dw2 = static_cast<acc_t*>(p.dw2);
-  M::sum_rows(dg.data(), 1, C, C, N, h.data(), S, dw2, p.accumulate);  // dW2 [C, S] = dg^T h
-  M::column_sums(dg.data(), N, C, static_cast<acc_t*>(p.db2), p.accumulate);
-  M::sum_rows(dg.data(), C, 1, N, C, w2, S, dh.data(), false);          // dh [N, S] = dg W2
-  M::activation(p.opt.activation, N * S, a, h.data(), dh.data(), da.data());
-  M::sum_rows(da.data(), 1, S, S, N, z, C, dw1, p.accumulate);         // dW1 [S, C] = da^T z
-  M::column_sums(da.data(), N, S, static_cast<acc_t*>(p.db1), p.accumulate);
-  M::sum_rows(da.data(), S, 1, N, S, w1, C, dz.data(), false);          // dz [N, C] = da W1
+  std::vector<acc_t> s(NC), dz(NC);
+  excite(ds, s.data(), dz.data());
 
   // dz reaches x through the pooling: dz / P everywhere (avg), dz / count at the max.
   std::vector<acc_t> dx_avg, dx_max;
-  const acc_t avg_share = static_cast<acc_t>(pool_weights(p.opt.pool).avg);
-  const acc_t max_share = static_cast<acc_t>(pool_weights(p.opt.pool).max);
+  const acc_t avg_share = static_cast<acc_t>(pool_weights(pool).avg);
+  const acc_t max_share = static_cast<acc_t>(pool_weights(pool).max);
   if (avg_share != 0) {
-    dx_avg.resize(N * C);
+    dx_avg.resize(NC);
     const acc_t scale = avg_share / static_cast<acc_t>(geo.P);
-    for (int64_t i = 0; i < N * C; ++i) dx_avg[i] = dz[i] * scale;
+    for (int64_t i = 0; i < NC; ++i) dx_avg[i] = dz[i] * scale;
   }
   if (max_share != 0) {
-    dx_max.resize(N * C);
-    for (int64_t i = 0; i < N * C; ++i) dx_max[i] = dz[i] * max_share / count[i];
+    dx_max.resize(NC);
+    for (int64_t i = 0; i < NC; ++i) dx_max[i] = dz[i] * max_share / count[i];
   }
 
   // dx = dy * s + dx_avg + [x == zmax] * dx_max, and dresidual = dy, in one pass.
@@ -602,7 +585,38 @@ void backward_group(const BackwardArgs& p) {
   grad_input_pass<scalar_t>(geo, grad_out, out, x,
                             {s.data(), nullptr, dx_avg.empty() ? nullptr : dx_avg.data(),
                              max_pool ? zmax : nullptr, max_pool ? dx_max.data() : nullptr},
-                            static_cast<scalar_t*>(p.dx), static_cast<scalar_t*>(p.dresidual));
+                            dx, dresidual);
+}
+
+template <typename scalar_t>
+void backward_group(const BackwardArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = Mlp<acc_t>;
+  const int64_t N = p.geo.N, C = p.geo.C, S = p.S;
+  // The MLP backward: dg = ds * gate'(g); dW2 += dg^T h; dh = dg W2; da = dh * act'(a);
+  // dW1 += da^T z; dz = da W1.
+  auto excite = [&](const acc_t* ds, acc_t* s, acc_t* dz) {
+    const auto* a = static_cast<const acc_t*>(p.a);
+    const auto* z = static_cast<const acc_t*>(p.z);
+    std::vector<acc_t> dg(N * C), h(N * S), dh(N * S), da(N * S);
+    M::gate(p.opt.gate, N * C, static_cast<const acc_t*>(p.g), s, ds, dg.data());
+    M::activation(p.opt.activation, N * S, a, h.data(), nullptr, nullptr);
+    const auto* w1 = static_cast<const acc_t*>(p.w1);
+    const auto* w2 = static_cast<const acc_t*>(p.w2);
+    auto* dw1 = static_cast<acc_t*>(p.dw1);
+    auto* dw2 = static_cast<acc_t*>(p.dw2);
+    M::sum_rows(dg.data(), 1, C, C, N, h.data(), S, dw2, p.accumulate);  // dW2 [C, S] = dg^T h
+    M::column_sums(dg.data(), N, C, static_cast<acc_t*>(p.db2), p.accumulate);
+    M::sum_rows(dg.data(), C, 1, N, C, w2, S, dh.data(), false);          // dh [N, S] = dg W2
+    M::activation(p.opt.activation, N * S, a, h.data(), dh.data(), da.data());
+    M::sum_rows(da.data(), 1, S, S, N, z, C, dw1, p.accumulate);         // dW1 [S, C] = da^T z
+    M::column_sums(da.data(), N, S, static_cast<acc_t*>(p.db1), p.accumulate);
+    M::sum_rows(da.data(), S, 1, N, S, w1, C, dz, false);                 // dz [N, C] = da W1
+  };
+  backward_through<scalar_t>(p.geo, p.opt.pool, static_cast<const scalar_t*>(p.grad_out),
+                             static_cast<const scalar_t*>(p.out), static_cast<const scalar_t*>(p.x),
+                             static_cast<const acc_t*>(p.zmax), static_cast<scalar_t*>(p.dx),
+                             static_cast<scalar_t*>(p.dresidual), excite);
 }
 
 // fn(scalar_t{}) with scalar_t the kernels' type for x's dtype.

@@ -1,5 +1,5 @@
 // The stream ops' CPU kernels (se_kernels/_stream_ops.py, DESIGN.md §1.4) and the linear
-// excitation forms' inference kernel (se_kernels/_form_ops.py), built from the passes of
+// excitation forms' kernels (se_kernels/_form_ops.py), built from the passes of
 // kernels_impl.h, and this capability's KernelTable. Included, after
 // kernels_impl.h, by exactly one source per CPU capability.
 //
@@ -111,6 +111,40 @@ void channel_conv(const acc_t* z, int64_t N, int64_t C, const acc_t* w, int64_t 
   }
 }
 
+// The transpose of channel_conv: dz[n, j] = sum of dg[n, c] * w[i] over the (c, i) that read
+// z[n, j]; dw[i] (+)= sum_{n, c} dg[n, c] * z~[n, c + i - (k - 1) / 2] and db (+)= sum dg
+// (when db is given), in a fixed order.
+template <typename acc_t>
+void channel_conv_backward(const acc_t* dg, const acc_t* z, int64_t N, int64_t C, const acc_t* w,
+                           int64_t k, bool circular, acc_t* dz, acc_t* dw, acc_t* db,
+                           bool accumulate) {
+  const int64_t pad = (k - 1) / 2;
+  std::fill_n(dz, N * C, acc_t(0));
+  if (!accumulate) {
+    std::fill_n(dw, k, acc_t(0));
+    if (db) db[0] = 0;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    const acc_t* dgn = dg + n * C;
+    const acc_t* zn = z + n * C;
+    acc_t* dzn = dz + n * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = dgn[c];
+      if (db) db[0] += d;
+      for (int64_t i = 0; i < k; ++i) {
+        int64_t j = c + i - pad;
+        if (circular) {
+          j = ((j % C) + C) % C;
+        } else if (j < 0 || j >= C) {
+          continue;
+        }
+        dzn[j] += w[i] * d;
+        dw[i] += d * zn[j];
+      }
+    }
+  }
+}
+
 // The linear forms' inference on one group of samples: squeeze, g from z, s = gate(g), and
 // out = out_act(s * x + residual), the group's x re-read from cache.
 template <typename scalar_t>
@@ -142,6 +176,44 @@ void linear_form_typed(const LinearFormArgs& p) {
                        static_cast<scalar_t*>(p.out), p.opt.out_relu());
 }
 
+// The linear forms' backward on one group of samples: backward_through with the form's
+// transpose for the excitation.
+template <typename scalar_t>
+void linear_form_backward_typed(const LinearFormGradArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = Mlp<acc_t>;
+  const int64_t N = p.geo.N, C = p.geo.C;
+  const auto* w = static_cast<const acc_t*>(p.weight);
+  const auto* z = static_cast<const acc_t*>(p.z);
+  auto* dw = static_cast<acc_t*>(p.dweight);
+  auto* db = static_cast<acc_t*>(p.dbias);
+  auto excite = [&](const acc_t* ds, acc_t* s, acc_t* dz) {
+    std::vector<acc_t> dg(N * C);
+    M::gate(p.opt.gate, N * C, static_cast<const acc_t*>(p.g), s, ds, dg.data());
+    switch (p.form) {
+      case LinearForm::Fc:  // g = W z + b
+        M::sum_rows(dg.data(), 1, C, C, N, z, C, dw, p.accumulate);  // dW [C, C] = dg^T z
+        if (db) M::column_sums(dg.data(), N, C, db, p.accumulate);
+        M::sum_rows(dg.data(), C, 1, N, C, w, C, dz, false);          // dz [N, C] = dg W
+        break;
+      case LinearForm::Conv:
+        channel_conv_backward(dg.data(), z, N, C, w, p.kernel, false, dz, dw, db, p.accumulate);
+        break;
+      case LinearForm::CircularConv:
+        channel_conv_backward(dg.data(), z, N, C, w, p.kernel, true, dz, dw, db, p.accumulate);
+        break;
+    }
+  };
+  backward_through<scalar_t>(p.geo, p.opt.pool, static_cast<const scalar_t*>(p.grad_out),
+                             static_cast<const scalar_t*>(p.out), static_cast<const scalar_t*>(p.x),
+                             static_cast<const acc_t*>(p.zmax), static_cast<scalar_t*>(p.dx),
+                             static_cast<scalar_t*>(p.dresidual), excite);
+}
+
+void linear_form_backward(const LinearFormGradArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { linear_form_backward_typed<decltype(t)>(p); });
+}
+
 void linear_form(const LinearFormArgs& p) {
   dispatch_dtype(p.dtype, [&](auto t) { linear_form_typed<decltype(t)>(p); });
 }
@@ -165,6 +237,7 @@ void stream_grad_map(const StreamGradMapArgs& p) {
 }  // namespace
 
 extern const KernelTable kKernels = {&forward, &backward, &stream_reduce, &stream_map,
-                                     &stream_grad_reduce, &stream_grad_map, &linear_form};
+                                     &stream_grad_reduce, &stream_grad_map, &linear_form,
+                                     &linear_form_backward};
 
 }  // namespace se_kernels::cpu::SE_CPU_CAPABILITY

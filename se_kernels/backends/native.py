@@ -189,9 +189,10 @@ class NativeBackend(dispatch.Backend):
         return _stream_ops.NATIVE
 
     def linear_form_op(self, device_type: str):
-        # The extension has this op's kernel on CPU only; on a GPU the stream ops serve.
-        if device_type != self.name or device_type != "cpu" or not _kernel_registered(
-                "se_kernels::linear_form_forward", device_type):
+        # The extension has these ops' kernels on CPU only; on a GPU the stream ops serve.
+        if device_type != self.name or device_type != "cpu" or not all(
+                _kernel_registered(f"se_kernels::linear_form_{way}", device_type)
+                for way in ("forward", "backward")):
             return None
         return _form_ops.linear_form_forward
 
