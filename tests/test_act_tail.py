@@ -102,7 +102,7 @@ CASES = [pytest.param(shape, layout, dtype, act, seed, id=f"{shape}-{layout}-{st
 
 @needs_kernels
 @pytest.mark.parametrize("shape,layout,dtype,activation,seed", CASES)
-def test_ops_match_reference(shape, layout, dtype, activation, seed):
+def test_cpu_ops_match_reference(shape, layout, dtype, activation, seed):
     acc = accumulate_dtype(dtype)
     u_acc = torch.finfo(acc).eps / 2
     p = shape[2] * shape[3]
@@ -137,7 +137,7 @@ def test_ops_match_reference(shape, layout, dtype, activation, seed):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype,layout", [(torch.float32, "nchw"), (torch.bfloat16, "channels_last")])
-def test_opcheck(dtype, layout):
+def test_cpu_opcheck(dtype, layout):
     for name in OPS:
         torch.library.opcheck(OPS[name], op_args(name, (2, 6, 5, 3), dtype, layout, "silu", 3))
 
@@ -312,7 +312,7 @@ def test_backends_without_the_act_ops_refuse(monkeypatch):
 
 
 @needs_kernels
-def test_compiled_matches_eager():
+def test_cpu_compiled_matches_eager():
     block = oracle_block(5, "silu", seed=3).train()
     module = ActTail(block, "silu", "cpu").train()
     x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
