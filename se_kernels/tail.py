@@ -17,6 +17,7 @@ or output activation.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -393,7 +394,18 @@ def block_tail(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=N
     tail out = gate(form(mean(v))) · v with v = activation(u), which takes no residual, keep
     or out_activation. stats is (batch mean, biased batch variance, count) for updating the
     running statistics (update_running_stats), or None."""
-    call = make_call(x, norm, form, params, gate=gate, batch_stats=batch_stats, eps=eps,
-                     residual=residual, keep=keep, out_activation=out_activation, group=group,
-                     activation=activation)
+    call = traced_quietly(make_call, x, norm, form, params, gate=gate, batch_stats=batch_stats,
+                          eps=eps, residual=residual, keep=keep, out_activation=out_activation,
+                          group=group, activation=activation)
     return dispatch.select(call, backend).run_staged(call)
+
+
+def traced_quietly(fn, *args, **kwargs):
+    """fn(*args, **kwargs), without the TracerWarnings of torch.jit.trace (and the
+    TorchScript ONNX exporter), which traces sizes as tensors and warns where the checks
+    compare them: a trace is of fixed shapes, all they check."""
+    if not torch.jit.is_tracing():
+        return fn(*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return fn(*args, **kwargs)

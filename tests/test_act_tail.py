@@ -8,17 +8,20 @@ dispatch's refusal of a backend without the act ops; torch.compile against eager
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from helpers import assert_compiled_matches_eager, covering_cases
-from se_kernels import _stream_ops, dispatch, tail
+from helpers import assert_compiled_matches_eager, covering_cases, randomize_norms
+from se_kernels import _stream_ops, convert_se_modules, dispatch, restore_se_modules, tail
 from se_kernels._ops import accumulate_dtype, kernel_memory_format
 from se_kernels.backends import native
 from se_kernels.backends.torch_backend import TorchBackend
+from se_kernels.blocks import FusedActBlock, FusedBlock
+from se_kernels.convert import ConvertedSqueezeExcitation
 from se_kernels.excitation import Mlp
 from se_kernels.options import ACTIVATION_MODULES, ACTIVATIONS
 from se_kernels.staged import update_running_stats
@@ -318,3 +321,104 @@ def test_cpu_compiled_matches_eager():
     x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
     assert_compiled_matches_eager(module, x, lambda m: (m.bn.weight.grad, m.se.fc1.weight.grad,
                                                         m.bn.running_var))
+
+
+# ---- whole blocks: convert_se_modules -------------------------------------------------------
+
+timm = pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+# (library, model, act-tail blocks). 48x48 inputs leave 2x2 at the last stage: at 1x1 and
+# N = 2 a training BatchNorm sees 2 values per channel, whose one-pass variance
+# (DESIGN.md §1.5) loses digits that the eager two-pass one keeps.
+ACT_MODELS = [("timm", "efficientnet_b0", 16), ("timm", "mobilenetv3_large_100", 8),
+              ("timm", "regnety_002", 13), ("torchvision", "mobilenet_v3_small", 9),
+              ("torchvision", "efficientnet_b0", 16), ("torchvision", "regnet_y_400mf", 16)]
+
+
+def build_model(library, name):
+    torch.manual_seed(0)
+    model = (timm.create_model(name, pretrained=False) if library == "timm"
+             else getattr(torchvision.models, name)())
+    model = model.double()
+    randomize_norms(model, seed=0)
+    return model
+
+
+def forward_backward(model, x, seed):
+    torch.manual_seed(seed)  # the stochastic depth's and dropout's draws
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype))
+    return ({"out": out.detach(), "x": x.grad} | {n: p.grad for n, p in model.named_parameters()},
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+@pytest.mark.parametrize("library,name,fused", ACT_MODELS, ids=[f"{lib}-{m}" for lib, m, _ in ACT_MODELS])
+def test_act_blocks_match_eager(library, name, fused):
+    original = build_model(library, name)
+    converted = convert_se_modules(copy.deepcopy(original))
+    assert sum(isinstance(m, FusedActBlock) for m in converted.modules()) == fused
+    # MobileNetV3's hardsigmoid gate: eager's fp64 derivative multiplies by a float32 1/6.
+    tol = 2e-7 if "mobilenet" in name else 1e-10
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for step, training in enumerate((True, False)):
+        original.train(training)
+        converted.train(training)
+        expected, expected_state = forward_backward(original, x, seed=step)
+        got, state = forward_backward(converted, x, seed=step)
+        assert got.keys() == expected.keys()
+        scale = max(t.abs().max().item() for t in expected.values())
+        for key, e in expected.items():
+            err = (got[key] - e).abs().max().item()
+            assert err <= tol * max(e.abs().max().item(), 1e-3 * scale), (training, key, err)
+        assert state.keys() == expected_state.keys()
+        for key, e in expected_state.items():
+            torch.testing.assert_close(state[key], e, rtol=1e-12, atol=1e-12, msg=key)
+
+
+def test_act_block_conversion_keeps_parameters_and_restores():
+    for library, name in (("timm", "regnety_002"), ("torchvision", "mobilenet_v3_small")):
+        model = build_model(library, name)
+        parameters, keys = [id(p) for p in model.parameters()], model.state_dict().keys()
+        classes = [type(m) for m in model.modules()]
+        converted = convert_se_modules(model)
+        assert [id(p) for p in converted.parameters()] == parameters
+        assert converted.state_dict().keys() == keys
+        restored = restore_se_modules(converted)
+        assert [type(m) for m in restored.modules()] == classes
+        assert [id(p) for p in restored.parameters()] == parameters
+        only_se = convert_se_modules(build_model(library, name), fuse_blocks=False)
+        assert not any(isinstance(m, FusedBlock) for m in only_se.modules())
+        assert any(isinstance(m, ConvertedSqueezeExcitation) for m in only_se.modules())
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    (lambda block: block.block[0][1].register_forward_hook(lambda *args: None),
+     "block.0.1 has forward_hooks"),
+    (lambda block: block.block[0].__setitem__(2, nn.LeakyReLU(0.2)),
+     "block.0.2 is LeakyReLU, which the act tail does not compute"),
+], ids=["hooked-norm", "other-slope"])
+def test_an_act_block_that_cannot_fuse_keeps_the_se_only_conversion(spoil, reason, caplog):
+    model = build_model("torchvision", "mobilenet_v3_small")
+    block = model.features[1]
+    spoil(block)
+    with caplog.at_level(logging.INFO, logger="se_kernels.convert"):
+        convert_se_modules(model)
+    assert type(model.features[1]).__name__ == "InvertedResidual"
+    assert isinstance(model.features[1].block[1], ConvertedSqueezeExcitation)
+    assert sum(isinstance(m, FusedActBlock) for m in model.modules()) == 8
+    assert (f"1 blocks keep their tail unfused, torchvision.models.mobilenetv3.InvertedResidual: "
+            f"{reason}") in caplog.text
+
+
+def test_act_blocks_take_the_se_only_path_where_no_backend_has_the_act_ops(monkeypatch):
+    """As on a GPU today: auto would give the act tail to the torch backend, so the block
+    runs its norm and activation as they are and the SE on the SE op's own backend."""
+    monkeypatch.setattr(dispatch.get_backend("cpu"), "stream_ops", lambda device: _stream_ops.NATIVE)
+    original = build_model("torchvision", "mobilenet_v3_small").eval()
+    converted = convert_se_modules(copy.deepcopy(original))
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), rtol=1e-7, atol=1e-12)
+    blocks = [m for m in converted.modules() if isinstance(m, FusedActBlock)]
+    assert blocks and all(isinstance(b.__dict__.get("se_only"), ConvertedSqueezeExcitation)
+                          for b in blocks)
