@@ -409,4 +409,80 @@ StreamGradMapTensors prepare_stream_grad_map(
   return t;
 }
 
+// ---- the act tail's stream ops --------------------------------------------------------
+
+namespace {
+
+// x, the prologue's vectors and the activation checked (_stream_ops._check_prologue); x
+// dense in the kernels' layout, in_scale and in_shift broadcast to [N, C].
+StreamActTensors prepare_act_prologue(const at::Tensor& x, const at::Tensor& in_scale,
+                                      const at::Tensor& in_shift, c10::string_view activation) {
+  check_stream_x(x);
+  const auto acc = accumulate_type(x.scalar_type());
+  check_like(in_scale, "in_scale", {x.size(1)}, x, acc);
+  check_like(in_shift, "in_shift", {x.size(1)}, x, acc);
+  StreamActTensors t;
+  t.activation = parse_choice("activation", activation, kActivationNames);
+  t.geo = geometry_of(x);
+  t.x = x.contiguous(t.geo.memory_format());
+  t.in_scale = in_scale.expand({x.size(0), x.size(1)}).contiguous();
+  t.in_shift = in_shift.expand({x.size(0), x.size(1)}).contiguous();
+  return t;
+}
+
+}  // namespace
+
+StreamActTensors prepare_stream_act_reduce(const at::Tensor& x, const at::Tensor& in_scale,
+                                           const at::Tensor& in_shift,
+                                           c10::string_view activation) {
+  StreamActTensors t = prepare_act_prologue(x, in_scale, in_shift, activation);
+  t.sum = stream_vector(x, true);
+  return t;
+}
+
+StreamActTensors prepare_stream_act_map(const at::Tensor& x, const at::Tensor& in_scale,
+                                        const at::Tensor& in_shift, c10::string_view activation,
+                                        const at::Tensor& scale) {
+  StreamActTensors t = prepare_act_prologue(x, in_scale, in_shift, activation);
+  check_vector(scale, "scale", x);
+  t.scale = scale.contiguous();
+  t.out = stream_x_sized(x, t.geo);
+  return t;
+}
+
+StreamActTensors prepare_stream_act_grad_reduce(const at::Tensor& grad_out, const at::Tensor& x,
+                                                const at::Tensor& in_scale,
+                                                const at::Tensor& in_shift,
+                                                c10::string_view activation, bool statistics) {
+  StreamActTensors t = prepare_act_prologue(x, in_scale, in_shift, activation);
+  check_x_sized(grad_out, "grad_out", x);
+  t.grad_out = grad_out.contiguous(t.geo.memory_format());
+  t.sdyv = stream_vector(x, true);
+  t.sdyd = stream_vector(x, statistics);
+  t.sdydx = stream_vector(x, statistics);
+  t.sd = stream_vector(x, statistics);
+  t.sdx = stream_vector(x, statistics);
+  return t;
+}
+
+StreamActTensors prepare_stream_act_grad_map(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& in_scale,
+    const at::Tensor& in_shift, c10::string_view activation, const at::Tensor& dy_scale,
+    const at::Tensor& act_shift, const std::optional<at::Tensor>& x_scale,
+    const std::optional<at::Tensor>& shift) {
+  StreamActTensors t = prepare_act_prologue(x, in_scale, in_shift, activation);
+  check_x_sized(grad_out, "grad_out", x);
+  check_vector(dy_scale, "dy_scale", x);
+  check_vector(act_shift, "act_shift", x);
+  check_vector(x_scale, "x_scale", x);
+  check_vector(shift, "shift", x);
+  t.grad_out = grad_out.contiguous(t.geo.memory_format());
+  t.scale = dy_scale.contiguous();
+  t.act_shift = act_shift.contiguous();
+  t.x_scale = dense(x_scale);
+  t.shift = dense(shift);
+  t.out = stream_x_sized(x, t.geo);
+  return t;
+}
+
 }  // namespace se_kernels

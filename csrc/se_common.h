@@ -177,4 +177,33 @@ StreamGradMapTensors prepare_stream_grad_map(
     const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& peak,
     const std::optional<at::Tensor>& peak_shift, c10::string_view out_activation);
 
+// The act tail's stream ops (_stream_ops.check_act_*): x read through the prologue
+// u = in_scale[c] * x + in_shift[c], v = activation(u). in_scale and in_shift ([C] in the
+// accumulation dtype) are broadcast to contiguous [N, C] for the kernels; x-sized inputs
+// are dense in the kernels' layout, optional vectors undefined where absent.
+struct StreamActTensors {
+  Geometry geo;
+  Activation activation;
+  at::Tensor grad_out, x, in_scale, in_shift;
+  at::Tensor scale, act_shift, x_scale, shift;  // the maps' coefficients
+  at::Tensor sum;                               // stream_act_reduce
+  at::Tensor sdyv, sdyd, sdydx, sd, sdx;        // stream_act_grad_reduce ([0] unless statistics)
+  at::Tensor out;                               // the maps' output
+};
+StreamActTensors prepare_stream_act_reduce(const at::Tensor& x, const at::Tensor& in_scale,
+                                           const at::Tensor& in_shift,
+                                           c10::string_view activation);
+StreamActTensors prepare_stream_act_map(const at::Tensor& x, const at::Tensor& in_scale,
+                                        const at::Tensor& in_shift, c10::string_view activation,
+                                        const at::Tensor& scale);
+StreamActTensors prepare_stream_act_grad_reduce(const at::Tensor& grad_out, const at::Tensor& x,
+                                                const at::Tensor& in_scale,
+                                                const at::Tensor& in_shift,
+                                                c10::string_view activation, bool statistics);
+StreamActTensors prepare_stream_act_grad_map(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& in_scale,
+    const at::Tensor& in_shift, c10::string_view activation, const at::Tensor& dy_scale,
+    const at::Tensor& act_shift, const std::optional<at::Tensor>& x_scale,
+    const std::optional<at::Tensor>& shift);
+
 }  // namespace se_kernels

@@ -20,11 +20,27 @@ each takes or gives per-(n, c) coefficients, so the same kernels serve any form.
                   out_activation) -> dx
       dx = dy_scale[n,c]·dy + x_scale[n,c]·x + shift[n,c] + [x == peak[n,c]]·peak_shift[n,c]
 
-[N, C] vectors are in the accumulation dtype (fp32, fp64 for fp64 x); an output not asked
-for is an empty [0] tensor. x-sized outputs have x's dtype and the kernels' layout
+Four more take an input prologue, u = in_scale[c]·x + in_shift[c] (a BatchNorm's affine
+map, in_scale and in_shift [C]), v = act(u) and d = act'(u) with `activation` one of
+options.ACTIVATIONS (DESIGN.md §1.3): the act tail's passes (§1.5, se_kernels/tail.py).
+
+  stream_act_reduce(x, in_scale, in_shift, activation) -> sum
+      sum[n,c] = Σ_p v
+  stream_act_map(x, in_scale, in_shift, activation, scale) -> out
+      out = scale[n,c]·v
+  stream_act_grad_reduce(grad_out, x, in_scale, in_shift, activation, statistics)
+          -> (sdyv, sdyd, sdydx, sd, sdx)
+      sdyv = Σ_p dy·v; when statistics: sdyd = Σ_p dy·d, sdydx = Σ_p dy·d·x, sd = Σ_p d,
+      sdx = Σ_p d·x
+  stream_act_grad_map(grad_out, x, in_scale, in_shift, activation, dy_scale, act_shift,
+                      x_scale, shift) -> dx
+      dx = d·(dy_scale[n,c]·dy + act_shift[n,c]) + x_scale[n,c]·x + shift[n,c]
+
+[N, C] and [C] vectors are in the accumulation dtype (fp32, fp64 for fp64 x); an output
+not asked for is an empty [0] tensor. x-sized outputs have x's dtype and the kernels' layout
 (_ops.kernel_memory_format); everything is computed in the accumulation dtype and rounded
 once. Kernels: CPU and CUDA in se_kernels._C (these names), Triton as the "_triton" ops
-(se_kernels/backends/triton/stream.py).
+(se_kernels/backends/triton/stream.py); the act ops on CPU only.
 """
 
 from __future__ import annotations
@@ -47,13 +63,26 @@ GRAD_MAP_SCHEMA = (
     "Tensor? peak, Tensor? peak_shift, str out_activation) -> Tensor")
 SCHEMAS = {"stream_reduce": REDUCE_SCHEMA, "stream_map": MAP_SCHEMA,
            "stream_grad_reduce": GRAD_REDUCE_SCHEMA, "stream_grad_map": GRAD_MAP_SCHEMA}
+_PROLOGUE = "Tensor x, Tensor in_scale, Tensor in_shift, str activation"
+ACT_SCHEMAS = {
+    "stream_act_reduce": f"({_PROLOGUE}) -> Tensor",
+    "stream_act_map": f"({_PROLOGUE}, Tensor scale) -> Tensor",
+    "stream_act_grad_reduce": (
+        f"(Tensor grad_out, {_PROLOGUE}, bool statistics) "
+        "-> (Tensor sdyv, Tensor sdyd, Tensor sdydx, Tensor sd, Tensor sdx)"),
+    "stream_act_grad_map": (
+        f"(Tensor grad_out, {_PROLOGUE}, Tensor dy_scale, Tensor act_shift, Tensor? x_scale, "
+        "Tensor? shift) -> Tensor"),
+}
 # Each op's outputs by name: the schemas' names, and what the map ops' one output is.
 OUTPUTS = {"stream_reduce": ("sum", "sumsq", "max", "min"), "stream_map": ("out",),
            "stream_grad_reduce": ("sdy", "sdyx", "count", "dresidual"),
-           "stream_grad_map": ("dx",)}
+           "stream_grad_map": ("dx",), "stream_act_reduce": ("sum",), "stream_act_map": ("out",),
+           "stream_act_grad_reduce": ("sdyv", "sdyd", "sdydx", "sd", "sdx"),
+           "stream_act_grad_map": ("dx",)}
 
 _lib = torch.library.Library("se_kernels", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's life
-for _name, _schema in SCHEMAS.items():
+for _name, _schema in {**SCHEMAS, **ACT_SCHEMAS}.items():
     _lib.define(_name + _schema)
 
 
@@ -125,8 +154,40 @@ def check_grad_map_args(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_s
         raise ValueError("peak and peak_shift must be given together")
 
 
+def _check_prologue(x, in_scale, in_shift, activation) -> None:
+    check_x(x)
+    acc = accumulate_dtype(x.dtype)
+    _check_like("in_scale", in_scale, x.shape[1:2], x, acc)
+    _check_like("in_shift", in_shift, x.shape[1:2], x, acc)
+    check_choice("activation", activation)
+
+
+def check_act_reduce_args(x, in_scale, in_shift, activation) -> None:
+    _check_prologue(x, in_scale, in_shift, activation)
+
+
+def check_act_map_args(x, in_scale, in_shift, activation, scale) -> None:
+    _check_prologue(x, in_scale, in_shift, activation)
+    check_vectors(x, scale=scale)
+
+
+def check_act_grad_reduce_args(grad_out, x, in_scale, in_shift, activation, statistics) -> None:
+    _check_prologue(x, in_scale, in_shift, activation)
+    _check_x_sized(x, grad_out=grad_out)
+
+
+def check_act_grad_map_args(grad_out, x, in_scale, in_shift, activation, dy_scale, act_shift,
+                            x_scale, shift) -> None:
+    _check_prologue(x, in_scale, in_shift, activation)
+    _check_x_sized(x, grad_out=grad_out)
+    check_vectors(x, dy_scale=dy_scale, act_shift=act_shift, x_scale=x_scale, shift=shift)
+
+
 CHECKS = {"stream_reduce": check_reduce_args, "stream_map": check_map_args,
-          "stream_grad_reduce": check_grad_reduce_args, "stream_grad_map": check_grad_map_args}
+          "stream_grad_reduce": check_grad_reduce_args, "stream_grad_map": check_grad_map_args,
+          "stream_act_reduce": check_act_reduce_args, "stream_act_map": check_act_map_args,
+          "stream_act_grad_reduce": check_act_grad_reduce_args,
+          "stream_act_grad_map": check_act_grad_map_args}
 
 
 def _vector(x: torch.Tensor, wanted: bool = True) -> torch.Tensor:
@@ -160,8 +221,32 @@ def grad_map_fake(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift, 
     return _x_sized(x)
 
 
+def act_reduce_fake(x, in_scale, in_shift, activation):
+    check_act_reduce_args(x, in_scale, in_shift, activation)
+    return _vector(x)
+
+
+def act_map_fake(x, in_scale, in_shift, activation, scale):
+    check_act_map_args(x, in_scale, in_shift, activation, scale)
+    return _x_sized(x)
+
+
+def act_grad_reduce_fake(grad_out, x, in_scale, in_shift, activation, statistics):
+    check_act_grad_reduce_args(grad_out, x, in_scale, in_shift, activation, statistics)
+    return (_vector(x), *(_vector(x, statistics) for _ in range(4)))
+
+
+def act_grad_map_fake(grad_out, x, in_scale, in_shift, activation, dy_scale, act_shift, x_scale,
+                      shift):
+    check_act_grad_map_args(grad_out, x, in_scale, in_shift, activation, dy_scale, act_shift,
+                            x_scale, shift)
+    return _x_sized(x)
+
+
 FAKES = {"stream_reduce": reduce_fake, "stream_map": map_fake,
-         "stream_grad_reduce": grad_reduce_fake, "stream_grad_map": grad_map_fake}
+         "stream_grad_reduce": grad_reduce_fake, "stream_grad_map": grad_map_fake,
+         "stream_act_reduce": act_reduce_fake, "stream_act_map": act_map_fake,
+         "stream_act_grad_reduce": act_grad_reduce_fake, "stream_act_grad_map": act_grad_map_fake}
 
 
 # FLOPs: one add per element and reduction (max and min compare), a multiply-add per
@@ -190,8 +275,33 @@ def _grad_map_flops(grad_out_shape, out_shape_, x_shape, dy_scale_shape, x_scale
                     + 2 * (peak_shape is not None))
 
 
+# The act ops: the prologue's a·x + b is 2 per element; the activation, as elsewhere, none.
+def _act_reduce_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 3 * x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3]
+
+
+def _act_map_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 3 * x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3]
+
+
+def _act_grad_reduce_flops(grad_out_shape, x_shape, in_scale_shape, in_shift_shape, activation,
+                           statistics, *args, out_shape=None, **kwargs) -> int:
+    elems = x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3]
+    return elems * (4 + 8 * bool(statistics))  # S1 2; S2 2, S3 3, S4 1, S5 2
+
+
+def _act_grad_map_flops(grad_out_shape, x_shape, in_scale_shape, in_shift_shape, activation,
+                        dy_scale_shape, act_shift_shape, x_scale_shape, shift_shape, *args,
+                        out_shape=None, **kwargs) -> int:
+    elems = x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3]
+    return elems * (5 + 2 * (x_scale_shape is not None) + (shift_shape is not None))
+
+
 FLOPS = {"stream_reduce": _reduce_flops, "stream_map": _map_flops,
-         "stream_grad_reduce": _grad_reduce_flops, "stream_grad_map": _grad_map_flops}
+         "stream_grad_reduce": _grad_reduce_flops, "stream_grad_map": _grad_map_flops,
+         "stream_act_reduce": _act_reduce_flops, "stream_act_map": _act_map_flops,
+         "stream_act_grad_reduce": _act_grad_reduce_flops,
+         "stream_act_grad_map": _act_grad_map_flops}
 
 
 # The forward ops' autograd: what a program that calls them directly differentiates (an
@@ -199,7 +309,7 @@ FLOPS = {"stream_reduce": _reduce_flops, "stream_map": _map_flops,
 # autograd.Functions, whose written-out backwards it cannot keep). Such a backward is the
 # reference's own, recomputed: correct, not fast; the paths' Functions never reach it,
 # since they call the ops where autograd records nothing.
-DIFFERENTIABLE = ("stream_reduce", "stream_map")
+DIFFERENTIABLE = ("stream_reduce", "stream_map", "stream_act_reduce", "stream_act_map")
 
 
 def _reference_setup_context(ctx, inputs, output):
@@ -227,12 +337,14 @@ def _reference_backward(name: str):
     return backward
 
 
-def register_stream_family(suffix: str = "", *, fake: bool = True) -> dict[str, torch._ops.OpOverload]:
-    """Give the four stream ops named `se_kernels::<name><suffix>` their fake kernels (unless
-    they bring their own, as triton_op does), FLOP formulas and, for the forward ones,
-    autograd; returns the overloads by base name."""
+def register_stream_family(suffix: str = "", *, fake: bool = True,
+                           schemas=SCHEMAS) -> dict[str, torch._ops.OpOverload]:
+    """Give the stream ops of `schemas` (the four, or ACT_SCHEMAS) named
+    `se_kernels::<name><suffix>` their fake kernels (unless they bring their own, as
+    triton_op does), FLOP formulas and, for the forward ones, autograd; returns the
+    overloads by base name."""
     ops = {}
-    for name in SCHEMAS:
+    for name in schemas:
         qualname = f"se_kernels::{name}{suffix}"
         if fake:
             torch.library.register_fake(qualname, FAKES[name])
@@ -250,11 +362,16 @@ stream_reduce = NATIVE["stream_reduce"]
 stream_map = NATIVE["stream_map"]
 stream_grad_reduce = NATIVE["stream_grad_reduce"]
 stream_grad_map = NATIVE["stream_grad_map"]
+NATIVE_ACT = register_stream_family(schemas=ACT_SCHEMAS)
+stream_act_reduce = NATIVE_ACT["stream_act_reduce"]
+stream_act_map = NATIVE_ACT["stream_act_map"]
+stream_act_grad_reduce = NATIVE_ACT["stream_act_grad_reduce"]
+stream_act_grad_map = NATIVE_ACT["stream_act_grad_map"]
 
 
 def named(name: str, args: tuple, outputs) -> dict:
     """A call of the op `name` as {argument or output name: value} (SCHEMAS, OUTPUTS)."""
-    params = [argument.name for argument in NATIVE[name]._schema.arguments]
+    params = [argument.name for argument in {**NATIVE, **NATIVE_ACT}[name]._schema.arguments]
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     return {**dict(zip(params, args)), **dict(zip(OUTPUTS[name], outputs))}
 
@@ -323,7 +440,58 @@ def _grad_map_reference(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_s
     return dx.to(x.dtype).contiguous(memory_format=kernel_memory_format(x))
 
 
+def _prologue(x, in_scale, in_shift, activation):
+    """(x, u, act) in the accumulation dtype: u = in_scale·x + in_shift."""
+    from .backends.torch_backend import activation_function
+    xa = x.to(accumulate_dtype(x.dtype))
+    return xa, xa * in_scale[:, None, None] + in_shift[:, None, None], activation_function(
+        activation)
+
+
+def _act_derivative(u, activation):
+    from .backends.torch_backend import activation_gradient
+    return activation_gradient(activation)(u, torch.ones_like(u))
+
+
+def _act_reduce_reference(x, in_scale, in_shift, activation):
+    _, u, act = _prologue(x, in_scale, in_shift, activation)
+    return act(u).sum(dim=(2, 3))
+
+
+def _act_map_reference(x, in_scale, in_shift, activation, scale):
+    _, u, act = _prologue(x, in_scale, in_shift, activation)
+    return (_nc(scale) * act(u)).to(x.dtype).contiguous(memory_format=kernel_memory_format(x))
+
+
+def _act_grad_reduce_reference(grad_out, x, in_scale, in_shift, activation, statistics):
+    xa, u, act = _prologue(x, in_scale, in_shift, activation)
+    dy = grad_out.to(xa.dtype)
+    sdyv = (dy * act(u)).sum(dim=(2, 3))
+    if not statistics:
+        empty = xa.new_empty((0,))
+        return sdyv, empty, empty, empty, empty
+    d = _act_derivative(u, activation)
+    dyd = dy * d
+    return (sdyv, dyd.sum(dim=(2, 3)), (dyd * xa).sum(dim=(2, 3)), d.sum(dim=(2, 3)),
+            (d * xa).sum(dim=(2, 3)))
+
+
+def _act_grad_map_reference(grad_out, x, in_scale, in_shift, activation, dy_scale, act_shift,
+                            x_scale, shift):
+    xa, u, _ = _prologue(x, in_scale, in_shift, activation)
+    dx = _act_derivative(u, activation) * (_nc(dy_scale) * grad_out.to(xa.dtype)
+                                           + _nc(act_shift))
+    if x_scale is not None:
+        dx = dx + _nc(x_scale) * xa
+    if shift is not None:
+        dx = dx + _nc(shift)
+    return dx.to(x.dtype).contiguous(memory_format=kernel_memory_format(x))
+
+
 _REFERENCE = {"stream_reduce": _reduce_reference, "stream_map": _map_reference,
-              "stream_grad_reduce": _grad_reduce_reference, "stream_grad_map": _grad_map_reference}
+              "stream_grad_reduce": _grad_reduce_reference, "stream_grad_map": _grad_map_reference,
+              "stream_act_reduce": _act_reduce_reference, "stream_act_map": _act_map_reference,
+              "stream_act_grad_reduce": _act_grad_reduce_reference,
+              "stream_act_grad_map": _act_grad_map_reference}
 
 assert set(OUT_ACTIVATIONS) == {"none", OUT_RELU}  # the kernels' masks know these two

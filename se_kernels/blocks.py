@@ -1,5 +1,6 @@
 """Residual blocks whose tail (BatchNorm -> SE -> drop path -> + shortcut -> ReLU) runs as
-one fused function (se_kernels.tail, DESIGN.md §1.5), for convert_se_modules.
+one fused function (se_kernels.tail, DESIGN.md §1.5), for convert_se_modules; and blocks
+whose BatchNorm -> activation -> SE runs as one act tail (MBConv, RegNetY).
 
 A recognised block is replaced by a FusedBlock that adopts its children under their
 names (the same parameter tensors, the same state_dict keys) and runs the block's own
@@ -7,7 +8,9 @@ layers up to the tail's BatchNorm as they are, then the tail. Recognition is by 
 class and by the tail's parts: an exact nn.BatchNorm2d or SyncBatchNorm, an SE module that
 convert_se_modules serves with average pooling, timm's DropPath (or none), an nn.ReLU,
 and no hooks on any of them. Anything else keeps the SE-only conversion, with the reason
-reported.
+reported. The act tails are recognised likewise (ACT_BLOCKS): an exact nn.BatchNorm2d with
+an activation module after it, or timm's BatchNormAct2d without drop, whose activation is
+one of options.ACTIVATIONS, feeding an SE served with average pooling.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .excitation import Mlp
-from .options import AVG, LEAKY_RELU_SLOPE, qualified_name
+from .options import ACTIVATION_CLASSES, AVG, LEAKY_RELU_SLOPE, module_option, qualified_name
 from .staged import update_running_stats
-from .tail import block_tail
+from . import dispatch
+from .tail import block_tail, traced_quietly
+from .tail import make_call as make_tail_call
 
 TIMM_BOTTLENECK = "timm.models.resnet.Bottleneck"
 TIMM_BASIC_BLOCK = "timm.models.resnet.BasicBlock"
@@ -69,11 +74,13 @@ def _block_parts(module: nn.Module) -> tuple[str, str, str | None, str] | None:
     return None
 
 
-def inspect_block(module: nn.Module) -> tuple[BlockSpec | None, str | None]:
+def inspect_block(module: nn.Module) -> tuple[BlockSpec | ActBlockSpec | None, str | None]:
     """(spec, None) for a block whose tail fuses, (None, reason) for a recognised block
     whose tail does not, (None, None) for any other module."""
     from .convert import StagedSpec, inspect_se_module, staged_spec
 
+    if qualified_name(type(module)) in ACT_BLOCKS:
+        return inspect_act_block(module)
     parts = _block_parts(module)
     if parts is None:
         if qualified_name(type(module)) == LEGACY_BASIC_BLOCK:
@@ -185,6 +192,213 @@ class FusedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"source={self.source}, tail={self.spec.norm} -> {self.spec.se} -> relu, backend={self.backend!r}"
+
+
+# ---- the act tails: BatchNorm -> activation -> SE --------------------------------------
+
+TIMM_DS_CONV = "timm.models._efficientnet_blocks.DepthwiseSeparableConv"
+TIMM_INVERTED_RESIDUAL = "timm.models._efficientnet_blocks.InvertedResidual"
+TIMM_REGNET_BOTTLENECK = "timm.models.regnet.Bottleneck"
+TV_MBCONV = "torchvision.models.efficientnet.MBConv"
+TV_INVERTED_RESIDUAL = "torchvision.models.mobilenetv3.InvertedResidual"
+TV_RES_BOTTLENECK = "torchvision.models.regnet.ResBottleneckBlock"
+TIMM_BN_ACT = "timm.layers.norm_act.BatchNormAct2d"
+TIMM_CONV_NORM_ACT = "timm.layers.conv_bn_act.ConvNormAct"
+TV_CONV_NORM_ACT = "torchvision.ops.misc.Conv2dNormActivation"
+TV_BOTTLENECK_TRANSFORM = "torchvision.models.regnet.BottleneckTransform"
+# Each block class: its conv, BatchNormAct2d and SE (timm), or the nn.Sequential child whose
+# Conv2dNormActivation (conv, BatchNorm2d, activation) feeds the SE after it (torchvision).
+ACT_BLOCKS = {
+    TIMM_DS_CONV: ("conv_dw", "bn1", "se"),
+    TIMM_INVERTED_RESIDUAL: ("conv_dw", "bn2", "se"),
+    TIMM_REGNET_BOTTLENECK: ("conv2.conv", "conv2.bn", "se"),
+    TV_MBCONV: ("block",),
+    TV_INVERTED_RESIDUAL: ("block",),
+    TV_RES_BOTTLENECK: ("f",),
+}
+
+
+@dataclass(frozen=True)
+class ActBlockSpec:
+    """Where a block's act tail is: the paths (from the block) of the conv feeding the norm,
+    the norm, the activation module and the SE; the activation's option name; the SE's
+    staged spec; for the torchvision blocks, the nn.Sequential they run in and the index in
+    it of the Conv2dNormActivation (the SE is the next child)."""
+
+    kind: str
+    conv: str
+    norm: str
+    act: str
+    se: str
+    activation: str
+    se_spec: object
+    se_only_spec: object  # the SE's own spec, for the SE-only conversion (FusedActBlock)
+    sequence: str | None = None
+    index: int = -1
+
+
+def _act_parts(module: nn.Module, kind: str):
+    """(conv, norm, act, se, sequence, index, problem) paths of the act tail of a block of
+    an ACT_BLOCKS class; se None when the block has no SE."""
+    parts = ACT_BLOCKS[kind]
+    if len(parts) == 3:  # timm: BatchNormAct2d holds its activation and drop
+        conv, norm, se = parts
+        if kind == TIMM_REGNET_BOTTLENECK:
+            conv2 = module.conv2
+            if qualified_name(type(conv2)) != TIMM_CONV_NORM_ACT:
+                return None, f"conv2 is {type(conv2).__name__}, not timm's ConvNormAct"
+            if type(getattr(conv2, "aa", None) or nn.Identity()) is not nn.Identity:
+                return None, "conv2 has an anti-aliasing layer between its norm and the SE"
+        elif type(getattr(module, "aa", None) or nn.Identity()) is not nn.Identity:
+            return None, "aa sits between the norm and the SE"
+        se_module = getattr(module, se, None)
+        if se_module is None or type(se_module) is nn.Identity:
+            return None, None
+        bn = module.get_submodule(norm)
+        if qualified_name(type(bn)) != TIMM_BN_ACT:
+            return None, f"{norm} is {type(bn).__name__}, not timm's BatchNormAct2d"
+        if type(bn.drop) is not nn.Identity:
+            return None, f"{norm} has a drop layer ({type(bn.drop).__name__}) before its activation"
+        return (conv, norm, f"{norm}.act", se, None, -1), None
+    sequence = parts[0]
+    seq = module.get_submodule(sequence)
+    if type(seq) is not nn.Sequential and qualified_name(type(seq)) != TV_BOTTLENECK_TRANSFORM:
+        return None, f"{sequence} is {type(seq).__name__}, not an nn.Sequential"
+    names = list(seq._modules)
+    for i, name in enumerate(names[1:], start=1):
+        if qualified_name(type(seq._modules[name])) == "torchvision.ops.misc.SqueezeExcitation":
+            before = seq._modules[names[i - 1]]
+            prefix = f"{sequence}.{names[i - 1]}"
+            if qualified_name(type(before)) != TV_CONV_NORM_ACT or len(before) != 3:
+                return None, f"{prefix} before the SE is not a Conv2dNormActivation with an activation"
+            if type(before[1]) is not nn.BatchNorm2d:
+                return None, f"{prefix}.1 is {type(before[1]).__name__}, not an nn.BatchNorm2d"
+            return (f"{prefix}.0", f"{prefix}.1", f"{prefix}.2", f"{sequence}.{name}", sequence,
+                    i - 1), None
+    return None, None  # no SE: not an SE block
+
+
+def inspect_act_block(module: nn.Module) -> tuple[ActBlockSpec | None, str | None]:
+    """inspect_block for the ACT_BLOCKS classes."""
+    from .convert import StagedSpec, inspect_se_module, staged_spec
+
+    kind = qualified_name(type(module))
+    parts, problem = _act_parts(module, kind)
+    if parts is None:
+        return None, problem
+    conv, norm, act, se_path, sequence, index = parts
+    if "forward" in vars(module):
+        return None, "its forward is patched on the instance"
+    from .convert import _hooks
+    for path in ["", *filter(None, (sequence, conv.rpartition(".")[0])), conv, norm, act, se_path]:
+        hooks = _hooks(module.get_submodule(path))
+        if hooks:
+            return None, f"{path or 'the block'} has {', '.join(hooks)} registered"
+    activation = module_option(module.get_submodule(act), ACTIVATION_CLASSES)
+    if activation is None:
+        return None, (f"{act} is {type(module.get_submodule(act)).__name__}, which the act tail "
+                      f"does not compute")
+    se = module.get_submodule(se_path)
+    report = inspect_se_module(se, se_path)
+    if report is None or not report.servable:
+        return None, f"its SE module is not served ({report.reason if report else 'unknown class'})"
+    se_spec = report.spec if isinstance(report.spec, StagedSpec) else staged_spec(report.spec)
+    if se_spec.pool != AVG:
+        return None, f"its SE pools {se_spec.pool!r}: the act tail squeezes with the mean"
+    return ActBlockSpec(kind, conv, norm, act, se_path, activation, se_spec, report.spec, sequence,
+                        index), None
+
+
+class FusedActBlock(FusedBlock):
+    """A block of another class whose BatchNorm -> activation -> SE runs as one act tail
+    (se_kernels.tail); the rest of its forward is the original's, on the same children.
+    Where backend="auto" finds no backend with the act tail's kernels for the tensors (the
+    GPU backends have none yet), it runs the SE-only conversion instead: the norm and the
+    activation as they are, the SE on its own fused or staged op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind, m, o = self.spec.kind, self._modules, self.original
+        if kind in (TIMM_DS_CONV, TIMM_INVERTED_RESIDUAL):
+            shortcut = x
+            if getattr(o, "conv_s2d", None) is not None:
+                x = m["bn_s2d"](m["conv_s2d"](x))
+            if kind == TIMM_INVERTED_RESIDUAL:
+                x = m["conv_dw"](m["bn1"](m["conv_pw"](x)))
+                x = m["bn3"](m["conv_pwl"](self.act_tail(x)))
+            else:
+                x = m["bn2"](m["conv_pw"](self.act_tail(m["conv_dw"](x))))
+            if o.has_skip:
+                x = m["drop_path"](x) + shortcut
+            return x
+        if kind == TIMM_REGNET_BOTTLENECK:
+            shortcut = x
+            x = m["conv1"](x)
+            x = m["conv3"](self.act_tail(m["conv2"]._modules["conv"](x)))
+            downsample = m.get("downsample")
+            if downsample is not None:
+                x = m["drop_path"](x) + downsample(shortcut)
+            return m["act3"](x)
+        result = self._sequence(m[self.spec.sequence], x)
+        if kind == TV_RES_BOTTLENECK:
+            proj = m.get("proj")
+            return m["activation"]((proj(x) if proj is not None else x) + result)
+        if o.use_res_connect:
+            if kind == TV_MBCONV:
+                result = m["stochastic_depth"](result)
+            result = result + x
+        return result
+
+    def _sequence(self, sequence: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The nn.Sequential's children in order, its Conv2dNormActivation's norm and
+        activation and the SE after it as the act tail."""
+        index = self.spec.index
+        for i, child in enumerate(sequence._modules.values()):
+            if i == index:
+                x = self.act_tail(child[0](x))
+            elif i != index + 1:
+                x = child(x)
+        return x
+
+    def act_tail(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        norm = self.get_submodule(spec.norm)
+        se = self.get_submodule(spec.se)
+        batch_stats = norm.training or norm.running_mean is None
+        form, params = se_form(se, spec.se_spec)
+        call = traced_quietly(
+            make_tail_call, x, (norm.weight, norm.bias, norm.running_mean, norm.running_var), form,
+            params, gate=spec.se_spec.gate, batch_stats=batch_stats, eps=norm.eps,
+            out_activation=None, activation=spec.activation)
+        backend = dispatch.select(call, self.backend)
+        if backend.name == "torch" and self.backend == "auto":
+            return self._se_only(x, norm, se)
+        out, stats = backend.run_staged(call)
+        if stats is not None:
+            update_running_stats(norm, stats, stats[2])
+        return out
+
+    def _se_only(self, x: torch.Tensor, norm: nn.Module, se: nn.Module) -> torch.Tensor:
+        """The norm and activation modules, then the SE as convert_se_modules converts it
+        alone (kept outside the module tree, on the same children)."""
+        from .convert import ConvertedSqueezeExcitation
+
+        x = norm(x) if self.spec.sequence is None else self.get_submodule(self.spec.act)(norm(x))
+        converted = self.__dict__.get("se_only")
+        if converted is None or converted.original is not se:
+            converted = ConvertedSqueezeExcitation(se, self.spec.se_only_spec, self.backend)
+            object.__setattr__(self, "se_only", converted)
+        converted.training = self.training
+        return converted(x)
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        return (f"source={self.source}, tail={spec.norm} -> {spec.activation} -> {spec.se}, "
+                f"backend={self.backend!r}")
+
+
+def fused_block(module: nn.Module, spec, backend: str = "auto") -> FusedBlock:
+    """The fused replacement of a block inspect_block accepted."""
+    return (FusedActBlock if isinstance(spec, ActBlockSpec) else FusedBlock)(module, spec, backend)
 
 
 def se_form(se: nn.Module, spec) -> tuple:

@@ -477,9 +477,13 @@ def convert_se_modules(model: nn.Module, backend: str = "auto", *, fuse_blocks: 
     Blocks (fuse_blocks=True): timm's ResNet Bottleneck and BasicBlock with an SE (SE-ResNet,
     SE-ResNeXt, ECA-ResNet, ...), timm's legacy SENet blocks and se_kernels.models'
     SEBottleneck run BatchNorm -> SE -> drop path -> + shortcut -> ReLU as one fused tail
-    (se_kernels.tail, DESIGN.md §1.5), which computes the same function. A block whose tail
-    cannot fuse exactly (another norm or activation, an SE that pools otherwise, hooks)
-    keeps the SE-only conversion, and the summary says why.
+    (se_kernels.tail, DESIGN.md §1.5), which computes the same function. Blocks with an
+    activation between the BatchNorm and the SE run BatchNorm -> activation -> SE as one
+    act tail: timm's EfficientNet/MobileNet DepthwiseSeparableConv and InvertedResidual
+    (a BatchNormAct2d before the SE) and RegNet Bottleneck, torchvision's MBConv,
+    MobileNetV3 InvertedResidual and RegNet ResBottleneckBlock. A block whose tail cannot
+    fuse exactly (another norm or activation, a layer between the norm and the SE, an SE
+    that pools otherwise, hooks) keeps the SE-only conversion, and the summary says why.
 
     The replacement holds the original's submodules under their original names, so the
     parameters stay the same tensors and `state_dict()` keys are unchanged: checkpoints
@@ -497,7 +501,7 @@ def convert_se_modules(model: nn.Module, backend: str = "auto", *, fuse_blocks: 
     Returns:
         The model (the same object, unless the model itself was replaced).
     """
-    from .blocks import FusedBlock, inspect_block
+    from .blocks import FusedBlock, fused_block, inspect_block
 
     if backend != "auto":
         dispatch.get_backend(backend)  # an unknown name fails now, not at the first forward
@@ -514,12 +518,12 @@ def convert_se_modules(model: nn.Module, backend: str = "auto", *, fuse_blocks: 
             replacements[id(module)] = None
             block, reason = inspect_block(module) if fuse_blocks else (None, None)
             if block is not None:
-                se = getattr(module, block.se)
+                se = module.get_submodule(block.se)
                 if inspect_se_module(se) is not None:
                     reports.append(SEModuleReport(f"{name}.{block.se}".lstrip("."),
                                                   qualified_name(type(se)), block.se_spec))
                 blocks.append((name, block.kind, None))
-                replacements[id(module)] = FusedBlock(module, block, backend)
+                replacements[id(module)] = fused_block(module, block, backend)
             else:
                 if reason is not None:
                     blocks.append((name, qualified_name(type(module)), reason))

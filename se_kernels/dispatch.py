@@ -84,8 +84,9 @@ class Backend(abc.ABC):
         """The SE output for `call`, differentiable with respect to its tensors."""
 
     def stream_ops(self, device_type: str) -> dict | None:
-        """This backend's four stream ops (se_kernels._stream_ops) by name, for tensors of
-        `device_type`, or None when it has none there."""
+        """This backend's stream ops (se_kernels._stream_ops: the four, and the act tail's
+        where it has them) by name, for tensors of `device_type`, or None when it has none
+        there."""
         return None
 
     def linear_form_op(self, device_type: str):
@@ -96,9 +97,15 @@ class Backend(abc.ABC):
 
     def staged_refusals(self, call) -> list[str]:
         """Reasons to refuse a staged call (se_kernels.staged, se_kernels.tail)."""
-        if self.stream_ops(call.x.device.type) is None:
-            return [f"no stream kernels for {call.x.device.type} tensors, which the staged "
+        device = call.x.device.type
+        ops = self.stream_ops(device)
+        if ops is None:
+            return [f"no stream kernels for {device} tensors, which the staged "
                     f"excitation forms run on"]
+        missing = [name for name in getattr(call, "STREAM_OPS", ()) if name not in ops]
+        if missing:
+            return [f"no {', '.join(missing)} kernels for {device} tensors, which "
+                    f"{call.STREAM_OPS_USER} runs on"]
         return []
 
     def run_staged(self, call):

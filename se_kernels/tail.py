@@ -8,10 +8,16 @@ written: the squeeze of u is a·mean(x) + b, its scale folds into the map pass's
 coefficients, and the backward's sums of du and du·x̂ follow from Σdy and Σdy·x.
 Under a SyncBatchNorm the per-channel sums are all-reduced between the passes (forward: Σx,
 Σx², the count; backward: Σdu, Σdu·x), on the norm's process group.
+
+With an `activation` between the norm and the SE (MBConv, RegNetY: the act tail,
+DESIGN.md §1.5) the squeeze is of v = act(u), a pass of its own on the act stream ops,
+which recompute v from x wherever it is needed; the tail then has no shortcut, drop path
+or output activation.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -20,8 +26,13 @@ import torch.nn.functional as F
 from . import dispatch
 from ._ops import DTYPES, accumulate_dtype
 from ._stream_ops import check_residual, check_x
-from .backends.torch_backend import GATE_GRADIENTS, GATE_VALUES, GATES, scale_epilogue
+from .backends.torch_backend import (GATE_GRADIENTS, GATE_VALUES, GATES, activation_function,
+                                      scale_epilogue)
 from .options import NONE, OUT_RELU, check_choice, normalize_out_activation
+
+# The act tail's stream ops, which not every backend has (dispatch refuses it there).
+ACT_OPS = ("stream_act_reduce", "stream_act_map", "stream_act_grad_reduce",
+           "stream_act_grad_map")
 from .staged import check_form_params, forward_alone, records_gradient
 
 
@@ -29,7 +40,9 @@ class TailCall(NamedTuple):
     """One validated block-tail call. `norm` is (weight, bias, running_mean, running_var),
     each possibly None; `keep` the drop path's per-sample factor [N] (mask / keep
     probability) or None; `group` the SyncBatchNorm's process group (None: this process's
-    batch alone); the excitation is `form` with `params` as on the staged path."""
+    batch alone); the excitation is `form` with `params` as on the staged path;
+    `activation` is "none", or the activation between the norm and the SE (the act
+    tail)."""
 
     x: torch.Tensor
     residual: torch.Tensor | None
@@ -42,8 +55,20 @@ class TailCall(NamedTuple):
     keep: torch.Tensor | None
     out_activation: str
     group: Any = None
+    activation: str = NONE
 
-    KERNEL_OPTIONS = ("out_activation",)
+    @property
+    def KERNEL_OPTIONS(self) -> tuple:  # noqa: N802 - dispatch reads it as the calls' attribute
+        """The option arguments the stream ops take: the output activation, and the act
+        tail's activation."""
+        return ("out_activation",) if self.activation == NONE else ("out_activation", "activation")
+
+    @property
+    def STREAM_OPS(self) -> tuple:  # noqa: N802
+        """The stream ops beyond the four that this call runs on."""
+        return () if self.activation == NONE else ACT_OPS
+
+    STREAM_OPS_USER = "the act tail (BatchNorm -> activation -> SE)"
 
     def tensors(self) -> tuple:
         return (self.x, self.residual, *self.norm, *self.params)
@@ -60,10 +85,19 @@ class TailCall(NamedTuple):
 
 
 def make_call(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=None, keep=None,
-              out_activation="relu", group=None) -> TailCall:
+              out_activation="relu", group=None, activation=None) -> TailCall:
     check_x(x)
     check_choice("gate", gate)
     out_activation = normalize_out_activation(out_activation)
+    activation = NONE if activation is None else activation
+    if activation != NONE:
+        check_choice("activation", activation)
+        given = [name for name, value in (("residual", residual), ("keep", keep)) if value is not None]
+        if out_activation != NONE:
+            given.append(f"out_activation {out_activation!r}")
+        if given:
+            raise ValueError(f"the act tail (activation {activation!r}) takes no "
+                             f"{', '.join(given)}: its SE output is the tail's")
     if len(norm) != 4:
         raise ValueError(f"norm must be (weight, bias, running_mean, running_var), got {len(norm)} "
                          f"items")
@@ -78,7 +112,7 @@ def make_call(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=No
                          f"size {list(x.shape)}")
     check_form_params(x, form, params)
     return TailCall(x, residual, tuple(norm), batch_stats, float(eps), form, tuple(params), gate,
-                    keep, out_activation, group)
+                    keep, out_activation, group, activation)
 
 
 def _check_vector(name: str, t: torch.Tensor | None, length: int, x: torch.Tensor) -> None:
@@ -132,7 +166,10 @@ def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, r
     """(out, stats, total, saved) with `ops` as the stream ops: the batch mean and variance
     stacked (empty without batch statistics), the count of values per channel (likewise),
     and the tensors backward_passes takes."""
-    batch_stats, eps, form, gate, out_activation, group = static
+    batch_stats, eps, form, gate, out_activation, group, activation = static
+    if activation != NONE:
+        return _act_forward_passes(ops, static, x, weight, bias, running_mean, running_var,
+                                   params)
     acc = accumulate_dtype(x.dtype)
     cast = tuple(_to(t, acc) for t in params)
     weight_a, bias_a = _to(weight, acc), _to(bias, acc)
@@ -160,7 +197,9 @@ def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
     """(dx, dresidual, grads) with `ops` as the stream ops, from forward_passes' `saved`:
     dresidual is grad_out itself unless the reduce pass wrote the masked dy; grads are those
     of the norm's weight and bias and of the form's parameters, in the accumulation dtype."""
-    batch_stats, eps, form, gate, out_activation, group = static
+    batch_stats, eps, form, gate, out_activation, group, activation = static
+    if activation != NONE:
+        return _act_backward_passes(ops, static, n_params, grad_out, saved)
     x, out, keep, weight_a, bias_a, sums, z, g, mean, rstd, *rest = saved
     cast, form_saved = tuple(rest[:n_params]), tuple(rest[n_params:])
     acc = mean.dtype
@@ -204,6 +243,69 @@ def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
     return dx, dresidual, (dweight, dbias, *grads)
 
 
+def _act_forward_passes(ops, static, x, weight, bias, running_mean, running_var, params):
+    """forward_passes of the act tail: out = s·act(a·x + b), s = gate(form(mean_p v))."""
+    batch_stats, eps, form, gate, _, group, activation = static
+    acc = accumulate_dtype(x.dtype)
+    cast = tuple(_to(t, acc) for t in params)
+    weight_a, bias_a = _to(weight, acc), _to(bias, acc)
+    p = x.shape[2] * x.shape[3]
+    if batch_stats:
+        sums, sumsq, _, _ = ops["stream_reduce"](x, True, False, False)
+        mean, var, count = _batch_statistics(sums, sumsq, p, group)
+    else:
+        mean, var, count = _to(running_mean, acc), _to(running_var, acc), None
+    rstd = torch.rsqrt(var + eps)
+    a, b = _affine(weight_a, bias_a, mean, rstd)
+    z = ops["stream_act_reduce"](x, a, b, activation) / p
+    g, form_saved, _ = form.forward(z, cast)
+    out = ops["stream_act_map"](x, a, b, activation, GATE_VALUES[gate](g))
+    stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
+    total = count if count is not None else mean.new_empty((0,))
+    saved = (x, weight_a, bias_a, z, g, mean, rstd, *cast, *form_saved)
+    return out, stats, total, saved
+
+
+def _act_backward_passes(ops, static, n_params, grad_out, saved, norm_grad=True):
+    """backward_passes of the act tail (DESIGN.md §1.5): dx and the grads of the norm's
+    weight and bias (None where it has none, or where `norm_grad` is false in eval) and of
+    the form's parameters."""
+    batch_stats, eps, form, gate, _, group, activation = static
+    x, weight_a, bias_a, z, g, mean, rstd, *rest = saved
+    cast, form_saved = tuple(rest[:n_params]), tuple(rest[n_params:])
+    n, c, h, w = x.shape
+    p = h * w
+    a, b = _affine(weight_a, bias_a, mean, rstd)
+    # Σdu and Σdu·x: for the batch's statistics, or for dγ and dβ alone in eval.
+    statistics = batch_stats or (norm_grad and (weight_a is not None or bias_a is not None))
+    sdyv, sdyd, sdydx, sd, sdx = ops["stream_act_grad_reduce"](grad_out, x, a, b, activation,
+                                                               statistics)
+    s = GATE_VALUES[gate](g)
+    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyv), z, cast, form_saved)
+    e = dz / p                        # du = act'(u)·(s·dy + e), per (n, c)
+    dweight = dbias = None
+    if statistics:
+        local = torch.cat([(s * sdyd + e * sd).sum(0), (s * sdydx + e * sdx).sum(0)])
+        if weight_a is not None:
+            dweight = rstd * (local[c:] - mean * local[:c])
+        if bias_a is not None:
+            dbias = local[:c]
+    if batch_stats:
+        gamma = weight_a if weight_a is not None else torch.ones_like(mean)
+        totals = _all_reduce(torch.cat([local, local.new_full((1,), n * p)]), group)
+        count = totals[-1]
+        mean_du = totals[:c] / count
+        mean_duxhat = rstd * (totals[c:2 * c] / count - mean * mean_du)
+        gr = gamma * rstd
+        dx = ops["stream_act_grad_map"](
+            grad_out, x, a, b, activation, gr * s, gr * e,
+            (-gr * rstd * mean_duxhat).expand(n, c),
+            (gr * (rstd * mean * mean_duxhat - mean_du)).expand(n, c))
+    else:
+        dx = ops["stream_act_grad_map"](grad_out, x, a, b, activation, a * s, a * e, None, None)
+    return dx, None, (dweight, dbias, *grads)
+
+
 class _TailFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, static, x, residual, keep, weight, bias, running_mean, running_var,
@@ -223,8 +325,13 @@ class _TailFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         ops = dispatch.get_backend(backend).stream_ops(saved[0].device.type)
         residual_grad = has_residual and ctx.needs_input_grad[3]
-        dx, dresidual, grads = backward_passes(ops, static, n_params, residual_grad, grad_out,
-                                               saved)
+        if static[-1] != NONE:  # the act tail: dγ, dβ in eval only when asked for
+            dx, dresidual, grads = _act_backward_passes(
+                ops, static, n_params, grad_out, saved,
+                norm_grad=ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
+        else:
+            dx, dresidual, grads = backward_passes(ops, static, n_params, residual_grad,
+                                                   grad_out, saved)
         grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes))
         return (None, None, dx, dresidual if residual_grad else None, None, *grads[:2], None,
                 None, *grads[2:])
@@ -233,7 +340,8 @@ class _TailFunction(torch.autograd.Function):
 def _run(backend: str, call: TailCall):
     """(out, stats) of `call` on the backend's stream ops: through the autograd.Function, or
     its forward alone (staged.forward_alone)."""
-    static = (call.batch_stats, call.eps, call.form, call.gate, call.out_activation, call.group)
+    static = (call.batch_stats, call.eps, call.form, call.gate, call.out_activation, call.group,
+              call.activation)
     if forward_alone(call):
         ops = dispatch.get_backend(backend).stream_ops(call.x.device.type)
         out, stats, total, _ = forward_passes(ops, static, call.x, call.residual, call.keep,
@@ -268,6 +376,8 @@ def torch_composition(call: TailCall):
         stats = (mean.detach(), var.detach(), count.detach())
     else:
         u = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, call.eps)
+    if call.activation != NONE:  # the act tail: BatchNorm -> act -> SE
+        u = activation_function(call.activation)(u)
     g, _, _ = call.form.forward(u.mean((2, 3)), tuple(None if t is None else t.to(acc)
                                                       for t in call.params))
     s = GATES[call.gate](g)
@@ -277,11 +387,25 @@ def torch_composition(call: TailCall):
 
 
 def block_tail(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=None, keep=None,
-               out_activation="relu", group=None, backend="auto"):
+               out_activation="relu", group=None, backend="auto", activation=None):
     """(out, stats): out = out_activation(gate(form(mean(u))) · u · keep + residual) with
     u = batch_norm(x) (batch statistics when `batch_stats`, else the running ones in `norm`);
-    stats is (batch mean, biased batch variance, count) for updating the running statistics
-    (update_running_stats), or None."""
-    call = make_call(x, norm, form, params, gate=gate, batch_stats=batch_stats, eps=eps,
-                     residual=residual, keep=keep, out_activation=out_activation, group=group)
+    with an `activation` (one of options.ACTIVATIONS; None or "none": no activation), the act
+    tail out = gate(form(mean(v))) · v with v = activation(u), which takes no residual, keep
+    or out_activation. stats is (batch mean, biased batch variance, count) for updating the
+    running statistics (update_running_stats), or None."""
+    call = traced_quietly(make_call, x, norm, form, params, gate=gate, batch_stats=batch_stats,
+                          eps=eps, residual=residual, keep=keep, out_activation=out_activation,
+                          group=group, activation=activation)
     return dispatch.select(call, backend).run_staged(call)
+
+
+def traced_quietly(fn, *args, **kwargs):
+    """fn(*args, **kwargs), without the TracerWarnings of torch.jit.trace (and the
+    TorchScript ONNX exporter), which traces sizes as tensors and warns where the checks
+    compare them: a trace is of fixed shapes, all they check."""
+    if not torch.jit.is_tracing():
+        return fn(*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return fn(*args, **kwargs)

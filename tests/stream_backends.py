@@ -40,7 +40,8 @@ def _register(name: str, ops: dict) -> str:
 
 def reference_backend() -> str:
     return _register("stream-reference", {name: functools.partial(_stream_ops.reference, name)
-                                          for name in _stream_ops.SCHEMAS})
+                                          for name in (*_stream_ops.SCHEMAS,
+                                                       *_stream_ops.ACT_SCHEMAS)})
 
 
 def emulator_backend() -> str:

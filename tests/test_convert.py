@@ -72,7 +72,7 @@ def build(library: str, name: str) -> nn.Module:
 def served_se_modules(model: nn.Module) -> list[nn.Module]:
     """The SE modules se_kernels computes: converted ones, and those of fused block tails."""
     return [m for m in model.modules() if isinstance(m, ConvertedSqueezeExcitation)] + \
-        [getattr(m, m.spec.se) for m in model.modules() if isinstance(m, FusedBlock)]
+        [m.get_submodule(m.spec.se) for m in model.modules() if isinstance(m, FusedBlock)]
 
 
 def zeroed(model: nn.Module) -> nn.Module:
@@ -135,7 +135,7 @@ def test_every_se_module_is_converted(library, name, source, count, caplog):
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert convert_se_modules(model) is model
     converted = [m for m in model.modules() if isinstance(m, ConvertedSqueezeExcitation)]
-    fused = [getattr(m, m.spec.se) for m in model.modules() if isinstance(m, FusedBlock)]
+    fused = [m.get_submodule(m.spec.se) for m in model.modules() if isinstance(m, FusedBlock)]
     assert len(converted) + len(fused) == count
     assert all(m.source == source for m in converted)
     assert all(qualified_name(m) == source for m in fused)

@@ -133,9 +133,10 @@ def test_onnx_export_with_the_torchscript_exporter(pool, epilogue, tmp_path):
 # One model per SE class that convert_se_modules serves (the smallest; test_convert.py
 # checks the conversion of the others).
 ONNX_MODELS = [
-    ("torchvision", "mobilenet_v3_large", 8),  # torchvision.ops.SqueezeExcitation
+    ("torchvision", "mobilenet_v3_large", 16),  # torchvision.ops.SqueezeExcitation in act tails
+                                                # (BatchNorm -> act -> SE): 2 stream ops each
     ("timm", "seresnet18", 16),                # timm SEModule in fused block tails: 2 stream ops each
-    ("timm", "efficientnet_b0", 16),           # timm SqueezeExcite
+    ("timm", "efficientnet_b0", 32),           # timm SqueezeExcite in act tails
     ("timm", "legacy_seresnet18", 8),          # timm senet.SEModule
     ("timm", "rexnet_100", 13),                # timm SEModule with a BatchNorm between the FCs,
                                                # which eval folds into the first FC
@@ -201,4 +202,4 @@ def test_onnx_export_of_se_resnet(depth, tmp_path):
 @NO_TRACER_WARNINGS
 def test_onnx_export_of_a_converted_model_with_the_torchscript_exporter(tmp_path):
     model = convert_se_modules(build("torchvision", "mobilenet_v3_large"))
-    check_onnx_export(model, (image(),), tmp_path / "model.onnx", se_count=8, dynamo=False)
+    check_onnx_export(model, (image(),), tmp_path / "model.onnx", se_count=16, dynamo=False)

@@ -109,6 +109,16 @@ CATALOGUE = [
         ("dzn[j] += w[i] * d;", "dzn[j] += w[k - 1 - i] * d;"),)),
     Bug("cpu/linear-form-weight-grad-last-group-only", "cpu", CPU_STREAM, (
         ("if (!accumulate) {", "if (true) {"),)),
+    # The act tail's passes (kernels_impl.h): the derivative and its x-weighted sum.
+    Bug("cpu/act-grad-map-drops-derivative", "cpu", CPU_KERNELS, (
+        ("res[h] = d * at::vec::fmadd(dy[h], scale.lo(j), act_shift.lo(j));",
+         "res[h] = at::vec::fmadd(dy[h], scale.lo(j), act_shift.lo(j));"),
+        ("v = d * (static_cast<acc_t>(grad_out[i]) * scale.at(i) + act_shift.at(i));",
+         "v = static_cast<acc_t>(grad_out[i]) * scale.at(i) + act_shift.at(i);"))),
+    Bug("cpu/act-grad-reduce-sdx-sums-x", "cpu", CPU_KERNELS, (
+        ("acc[kDX][h] = at::vec::fmadd(d, xv[h], acc[kDX][h]);",
+         "acc[kDX][h] = acc[kDX][h] + xv[h];"),
+        ("acc[kDX] += d * xv;", "acc[kDX] += xv;"))),
     # ---- Triton kernels ----------------------------------------------------------------
     Bug("triton/ties-not-divided", "triton", TRITON_KERNELS, (
         ("tl.store(dx_max_ptr + idx, dz / count, mask=mask)", "tl.store(dx_max_ptr + idx, dz, mask=mask)"),
@@ -212,7 +222,7 @@ CATALOGUE = [
 # The tests each family's bugs must fail, cheapest first (pytest stops at the first failure).
 FAMILY_TESTS = {
     "cpu": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_low_precision.py",
-             "tests/test_stream_cpu.py", "tests/test_form_ops_cpu.py"],
+             "tests/test_stream_cpu.py", "tests/test_form_ops_cpu.py", "tests/test_act_tail.py"],
             "cpu or low_precision"),
     "triton": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_triton_kernels.py",
                 "tests/test_triton_stream.py"],

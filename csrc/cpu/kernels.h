@@ -106,6 +106,49 @@ struct StreamGradMapArgs {
   void* dx;
 };
 
+// The act tail's stream ops: x read through u = in_scale * x + in_shift, v = act(u),
+// d = act'(u); in_scale and in_shift are broadcast to [N, C] like the other coefficients.
+struct StreamActReduceArgs {
+  Geometry geo;
+  c10::ScalarType dtype;  // of x
+  Activation activation;
+  const void* x;
+  const void* in_scale;
+  const void* in_shift;
+  void* sum;  // sum of v
+};
+
+// out = scale * v (grad_out nullptr), or dx = d * (scale * dy + act_shift) + x_scale * x + shift.
+struct StreamActMapArgs {
+  Geometry geo;
+  c10::ScalarType dtype;  // of grad_out, x and out
+  Activation activation;
+  const void* grad_out;  // nullptr: the forward map
+  const void* x;
+  const void* in_scale;
+  const void* in_shift;
+  const void* scale;
+  const void* act_shift;  // the backward's
+  const void* x_scale;
+  const void* shift;
+  void* out;
+};
+
+struct StreamActGradReduceArgs {
+  Geometry geo;
+  c10::ScalarType dtype;  // of grad_out and x
+  Activation activation;
+  const void* grad_out;
+  const void* x;
+  const void* in_scale;
+  const void* in_shift;
+  void* sdyv;
+  void* sdyd;  // these four nullptr, or all written (statistics)
+  void* sdydx;
+  void* sd;
+  void* sdx;
+};
+
 // The inference op of the linear excitation forms (se_kernels/_form_ops.py): g is a linear
 // map of z across channels. One group of samples, as ForwardArgs; z, zmax (max pools) and g
 // are the caller's [N, C] scratch vectors.
@@ -157,6 +200,9 @@ struct KernelTable {
   void (*stream_grad_map)(const StreamGradMapArgs&);
   void (*linear_form)(const LinearFormArgs&);
   void (*linear_form_backward)(const LinearFormGradArgs&);
+  void (*stream_act_reduce)(const StreamActReduceArgs&);
+  void (*stream_act_map)(const StreamActMapArgs&);
+  void (*stream_act_grad_reduce)(const StreamActGradReduceArgs&);
 };
 
 namespace DEFAULT {

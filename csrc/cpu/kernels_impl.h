@@ -492,6 +492,180 @@ void grad_input_pass(const Geometry& geo, const scalar_t* grad_out, const scalar
   });
 }
 
+// ---- the act tail's passes (DESIGN.md §1.5) --------------------------------------------
+// Each reads x through the prologue u = in_scale * x + in_shift, v = act(u), d = act'(u),
+// in the accumulation type; in_scale and in_shift are [N, C] here, read like any
+// per-channel value.
+
+// The plain sums of reduce_spatial's quantities.
+template <typename scalar_t>
+struct SumQuantities {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static acc_t init(int) { return acc_t(0); }
+  static acc_t combine(int, acc_t a, acc_t b) { return a + b; }
+  static Vec combine(int, const Vec& a, const Vec& b) { return a + b; }
+  static acc_t reduce_lanes(int, const Vec& lo, const Vec& hi) {
+    return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
+  }
+};
+
+// [0] = sum of v.
+template <typename scalar_t>
+struct ActTerms : SumQuantities<scalar_t> {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  using M = Mlp<acc_t>;
+  static constexpr int kQ = 1;
+  const scalar_t* x;
+  const acc_t* in_scale;
+  const acc_t* in_shift;
+  Activation kind;
+
+  template <bool kPerLane>
+  void fold(Vec (&acc)[kQ][2], int64_t off, int64_t chan) const {
+    const ChannelValue<acc_t, kPerLane> a{in_scale + chan}, b{in_shift + chan};
+    Vec xv[2];
+    L::load(x + off, xv[0], xv[1]);
+    acc[0][0] = acc[0][0] + M::activation_at(kind, at::vec::fmadd(xv[0], a.lo(0), b.lo(0)), nullptr);
+    acc[0][1] = acc[0][1] + M::activation_at(kind, at::vec::fmadd(xv[1], a.hi(0), b.hi(0)), nullptr);
+  }
+  void fold_scalar(acc_t (&acc)[kQ], int64_t off, int64_t chan) const {
+    const acc_t u = static_cast<acc_t>(x[off]) * in_scale[chan] + in_shift[chan];
+    acc[0] += M::activation_scalar(kind, u, nullptr);
+  }
+};
+
+// [0] = sum of dy * v and, with kStatistics, the sums of dy * d, dy * d * x, d and d * x.
+template <typename scalar_t, bool kStatistics>
+struct ActGradTerms : SumQuantities<scalar_t> {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  using M = Mlp<acc_t>;
+  static constexpr int kQ = kStatistics ? 5 : 1;
+  static constexpr int kDyD = 1, kDyDX = 2, kD = 3, kDX = 4;
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  const acc_t* in_scale;
+  const acc_t* in_shift;
+  Activation kind;
+
+  template <bool kPerLane>
+  void fold(Vec (&acc)[kQ][2], int64_t off, int64_t chan) const {
+    const ChannelValue<acc_t, kPerLane> a{in_scale + chan}, b{in_shift + chan};
+    Vec dy[2], xv[2];
+    L::load(grad_out + off, dy[0], dy[1]);
+    L::load(x + off, xv[0], xv[1]);
+    for (int h = 0; h < 2; ++h) {
+      const Vec u = at::vec::fmadd(xv[h], h ? a.hi(0) : a.lo(0), h ? b.hi(0) : b.lo(0));
+      Vec d;
+      const Vec v = M::activation_at(kind, u, kStatistics ? &d : nullptr);
+      acc[0][h] = at::vec::fmadd(dy[h], v, acc[0][h]);
+      if constexpr (kStatistics) {
+        const Vec dyd = dy[h] * d;
+        acc[kDyD][h] = acc[kDyD][h] + dyd;
+        acc[kDyDX][h] = at::vec::fmadd(dyd, xv[h], acc[kDyDX][h]);
+        acc[kD][h] = acc[kD][h] + d;
+        acc[kDX][h] = at::vec::fmadd(d, xv[h], acc[kDX][h]);
+      }
+    }
+  }
+  void fold_scalar(acc_t (&acc)[kQ], int64_t off, int64_t chan) const {
+    const acc_t dy = static_cast<acc_t>(grad_out[off]), xv = static_cast<acc_t>(x[off]);
+    acc_t d;
+    const acc_t v = M::activation_scalar(kind, xv * in_scale[chan] + in_shift[chan],
+                                         kStatistics ? &d : nullptr);
+    acc[0] += dy * v;
+    if constexpr (kStatistics) {
+      acc[kDyD] += dy * d;
+      acc[kDyDX] += dy * d * xv;
+      acc[kD] += d;
+      acc[kDX] += d * xv;
+    }
+  }
+};
+
+// The per-channel [N, C] values of the act tail's map passes (nullptr where absent).
+template <typename acc_t>
+struct ActCoefficients {
+  const acc_t* in_scale;
+  const acc_t* in_shift;
+  const acc_t* scale;      // forward: out = scale * v; backward: dy_scale
+  const acc_t* act_shift;  // backward: dx = d * (dy_scale * dy + act_shift) + x_scale * x + shift
+  const acc_t* x_scale;
+  const acc_t* shift;
+};
+
+// Forward (grad_out nullptr): out = scale * v. Backward: the dx above. One span.
+template <typename scalar_t, bool kPerLane>
+struct ActMapSpan {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  using M = Mlp<acc_t>;
+  using Chan = ChannelValue<acc_t, kPerLane>;
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  scalar_t* out;
+  Activation kind;
+  Chan a, b, scale, act_shift, x_scale, shift;
+
+  void operator()(int64_t len) const {
+    int64_t i = 0;
+    for (; i + L::kWidth <= len; i += L::kWidth) {
+      Vec xv[2], dy[2], res[2];
+      L::load(x + i, xv[0], xv[1]);
+      if (grad_out) L::load(grad_out + i, dy[0], dy[1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t j = i + h * Vec::size();
+        const Vec u = at::vec::fmadd(xv[h], a.lo(j), b.lo(j));
+        if (!grad_out) {
+          res[h] = M::activation_at(kind, u, nullptr) * scale.lo(j);
+          continue;
+        }
+        Vec d;
+        M::activation_at(kind, u, &d);
+        res[h] = d * at::vec::fmadd(dy[h], scale.lo(j), act_shift.lo(j));
+        if (x_scale) res[h] = at::vec::fmadd(x_scale.lo(j), xv[h], res[h]);
+        if (shift) res[h] = res[h] + shift.lo(j);
+      }
+      L::store(out + i, res[0], res[1]);
+    }
+    for (; i < len; ++i) {
+      const acc_t xv = static_cast<acc_t>(x[i]);
+      const acc_t u = xv * a.at(i) + b.at(i);
+      acc_t v;
+      if (!grad_out) {
+        v = M::activation_scalar(kind, u, nullptr) * scale.at(i);
+      } else {
+        acc_t d;
+        M::activation_scalar(kind, u, &d);
+        v = d * (static_cast<acc_t>(grad_out[i]) * scale.at(i) + act_shift.at(i));
+        if (x_scale) v += x_scale.at(i) * xv;
+        if (shift) v += shift.at(i);
+      }
+      out[i] = static_cast<scalar_t>(v);
+    }
+  }
+};
+
+// The act tail's map pass over all of x (grad_out nullptr: the forward's).
+template <typename scalar_t>
+void act_map_pass(const Geometry& geo, Activation kind, const scalar_t* grad_out, const scalar_t* x,
+                  const ActCoefficients<at::opmath_type<scalar_t>>& k, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for_each_span(geo, [&](auto per_lane, int64_t off, int64_t len, int64_t chan) {
+    constexpr bool kPerLane = decltype(per_lane)::value;
+    using Chan = ChannelValue<acc_t, kPerLane>;
+    auto at_chan = [&](const acc_t* v) { return Chan{v ? v + chan : nullptr}; };
+    ActMapSpan<scalar_t, kPerLane>{grad_out ? grad_out + off : nullptr, x + off, out + off, kind,
+                                   at_chan(k.in_scale), at_chan(k.in_shift), at_chan(k.scale),
+                                   at_chan(k.act_shift), at_chan(k.x_scale), at_chan(k.shift)}(len);
+  });
+}
+
 // Squeeze: z = avg, max or their mean, from one pass over x; zmax = the max (max pools).
 template <typename scalar_t>
 void squeeze(const Geometry& geo, Pool pool, const scalar_t* x, at::opmath_type<scalar_t>* z,

@@ -279,51 +279,71 @@ struct Mlp {
     });
   }
 
+  // act(a) at one vector, and act'(a) into *dact unless dact is nullptr: the one switch
+  // over the activations (DESIGN.md §1.3), for the MLP and the act tail's stream passes.
+  static Vec activation_at(Activation kind, const Vec& av, Vec* dact) {
+    switch (kind) {
+      case Activation::ReLU:
+        if (dact) *dact = Vec::blendv(Vec(0), Vec(1), av > Vec(0));
+        return at::vec::clamp_min(av, Vec(0));
+      case Activation::SiLU: {
+        const Vec sig = sigmoid(av);
+        if (dact) *dact = sig * (Vec(1) + av * (Vec(1) - sig));
+        return av * sig;
+      }
+      case Activation::GELU: {
+        const Vec cdf = Vec(0.5) * (Vec(1) + (av * Vec(acc_t(kSqrtHalf))).erf());
+        if (dact) *dact = cdf + av * Vec(acc_t(kInvSqrt2Pi)) * (Vec(-0.5) * av * av).exp();
+        return av * cdf;
+      }
+      case Activation::GELUTanh: {
+        const Vec a2 = av * av;
+        const Vec t = (Vec(acc_t(kSqrt2OverPi)) * (av + Vec(acc_t(kGeluTanhCubic)) * a2 * av)).tanh();
+        if (dact) {
+          const Vec inner_grad = Vec(acc_t(kSqrt2OverPi)) * (Vec(1) + Vec(acc_t(3 * kGeluTanhCubic)) * a2);
+          *dact = Vec(0.5) * (Vec(1) + t) + Vec(0.5) * av * (Vec(1) - t * t) * inner_grad;
+        }
+        return Vec(0.5) * av * (Vec(1) + t);
+      }
+      case Activation::HardSwish:  // torch's backward: 0 below -3, a/3 + 1/2 up to 3, then 1
+        if (dact)
+          *dact = Vec::blendv(Vec::blendv(Vec(1), av / Vec(3) + Vec(0.5), av <= Vec(3)), Vec(0),
+                              av < Vec(-3));
+        return av * at::vec::clamp(av + Vec(3), Vec(0), Vec(6)) / Vec(6);
+      case Activation::LeakyReLU: {  // torch: a where a > 0, else slope * a (NaN stays NaN)
+        const auto positive = av > Vec(0);
+        if (dact) *dact = Vec::blendv(Vec(acc_t(kLeakyReluSlope)), Vec(1), positive);
+        return Vec::blendv(av * Vec(acc_t(kLeakyReluSlope)), av, positive);
+      }
+    }
+    return av;  // not reached: the switch covers every Activation
+  }
+
+  // act(a) and act'(a) at one scalar, through the vector code (the same values).
+  static acc_t activation_scalar(Activation kind, acc_t a, acc_t* dact) {
+    Vec d;
+    const Vec h = activation_at(kind, Vec(a), dact ? &d : nullptr);
+    if (dact) *dact = first_lane(d);
+    return first_lane(h);
+  }
+  static acc_t first_lane(const Vec& v) {
+    acc_t lane;
+    v.store(&lane, 1);
+    return lane;
+  }
+
   // h = act(a), and optionally da = dh * act'(a), over count elements.
   static void activation(Activation kind, int64_t count, const acc_t* a, acc_t* h, const acc_t* dh,
                          acc_t* da) {
     map(count, [&](int64_t i, int64_t n) {
       const Vec av = Vec::loadu(a + i, n);
-      Vec hv, dact;  // act(a), act'(a)
-      switch (kind) {
-        case Activation::ReLU:  // da selects dh, as torch's threshold_backward: 0 even for NaN dh
-          at::vec::clamp_min(av, Vec(0)).store(h + i, n);
-          if (da) Vec::blendv(Vec(0), Vec::loadu(dh + i, n), av > Vec(0)).store(da + i, n);
-          return;
-        case Activation::SiLU: {
-          const Vec sig = sigmoid(av);
-          hv = av * sig;
-          dact = sig * (Vec(1) + av * (Vec(1) - sig));
-          break;
-        }
-        case Activation::GELU: {
-          const Vec cdf = Vec(0.5) * (Vec(1) + (av * Vec(acc_t(kSqrtHalf))).erf());
-          hv = av * cdf;
-          dact = cdf + av * Vec(acc_t(kInvSqrt2Pi)) * (Vec(-0.5) * av * av).exp();
-          break;
-        }
-        case Activation::GELUTanh: {
-          const Vec a2 = av * av;
-          const Vec t = (Vec(acc_t(kSqrt2OverPi)) * (av + Vec(acc_t(kGeluTanhCubic)) * a2 * av)).tanh();
-          hv = Vec(0.5) * av * (Vec(1) + t);
-          const Vec inner_grad = Vec(acc_t(kSqrt2OverPi)) * (Vec(1) + Vec(acc_t(3 * kGeluTanhCubic)) * a2);
-          dact = Vec(0.5) * (Vec(1) + t) + Vec(0.5) * av * (Vec(1) - t * t) * inner_grad;
-          break;
-        }
-        case Activation::HardSwish:  // torch's backward: 0 below -3, a/3 + 1/2 up to 3, then 1
-          hv = av * at::vec::clamp(av + Vec(3), Vec(0), Vec(6)) / Vec(6);
-          dact = Vec::blendv(Vec::blendv(Vec(1), av / Vec(3) + Vec(0.5), av <= Vec(3)), Vec(0),
-                             av < Vec(-3));
-          break;
-        case Activation::LeakyReLU: {  // torch: a where a > 0, else slope * a (NaN stays NaN)
-          const auto positive = av > Vec(0);
-          hv = Vec::blendv(av * Vec(acc_t(kLeakyReluSlope)), av, positive);
-          dact = Vec::blendv(Vec(acc_t(kLeakyReluSlope)), Vec(1), positive);
-          break;
-        }
-      }
-      hv.store(h + i, n);
-      if (da) (Vec::loadu(dh + i, n) * dact).store(da + i, n);
+      Vec dact;
+      activation_at(kind, av, da ? &dact : nullptr).store(h + i, n);
+      if (!da) return;
+      const Vec dhv = Vec::loadu(dh + i, n);
+      // ReLU's da selects dh, as torch's threshold_backward: 0 even for NaN dh.
+      (kind == Activation::ReLU ? Vec::blendv(Vec(0), dhv, av > Vec(0)) : dhv * dact)
+          .store(da + i, n);
     });
   }
 

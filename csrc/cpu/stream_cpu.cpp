@@ -80,6 +80,62 @@ at::Tensor stream_grad_map_cpu(const at::Tensor& grad_out, const std::optional<a
   return t.dx;
 }
 
+// The act tail's ops (DESIGN.md §1.5).
+at::Tensor stream_act_reduce_cpu(const at::Tensor& x, const at::Tensor& in_scale,
+                                 const at::Tensor& in_shift, c10::string_view activation) {
+  StreamActTensors t = prepare_stream_act_reduce(x, in_scale, in_shift, activation);
+  if (t.geo.N > 0) {
+    cpu::kernels().stream_act_reduce({t.geo, x.scalar_type(), t.activation, t.x.const_data_ptr(),
+                                      t.in_scale.const_data_ptr(), t.in_shift.const_data_ptr(),
+                                      t.sum.data_ptr()});
+  }
+  return t.sum;
+}
+
+// Both maps: the forward's (no grad_out) and the backward's.
+void run_act_map(StreamActTensors& t, c10::ScalarType dtype) {
+  if (t.geo.N == 0) return;
+  cpu::kernels().stream_act_map({t.geo, dtype, t.activation, data_or_null(t.grad_out),
+                                 t.x.const_data_ptr(), t.in_scale.const_data_ptr(),
+                                 t.in_shift.const_data_ptr(), t.scale.const_data_ptr(),
+                                 data_or_null(t.act_shift), data_or_null(t.x_scale),
+                                 data_or_null(t.shift), t.out.data_ptr()});
+}
+
+at::Tensor stream_act_map_cpu(const at::Tensor& x, const at::Tensor& in_scale,
+                              const at::Tensor& in_shift, c10::string_view activation,
+                              const at::Tensor& scale) {
+  StreamActTensors t = prepare_stream_act_map(x, in_scale, in_shift, activation, scale);
+  run_act_map(t, x.scalar_type());
+  return t.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_act_grad_reduce_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& in_scale,
+    const at::Tensor& in_shift, c10::string_view activation, bool statistics) {
+  StreamActTensors t =
+      prepare_stream_act_grad_reduce(grad_out, x, in_scale, in_shift, activation, statistics);
+  if (t.geo.N > 0) {
+    cpu::kernels().stream_act_grad_reduce(
+        {t.geo, x.scalar_type(), t.activation, t.grad_out.const_data_ptr(), t.x.const_data_ptr(),
+         t.in_scale.const_data_ptr(), t.in_shift.const_data_ptr(), t.sdyv.data_ptr(),
+         data_or_null(t.sdyd), data_or_null(t.sdydx), data_or_null(t.sd), data_or_null(t.sdx)});
+  }
+  return {t.sdyv, t.sdyd, t.sdydx, t.sd, t.sdx};
+}
+
+at::Tensor stream_act_grad_map_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                   const at::Tensor& in_scale, const at::Tensor& in_shift,
+                                   c10::string_view activation, const at::Tensor& dy_scale,
+                                   const at::Tensor& act_shift,
+                                   const std::optional<at::Tensor>& x_scale,
+                                   const std::optional<at::Tensor>& shift) {
+  StreamActTensors t = prepare_stream_act_grad_map(grad_out, x, in_scale, in_shift, activation,
+                                                   dy_scale, act_shift, x_scale, shift);
+  run_act_map(t, x.scalar_type());
+  return t.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(se_kernels, CPU, m) {
@@ -87,6 +143,10 @@ TORCH_LIBRARY_IMPL(se_kernels, CPU, m) {
   m.impl("stream_map", &stream_map_cpu);
   m.impl("stream_grad_reduce", &stream_grad_reduce_cpu);
   m.impl("stream_grad_map", &stream_grad_map_cpu);
+  m.impl("stream_act_reduce", &stream_act_reduce_cpu);
+  m.impl("stream_act_map", &stream_act_map_cpu);
+  m.impl("stream_act_grad_reduce", &stream_act_grad_reduce_cpu);
+  m.impl("stream_act_grad_map", &stream_act_grad_map_cpu);
 }
 
 }  // namespace se_kernels

@@ -87,6 +87,47 @@ void stream_grad_map_typed(const StreamGradMapArgs& p) {
                             k, static_cast<scalar_t*>(p.dx), nullptr);
 }
 
+template <typename scalar_t>
+void stream_act_reduce_typed(const StreamActReduceArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const ActTerms<scalar_t> terms{{}, static_cast<const scalar_t*>(p.x),
+                                 static_cast<const acc_t*>(p.in_scale),
+                                 static_cast<const acc_t*>(p.in_shift), p.activation};
+  copy_statistic<acc_t>(reduce_spatial<scalar_t>(p.geo, terms, acc), 0, p.geo, p.sum);
+}
+
+template <typename scalar_t>
+void stream_act_map_typed(const StreamActMapArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto vec = [](const void* v) { return static_cast<const acc_t*>(v); };
+  act_map_pass<scalar_t>(p.geo, p.activation, static_cast<const scalar_t*>(p.grad_out),
+                         static_cast<const scalar_t*>(p.x),
+                         {vec(p.in_scale), vec(p.in_shift), vec(p.scale), vec(p.act_shift),
+                          vec(p.x_scale), vec(p.shift)},
+                         static_cast<scalar_t*>(p.out));
+}
+
+template <typename scalar_t>
+void stream_act_grad_reduce_typed(const StreamActGradReduceArgs& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  with_flag(p.sdyd != nullptr, [&](auto statistics) {
+    using Terms = ActGradTerms<scalar_t, decltype(statistics)::value>;
+    const Terms terms{{}, static_cast<const scalar_t*>(p.grad_out),
+                      static_cast<const scalar_t*>(p.x), static_cast<const acc_t*>(p.in_scale),
+                      static_cast<const acc_t*>(p.in_shift), p.activation};
+    const at::Tensor sums = reduce_spatial<scalar_t>(p.geo, terms, acc);
+    copy_statistic<acc_t>(sums, 0, p.geo, p.sdyv);
+    if constexpr (decltype(statistics)::value) {
+      copy_statistic<acc_t>(sums, Terms::kDyD, p.geo, p.sdyd);
+      copy_statistic<acc_t>(sums, Terms::kDyDX, p.geo, p.sdydx);
+      copy_statistic<acc_t>(sums, Terms::kD, p.geo, p.sd);
+      copy_statistic<acc_t>(sums, Terms::kDX, p.geo, p.sdx);
+    }
+  });
+}
+
 // g[n, c] = b + sum_{i < k} w[i] * z~[n, c + i - (k - 1) / 2], z~ zero outside [0, C) or,
 // circular, z[n, (c + i - (k - 1) / 2) mod C] (the index wraps as often as k needs).
 template <typename acc_t>
@@ -234,10 +275,23 @@ void stream_grad_map(const StreamGradMapArgs& p) {
   dispatch_dtype(p.dtype, [&](auto t) { stream_grad_map_typed<decltype(t)>(p); });
 }
 
+void stream_act_reduce(const StreamActReduceArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { stream_act_reduce_typed<decltype(t)>(p); });
+}
+
+void stream_act_map(const StreamActMapArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { stream_act_map_typed<decltype(t)>(p); });
+}
+
+void stream_act_grad_reduce(const StreamActGradReduceArgs& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { stream_act_grad_reduce_typed<decltype(t)>(p); });
+}
+
 }  // namespace
 
 extern const KernelTable kKernels = {&forward, &backward, &stream_reduce, &stream_map,
                                      &stream_grad_reduce, &stream_grad_map, &linear_form,
-                                     &linear_form_backward};
+                                     &linear_form_backward, &stream_act_reduce,
+                                     &stream_act_map, &stream_act_grad_reduce};
 
 }  // namespace se_kernels::cpu::SE_CPU_CAPABILITY

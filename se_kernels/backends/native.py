@@ -68,6 +68,15 @@ def has_stream_kernel(device_type: str) -> bool:
 
 
 @dispatch.constant_under_compile
+def has_act_stream_kernel(device_type: str) -> bool:
+    """Whether the extension registered the act tail's stream ops for `device_type`."""
+    return _kernel_registered("se_kernels::stream_act_map", device_type)
+
+
+_WITH_ACT = {**_stream_ops.NATIVE, **_stream_ops.NATIVE_ACT}
+
+
+@dispatch.constant_under_compile
 def build_refusals(device_type: str, device_index: int) -> tuple[str, ...]:
     """Why no compiled kernel can run on this device. The kernels come from se_kernels._C or
     from a library built with CMakeLists.txt and loaded with torch.ops.load_library; the
@@ -186,7 +195,8 @@ class NativeBackend(dispatch.Backend):
     def stream_ops(self, device_type: str) -> dict | None:
         if device_type != self.name or not has_stream_kernel(device_type):
             return None
-        return _stream_ops.NATIVE
+        # The act tail's ops (DESIGN.md §1.5) have CPU kernels only.
+        return _WITH_ACT if has_act_stream_kernel(device_type) else _stream_ops.NATIVE
 
     def linear_form_op(self, device_type: str):
         # The extension has these ops' kernels on CPU only; on a GPU the stream ops serve.
