@@ -285,3 +285,63 @@ def test_argument_checks(emu, call, message):
     x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3)
     with pytest.raises(RuntimeError, match=message):
         call(emu, x, v)
+
+
+# ---- the act tail's ops: the passes read x through u = in_scale·x + in_shift --------------
+ACT_CASES = (((2, 3, 7, 7), torch.float32, "nchw"), ((1, 8, 47, 47), torch.bfloat16, "channels_last"),
+             ((1, 3, 41, 41), torch.float32, "nchw"), ((3, 5, 1, 1), torch.float64, "strided"),
+             ((2, 16, 5, 3), torch.float16, "channels_last"), ((0, 3, 5, 5), torch.float32, "nchw"))
+
+
+@pytest.mark.parametrize("activation", ("relu", "silu", "gelu", "gelu_tanh", "hardswish",
+                                        "leaky_relu"))
+def test_act_ops_against_reference(emu, activation):
+    """Each act op against its reference on float64 copies, within the bound the CPU kernels
+    are held to (test_act_tail): rows split into pieces (41x41, 47x47), vectors, N = 0."""
+    from test_act_tail import as64, check, magnitude, op_args
+
+    for seed, (shape, dtype, layout) in enumerate(ACT_CASES):
+        acc = accumulate_dtype(dtype)
+        unit = torch.finfo(acc).eps / 2
+        p = shape[2] * shape[3]
+        for name, extra in (("stream_act_reduce", {}), ("stream_act_map", {}),
+                            ("stream_act_grad_reduce", {"statistics": seed % 2 == 0}),
+                            ("stream_act_grad_map", {"optional": seed % 2 == 1})):
+            args = op_args(name, shape, dtype, layout, activation, seed, **extra)
+            got = getattr(emu, name)(*args)
+            expected = reference(name, *as64(args))
+            mag = magnitude(args, name)
+            label = f"{name} {shape} {dtype} {layout}"
+            if isinstance(got, torch.Tensor) and got.dim() == 4:
+                extra_mag = (args[4].double().abs() if name == "stream_act_map"
+                             else sum(v.double().abs() for v in args[5:] if v is not None))
+                check(label, got, expected,
+                      32 * unit * mag * (1 + extra_mag[:, :, None, None])
+                      + torch.finfo(dtype).eps * expected.abs(), dtype)
+                assert got.is_contiguous(memory_format=kernel_memory_format(args[0 if name == "stream_act_map" else 1]))
+                continue
+            for i, (g, e) in enumerate(zip(got if isinstance(got, tuple) else (got,),
+                                           expected if isinstance(expected, tuple) else (expected,))):
+                if e.shape == (0,):
+                    assert g.shape == (0,) and g.dtype == acc, f"{label}[{i}] should be empty"
+                    continue
+                check(f"{label}[{i}]", g, e, 32 * (p + 1) * unit * mag.sum(dim=(2, 3)), acc)
+
+
+def test_act_reduces_bitwise_across_cta_orders(emu):
+    """The act reduce passes with rows split into pieces: the same bits for CTAs in forward,
+    reverse and random order."""
+    from test_act_tail import op_args
+
+    for name in ("stream_act_reduce", "stream_act_grad_reduce"):
+        for shape, dtype, layout in (((1, 3, 41, 41), torch.float32, "nchw"),
+                                     ((1, 8, 47, 47), torch.bfloat16, "channels_last")):
+            args = op_args(name, shape, dtype, layout, "silu", 3)
+            results = []
+            for i, mode in enumerate(ORDERS):
+                set_mode(emu, mode, seed_of("act-orders", i))
+                got = getattr(emu, name)(*args)
+                results.append([bits(t) for t in (got if isinstance(got, tuple) else (got,))])
+            set_mode(emu, DEFAULT_MODE, 0)
+            for other in results[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(results[0], other)), (name, shape)

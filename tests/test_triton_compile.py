@@ -6,6 +6,7 @@ fresh process without TRITON_INTERPRET."""
 from __future__ import annotations
 
 import ast
+import inspect
 import itertools
 
 import pytest
@@ -55,6 +56,11 @@ def _compile(kernel, args, meta, capability):
                 attrs[(index,)] = divisible
     meta = dict(meta)
     num_warps = meta.pop("num_warps")
+    # Constexprs a launch leaves at their defaults (the passes' PRE_ACT and STATS), as the
+    # JIT launcher binds them.
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        if param.default is not inspect.Parameter.empty and name not in meta:
+            meta[name] = getattr(param.default, "value", param.default)
     for name, value in meta.items():
         signature[name], constants[name] = "constexpr", value
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)

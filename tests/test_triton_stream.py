@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from se_kernels import _ops, _stream_ops
+from se_kernels import _ops, _stream_ops, options
 from se_kernels.backends.triton import heuristics, stream
 
 from oracle import unit_roundoff
@@ -300,16 +300,25 @@ def test_schemas_match_the_native_ops(driver):
 def test_flop_counter_sees_the_ops(driver):
     from torch.utils.flop_counter import FlopCounterMode
 
+    from test_act_tail import op_args
+
     args = _op_args()
+    args.update({name: op_args(name, (2, 3, 3, 5), torch.float32, "nchw", "silu", 1)
+                 for name in _stream_ops.ACT_SCHEMAS})
     with FlopCounterMode(display=False) as counter:
         for name, op in OPS.items():
-            op(*args[name])
+            op(*tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args[name]))
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     elems = 2 * 3 * 3 * 5
     assert counts == {"se_kernels.stream_reduce_triton": 5 * elems,
                       "se_kernels.stream_map_triton": 3 * elems,
                       "se_kernels.stream_grad_reduce_triton": 4 * elems,
-                      "se_kernels.stream_grad_map_triton": 6 * elems}
+                      "se_kernels.stream_grad_map_triton": 6 * elems,
+                      # the act ops: the prologue's 2 per element, and their own (_stream_ops)
+                      "se_kernels.stream_act_reduce_triton": 3 * elems,
+                      "se_kernels.stream_act_map_triton": 3 * elems,
+                      "se_kernels.stream_act_grad_reduce_triton": 12 * elems,
+                      "se_kernels.stream_act_grad_map_triton": 8 * elems}
 
 
 def test_rejects_bad_arguments(driver):
@@ -385,3 +394,56 @@ def test_compile_fullgraph_interpreter(driver):
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     x, scale, shift, residual = args["stream_map"][:4]
     torch.testing.assert_close(compiled(x, scale, shift, residual), fn(x, scale, shift, residual))
+
+
+# ---- the act tail's ops: the same passes with the input prologue ----------------------------
+ACT_CASES = [((2, 3, 5, 7), "nchw", torch.float32), ((1, 5, 6, 6), "channels_last", torch.bfloat16),
+             ((3, 4, 1, 1), "strided", torch.float64), ((2, 9, 3, 3), "nchw", torch.float16),
+             ((0, 3, 2, 2), "channels_last", torch.float32)]
+
+
+@pytest.mark.parametrize("activation", options.ACTIVATIONS)
+def test_act_ops_match_reference(driver, activation):
+    """Each act op against its reference on float64 copies, within the bound the CPU
+    kernels are held to (test_act_tail), over shapes, layouts and dtypes."""
+    from test_act_tail import as64, check, magnitude, op_args
+
+    for seed, (shape, layout, dtype) in enumerate(ACT_CASES):
+        acc = _ops.accumulate_dtype(dtype)
+        unit = torch.finfo(acc).eps / 2
+        p = shape[2] * shape[3]
+        for name, extra in (("stream_act_reduce", {}), ("stream_act_map", {}),
+                            ("stream_act_grad_reduce", {"statistics": True}),
+                            ("stream_act_grad_reduce", {"statistics": False}),
+                            ("stream_act_grad_map", {"optional": seed % 2 == 0})):
+            args = op_args(name, shape, dtype, layout, activation, seed, **extra)
+            args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+            got = OPS[name](*args)
+            expected = _stream_ops.reference(name, *as64(args))
+            mag = magnitude(args, name)
+            label = f"{name} {shape} {layout} {dtype}"
+            if isinstance(got, torch.Tensor) and got.dim() == 4:
+                extra_mag = (args[4].double().abs() if name == "stream_act_map"
+                             else sum(v.double().abs() for v in args[5:] if v is not None))
+                bound = (32 * unit * mag * (1 + extra_mag[:, :, None, None])
+                         + torch.finfo(dtype).eps * expected.abs())
+                check(label, got, expected, bound, dtype)
+                x = args[0 if name == "stream_act_map" else 1]
+                assert got.is_contiguous(memory_format=_ops.kernel_memory_format(x)), label
+                continue
+            got = got if isinstance(got, tuple) else (got,)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            for i, (g, e) in enumerate(zip(got, expected)):
+                if e.shape == (0,):
+                    assert g.shape == (0,) and g.dtype == acc, f"{label}[{i}] should be empty"
+                    continue
+                check(f"{label}[{i}]", g, e, 32 * (p + 1) * unit * mag.sum(dim=(2, 3)), acc)
+
+
+@pytest.mark.parametrize("name", _stream_ops.ACT_SCHEMAS)
+def test_act_opcheck(driver, name):
+    from test_act_tail import op_args
+
+    args = op_args(name, (2, 3, 4, 5), torch.float32, "channels_last", "silu", 5)
+    torch.library.opcheck(OPS[name], tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a
+                                           for a in args))

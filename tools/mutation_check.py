@@ -160,6 +160,9 @@ CATALOGUE = [
     Bug("triton/stream-grad-map-x-scale-times-dy", "triton", TRITON_KERNELS, (
         ("dx += tl.load(x_scale_ptr + chan, mask=c_mask, other=0.0) * v",
          "dx += tl.load(x_scale_ptr + chan, mask=c_mask, other=0.0) * dy"),)),
+    # The act tail's prologue (PRE_ACT), which the SE path and the other stream ops leave off.
+    Bug("triton/act-grad-reduce-sdx-drops-x", "triton", TRITON_KERNELS, (
+        ("dx_total += d * v", "dx_total += d"),)),
     # ---- CUDA kernels, on the emulator ----------------------------------------------------
     Bug("cuda/ties-not-divided", "cuda", CUDA_BACKWARD, (
         ("dx_max[nc] = dz / ld_fresh(count + nc);", "dx_max[nc] = dz;"),
@@ -188,6 +191,8 @@ CATALOGUE = [
         ("acc[3][j] = nan_min(acc[3][j], v);", "acc[3][j] = v < acc[3][j] ? v : acc[3][j];"),)),
     Bug("cuda/stream-dresidual-not-masked", "cuda", CUDA_STREAM, (
         ("masked.v[i] = from_acc<T>(dy);", "masked.v[i] = e.dy.v[i];"),)),
+    Bug("cuda/act-grad-map-drops-act-shift", "cuda", CUDA_STREAM, (
+        ("cv[2][j] * to_acc(e.dy.v[i]) + cv[3][j], act);", "cv[2][j] * to_acc(e.dy.v[i]), act);"),)),
     # Races and divergent shuffles: results on the emulator depend on its thread schedule.
     Bug("cuda/reduce-nchw-early-return-before-shuffles", "cuda", CUDA_TILES, (
         ("  const RowSpan span = row_span(plan, P, block);\n\n  A acc[kQ][1];",

@@ -97,19 +97,24 @@ BackwardResult se_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
   return {t.dx, dw1, db1, dw2, db2, t.dresidual};
 }
 
-// A prepared stream op on x's device and current stream, its scratch from the caching
-// allocator (freed on return, once the kernels that use it are enqueued on that stream).
-template <typename Tensors>
-void run_stream_cuda(Tensors& t) {
+// A prepared stream op on x's device and current stream, with the kernels' arguments
+// `args` (stream_args by default), its scratch from the caching allocator (freed on
+// return, once the kernels that use it are enqueued on that stream).
+template <typename Tensors, typename Args>
+void run_stream_cuda(Tensors& t, Args args) {
   at::Tensor scratch;
   const auto acc = t.x.options().dtype(accumulate_type(t.x.scalar_type()));
-  run_stream(
-      t,
+  run_stream_args(
+      t, args,
       [&](int64_t elems) {
         scratch = at::empty({elems}, acc);
         return scratch.mutable_data_ptr();
       },
       current_stream());
+}
+template <typename Tensors>
+void run_stream_cuda(Tensors& t) {
+  run_stream_cuda(t, stream_args(t));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_reduce_cuda(const at::Tensor& x,
@@ -161,6 +166,51 @@ at::Tensor stream_grad_map_cuda(const at::Tensor& grad_out, const std::optional<
   return t.dx;
 }
 
+// The act tail's ops (DESIGN.md §1.5).
+at::Tensor stream_act_reduce_cuda(const at::Tensor& x, const at::Tensor& in_scale,
+                                  const at::Tensor& in_shift, c10::string_view activation) {
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  StreamActTensors t = prepare_stream_act_reduce(x, in_scale, in_shift, activation);
+  run_stream_cuda(t, act_reduce_args(t));
+  return t.sum;
+}
+
+at::Tensor stream_act_map_cuda(const at::Tensor& x, const at::Tensor& in_scale,
+                               const at::Tensor& in_shift, c10::string_view activation,
+                               const at::Tensor& scale) {
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  StreamActTensors t = prepare_stream_act_map(x, in_scale, in_shift, activation, scale);
+  run_stream_cuda(t, act_map_args(t));
+  return t.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stream_act_grad_reduce_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& in_scale,
+    const at::Tensor& in_shift, c10::string_view activation, bool statistics) {
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  StreamActTensors t =
+      prepare_stream_act_grad_reduce(grad_out, x, in_scale, in_shift, activation, statistics);
+  run_stream_cuda(t, act_grad_reduce_args(t));
+  return {t.sdyv, t.sdyd, t.sdydx, t.sd, t.sdx};
+}
+
+at::Tensor stream_act_grad_map_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                    const at::Tensor& in_scale, const at::Tensor& in_shift,
+                                    c10::string_view activation, const at::Tensor& dy_scale,
+                                    const at::Tensor& act_shift,
+                                    const std::optional<at::Tensor>& x_scale,
+                                    const std::optional<at::Tensor>& shift) {
+  check_on_cuda(x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  StreamActTensors t = prepare_stream_act_grad_map(grad_out, x, in_scale, in_shift, activation,
+                                                   dy_scale, act_shift, x_scale, shift);
+  run_stream_cuda(t, act_grad_map_args(t));
+  return t.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(se_kernels, CUDA, m) {
@@ -170,6 +220,10 @@ TORCH_LIBRARY_IMPL(se_kernels, CUDA, m) {
   m.impl("stream_map", &stream_map_cuda);
   m.impl("stream_grad_reduce", &stream_grad_reduce_cuda);
   m.impl("stream_grad_map", &stream_grad_map_cuda);
+  m.impl("stream_act_reduce", &stream_act_reduce_cuda);
+  m.impl("stream_act_map", &stream_act_map_cuda);
+  m.impl("stream_act_grad_reduce", &stream_act_grad_reduce_cuda);
+  m.impl("stream_act_grad_map", &stream_act_grad_map_cuda);
 }
 
 }  // namespace se_kernels

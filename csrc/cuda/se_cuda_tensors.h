@@ -63,14 +63,42 @@ inline cuda::StreamGradMapArgs stream_args(StreamGradMapTensors& t) {
           data_or_null(t.peak), data_or_null(t.peak_shift), output_or_null(t.dx), nullptr};
 }
 
-// Plans the pass of a prepared stream op and launches it on `stream`, its scratch from
-// workspace(elems), a buffer of that many accumulation-dtype elements.
-template <typename Tensors, typename Workspace>
-void run_stream(Tensors& t, const Workspace& workspace, cudaStream_t stream) {
-  auto args = stream_args(t);
+// The act tail's ops share one prepared struct; each takes its own arguments from it.
+inline cuda::StreamActReduceArgs act_reduce_args(StreamActTensors& t) {
+  return {t.x.const_data_ptr(), t.in_scale.const_data_ptr(), t.in_shift.const_data_ptr(),
+          t.activation, output_or_null(t.sum), nullptr};
+}
+inline cuda::StreamActMapArgs act_map_args(StreamActTensors& t) {
+  return {t.x.const_data_ptr(), t.in_scale.const_data_ptr(), t.in_shift.const_data_ptr(),
+          t.activation, t.scale.const_data_ptr(), output_or_null(t.out), nullptr};
+}
+inline cuda::StreamActGradReduceArgs act_grad_reduce_args(StreamActTensors& t) {
+  return {t.grad_out.const_data_ptr(), t.x.const_data_ptr(), t.in_scale.const_data_ptr(),
+          t.in_shift.const_data_ptr(), t.activation, output_or_null(t.sdyv),
+          output_or_null(t.sdyd), output_or_null(t.sdydx), output_or_null(t.sd),
+          output_or_null(t.sdx), nullptr};
+}
+inline cuda::StreamActGradMapArgs act_grad_map_args(StreamActTensors& t) {
+  return {t.grad_out.const_data_ptr(), t.x.const_data_ptr(), t.in_scale.const_data_ptr(),
+          t.in_shift.const_data_ptr(), t.activation, t.scale.const_data_ptr(),
+          t.act_shift.const_data_ptr(), data_or_null(t.x_scale), data_or_null(t.shift),
+          output_or_null(t.out), nullptr};
+}
+
+// Plans the pass of a prepared stream op with the kernels' arguments `args` and launches it
+// on `stream`, its scratch from workspace(elems), a buffer of that many accumulation-dtype
+// elements.
+template <typename Tensors, typename Args, typename Workspace>
+void run_stream_args(Tensors& t, Args args, const Workspace& workspace, cudaStream_t stream) {
   const cuda::StreamPlan plan = cuda::plan_stream(stream_problem(t.x, t.geo), args);
   args.workspace = workspace(plan.workspace_elems);
   cuda::launch_stream(plan, args, stream);
+}
+
+// The same with the op's arguments from its prepared tensors (stream_args).
+template <typename Tensors, typename Workspace>
+void run_stream(Tensors& t, const Workspace& workspace, cudaStream_t stream) {
+  run_stream_args(t, stream_args(t), workspace, stream);
 }
 
 }  // namespace se_kernels

@@ -1,6 +1,6 @@
-// The stream ops' kernels (se_stream.h): the four passes of the staged path as Terms and Ops
-// on the streaming tiles of se_cuda_tiles.cuh (the map pass is the forward's ScaleOp, with
-// a shift when given), each launched over the whole batch by the grouped schedule's kernels:
+// The stream ops' kernels (se_stream.h): the four passes of the staged path, and the act
+// tail's four, as Terms and Ops on the streaming tiles of se_cuda_tiles.cuh (the map pass
+// is the forward's ScaleOp, with a shift when given), each launched over the whole batch by the grouped schedule's kernels:
 // a reduce kernel, plus the combine kernel when the plan splits rows into pieces, or a map
 // kernel.
 // Every value is computed in the accumulation dtype in _stream_ops.reference's order and
@@ -172,6 +172,188 @@ struct GradMapOp {
   }
 };
 
+// ---- the act tail's passes: x read through u = a·x + b, v = act(u), d = act'(u) ----------
+
+// [0] = Σ v.
+template <typename T>
+struct ActReduceTerms {
+  using A = acc_t<T>;
+  static constexpr int kQ = kStreamActReduceQuantities, kChan = 2;  // in_scale, in_shift
+  const T* x;
+  const A* in_scale;
+  const A* in_shift;
+  Activation act;
+  A* sum;
+
+  __device__ static A init(int) { return A(0); }
+  __device__ static A combine(int, A a, A b) { return a + b; }
+  template <int AW>
+  __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
+    channel_values<AW>(in_scale, nc, cv[0]);
+    channel_values<AW>(in_shift, nc, cv[1]);
+  }
+  template <int W>
+  __device__ Pack<T, W> load(int64_t off) const { return load_pack<W>(x + off); }
+  template <int W, int AW>
+  __device__ void fold(int64_t, A (&acc)[kQ][AW], const Pack<T, W>& e,
+                       const A (&cv)[kChan][AW]) const {
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const int j = AW == 1 ? 0 : i;
+      acc[0][j] += activation(cv[0][j] * to_acc(e.v[i]) + cv[1][j], act);
+    }
+  }
+  __device__ void finalize(int64_t nc, const A (&v)[kQ]) const { sum[nc] = v[0]; }
+};
+
+// out = scale * v.
+template <typename T>
+struct ActMapOp {
+  using A = acc_t<T>;
+  static constexpr int kChan = 3;  // in_scale, in_shift, scale
+  const T* x;
+  T* out;
+  const A* in_scale;
+  const A* in_shift;
+  Activation act;
+  const A* scale;
+
+  template <int W>
+  struct Loaded {
+    Pack<T, W> x;
+  };
+  template <int AW>
+  __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
+    channel_values<AW>(in_scale, nc, cv[0]);
+    channel_values<AW>(in_shift, nc, cv[1]);
+    channel_values<AW>(scale, nc, cv[2]);
+  }
+  template <int W>
+  __device__ Loaded<W> load(int64_t off) const {
+    return Loaded<W>{load_pack<W>(x + off)};
+  }
+  template <int W, int AW>
+  __device__ void store(int64_t off, const Loaded<W>& e, const A (&cv)[kChan][AW]) const {
+    Pack<T, W> o;
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const int j = AW == 1 ? 0 : i;
+      o.v[i] = from_acc<T>(cv[2][j] * activation(cv[0][j] * to_acc(e.x.v[i]) + cv[1][j], act));
+    }
+    store_pack<W>(out + off, o);
+  }
+};
+
+// [0] = Σ dy·v and, with statistics (sdyd set), [1] = Σ dy·d, [2] = Σ dy·d·x, [3] = Σ d,
+// [4] = Σ d·x.
+template <typename T>
+struct ActGradReduceTerms {
+  using A = acc_t<T>;
+  static constexpr int kQ = kStreamActGradReduceQuantities, kChan = 2;  // in_scale, in_shift
+  const T* grad_out;
+  const T* x;
+  const A* in_scale;
+  const A* in_shift;
+  Activation act;
+  A* sdyv;
+  A* sdyd;  // nullptr: no statistics (nor the three below)
+  A* sdydx;
+  A* sd;
+  A* sdx;
+
+  template <int W>
+  using Loaded = GradPacks<T, W>;
+  __device__ static A init(int) { return A(0); }
+  __device__ static A combine(int, A a, A b) { return a + b; }
+  template <int AW>
+  __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
+    channel_values<AW>(in_scale, nc, cv[0]);
+    channel_values<AW>(in_shift, nc, cv[1]);
+  }
+  template <int W>
+  __device__ Loaded<W> load(int64_t off) const {
+    return load_grad_packs<W>(grad_out, x, static_cast<const T*>(nullptr), off);
+  }
+  template <int W, int AW>
+  __device__ void fold(int64_t, A (&acc)[kQ][AW], const Loaded<W>& e,
+                       const A (&cv)[kChan][AW]) const {
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const int j = AW == 1 ? 0 : i;
+      const A dy = to_acc(e.dy.v[i]);
+      const A xv = to_acc(e.x.v[i]);
+      const A u = cv[0][j] * xv + cv[1][j];
+      acc[0][j] += dy * activation(u, act);
+      if (sdyd != nullptr) {
+        const A d = activation_backward(u, A(1), act);
+        acc[1][j] += dy * d;
+        acc[2][j] += dy * d * xv;
+        acc[3][j] += d;
+        acc[4][j] += d * xv;
+      }
+    }
+  }
+  __device__ void finalize(int64_t nc, const A (&v)[kQ]) const {
+    sdyv[nc] = v[0];
+    if (sdyd != nullptr) {
+      sdyd[nc] = v[1];
+      sdydx[nc] = v[2];
+      sd[nc] = v[3];
+      sdx[nc] = v[4];
+    }
+  }
+};
+
+// dx = d·(dy_scale·dy + act_shift) + x_scale·x + shift.
+template <typename T>
+struct ActGradMapOp {
+  using A = acc_t<T>;
+  static constexpr int kChan = 6;  // in_scale, in_shift, dy_scale, act_shift, x_scale, shift
+  const T* grad_out;
+  const T* x;
+  T* dx;
+  const A* in_scale;
+  const A* in_shift;
+  Activation act;
+  const A* dy_scale;
+  const A* act_shift;
+  const A* x_scale;  // optional
+  const A* shift;    // optional
+
+  template <int W>
+  struct Loaded {
+    Pack<T, W> dy, x;
+  };
+  template <int AW>
+  __device__ void channel(int64_t nc, A (&cv)[kChan][AW]) const {
+    channel_values<AW>(in_scale, nc, cv[0]);
+    channel_values<AW>(in_shift, nc, cv[1]);
+    channel_values<AW>(dy_scale, nc, cv[2]);
+    channel_values<AW>(act_shift, nc, cv[3]);
+    channel_values<AW>(x_scale, nc, cv[4]);
+    channel_values<AW>(shift, nc, cv[5]);
+  }
+  template <int W>
+  __device__ Loaded<W> load(int64_t off) const {
+    return Loaded<W>{load_pack<W>(grad_out + off), load_pack<W>(x + off)};
+  }
+  template <int W, int AW>
+  __device__ void store(int64_t off, const Loaded<W>& e, const A (&cv)[kChan][AW]) const {
+    Pack<T, W> d;
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const int j = AW == 1 ? 0 : i;
+      const A xv = to_acc(e.x.v[i]);
+      A v = activation_backward(cv[0][j] * xv + cv[1][j],
+                                cv[2][j] * to_acc(e.dy.v[i]) + cv[3][j], act);
+      if (x_scale != nullptr) v += cv[4][j] * xv;
+      if (shift != nullptr) v += cv[5][j];
+      d.v[i] = from_acc<T>(v);
+    }
+    store_pack<W>(dx + off, d);
+  }
+};
+
 // The plan of `args`' pass (se_stream_plan.h) on the current device, with the widest
 // accesses that its x-sized tensors, starting at `tensors`, allow.
 template <typename Args>
@@ -274,6 +456,75 @@ void launch_stream(const StreamPlan& plan, const StreamGradMapArgs& args,
         static_cast<const A*>(args.dy_scale), static_cast<const A*>(args.x_scale),
         static_cast<const A*>(args.shift),    static_cast<const A*>(args.peak),
         static_cast<const A*>(args.peak_shift)};
+    detail::map_pass<T>(plan, op, stream);
+  });
+}
+
+StreamPlan plan_stream(const Problem& problem, const StreamActReduceArgs& args) {
+  return detail::plan_pass(problem, args, {args.x});
+}
+
+void launch_stream(const StreamPlan& plan, const StreamActReduceArgs& args, cudaStream_t stream) {
+  detail::dispatch_dtype(plan.problem.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = detail::acc_t<T>;
+    const detail::ActReduceTerms<T> terms{
+        static_cast<const T*>(args.x), static_cast<const A*>(args.in_scale),
+        static_cast<const A*>(args.in_shift), args.activation, static_cast<A*>(args.sum)};
+    detail::reduce_pass<T>(plan, terms, args.workspace, stream);
+  });
+}
+
+StreamPlan plan_stream(const Problem& problem, const StreamActMapArgs& args) {
+  return detail::plan_pass(problem, args, {args.x, args.out});
+}
+
+void launch_stream(const StreamPlan& plan, const StreamActMapArgs& args, cudaStream_t stream) {
+  detail::dispatch_dtype(plan.problem.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = detail::acc_t<T>;
+    const detail::ActMapOp<T> op{static_cast<const T*>(args.x), static_cast<T*>(args.out),
+                                 static_cast<const A*>(args.in_scale),
+                                 static_cast<const A*>(args.in_shift), args.activation,
+                                 static_cast<const A*>(args.scale)};
+    detail::map_pass<T>(plan, op, stream);
+  });
+}
+
+StreamPlan plan_stream(const Problem& problem, const StreamActGradReduceArgs& args) {
+  return detail::plan_pass(problem, args, {args.grad_out, args.x});
+}
+
+void launch_stream(const StreamPlan& plan, const StreamActGradReduceArgs& args,
+                   cudaStream_t stream) {
+  detail::dispatch_dtype(plan.problem.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = detail::acc_t<T>;
+    const detail::ActGradReduceTerms<T> terms{
+        static_cast<const T*>(args.grad_out), static_cast<const T*>(args.x),
+        static_cast<const A*>(args.in_scale), static_cast<const A*>(args.in_shift),
+        args.activation,                      static_cast<A*>(args.sdyv),
+        static_cast<A*>(args.sdyd),           static_cast<A*>(args.sdydx),
+        static_cast<A*>(args.sd),             static_cast<A*>(args.sdx)};
+    detail::reduce_pass<T>(plan, terms, args.workspace, stream);
+  });
+}
+
+StreamPlan plan_stream(const Problem& problem, const StreamActGradMapArgs& args) {
+  return detail::plan_pass(problem, args, {args.grad_out, args.x, args.dx});
+}
+
+void launch_stream(const StreamPlan& plan, const StreamActGradMapArgs& args,
+                   cudaStream_t stream) {
+  detail::dispatch_dtype(plan.problem.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = detail::acc_t<T>;
+    const detail::ActGradMapOp<T> op{
+        static_cast<const T*>(args.grad_out), static_cast<const T*>(args.x),
+        static_cast<T*>(args.dx),             static_cast<const A*>(args.in_scale),
+        static_cast<const A*>(args.in_shift), args.activation,
+        static_cast<const A*>(args.dy_scale), static_cast<const A*>(args.act_shift),
+        static_cast<const A*>(args.x_scale),  static_cast<const A*>(args.shift)};
     detail::map_pass<T>(plan, op, stream);
   });
 }

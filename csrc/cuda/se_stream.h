@@ -24,4 +24,16 @@ void launch_stream(const StreamPlan& plan, const StreamMapArgs& args, cudaStream
 void launch_stream(const StreamPlan& plan, const StreamGradReduceArgs& args, cudaStream_t stream);
 void launch_stream(const StreamPlan& plan, const StreamGradMapArgs& args, cudaStream_t stream);
 
+// The act tail's ops (DESIGN.md §1.5).
+StreamPlan plan_stream(const Problem& problem, const StreamActReduceArgs& args);
+StreamPlan plan_stream(const Problem& problem, const StreamActMapArgs& args);
+StreamPlan plan_stream(const Problem& problem, const StreamActGradReduceArgs& args);
+StreamPlan plan_stream(const Problem& problem, const StreamActGradMapArgs& args);
+
+void launch_stream(const StreamPlan& plan, const StreamActReduceArgs& args, cudaStream_t stream);
+void launch_stream(const StreamPlan& plan, const StreamActMapArgs& args, cudaStream_t stream);
+void launch_stream(const StreamPlan& plan, const StreamActGradReduceArgs& args,
+                   cudaStream_t stream);
+void launch_stream(const StreamPlan& plan, const StreamActGradMapArgs& args, cudaStream_t stream);
+
 }  // namespace se_kernels::cuda

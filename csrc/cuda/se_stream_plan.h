@@ -59,6 +59,55 @@ struct StreamGradMapArgs {
   void* workspace;
 };
 
+// The act tail's ops: x read through u = in_scale * x + in_shift, v = activation(u), with
+// in_scale and in_shift [N, C] (a [C] one broadcast).
+struct StreamActReduceArgs {
+  const void* x;
+  const void* in_scale;
+  const void* in_shift;
+  Activation activation;
+  void* sum;
+  void* workspace;
+};
+
+struct StreamActMapArgs {
+  const void* x;
+  const void* in_scale;
+  const void* in_shift;
+  Activation activation;
+  const void* scale;
+  void* out;
+  void* workspace;
+};
+
+struct StreamActGradReduceArgs {
+  const void* grad_out;
+  const void* x;
+  const void* in_scale;
+  const void* in_shift;
+  Activation activation;
+  void* sdyv;
+  void* sdyd;   // optional (statistics), with the three below
+  void* sdydx;
+  void* sd;
+  void* sdx;
+  void* workspace;
+};
+
+struct StreamActGradMapArgs {
+  const void* grad_out;
+  const void* x;
+  const void* in_scale;
+  const void* in_shift;
+  Activation activation;
+  const void* dy_scale;
+  const void* act_shift;
+  const void* x_scale;  // optional
+  const void* shift;    // optional
+  void* dx;
+  void* workspace;
+};
+
 // A stream pass: the problem (S and the SE options unused), its tiles, and its scratch.
 struct StreamPlan {
   Problem problem;
@@ -72,10 +121,18 @@ namespace detail {
 // partial sum per piece when rows are split; a map pass folds none.
 constexpr int kStreamReduceQuantities = 4;      // Σx, Σx², max, min
 constexpr int kStreamGradReduceQuantities = 3;  // Σdy, Σdy·x, #{x == peak}
+constexpr int kStreamActReduceQuantities = 1;      // Σv
+constexpr int kStreamActGradReduceQuantities = 5;  // Σdy·v, Σdy·d, Σdy·d·x, Σd, Σd·x
 inline int stream_quantities(const StreamReduceArgs&) { return kStreamReduceQuantities; }
 inline int stream_quantities(const StreamGradReduceArgs&) { return kStreamGradReduceQuantities; }
+inline int stream_quantities(const StreamActReduceArgs&) { return kStreamActReduceQuantities; }
+inline int stream_quantities(const StreamActGradReduceArgs&) {
+  return kStreamActGradReduceQuantities;
+}
 inline int stream_quantities(const StreamMapArgs&) { return 0; }
 inline int stream_quantities(const StreamGradMapArgs&) { return 0; }
+inline int stream_quantities(const StreamActMapArgs&) { return 0; }
+inline int stream_quantities(const StreamActGradMapArgs&) { return 0; }
 
 // The tiles of a pass over the whole batch, `width` elements per access, on `sm_count` SMs,
 // and the scratch of its partial sums when a reduce pass splits rows into pieces.

@@ -100,10 +100,10 @@ def _define_stream_ops() -> None:
     the binding registers their CPU kernels."""
     global _stream_library
     if _stream_library is None:
-        from se_kernels._stream_ops import SCHEMAS
+        from se_kernels._stream_ops import ACT_SCHEMAS, SCHEMAS
 
         library = torch.library.Library("se_kernels_emu", "FRAGMENT")  # noqa: TOR901 - kept
-        for name, schema in SCHEMAS.items():
+        for name, schema in {**SCHEMAS, **ACT_SCHEMAS}.items():
             library.define(name + schema)
         _stream_library = library
 

@@ -208,14 +208,14 @@ def forward(x, w1, b1, w2, b2, residual, activation, gate, pool, out_activation,
     pool_pass, squeeze_fc, excite_fc, scale = plan.launches
     sums = torch.empty_strided(*plan.partials, dtype=acc, device=device)
     maxes = torch.empty_strided(*plan.partials, dtype=acc, device=device) if plan.use_max else x
-    launch(_pool_kernel, pool_pass.programs, x, sums, x, maxes, x, *pool_pass.scalars,
+    launch(_pool_kernel, pool_pass.programs, x, sums, x, maxes, x, x, x, *pool_pass.scalars,
            **pool_pass.meta)
     launch(_squeeze_fc_kernel, squeeze_fc.programs, sums, maxes, z, zmax if plan.use_max else x,
             a, w1, x if b1 is None else b1, *squeeze_fc.scalars, **squeeze_fc.meta)
     launch(_excite_fc_kernel, excite_fc.programs, a, g, w2, x if b2 is None else b2,
             *excite_fc.scalars, **excite_fc.meta)
     launch(_scale_kernel, scale.programs, x, x if residual is None else residual, out, g, x,
-            *scale.scalars, **scale.meta)
+            x, x, *scale.scalars, **scale.meta)
     return out, z, zmax, a, g
 
 
@@ -311,7 +311,8 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     count = torch.empty_strided(*plan.partials, dtype=torch.int32, device=device) if plan.use_max else x
     stand_in_zmax = x if zmax is None else zmax
     launch(_grad_reduce_kernel, reduce_pass.programs, grad_out, x if out is None else out, x,
-            stand_in_zmax, ds, x, count, x, *reduce_pass.scalars, **reduce_pass.meta)
+            stand_in_zmax, ds, x, count, x, x, x, x, x, x, *reduce_pass.scalars,
+            **reduce_pass.meta)
     dg = torch.empty_strided(*plan.nc, dtype=acc, device=device)
     da = torch.empty_strided(*plan.ns, dtype=acc, device=device)
     launch(_excite_fc_backward_kernel, excite_fc.programs, ds, g, a, w2, dg, da,
@@ -321,6 +322,6 @@ def backward(grad_out, x, out, w1, w2, z, zmax, a, g, activation, gate, pool, ou
     launch(_mlp_grads_kernel, mlp_grads.programs, dg, a, da, z, w1, count, dw1, db1, dw2, db2,
             dx_avg, dx_max, *mlp_grads.scalars, **mlp_grads.meta)
     launch(_grad_input_kernel, grad_input.programs, grad_out, x if out is None else out, x, g,
-            x, stand_in_zmax, dx_avg, dx_max, dx, dres if plan.write_dres else x,
+            x, stand_in_zmax, dx_avg, dx_max, dx, dres if plan.write_dres else x, x, x, x,
             *grad_input.scalars, **grad_input.meta)
     return dx, dw1, db1, dw2, db2, dres

@@ -22,7 +22,11 @@ The four passes over x also run the stream ops of the staged path (DESIGN.md §1
 stream.py), through constexpr branches that the SE launches leave off: the pool pass adds
 sums of squares and minima, the scale pass a per-channel shift, the grad reduce pass sums
 of dy and the dresidual store, the grad input pass an x_scale * x term; with GATE =
-AS_GIVEN the map passes take their per-channel coefficients as given.
+AS_GIVEN the map passes take their per-channel coefficients as given. With PRE_ACT (an
+activation's code; NO_PROLOGUE otherwise) the four read v = act(pre_scale * x + pre_shift)
+where they read x, the act tail's input prologue: the pool pass sums v, the scale pass
+scales v, the grad reduce pass sums dy * v and, with STATS, dy * d, dy * d * x, d and
+d * x (d = act'), the grad input pass multiplies its dy term by d.
 
 Every reduction has a fixed order that depends only on the shape and the launch config, so
 results are bit-identical from run to run (no float atomics). Values are converted to the
@@ -57,6 +61,9 @@ SIGMOID, HARDSIGMOID, TANH, RELU_GATE = (tl.constexpr(int(g)) for g in Gate)
 AS_GIVEN = tl.constexpr(-1)
 AVG, MAX, AVGMAX = (tl.constexpr(int(Pool.AVG)), tl.constexpr(int(Pool.MAX)),
                    tl.constexpr(int(Pool.AVGMAX)))
+# The PRE_ACT of the passes without an input prologue: no activation's code. With one
+# (the act tail's stream ops), the passes read v = act(in_scale * x + in_shift) for x.
+NO_PROLOGUE = tl.constexpr(-1)
 
 
 # ---- what each kernel touches ------------------------------------------------------------
@@ -200,6 +207,15 @@ def _gate_grad(g, GATE: tl.constexpr):
 
 
 @triton.jit
+def _prologue_u(v, scale_ptr, shift_ptr, chan, c_mask):
+    """u = in_scale * x + in_shift, the [N*C] coefficients at chan (rows of a tile: chan and
+    c_mask shaped to broadcast against v)."""
+    a = tl.load(scale_ptr + chan, mask=c_mask, other=0.0)
+    b = tl.load(shift_ptr + chan, mask=c_mask, other=0.0)
+    return a * v + b
+
+
+@triton.jit
 def _nan_max_reduce(acc, axis: tl.constexpr):
     """tl.max along `axis`, but NaN wins, as in torch.amax."""
     m = tl.max(acc, axis)
@@ -339,9 +355,13 @@ def _pool_start(BLOCK_C: tl.constexpr, WIDTH: tl.constexpr, acc_t: tl.constexpr)
 
 @triton.jit
 def _pool_values(x_ptr, offs, mask, acc_t: tl.constexpr, total, squares, peak, low,
-                 SQUARES: tl.constexpr, USE_MAX: tl.constexpr, MINIMA: tl.constexpr):
-    """Adds one tile of x to the running sums (and sums of squares, maxima, minima)."""
+                 SQUARES: tl.constexpr, USE_MAX: tl.constexpr, MINIMA: tl.constexpr,
+                 pre_a, pre_b, PRE_ACT: tl.constexpr):
+    """Adds one tile of x (or of v = act(pre_a * x + pre_b), 0 off the mask) to the running
+    sums (and sums of squares, maxima, minima)."""
     v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(acc_t)
+    if PRE_ACT != NO_PROLOGUE:
+        v = tl.where(mask, _activation(pre_a[:, None] * v + pre_b[:, None], PRE_ACT), 0.0)
     total += v
     if SQUARES:
         squares += v * v
@@ -369,38 +389,53 @@ def _pool_rows(total, squares, peak, low, SQUARES: tl.constexpr, USE_MAX: tl.con
     return row_sum, row_squares, row_max, row_min
 
 
-@touches(("x_ptr", READ, None), ("sum_ptr", WRITE, None),
+def _prologue_given(meta) -> bool:
+    return meta.get("PRE_ACT", int(NO_PROLOGUE)) != int(NO_PROLOGUE)
+
+
+@touches(("pre_scale_ptr", READ, _prologue_given), ("pre_shift_ptr", READ, _prologue_given),
+         ("x_ptr", READ, None), ("sum_ptr", WRITE, None),
          ("sumsq_ptr", WRITE, _constexpr("SQUARES")), ("max_ptr", WRITE, _constexpr("USE_MAX")),
          ("min_ptr", WRITE, _constexpr("MINIMA")))
 @triton.jit
 def _pool_kernel(
-    x_ptr, sum_ptr, sumsq_ptr, max_ptr, min_ptr,
+    x_ptr, sum_ptr, sumsq_ptr, max_ptr, min_ptr, pre_scale_ptr, pre_shift_ptr,
     groups, channels, P, stride_n, stride_c, stride_p, p_per_split, splits,
     SQUARES: tl.constexpr, USE_MAX: tl.constexpr, MINIMA: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     VEC: tl.constexpr, EDGES: tl.constexpr, WIDE: tl.constexpr,
+    PRE_ACT: tl.constexpr = NO_PROLOGUE,
 ):
     """Partial sums (and sums of squares, maxima, minima: the stream reduce op) over the
-    H*W piece `split` of BLOCK_C channels: sum_ptr[split, n*C + c]. VEC > 1 (NCHW): the
-    rows' aligned bodies in tiles, and, with EDGES (rows or pieces that start or end off a
-    vector boundary), their heads and tails in one small tile (_row_body, _row_edges)."""
+    H*W piece `split` of BLOCK_C channels: sum_ptr[split, n*C + c]; with PRE_ACT (the act
+    reduce op), of v = act(pre_scale * x + pre_shift), the [N*C] coefficients. VEC > 1
+    (NCHW): the rows' aligned bodies in tiles, and, with EDGES (rows or pieces that start
+    or end off a vector boundary), their heads and tails in one small tile (_row_body,
+    _row_edges)."""
     acc_t = sum_ptr.dtype.element_ty
     split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
                                                                BLOCK_C, WIDE)
     start, end, body_lo, body_len = _row_body(chan, p_lo, p_hi, P, VEC)
+    pre_a = tl.zeros([BLOCK_C], acc_t)
+    pre_b = tl.zeros([BLOCK_C], acc_t)
+    if PRE_ACT != NO_PROLOGUE:
+        pre_a = tl.load(pre_scale_ptr + chan, mask=c_mask, other=0.0)
+        pre_b = tl.load(pre_shift_ptr + chan, mask=c_mask, other=0.0)
     total, squares, peak, low = _pool_start(BLOCK_C, BLOCK_P, acc_t)
     for step in range(0, tl.cdiv(p_hi - p_lo, BLOCK_P)):
         offs, mask = _body_tile(group, c, c_mask, p_lo, p_hi, body_lo, body_len, step,
                                 stride_n, stride_c, stride_p, BLOCK_P, VEC, WIDE)
         total, squares, peak, low = _pool_values(x_ptr, offs, mask, acc_t, total, squares,
-                                                 peak, low, SQUARES, USE_MAX, MINIMA)
+                                                 peak, low, SQUARES, USE_MAX, MINIMA,
+                                                 pre_a, pre_b, PRE_ACT)
     row_sum, row_squares, row_max, row_min = _pool_rows(total, squares, peak, low, SQUARES,
                                                         USE_MAX, MINIMA)
     if EDGES:
         offs, mask = _row_edges(start, end, body_lo, body_len, c_mask, VEC)
         total, squares, peak, low = _pool_start(BLOCK_C, 2 * VEC, acc_t)
         total, squares, peak, low = _pool_values(x_ptr, offs, mask, acc_t, total, squares,
-                                                 peak, low, SQUARES, USE_MAX, MINIMA)
+                                                 peak, low, SQUARES, USE_MAX, MINIMA,
+                                                 pre_a, pre_b, PRE_ACT)
         edge_sum, edge_squares, edge_max, edge_min = _pool_rows(total, squares, peak, low,
                                                                 SQUARES, USE_MAX, MINIMA)
         row_sum += edge_sum
@@ -429,24 +464,30 @@ def _coefficient(g_ptr, chan, c_mask, GATE: tl.constexpr):
     return s
 
 
-@touches(("g_ptr", READ, None), ("shift_ptr", READ, _constexpr("HAS_SHIFT")), ("x_ptr", READ, None),
-         ("res_ptr", READ, _constexpr("HAS_RESIDUAL")), ("out_ptr", WRITE, None))
+@touches(("g_ptr", READ, None), ("shift_ptr", READ, _constexpr("HAS_SHIFT")),
+         ("pre_scale_ptr", READ, _prologue_given), ("pre_shift_ptr", READ, _prologue_given),
+         ("x_ptr", READ, None), ("res_ptr", READ, _constexpr("HAS_RESIDUAL")),
+         ("out_ptr", WRITE, None))
 @triton.jit
 def _scale_kernel(
-    x_ptr, res_ptr, out_ptr, g_ptr, shift_ptr,
+    x_ptr, res_ptr, out_ptr, g_ptr, shift_ptr, pre_scale_ptr, pre_shift_ptr,
     channels, P, total, stride_n, stride_c, stride_p,
     GATE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     OUT_RELU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
-    BACKWARDS: tl.constexpr, WIDE: tl.constexpr,
+    BACKWARDS: tl.constexpr, WIDE: tl.constexpr, PRE_ACT: tl.constexpr = NO_PROLOGUE,
 ):
-    """out = out_act(gate(g) * x + shift + residual) on one block of x (_map_program). This
-    is the last use of x and the only one of the residual and out: evict_first keeps them
-    from pushing out of L2 what the programs still to come re-read."""
+    """out = out_act(gate(g) * x + shift + residual) on one block of x (_map_program); with
+    PRE_ACT (the act map op), of v = act(pre_scale * x + pre_shift) for x. This is the last
+    use of x and the only one of the residual and out: evict_first keeps them from pushing
+    out of L2 what the programs still to come re-read."""
     acc_t = g_ptr.dtype.element_ty
     chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
                                             BLOCK_C, BLOCK_P, FLAT, BACKWARDS, WIDE)
     s = _coefficient(g_ptr, chan, c_mask, GATE)
-    y = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t) * s
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)
+    if PRE_ACT != NO_PROLOGUE:
+        v = _activation(_prologue_u(v, pre_scale_ptr, pre_shift_ptr, chan, c_mask), PRE_ACT)
+    y = v * s
     if HAS_SHIFT:
         y += tl.load(shift_ptr + chan, mask=c_mask, other=0.0)
     if HAS_RESIDUAL:
@@ -461,38 +502,64 @@ def _scale_kernel(
 @triton.jit
 def _grad_reduce_values(dout_ptr, out_ptr, x_ptr, dres_ptr, offs, mask, peak,
                         acc_t: tl.constexpr, total, dy_total, count, OUT_RELU: tl.constexpr,
-                        USE_MAX: tl.constexpr, SUM_DY: tl.constexpr, WRITE_DRES: tl.constexpr):
+                        USE_MAX: tl.constexpr, SUM_DY: tl.constexpr, WRITE_DRES: tl.constexpr,
+                        pre_a, pre_b, dydx_total, d_total, dx_total, PRE_ACT: tl.constexpr,
+                        STATS: tl.constexpr):
     """Adds one tile's dy * x to the running sums (and dy to theirs, x == peak to the
-    counts); stores dresidual = dy."""
+    counts); stores dresidual = dy. With PRE_ACT (the act grad reduce op; u = pre_a * x +
+    pre_b, v = act(u), d = act'(u), 0 off the mask): dy * v to the first sums and, with
+    STATS, dy * d, dy * d * x, d and d * x to the others."""
     dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_last")
     v = tl.load(x_ptr + offs, mask=mask, other=0.0,
-                eviction_policy="evict_last" if USE_MAX else "evict_first").to(acc_t)
-    total += dy * v
-    if SUM_DY:
-        dy_total += dy
+                eviction_policy="evict_last" if USE_MAX or PRE_ACT != NO_PROLOGUE
+                else "evict_first").to(acc_t)
+    if PRE_ACT != NO_PROLOGUE:
+        u = pre_a[:, None] * v + pre_b[:, None]
+        total += dy * tl.where(mask, _activation(u, PRE_ACT), 0.0)
+        if STATS:
+            d = tl.where(mask, _activation_grad(u, tl.full(u.shape, 1.0, acc_t), PRE_ACT), 0.0)
+            dy_total += dy * d
+            dydx_total += dy * d * v
+            d_total += d
+            dx_total += d * v
+    else:
+        total += dy * v
+        if SUM_DY:
+            dy_total += dy
     if USE_MAX:
         count += (mask & (v == peak[:, None])).to(tl.int32)
     if WRITE_DRES:
         tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)
-    return total, dy_total, count
+    return total, dy_total, count, dydx_total, d_total, dx_total
 
 
-@touches(("zmax_ptr", READ, _constexpr("USE_MAX")), ("dout_ptr", READ, None),
+def _act_statistics(meta) -> bool:
+    return _prologue_given(meta) and bool(meta.get("STATS", False))
+
+
+@touches(("zmax_ptr", READ, _constexpr("USE_MAX")), ("pre_scale_ptr", READ, _prologue_given),
+         ("pre_shift_ptr", READ, _prologue_given), ("dout_ptr", READ, None),
          ("out_ptr", READ, _constexpr("OUT_RELU")), ("x_ptr", READ, None),
          ("dres_ptr", WRITE, _constexpr("WRITE_DRES")), ("ds_ptr", WRITE, None),
-         ("dsum_ptr", WRITE, _constexpr("SUM_DY")), ("count_ptr", WRITE, _constexpr("USE_MAX")))
+         ("dsum_ptr", WRITE, lambda meta: meta["SUM_DY"] or _act_statistics(meta)),
+         ("count_ptr", WRITE, _constexpr("USE_MAX")), ("sdydx_ptr", WRITE, _act_statistics),
+         ("sd_ptr", WRITE, _act_statistics), ("sdx_ptr", WRITE, _act_statistics))
 @triton.jit
 def _grad_reduce_kernel(
     dout_ptr, out_ptr, x_ptr, zmax_ptr, ds_ptr, dsum_ptr, count_ptr, dres_ptr,
+    pre_scale_ptr, pre_shift_ptr, sdydx_ptr, sd_ptr, sdx_ptr,
     groups, channels, P, stride_n, stride_c, stride_p, p_per_split, splits,
     OUT_RELU: tl.constexpr, USE_MAX: tl.constexpr, SUM_DY: tl.constexpr,
     WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, VEC: tl.constexpr,
-    EDGES: tl.constexpr, WIDE: tl.constexpr,
+    EDGES: tl.constexpr, WIDE: tl.constexpr, PRE_ACT: tl.constexpr = NO_PROLOGUE,
+    STATS: tl.constexpr = False,
 ):
     """Partial sums over one H*W piece of ds = dy * x, (max pooling, or a peak given) of
     count, how many x equal the channel's max, and (the stream op) of dy, walked as in
-    _pool_kernel; the stream op also writes dresidual = dy here. grad_out and out (and x
-    under max pooling) are read again by _grad_input_kernel: evict_last."""
+    _pool_kernel; the stream op also writes dresidual = dy here. With PRE_ACT (the act grad
+    reduce op): ds = dy * v, and with STATS dsum = dy * d, sdydx = dy * d * x, sd = d,
+    sdx = d * x (_grad_reduce_values). grad_out and out (and x under max pooling or a
+    prologue) are read again by _grad_input_kernel: evict_last."""
     acc_t = ds_ptr.dtype.element_ty
     split, p_lo, p_hi, group, c, chan, c_mask = _piece_program(channels, P, p_per_split, splits,
                                                                BLOCK_C, WIDE)
@@ -500,62 +567,90 @@ def _grad_reduce_kernel(
     peak = tl.zeros([BLOCK_C], acc_t)
     if USE_MAX:
         peak = tl.load(zmax_ptr + chan, mask=c_mask, other=0.0)
+    pre_a = tl.zeros([BLOCK_C], acc_t)
+    pre_b = tl.zeros([BLOCK_C], acc_t)
+    if PRE_ACT != NO_PROLOGUE:
+        pre_a = tl.load(pre_scale_ptr + chan, mask=c_mask, other=0.0)
+        pre_b = tl.load(pre_shift_ptr + chan, mask=c_mask, other=0.0)
     total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
     dy_total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
     count = tl.zeros([BLOCK_C, BLOCK_P], tl.int32)
+    dydx_total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
+    d_total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
+    dx_total = tl.zeros([BLOCK_C, BLOCK_P], acc_t)
     for step in range(0, tl.cdiv(p_hi - p_lo, BLOCK_P)):
         offs, mask = _body_tile(group, c, c_mask, p_lo, p_hi, body_lo, body_len, step,
                                 stride_n, stride_c, stride_p, BLOCK_P, VEC, WIDE)
-        total, dy_total, count = _grad_reduce_values(
+        total, dy_total, count, dydx_total, d_total, dx_total = _grad_reduce_values(
             dout_ptr, out_ptr, x_ptr, dres_ptr, offs, mask, peak, acc_t, total, dy_total, count,
-            OUT_RELU, USE_MAX, SUM_DY, WRITE_DRES)
+            OUT_RELU, USE_MAX, SUM_DY, WRITE_DRES, pre_a, pre_b, dydx_total, d_total, dx_total,
+            PRE_ACT, STATS)
     row_ds = tl.sum(total, 1)
     row_dsum = tl.sum(dy_total, 1)
     row_count = tl.sum(count, 1)
+    row_dydx = tl.sum(dydx_total, 1)
+    row_d = tl.sum(d_total, 1)
+    row_dx = tl.sum(dx_total, 1)
     if EDGES:
         offs, mask = _row_edges(start, end, body_lo, body_len, c_mask, VEC)
         edge = tl.zeros([BLOCK_C, 2 * VEC], acc_t)
-        edge_total, edge_dy_total, edge_count = _grad_reduce_values(
+        e_total, e_dy_total, e_count, e_dydx, e_d, e_dx = _grad_reduce_values(
             dout_ptr, out_ptr, x_ptr, dres_ptr, offs, mask, peak, acc_t, edge, edge,
-            tl.zeros([BLOCK_C, 2 * VEC], tl.int32), OUT_RELU, USE_MAX, SUM_DY, WRITE_DRES)
-        row_ds += tl.sum(edge_total, 1)
-        row_dsum += tl.sum(edge_dy_total, 1)
-        row_count += tl.sum(edge_count, 1)
+            tl.zeros([BLOCK_C, 2 * VEC], tl.int32), OUT_RELU, USE_MAX, SUM_DY, WRITE_DRES,
+            pre_a, pre_b, edge, edge, edge, PRE_ACT, STATS)
+        row_ds += tl.sum(e_total, 1)
+        row_dsum += tl.sum(e_dy_total, 1)
+        row_count += tl.sum(e_count, 1)
+        row_dydx += tl.sum(e_dydx, 1)
+        row_d += tl.sum(e_d, 1)
+        row_dx += tl.sum(e_dx, 1)
     out = split * (groups * channels) + chan
     tl.store(ds_ptr + out, row_ds, mask=c_mask)
-    if SUM_DY:
+    if SUM_DY or (PRE_ACT != NO_PROLOGUE and STATS):
         tl.store(dsum_ptr + out, row_dsum, mask=c_mask)
     if USE_MAX:
         tl.store(count_ptr + out, row_count, mask=c_mask)
+    if PRE_ACT != NO_PROLOGUE and STATS:
+        tl.store(sdydx_ptr + out, row_dydx, mask=c_mask)
+        tl.store(sd_ptr + out, row_d, mask=c_mask)
+        tl.store(sdx_ptr + out, row_dx, mask=c_mask)
 
 
 @touches(("g_ptr", READ, None), ("x_scale_ptr", READ, _constexpr("X_SCALE")),
          ("zmax_ptr", READ, _constexpr("USE_MAX")),
          ("dx_avg_ptr", READ, _constexpr("HAS_AVG")), ("dx_max_ptr", READ, _constexpr("USE_MAX")),
+         ("pre_scale_ptr", READ, _prologue_given), ("pre_shift_ptr", READ, _prologue_given),
+         ("act_shift_ptr", READ, _prologue_given),
          ("dout_ptr", READ, None), ("out_ptr", READ, _constexpr("OUT_RELU")),
-         ("x_ptr", READ, lambda meta: meta["USE_MAX"] or meta["X_SCALE"]), ("dx_ptr", WRITE, None),
-         ("dres_ptr", WRITE, _constexpr("WRITE_DRES")))
+         ("x_ptr", READ, lambda meta: meta["USE_MAX"] or meta["X_SCALE"] or _prologue_given(meta)),
+         ("dx_ptr", WRITE, None), ("dres_ptr", WRITE, _constexpr("WRITE_DRES")))
 @triton.jit
 def _grad_input_kernel(
     dout_ptr, out_ptr, x_ptr, g_ptr, x_scale_ptr, zmax_ptr, dx_avg_ptr, dx_max_ptr, dx_ptr,
-    dres_ptr,
+    dres_ptr, pre_scale_ptr, pre_shift_ptr, act_shift_ptr,
     channels, P, total, stride_n, stride_c, stride_p,
     GATE: tl.constexpr, OUT_RELU: tl.constexpr, X_SCALE: tl.constexpr, HAS_AVG: tl.constexpr,
     USE_MAX: tl.constexpr, WRITE_DRES: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr, FLAT: tl.constexpr, BACKWARDS: tl.constexpr, WIDE: tl.constexpr,
+    PRE_ACT: tl.constexpr = NO_PROLOGUE,
 ):
     """dx = dy * s + x_scale * x + dx_avg + [x == zmax] * dx_max on one block
-    (_map_program); dresidual = dy. Under AS_GIVEN (the stream op) the last term is the
-    product, so a non-finite dx_max reaches every element as in its reference; the SE
-    backward selects dx_max at the max as the CPU kernels do. Last uses and writes:
-    evict_first (see _scale_kernel)."""
+    (_map_program); dresidual = dy. With PRE_ACT (the act grad map op) the first term is
+    act'(pre_scale * x + pre_shift) * (dy * s + act_shift). Under AS_GIVEN (the stream ops)
+    the max term is the product, so a non-finite dx_max reaches every element as in its
+    reference; the SE backward selects dx_max at the max as the CPU kernels do. Last uses
+    and writes: evict_first (see _scale_kernel)."""
     acc_t = g_ptr.dtype.element_ty
     chan, c_mask, offs, mask = _map_program(channels, P, total, stride_n, stride_c, stride_p,
                                             BLOCK_C, BLOCK_P, FLAT, BACKWARDS, WIDE)
     dy = _masked_dy(dout_ptr, out_ptr, offs, mask, acc_t, OUT_RELU, "evict_first")
     dx = dy * _coefficient(g_ptr, chan, c_mask, GATE)
-    if USE_MAX or X_SCALE:
+    if USE_MAX or X_SCALE or PRE_ACT != NO_PROLOGUE:
         v = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(acc_t)
+    if PRE_ACT != NO_PROLOGUE:
+        u = _prologue_u(v, pre_scale_ptr, pre_shift_ptr, chan, c_mask)
+        dx += tl.load(act_shift_ptr + chan, mask=c_mask, other=0.0)
+        dx = _activation_grad(u, dx, PRE_ACT)
     if X_SCALE:
         dx += tl.load(x_scale_ptr + chan, mask=c_mask, other=0.0) * v
     if HAS_AVG:

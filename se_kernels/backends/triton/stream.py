@@ -1,5 +1,7 @@
 """The stream ops of the staged path (DESIGN.md §1.4) on Triton: se_kernels::stream_reduce_triton,
-stream_map_triton, stream_grad_reduce_triton and stream_grad_map_triton.
+stream_map_triton, stream_grad_reduce_triton and stream_grad_map_triton, and the act tail's
+(§1.5) stream_act_reduce_triton, stream_act_map_triton, stream_act_grad_reduce_triton and
+stream_act_grad_map_triton, the same passes with the input prologue switched on (PRE_ACT).
 
 They are torch.library.triton_op ops as the SE ops are (ops.py), with the schemas, checks,
 fake kernels (their bodies) and FLOP formulas of se_kernels._stream_ops, and they run the
@@ -23,7 +25,7 @@ import types
 import torch
 from torch import Tensor
 
-from ... import _ops, _stream_ops
+from ... import _ops, _stream_ops, options
 from ...options import OUT_RELU
 from .heuristics import DeviceProfile, device_profile, map_walks_backwards, pass_config
 from .interpreter import keep_opaque_under_interpreter
@@ -126,7 +128,7 @@ def _reduce(x, squares, maxima, minima, *, profile=None, launch=None):
     sums, sumsq, maxes, mins = (_pieces(x, splits, wanted, acc)
                                 for wanted in (True, squares, maxima, minima))
     _launcher(launch)(_kernels()._pool_kernel, pass_.programs, x, sums,
-                      _stand_in(sumsq, x), _stand_in(maxes, x), _stand_in(mins, x),
+                      _stand_in(sumsq, x), _stand_in(maxes, x), _stand_in(mins, x), x, x,
                       *pass_.scalars, **pass_.meta)
     return (_combined(sums, "sum", acc, launch), _combined(sumsq, "sum", acc, launch),
             _combined(maxes, "amax", acc, launch), _combined(mins, "amin", acc, launch))
@@ -145,7 +147,7 @@ def _map(x, scale, shift, residual, out_activation, *, profile=None, launch=None
                          ("OUT_RELU", out_activation == OUT_RELU)))
     out = _x_sized(x, memory_format)
     _launcher(launch)(kernels._scale_kernel, planned.programs, x, _stand_in(residual, x), out,
-                      scale, _stand_in(shift, x), *planned.scalars, **planned.meta)
+                      scale, _stand_in(shift, x), x, x, *planned.scalars, **planned.meta)
     return out
 
 
@@ -168,7 +170,8 @@ def _grad_reduce(grad_out, out, x, peak, out_activation, sum_dy, residual_grad, 
     dres = _x_sized(x, memory_format) if write_dres else x.new_empty((0,))
     _launcher(launch)(_kernels()._grad_reduce_kernel, pass_.programs, grad_out,
                       _stand_in(out, x), x, _stand_in(peak, x), sdyx, _stand_in(sdy, x),
-                      _stand_in(count, x), _stand_in(dres, x), *pass_.scalars, **pass_.meta)
+                      _stand_in(count, x), _stand_in(dres, x), x, x, x, x, x, *pass_.scalars,
+                      **pass_.meta)
     return (_combined(sdy, "sum", acc, launch), _combined(sdyx, "sum", acc, launch),
             _combined(count, "sum", acc, launch), dres)
 
@@ -193,13 +196,100 @@ def _grad_map(grad_out, out, x, dy_scale, x_scale, shift, peak, peak_shift, out_
     dx = _x_sized(x, memory_format)
     _launcher(launch)(kernels._grad_input_kernel, planned.programs, grad_out, _stand_in(out, x),
                       x, dy_scale, _stand_in(x_scale, x), _stand_in(peak, x),
-                      _stand_in(shift, x), _stand_in(peak_shift, x), dx, x, *planned.scalars,
-                      **planned.meta)
+                      _stand_in(shift, x), _stand_in(peak_shift, x), dx, x, x, x, x,
+                      *planned.scalars, **planned.meta)
+    return dx
+
+
+# The act tail's ops: the same passes with the input prologue v = act(in_scale·x + in_shift)
+# (the PRE_ACT constexpr), whose [C] coefficients the kernels read as [N, C] ones, as they
+# index every coefficient (a copy of N·C values).
+def _prologue(x: Tensor, in_scale: Tensor, in_shift: Tensor) -> tuple[Tensor, Tensor]:
+    n, c = x.shape[0], x.shape[1]
+    return in_scale.expand(n, c).contiguous(), in_shift.expand(n, c).contiguous()
+
+
+def _act_code(activation: str) -> int:
+    return int(options.Activation[activation.upper()])
+
+
+def _act_reduce(x, in_scale, in_shift, activation, *, profile=None, launch=None):
+    memory_format = _ops.kernel_memory_format(x)
+    x = _dense(x, memory_format)
+    acc = _ops.accumulate_dtype(x.dtype)
+    pass_, splits = _reduce_plan(tuple(map(int, x.shape)), x.dtype,
+                                 memory_format == torch.channels_last, _profile(x, profile),
+                                 (("SQUARES", False), ("USE_MAX", False), ("MINIMA", False),
+                                  ("PRE_ACT", _act_code(activation))))
+    sums = _pieces(x, splits, True, acc)
+    pre_scale, pre_shift = _prologue(x, in_scale, in_shift)
+    _launcher(launch)(_kernels()._pool_kernel, pass_.programs, x, sums, x, x, x, pre_scale,
+                      pre_shift, *pass_.scalars, **pass_.meta)
+    return _combined(sums, "sum", acc, launch)
+
+
+def _act_map(x, in_scale, in_shift, activation, scale, *, profile=None, launch=None):
+    memory_format = _ops.kernel_memory_format(x)
+    x = _dense(x, memory_format)
+    kernels = _kernels()
+    # x read by the reduce op; x read here and out written
+    planned = _map_plan(tuple(map(int, x.shape)), x.dtype, memory_format == torch.channels_last,
+                        _profile(x, profile), 1, 2, 1,
+                        (("GATE", kernels.AS_GIVEN.value), ("HAS_SHIFT", False),
+                         ("HAS_RESIDUAL", False), ("OUT_RELU", False),
+                         ("PRE_ACT", _act_code(activation))))
+    out = _x_sized(x, memory_format)
+    pre_scale, pre_shift = _prologue(x, in_scale, in_shift)
+    _launcher(launch)(kernels._scale_kernel, planned.programs, x, x, out, _vector(scale), x,
+                      pre_scale, pre_shift, *planned.scalars, **planned.meta)
+    return out
+
+
+def _act_grad_reduce(grad_out, x, in_scale, in_shift, activation, statistics, *, profile=None,
+                     launch=None):
+    memory_format = _ops.kernel_memory_format(x)
+    x, grad_out = _dense(x, memory_format), _dense(grad_out, memory_format)
+    acc = _ops.accumulate_dtype(x.dtype)
+    pass_, splits = _reduce_plan(tuple(map(int, x.shape)), x.dtype,
+                                 memory_format == torch.channels_last, _profile(x, profile),
+                                 (("OUT_RELU", False), ("USE_MAX", False), ("SUM_DY", False),
+                                  ("WRITE_DRES", False), ("PRE_ACT", _act_code(activation)),
+                                  ("STATS", bool(statistics))))
+    sdyv = _pieces(x, splits, True, acc)
+    sdyd, sdydx, sd, sdx = (_pieces(x, splits, statistics, acc) for _ in range(4))
+    pre_scale, pre_shift = _prologue(x, in_scale, in_shift)
+    _launcher(launch)(_kernels()._grad_reduce_kernel, pass_.programs, grad_out, x, x, x, sdyv,
+                      _stand_in(sdyd, x), x, x, pre_scale, pre_shift, _stand_in(sdydx, x),
+                      _stand_in(sd, x), _stand_in(sdx, x), *pass_.scalars, **pass_.meta)
+    return tuple(_combined(t, "sum", acc, launch) for t in (sdyv, sdyd, sdydx, sd, sdx))
+
+
+def _act_grad_map(grad_out, x, in_scale, in_shift, activation, dy_scale, act_shift, x_scale,
+                  shift, *, profile=None, launch=None):
+    memory_format = _ops.kernel_memory_format(x)
+    x, grad_out = _dense(x, memory_format), _dense(grad_out, memory_format)
+    dy_scale, act_shift, x_scale, shift = (_vector(t) for t in (dy_scale, act_shift, x_scale,
+                                                                  shift))
+    kernels = _kernels()
+    # grad_out, x read by the reduce op; both read here, dx written
+    planned = _map_plan(tuple(map(int, x.shape)), x.dtype, memory_format == torch.channels_last,
+                        _profile(x, profile), 2, 3, 2,
+                        (("GATE", kernels.AS_GIVEN.value), ("OUT_RELU", False),
+                         ("X_SCALE", x_scale is not None), ("HAS_AVG", shift is not None),
+                         ("USE_MAX", False), ("WRITE_DRES", False),
+                         ("PRE_ACT", _act_code(activation))))
+    dx = _x_sized(x, memory_format)
+    pre_scale, pre_shift = _prologue(x, in_scale, in_shift)
+    _launcher(launch)(kernels._grad_input_kernel, planned.programs, grad_out, x, x, dy_scale,
+                      _stand_in(x_scale, x), x, _stand_in(shift, x), x, dx, x, pre_scale,
+                      pre_shift, act_shift, *planned.scalars, **planned.meta)
     return dx
 
 
 _BODIES = {"stream_reduce": _reduce, "stream_map": _map, "stream_grad_reduce": _grad_reduce,
-           "stream_grad_map": _grad_map}
+           "stream_grad_map": _grad_map, "stream_act_reduce": _act_reduce,
+           "stream_act_map": _act_map, "stream_act_grad_reduce": _act_grad_reduce,
+           "stream_act_grad_map": _act_grad_map}
 
 
 def planning_ops(profile: DeviceProfile, launch) -> dict:
@@ -254,8 +344,54 @@ def stream_grad_map_triton(
                          out_activation)
 
 
+@torch.library.triton_op("se_kernels::stream_act_reduce_triton", mutates_args=(),
+                         schema=_stream_ops.ACT_SCHEMAS["stream_act_reduce"])
+def stream_act_reduce_triton(x: Tensor, in_scale: Tensor, in_shift: Tensor,
+                             activation: str) -> Tensor:
+    _stream_ops.check_act_reduce_args(x, in_scale, in_shift, activation)
+    with launch_device(x):
+        return _act_reduce(x, in_scale, in_shift, activation)
+
+
+@torch.library.triton_op("se_kernels::stream_act_map_triton", mutates_args=(),
+                         schema=_stream_ops.ACT_SCHEMAS["stream_act_map"])
+def stream_act_map_triton(x: Tensor, in_scale: Tensor, in_shift: Tensor, activation: str,
+                          scale: Tensor) -> Tensor:
+    _stream_ops.check_act_map_args(x, in_scale, in_shift, activation, scale)
+    with launch_device(x):
+        return _act_map(x, in_scale, in_shift, activation, scale)
+
+
+@torch.library.triton_op("se_kernels::stream_act_grad_reduce_triton", mutates_args=(),
+                         schema=_stream_ops.ACT_SCHEMAS["stream_act_grad_reduce"])
+def stream_act_grad_reduce_triton(
+    grad_out: Tensor, x: Tensor, in_scale: Tensor, in_shift: Tensor, activation: str,
+    statistics: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _stream_ops.check_act_grad_reduce_args(grad_out, x, in_scale, in_shift, activation,
+                                           statistics)
+    with launch_device(x):
+        return _act_grad_reduce(grad_out, x, in_scale, in_shift, activation, statistics)
+
+
+@torch.library.triton_op("se_kernels::stream_act_grad_map_triton", mutates_args=(),
+                         schema=_stream_ops.ACT_SCHEMAS["stream_act_grad_map"])
+def stream_act_grad_map_triton(
+    grad_out: Tensor, x: Tensor, in_scale: Tensor, in_shift: Tensor, activation: str,
+    dy_scale: Tensor, act_shift: Tensor, x_scale: Tensor | None, shift: Tensor | None,
+) -> Tensor:
+    _stream_ops.check_act_grad_map_args(grad_out, x, in_scale, in_shift, activation, dy_scale,
+                                        act_shift, x_scale, shift)
+    with launch_device(x):
+        return _act_grad_map(grad_out, x, in_scale, in_shift, activation, dy_scale, act_shift,
+                             x_scale, shift)
+
+
 for _op in (stream_reduce_triton, stream_map_triton, stream_grad_reduce_triton,
-            stream_grad_map_triton):
+            stream_grad_map_triton, stream_act_reduce_triton, stream_act_map_triton,
+            stream_act_grad_reduce_triton, stream_act_grad_map_triton):
     keep_opaque_under_interpreter(_op)
 # triton_op registered the bodies above as the fake kernels.
-OPS = _stream_ops.register_stream_family("_triton", fake=False)
+OPS = {**_stream_ops.register_stream_family("_triton", fake=False),
+       **_stream_ops.register_stream_family("_triton", fake=False,
+                                            schemas=_stream_ops.ACT_SCHEMAS)}
