@@ -40,7 +40,7 @@ options.ACTIVATIONS (DESIGN.md §1.3): the act tail's passes (§1.5, se_kernels/
 not asked for is an empty [0] tensor. x-sized outputs have x's dtype and the kernels' layout
 (_ops.kernel_memory_format); everything is computed in the accumulation dtype and rounded
 once. Kernels: CPU and CUDA in se_kernels._C (these names), Triton as the "_triton" ops
-(se_kernels/backends/triton/stream.py); the act ops on CPU only.
+(se_kernels/backends/triton/stream.py).
 """
 
 from __future__ import annotations

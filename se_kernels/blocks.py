@@ -312,9 +312,9 @@ def inspect_act_block(module: nn.Module) -> tuple[ActBlockSpec | None, str | Non
 class FusedActBlock(FusedBlock):
     """A block of another class whose BatchNorm -> activation -> SE runs as one act tail
     (se_kernels.tail); the rest of its forward is the original's, on the same children.
-    Where backend="auto" finds no backend with the act tail's kernels for the tensors (the
-    GPU backends have none yet), it runs the SE-only conversion instead: the norm and the
-    activation as they are, the SE on its own fused or staged op."""
+    Where backend="auto" finds no backend with the act tail's kernels for the tensors, it
+    runs the SE-only conversion instead: the norm and the activation as they are, the SE on
+    its own fused or staged op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind, m, o = self.spec.kind, self._modules, self.original

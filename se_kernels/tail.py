@@ -29,11 +29,11 @@ from ._stream_ops import check_residual, check_x
 from .backends.torch_backend import (GATE_GRADIENTS, GATE_VALUES, GATES, activation_function,
                                       scale_epilogue)
 from .options import NONE, OUT_RELU, check_choice, normalize_out_activation
+from .staged import check_form_params, forward_alone, records_gradient
 
 # The act tail's stream ops, which not every backend has (dispatch refuses it there).
 ACT_OPS = ("stream_act_reduce", "stream_act_map", "stream_act_grad_reduce",
            "stream_act_grad_map")
-from .staged import check_form_params, forward_alone, records_gradient
 
 
 class TailCall(NamedTuple):

@@ -48,7 +48,8 @@ def emulator_backend() -> str:
     from cuda_emulator.build import load_or_skip, load_se_kernels
     emu = load_or_skip(load_se_kernels)
     return _register("cuda-emulator", {name: getattr(emu, name).default
-                                       for name in _stream_ops.SCHEMAS})
+                                       for name in (*_stream_ops.SCHEMAS,
+                                                    *_stream_ops.ACT_SCHEMAS)})
 
 
 STAGED_BACKENDS = ["stream-reference", "cpu", "triton", "cuda-emulator"]

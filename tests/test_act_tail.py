@@ -15,7 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import assert_compiled_matches_eager, covering_cases, randomize_norms
+from helpers import (assert_compiled_matches_eager, backend_device, covering_cases,
+                     randomize_norms, require_backend)
 from se_kernels import _stream_ops, convert_se_modules, dispatch, restore_se_modules, tail
 from se_kernels._ops import accumulate_dtype, kernel_memory_format
 from se_kernels.backends import native
@@ -25,7 +26,7 @@ from se_kernels.convert import ConvertedSqueezeExcitation
 from se_kernels.excitation import Mlp
 from se_kernels.options import ACTIVATION_MODULES, ACTIVATIONS
 from se_kernels.staged import update_running_stats
-from stream_backends import reference_backend
+from stream_backends import emulator_backend, reference_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,14 +227,11 @@ TAIL_CASES = [pytest.param(backend, act, train, dtype, layout,
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.parametrize("backend,activation,train,dtype,layout", TAIL_CASES)
-def test_tail_matches_the_modules(backend, activation, train, dtype, layout):
-    if backend == "stream-reference":
-        backend = reference_backend()
-    elif backend == "cpu" and not native.has_act_stream_kernel("cpu"):
-        pytest.skip("se_kernels._C was built without the act stream ops")
+def check_against_modules(backend, activation, train, dtype, layout, device="cpu"):
+    """The act tail on `backend` (x, the parameters and the buffers on `device`) against the
+    float64 nn modules: output, every gradient, the running statistics."""
     oracle = oracle_block(6, activation, seed=len(activation)).train(train)
-    fused = ActTail(copy.deepcopy(oracle), activation, backend).train(train)
+    fused = ActTail(copy.deepcopy(oracle), activation, backend).train(train).to(device)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(3, 6, 5, 4, generator=gen, dtype=torch.float64) * 1.3 + 0.2
     grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
@@ -241,16 +239,42 @@ def test_tail_matches_the_modules(backend, activation, train, dtype, layout):
         x, grad = x.to(dtype).double(), grad.to(dtype).double()
     expected = run(oracle, x, grad)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    got = run(fused, x.to(dtype).contiguous(memory_format=fmt),
-              grad.to(dtype).contiguous(memory_format=fmt))
+    got = run(fused, x.to(device, dtype).contiguous(memory_format=fmt),
+              grad.to(device, dtype).contiguous(memory_format=fmt))
     tol = TOLERANCES[dtype]
     for i, (g, e) in enumerate(zip(got, expected)):
+        g = g.cpu()
         if g.is_floating_point():
             scale = max(e.abs().max().item(), 1e-3)
             err = (g.double() - e).abs().max().item()
             assert err <= tol * scale, f"tensor {i}: error {err:.3g} > {tol} x {scale:.3g}"
         else:
             assert torch.equal(g, e), f"tensor {i}: {g} != {e}"
+
+
+@pytest.mark.parametrize("backend,activation,train,dtype,layout", TAIL_CASES)
+def test_tail_matches_the_modules(backend, activation, train, dtype, layout):
+    if backend == "stream-reference":
+        backend = reference_backend()
+    elif backend == "cpu" and not native.has_act_stream_kernel("cpu"):
+        pytest.skip("se_kernels._C was built without the act stream ops")
+    check_against_modules(backend, activation, train, dtype, layout)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda-emulator"])
+@pytest.mark.parametrize("activation,train,dtype,layout", [
+    ("silu", True, torch.float32, "nchw"), ("hardswish", False, torch.float64, "channels_last"),
+    ("gelu", True, torch.bfloat16, "channels_last"), ("relu", False, torch.float32, "nchw")])
+def test_tail_on_the_gpu_kernels_matches_the_modules(backend, activation, train, dtype, layout):
+    """The act tail on the Triton kernels (interpreted without a GPU) and on the CUDA kernels
+    on the emulator, as on the CPU's."""
+    device = "cpu"
+    if backend == "cuda-emulator":
+        backend = emulator_backend()
+    else:
+        device = backend_device(backend)
+        require_backend(backend, device)
+    check_against_modules(backend, activation, train, dtype, layout, device)
 
 
 def test_eval_without_norm_gradients_and_batch_one():

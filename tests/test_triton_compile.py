@@ -88,8 +88,9 @@ def compile_kernels_ahead_of_time(capability: int) -> list[str]:
 
 
 def _stream_launches(module, case: Case) -> list:
-    """The launches of the four stream ops on case's shape, every optional argument given
-    (full=True: every constexpr branch of the stream ops on) or none."""
+    """The launches of the four stream ops and the four act ops on case's shape, every
+    optional argument given (full=True: every constexpr branch of the stream ops on) or
+    none."""
     from se_kernels.backends.triton import stream
 
     launches = []
@@ -106,19 +107,25 @@ def _stream_launches(module, case: Case) -> list:
     stream._map(x, v, given, x if full else None, act)
     stream._grad_reduce(x, x, x, given, act, full, full)
     stream._grad_map(x, x, x, v, given, given, given, given, act)
+    # The act tail's: the same kernels with the input prologue (PRE_ACT; STATS when full).
+    a, b = torch.randn(case.c, dtype=acc), torch.randn(case.c, dtype=acc)
+    stream._act_reduce(x, a, b, case.activation)
+    stream._act_map(x, a, b, case.activation, v)
+    stream._act_grad_reduce(x, x, a, b, case.activation, full)
+    stream._act_grad_map(x, x, a, b, case.activation, v, v, given, given)
     return launches
 
 
 def compile_stream_kernels_ahead_of_time(capability: int) -> list[str]:
     """Compiles the stream ops' launches (the SE passes' kernels with the stream ops'
-    constexpr branches) for an NVIDIA GPU of `capability`, with every optional argument and
-    with none. Needs a process where the kernels are not interpreted."""
+    constexpr branches, and the act ops' prologue) for an NVIDIA GPU of `capability`, with
+    every optional argument and with none. Needs a process where the kernels are not interpreted."""
     module = triton_ops.driver()
     assert not module.INTERPRETED, "run without TRITON_INTERPRET"
     compiled = []
     for case in (Case(n=2, c=37, h=6, w=7, s=1, dtype=torch.bfloat16, layout="channels_last",
-                      residual=True, out_activation="relu"),
-                 Case(n=3, c=24, h=5, w=5, s=1, dtype=torch.float64)):
+                      residual=True, out_activation="relu", activation="gelu_tanh"),
+                 Case(n=3, c=24, h=5, w=5, s=1, dtype=torch.float64, activation="hardswish")):
         for kernel, args, meta in _stream_launches(module, case):
             _compile(kernel, args, meta, capability)
             compiled.append(kernel.fn.__name__)
@@ -174,8 +181,8 @@ def test_kernels_compile_for_gpus(driver, capability):
 def test_stream_kernels_compile_for_gpus(driver, capability):
     require_nvidia_compiler()
     names = without_interpreter(f"compile_stream_kernels_ahead_of_time({capability})")
-    assert names == 2 * ["_pool_kernel", "_scale_kernel", "_grad_reduce_kernel",
-                         "_grad_input_kernel"], names  # one launch per op, twice
+    assert names == 4 * ["_pool_kernel", "_scale_kernel", "_grad_reduce_kernel",
+                         "_grad_input_kernel"], names  # one launch per op and act op, twice
 
 
 def test_option_math_compiles_for_every_value(driver):

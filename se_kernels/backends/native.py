@@ -195,7 +195,7 @@ class NativeBackend(dispatch.Backend):
     def stream_ops(self, device_type: str) -> dict | None:
         if device_type != self.name or not has_stream_kernel(device_type):
             return None
-        # The act tail's ops (DESIGN.md §1.5) have CPU kernels only.
+        # The act tail's ops (DESIGN.md §1.5), where the extension registered them.
         return _WITH_ACT if has_act_stream_kernel(device_type) else _stream_ops.NATIVE
 
     def linear_form_op(self, device_type: str):
