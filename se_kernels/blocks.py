@@ -270,7 +270,8 @@ def _act_parts(module: nn.Module, kind: str):
             before = seq._modules[names[i - 1]]
             prefix = f"{sequence}.{names[i - 1]}"
             if qualified_name(type(before)) != TV_CONV_NORM_ACT or len(before) != 3:
-                return None, f"{prefix} before the SE is not a Conv2dNormActivation with an activation"
+                return None, (f"{prefix} before the SE is not a Conv2dNormActivation with an "
+                              f"activation")
             if type(before[1]) is not nn.BatchNorm2d:
                 return None, f"{prefix}.1 is {type(before[1]).__name__}, not an nn.BatchNorm2d"
             return (f"{prefix}.0", f"{prefix}.1", f"{prefix}.2", f"{sequence}.{name}", sequence,

@@ -92,7 +92,8 @@ def make_call(x, norm, form, params, *, gate, batch_stats, eps=1e-5, residual=No
     activation = NONE if activation is None else activation
     if activation != NONE:
         check_choice("activation", activation)
-        given = [name for name, value in (("residual", residual), ("keep", keep)) if value is not None]
+        given = [name for name, value in (("residual", residual), ("keep", keep))
+                 if value is not None]
         if out_activation != NONE:
             given.append(f"out_activation {out_activation!r}")
         if given:

@@ -304,6 +304,16 @@ def test_tail_shapes_are_the_four_stages_of_both_networks():
             ("seresnet50/seresnext50_32x4d", "relu", "sigmoid")}
 
 
+def test_act_tail_shapes_are_efficientnet_b0s_se_inputs():
+    pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
+    found = shapes.act_tail_shapes(224)
+    assert [(s.channels, s.squeeze, s.height, s.count) for s in found] == [
+        (32, 8, 112, 1), (96, 4, 56, 1), (144, 6, 56, 1), (144, 6, 28, 1), (240, 10, 28, 1),
+        (240, 10, 14, 1), (480, 20, 14, 3), (672, 28, 14, 2), (672, 28, 7, 1), (1152, 48, 7, 4)]
+    assert {(s.network, s.activation, s.gate, s.norm_activation) for s in found} == {
+        ("efficientnet_b0", "silu", "sigmoid", "silu")}
+
+
 def test_tail_floor_bytes_count_each_tensor_once():
     from se_kernels.bench import tail
 
@@ -313,12 +323,20 @@ def test_tail_floor_bytes_count_each_tensor_once():
     fwd = tail.floor_bytes(block.Case(shape, 8, "fp32", "nchw", "fwd"))
     both = tail.floor_bytes(block.Case(shape, 8, "fp32", "nchw", "fwd+bwd"))
     assert (fwd, both) == (3 * act + params, 8 * act + 3 * params)
+    # An act tail: no shortcut and no ReLU mask; fwd reads x, writes out; bwd reads dout, x
+    # and writes dx.
+    act_shape = shapes.SEShape("n", "blocks.0.0.se", 256, 16, 56, 56, "silu", "sigmoid",
+                               norm_activation="silu")
+    fwd = tail.floor_bytes(block.Case(act_shape, 8, "fp32", "nchw", "fwd"))
+    both = tail.floor_bytes(block.Case(act_shape, 8, "fp32", "nchw", "fwd+bwd"))
+    assert (fwd, both) == (2 * act + params, 5 * act + 3 * params)
 
 
 def test_tail_suite_end_to_end(tmp_path, capsys):
     """A tiny tail suite: the first and last tail shape of a 64x64 image (C256 16x16 and
-    C2048 2x2, so the BatchNorm sees 8 values a channel at batch 2) x (fwd, fwd+bwd) x
-    (eager, se-only, fused), with --compare against an old CSV that holds one of its rows."""
+    C2048 2x2, so the BatchNorm sees 8 values a channel at batch 2) and the first and last
+    act-tail shape (C32 32x32 and C1152 2x2) x (fwd, fwd+bwd) x (eager, se-only, fused),
+    with --compare against an old CSV that holds one of its rows."""
     pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
     from se_kernels.bench import tail
 
@@ -339,7 +357,7 @@ def test_tail_suite_end_to_end(tmp_path, capsys):
     rows = report.read_csv(csvs[0])
     assert list(rows[0]) == tail.TAIL_COLUMNS
     assert [(r["channels"], r["height"], r["mode"], r["peer"]) for r in rows] == [
-        (c, h, mode, peer) for c, h in (("256", "16"), ("2048", "2"))
+        (c, h, mode, peer) for c, h in (("256", "16"), ("2048", "2"), ("32", "32"), ("1152", "2"))
         for mode in ("fwd", "fwd+bwd") for peer in ("eager", "se-only", "fused")]
     for r in rows:
         assert r["check"] == "ok", r
@@ -361,7 +379,7 @@ def test_tail_suite_end_to_end(tmp_path, capsys):
                    "| geomean x se only |", "| x se-only |", f"]({stem.name}-tail.png)",
                    "## Change against old.csv"):
         assert needle in markdown, needle
-    assert "matched 1 of 12 new rows" in printed
+    assert "matched 1 of 24 new rows" in printed
 
 
 def test_tail_suite_flags(tmp_path):
@@ -374,13 +392,18 @@ def test_tail_suite_flags(tmp_path):
                                           "--out", str(tmp_path), *flags])
         return runner.make_plan(args, torch.device("cpu"))
 
-    full = plan()  # both images' four stages, N 8 and 32, fwd and fwd+bwd, 1 and 2 threads
+    # both images' four stages and EfficientNet-B0's ten act tails, N 8 and 32, fwd and
+    # fwd+bwd, 1 and 2 threads
+    full = plan()
     assert not full.cases and not full.model
-    assert len(full.tail_cases) == 8 * 2 * 2 * 2
+    assert len(full.tail_cases) == (8 + 20) * 2 * 2 * 2
     assert {(c.batch, c.mode, c.threads, c.dtype) for c in full.tail_cases} == {
         (n, m, t, "fp32") for n in (8, 32) for m in ("fwd", "fwd+bwd") for t in (1, 2)}
-    assert {c.shape.height for c in full.tail_cases} == {56, 28, 14, 7, 40, 20, 10, 5}
-    assert len(plan("--image-size", "160", "--batch", "32", "--threads", "1").tail_cases) == 4 * 2
+    assert {c.shape.height for c in full.tail_cases if c.shape.norm_activation is None} == {
+        56, 28, 14, 7, 40, 20, 10, 5}
+    assert {c.shape.height for c in full.tail_cases if c.shape.norm_activation} == {
+        112, 56, 28, 14, 7, 80, 40, 20, 10, 5}
+    assert len(plan("--image-size", "160", "--batch", "32", "--threads", "1").tail_cases) == (4 + 10) * 2
     with pytest.raises(SystemExit, match="--modes"):
         plan("--modes", "bwd")
     with pytest.raises(SystemExit, match="--backends"):

@@ -12,7 +12,8 @@ import torch
 
 from . import report
 from .host_memory import keep_freed_memory
-from .shapes import IMAGE_SIZE, NETWORKS, evenly_spaced, network_shapes, tail_shapes
+from .shapes import (IMAGE_SIZE, NETWORKS, act_tail_shapes, evenly_spaced, network_shapes,
+                     tail_shapes)
 
 SUITES = {
     **{name: (name,) for name in NETWORKS},
@@ -166,10 +167,13 @@ def make_plan(args, device: torch.device) -> Plan:
     if suite in WITH_TAIL:
         images = positive_ints(args.image_size, "--image-size") or (
             (IMAGE_SIZE,) if quick else TAIL_IMAGES)
-        found = tuple(shape for image in images for shape in tail_shapes(image))
-        tail_cases = block.cases(list(evenly_spaced(found, QUICK_SHAPES_PER_NETWORK)
-                                      if quick else found), list(batches), list(dtypes),
-                                 list(layouts), list(modes), list(threads))
+        # The bottleneck tails, then EfficientNet-B0's act tails: two row groups.
+        groups = [tuple(shape for image in images for shape in shapes_of(image))
+                  for shapes_of in (tail_shapes, act_tail_shapes)]
+        found = [shape for group in groups
+                 for shape in (evenly_spaced(group, QUICK_SHAPES_PER_NETWORK) if quick else group)]
+        tail_cases = block.cases(found, list(batches), list(dtypes), list(layouts), list(modes),
+                                 list(threads))
 
     model_kwargs = None
     if suite in WITH_MODEL:

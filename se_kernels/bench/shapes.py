@@ -63,6 +63,9 @@ class SEShape:
     activation: str  # between the FCs: a name of options.ACTIVATIONS; for a staged form, its label
     gate: str  # on the scale: a name of options.GATES
     count: int = 1  # layers of the network with this shape
+    # An act tail's (DESIGN.md §1.5): the activation between the BatchNorm and the SE, a
+    # name of options.ACTIVATIONS; None for every other shape.
+    norm_activation: str | None = None
     # For a staged form (DESIGN.md §1.4): makes the network's own SE module of this shape on
     # a device, freshly initialised; None for the two-FC modules, which the peers build.
     module: Callable[[torch.device], nn.Module] | None = field(default=None, compare=False,
@@ -112,7 +115,8 @@ def _dedupe(network: str, layers: list[SEShape]) -> list[SEShape]:
     counts: dict[tuple, int] = {}
     first: dict[tuple, SEShape] = {}
     for shape in layers:
-        key = (shape.channels, shape.squeeze, shape.height, shape.width, shape.activation, shape.gate)
+        key = (shape.channels, shape.squeeze, shape.height, shape.width, shape.activation,
+               shape.gate, shape.norm_activation)
         counts[key] = counts.get(key, 0) + 1
         first.setdefault(key, shape)
     return [SEShape(**{**first[key].__dict__, "count": counts[key]}) for key in first]
@@ -222,6 +226,43 @@ def _materialized(meta_module: nn.Module, device: torch.device) -> nn.Module:
         if hasattr(sub, "reset_parameters"):
             sub.reset_parameters()  # convolutions' and batch norms' own initialisation
     return module
+
+
+# timm's EfficientNet-B0, whose BatchNorm -> SiLU -> SE act tails the tail suite times too.
+ACT_TAIL_NETWORKS = ("efficientnet_b0",)
+
+
+@functools.lru_cache(maxsize=None)
+def act_tail_shapes(image: int) -> tuple[SEShape, ...]:
+    """The distinct act-tail shapes of ACT_TAIL_NETWORKS at image x image, in network order:
+    the input of the SE of every block whose BatchNorm -> activation -> SE convert_se_modules
+    fuses, with the SE's squeeze, activation and gate and the norm's activation."""
+    try:
+        import timm
+        from timm.models._efficientnet_blocks import SqueezeExcite
+    except ImportError as error:
+        raise SystemExit("se-kernels bench needs timm for the act-tail shapes: "
+                         "pip install 'se-kernels[bench]'") from error
+    from ..blocks import ActBlockSpec, inspect_block
+    from ..convert import SESpec, inspect_se_module
+
+    found: list[SEShape] = []
+    for network in ACT_TAIL_NETWORKS:
+        model = timm.create_model(network, pretrained=False)
+        norm_activation = {}  # SE path -> the activation before it
+        for name, module in model.named_modules():
+            spec, _ = inspect_block(module)
+            if isinstance(spec, ActBlockSpec):
+                norm_activation[f"{name}.{spec.se}"] = spec.activation
+        layers = []
+        for name, module, (_, c, h, w) in _trace(model, SqueezeExcite, image=image):
+            report = inspect_se_module(module)
+            if name in norm_activation and report is not None and isinstance(report.spec, SESpec):
+                layers.append(SEShape(network, name, c, module.conv_reduce.out_channels, h, w,
+                                      report.spec.activation, report.spec.gate,
+                                      norm_activation=norm_activation[name]))
+        found += _dedupe(network, layers)
+    return tuple(found)
 
 
 def evenly_spaced(shapes: tuple[SEShape, ...], k: int) -> tuple[SEShape, ...]:

@@ -13,6 +13,11 @@ parameters and runs on the same inputs:
   fused     the fused tail a converted block runs (FusedBlock.tail, se_kernels.tail,
             backend auto)
 
+A second row group times EfficientNet-B0's act tails, BatchNorm -> SiLU -> SE
+(shapes.act_tail_shapes, a shape with a norm_activation; no shortcut): eager is timm's
+BatchNormAct2d and SqueezeExcite, se-only the same BatchNormAct2d then the fused SE op,
+fused the act tail a converted block runs (FusedActBlock.act_tail).
+
 A case is a block.Case of a tail shape (shapes.tail_shapes: C the block's output channels,
 S its SE's squeeze). fwd is inference: the BatchNorm in eval mode, on its running
 statistics, under no_grad. fwd+bwd is a training step's share: the BatchNorm on the batch's
@@ -33,7 +38,7 @@ import torch
 from torch import nn
 
 from se_kernels import dispatch
-from se_kernels.blocks import BlockSpec, FusedBlock, se_form
+from se_kernels.blocks import ActBlockSpec, BlockSpec, FusedActBlock, FusedBlock, se_form
 from se_kernels.call import make_call
 from se_kernels.convert import inspect_se_module, staged_spec
 from se_kernels.functional import squeeze_excitation
@@ -51,6 +56,8 @@ DEFAULT_PEERS = (EAGER, SE_ONLY, "compile", FUSED)
 GRADIENTS = ("dx", "dshortcut", "dbn_weight", "dbn_bias", "dw1", "db1", "dw2", "db2")
 MODES = ("fwd", "fwd+bwd")
 RESULT_NAMES = {"fwd": ("out",), "fwd+bwd": ("out", *GRADIENTS)}
+ACT_RESULT_NAMES = {"fwd": ("out",),  # an act tail has no shortcut
+                    "fwd+bwd": ("out", *(g for g in GRADIENTS if g != "dshortcut"))}
 # A block row's columns, and the speed-up over se-only beside the one over compile.
 _AT = BLOCK_COLUMNS.index("x_compile") + 1
 TAIL_COLUMNS = [*BLOCK_COLUMNS[:_AT], "x_se_only", *BLOCK_COLUMNS[_AT:]]
@@ -67,6 +74,10 @@ NOTES = [
     "GB/s on the tail's floor bytes: fwd reads x and the shortcut and writes out once; bwd "
     "reads dout, out (the ReLU's mask) and x and writes dx and dshortcut once (plus the "
     "parameters, and their gradients)",
+    "act tails (EfficientNet-B0, a norm activation): eager = timm BatchNormAct2d -> "
+    "SqueezeExcite; se-only = the same BatchNormAct2d, then se_kernels.squeeze_excitation; "
+    "fused = the act tail of a converted block (FusedActBlock.act_tail); floor bytes: fwd "
+    "reads x and writes out once, bwd reads dout and x and writes dx once",
     "x eager / x compile / x se-only: speed-up over the eager tail / its torch.compile / "
     "the se-only peer",
     "check: each peer's output (and gradients) against eager's on the same inputs",
@@ -156,7 +167,74 @@ class FusedTail(nn.Module):
         return dispatch.select(call, block.backend).name
 
 
+class EagerActTail(nn.Module):
+    """timm's EfficientNet block from the BatchNormAct2d before its SE on: se(act(bn(x)))."""
+
+    def __init__(self, shape: SEShape) -> None:
+        super().__init__()
+        from timm.layers import BatchNormAct2d, get_act_layer
+        from timm.models._efficientnet_blocks import SqueezeExcite
+
+        self.bn = BatchNormAct2d(shape.channels, act_layer=get_act_layer(shape.norm_activation))
+        self.se = SqueezeExcite(shape.channels, rd_channels=shape.squeeze,
+                                act_layer=get_act_layer(shape.activation),
+                                gate_layer=get_act_layer(shape.gate))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(self.bn(x))
+
+
+class SEOnlyActTail(nn.Module):
+    """The eager act tail's BatchNormAct2d, then the fused SE op on its output."""
+
+    def __init__(self, eager: EagerActTail, backend: str = "auto") -> None:
+        super().__init__()
+        self.bn, self.se = eager.bn, eager.se
+        self.spec = inspect_se_module(eager.se, "se").spec
+        self.backend = backend
+
+    def _arguments(self, u: torch.Tensor) -> tuple[tuple, dict]:
+        spec = self.spec
+        reduce, expand = self.se.get_submodule(spec.reduce), self.se.get_submodule(spec.expand)
+        return ((u, reduce.weight, reduce.bias, expand.weight, expand.bias),
+                dict(activation=spec.activation, gate=spec.gate, pool=spec.pool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arguments, options = self._arguments(self.bn(x))
+        return squeeze_excitation(*arguments, **options, backend=self.backend)
+
+    def runs(self, x: torch.Tensor) -> str:
+        arguments, options = self._arguments(x)
+        return dispatch.select(make_call(*arguments, **options), self.backend).name
+
+
+class FusedActTail(nn.Module):
+    """The act tail a converted block runs (FusedActBlock.act_tail) on the eager act tail's
+    own modules."""
+
+    def __init__(self, eager: EagerActTail, shape: SEShape, backend: str = "auto") -> None:
+        super().__init__()
+        report = inspect_se_module(eager.se, "se")
+        spec = ActBlockSpec(qualified_name(type(eager)), "", "bn", "bn.act", "se",
+                            shape.norm_activation, staged_spec(report.spec), report.spec)
+        self.block = FusedActBlock(eager, spec, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.act_tail(x)
+
+    def runs(self, x: torch.Tensor) -> str:
+        """dispatch's choice for the call FusedActBlock.act_tail makes."""
+        block, spec = self.block, self.block.spec
+        norm = block.bn
+        form, params = se_form(block.se, spec.se_spec)
+        call = make_tail_call(x, (norm.weight, norm.bias, norm.running_mean, norm.running_var),
+                              form, params, gate=spec.se_spec.gate, batch_stats=norm.training,
+                              eps=norm.eps, out_activation=None, activation=spec.activation)
+        return dispatch.select(call, block.backend).name
+
+
 OURS = {SE_ONLY: SEOnlyTail, FUSED: FusedTail}
+ACT_OURS = {SE_ONLY: SEOnlyActTail, FUSED: FusedActTail}
 
 
 def floor_bytes(case: block.Case) -> int:
@@ -168,26 +246,44 @@ def floor_bytes(case: block.Case) -> int:
     size = block.DTYPES[case.dtype].itemsize
     activation = case.batch * s.channels * s.height * s.width * size
     params = (2 * s.channels * s.squeeze + s.channels + s.squeeze + 2 * s.channels) * size
-    forward = 3 * activation + params
-    backward = 5 * activation + 2 * params
+    # An act tail has no shortcut, nor an output ReLU whose mask the backward reads.
+    forward = (2 if s.norm_activation else 3) * activation + params
+    backward = (3 if s.norm_activation else 5) * activation + 2 * params
     return {"fwd": forward, "fwd+bwd": forward + backward}[case.mode]
 
 
-def _peer(name: str, eager: EagerTail, shape: SEShape) -> tuple[nn.Module, list[torch.Tensor]]:
+def eager_act_tail(shape: SEShape, device: torch.device, dtype: torch.dtype) -> EagerActTail:
+    """The eager act tail of `shape`, its BatchNorm's affine parameters and running
+    statistics drawn at random, as eager_tail's."""
+    tail = EagerActTail(shape)
+    with torch.no_grad():
+        tail.bn.weight.uniform_(0.5, 1.5)
+        tail.bn.bias.normal_(0.0, 0.1)
+        tail.bn.running_mean.normal_(0.0, 0.1)
+        tail.bn.running_var.uniform_(0.5, 1.5)
+    return tail.to(device=device, dtype=dtype)
+
+
+def _ours(name: str, eager: nn.Module, shape: SEShape) -> nn.Module:
+    return ACT_OURS[name](eager, shape) if name == FUSED and shape.norm_activation else (
+        (ACT_OURS if shape.norm_activation else OURS)[name](eager))
+
+
+def _peer(name: str, eager: nn.Module, shape: SEShape) -> tuple[nn.Module, list[torch.Tensor]]:
     """A peer's module and the parameters its gradients are taken of: eager's, which every
     peer holds."""
-    module = OURS[name](eager) if name in OURS else peers_mod.build_peer(name, eager, shape)
+    module = _ours(name, eager, shape) if name in OURS else peers_mod.build_peer(name, eager, shape)
     return module, list(eager.parameters())
 
 
-def runs_backend(name: str, eager: EagerTail, inputs, mode: str) -> str:
+def runs_backend(name: str, eager: nn.Module, inputs, mode: str, shape: SEShape) -> str:
     """The se_kernels backend an se-only or fused peer runs on in `mode`; '' for the
     baselines."""
     if name not in OURS:
         return ""
-    x, shortcut = inputs[0][:2]
     with torch.set_grad_enabled(mode != "fwd"):
-        return OURS[name](eager).runs(x, shortcut)
+        peer = _ours(name, eager, shape)
+        return peer.runs(inputs[0][0]) if shape.norm_activation else peer.runs(*inputs[0][:2])
 
 
 def run_case(case: block.Case, requested: list[str], device: torch.device, *, quick: bool,
@@ -195,17 +291,19 @@ def run_case(case: block.Case, requested: list[str], device: torch.device, *, qu
     """One row per peer of `case` (refused is block.run's: no peer here is a backend that
     refuses a case by its declarations; one that fails is an ERROR row)."""
     block.begin_case(case, device)
-    eager = eager_tail(case.shape, device, block.DTYPES[case.dtype]).train(case.mode != "fwd")
-    inputs = block.make_inputs(case, device, arguments=2)
+    act = case.shape.norm_activation is not None
+    eager = (eager_act_tail if act else eager_tail)(case.shape, device, block.DTYPES[case.dtype])
+    eager.train(case.mode != "fwd")
+    inputs = block.make_inputs(case, device, arguments=1 if act else 2)
     names = [EAGER] + [n for n in (requested or DEFAULT_PEERS) if n != EAGER]
     builders = {name: functools.partial(_peer, name, eager, case.shape) for name in names}
     checked = block.check_peers(builders, inputs, case, device,
-                                result_names=RESULT_NAMES[case.mode])
+                                result_names=(ACT_RESULT_NAMES if act else RESULT_NAMES)[case.mode])
     rows = block.timed_rows(case, names, checked, device, quick=quick, floor=floor_bytes(case),
                             copy_gbps=copy_gbps, input_sets=len(inputs))
     se_only_us = next((r["median_us"] for r in rows if r["peer"] == SE_ONLY), math.nan)
     for row in rows:
         row.update(block.shape_fields(case.shape),
-                   runs=runs_backend(row["peer"], eager, inputs, case.mode),
+                   runs=runs_backend(row["peer"], eager, inputs, case.mode, case.shape),
                    x_se_only=se_only_us / row["median_us"])
     return rows
