@@ -310,12 +310,22 @@ def inspect_act_block(module: nn.Module) -> tuple[ActBlockSpec | None, str | Non
                         index), None
 
 
+# On CPU the act tail computes the activation in each of its passes, where eager computes
+# it once, and its staged excitation costs Python between them: below 56 x 56 pixels that
+# outweighs the norm's output it does not write (EfficientNet-B0's tails at batch 8, one
+# thread: 0.5-0.7x eager in inference at 28 x 28 and below, no better than the SE-only
+# conversion in training; 1.3-1.6x at 56 x 56 and above, where the SE-only conversion is
+# 1.2-1.3x), so there backend="auto" keeps the SE-only conversion.
+ACT_TAIL_MIN_PIXELS_CPU = 56 * 56
+
+
 class FusedActBlock(FusedBlock):
     """A block of another class whose BatchNorm -> activation -> SE runs as one act tail
     (se_kernels.tail); the rest of its forward is the original's, on the same children.
-    Where backend="auto" finds no backend with the act tail's kernels for the tensors, it
-    runs the SE-only conversion instead: the norm and the activation as they are, the SE on
-    its own fused or staged op."""
+    Where backend="auto" finds no backend with the act tail's kernels for the tensors, or
+    the cpu backend for fewer than ACT_TAIL_MIN_PIXELS_CPU pixels, it runs the SE-only
+    conversion instead: the norm and the activation as they are, the SE on its own fused or
+    staged op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind, m, o = self.spec.kind, self._modules, self.original
@@ -371,7 +381,8 @@ class FusedActBlock(FusedBlock):
             params, gate=spec.se_spec.gate, batch_stats=batch_stats, eps=norm.eps,
             out_activation=None, activation=spec.activation)
         backend = dispatch.select(call, self.backend)
-        if backend.name == "torch" and self.backend == "auto":
+        if self.backend == "auto" and (backend.name == "torch" or (
+                backend.name == "cpu" and x.shape[2] * x.shape[3] < ACT_TAIL_MIN_PIXELS_CPU)):
             return self._se_only(x, norm, se)
         out, stats = backend.run_staged(call)
         if stats is not None:

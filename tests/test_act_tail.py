@@ -388,7 +388,8 @@ def forward_backward(model, x, seed):
 @pytest.mark.parametrize("library,name,fused", ACT_MODELS, ids=[f"{lib}-{m}" for lib, m, _ in ACT_MODELS])
 def test_act_blocks_match_eager(library, name, fused):
     original = build_model(library, name)
-    converted = convert_se_modules(copy.deepcopy(original))
+    # backend "cpu": the act tails at every size (auto keeps small ones SE-only on CPU)
+    converted = convert_se_modules(copy.deepcopy(original), backend="cpu")
     assert sum(isinstance(m, FusedActBlock) for m in converted.modules()) == fused
     # MobileNetV3's hardsigmoid gate: eager's fp64 derivative multiplies by a float32 1/6.
     tol = 2e-7 if "mobilenet" in name else 1e-10
@@ -444,8 +445,9 @@ def test_an_act_block_that_cannot_fuse_keeps_the_se_only_conversion(spoil, reaso
 
 
 def test_act_blocks_take_the_se_only_path_where_no_backend_has_the_act_ops(monkeypatch):
-    """As on a GPU today: auto would give the act tail to the torch backend, so the block
-    runs its norm and activation as they are and the SE on the SE op's own backend."""
+    """Where no kernel backend has the act ops, auto would give the act tail to the torch
+    backend, so the block runs its norm and activation as they are and the SE on the SE
+    op's own backend."""
     monkeypatch.setattr(dispatch.get_backend("cpu"), "stream_ops", lambda device: _stream_ops.NATIVE)
     original = build_model("torchvision", "mobilenet_v3_small").eval()
     converted = convert_se_modules(copy.deepcopy(original))
@@ -455,3 +457,20 @@ def test_act_blocks_take_the_se_only_path_where_no_backend_has_the_act_ops(monke
     blocks = [m for m in converted.modules() if isinstance(m, FusedActBlock)]
     assert blocks and all(isinstance(b.__dict__.get("se_only"), ConvertedSqueezeExcitation)
                           for b in blocks)
+
+
+@pytest.mark.parametrize("image, act_tail", [(112, True), (56, False)])
+def test_auto_on_cpu_runs_the_act_tail_from_56x56(image, act_tail):
+    """backend="auto" on CPU: the act tail where its input has 56 x 56 pixels or more
+    (blocks.ACT_TAIL_MIN_PIXELS_CPU), the SE-only conversion below; both compute the block."""
+    torch.manual_seed(0)
+    block = torchvision.models.mobilenet_v3_small().features[1]  # its SE sees half the image
+    randomize_norms(block, seed=0)
+    converted = convert_se_modules(copy.deepcopy(block))
+    assert isinstance(converted, FusedActBlock)
+    x = torch.randn(2, 16, image, image, generator=torch.Generator().manual_seed(2))
+    for training in (True, False):
+        block.train(training)
+        converted.train(training)
+        torch.testing.assert_close(converted(x), block(x), rtol=1e-4, atol=1e-5)
+    assert ("se_only" in converted.__dict__) != act_tail
