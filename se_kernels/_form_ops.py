@@ -1,15 +1,16 @@
 """The linear excitation forms' ops: the staged path in one call each way.
 
-    linear_form_forward(x, form, weight, bias, gate, pool, residual, out_activation)
-            -> (out, z, zmax, g)
+    linear_form_forward(x, form, weight, bias, gate, pool, residual, out_activation) -> out
         z = pool(x);  g = W·z + b (form "fc": weight [C, C], bias [C]) or the odd-width
         convolution of z across channels with zero ("conv") or circular ("circular_conv")
-        padding (weight [k], bias [1]);  out = out_act(gate(g)·x + residual);
-        zmax = max_p x for pools with a max (else empty)
+        padding (weight [k], bias [1]);  out = out_act(gate(g)·x + residual)
+    linear_form_forward_saved(same arguments) -> (out, z, zmax, g)
+        the same out, and what its backward reads: z, zmax = max_p x for pools with a max
+        (else empty), g
     linear_form_backward(grad_out, out, x, form, weight, bias, z, zmax, g, gate, pool,
                          out_activation, residual_grad) -> (dx, dresidual, dweight, dbias)
-        the forward's gradients (its autograd formula), from its z, zmax and g (and out
-        under an output ReLU):
+        linear_form_forward_saved's gradients (its autograd formula), from its z, zmax and g
+        (and out under an output ReLU):
         ds = Σ_p dy·x, dg = gate'(g)·ds, dz = the form's transpose of dg, dweight and dbias
         summed over the batch, dx = s·dy + dz through the pool; dresidual = the masked dy
         when residual_grad under an output ReLU (else empty: it is grad_out), dbias empty
@@ -19,7 +20,10 @@ Forms whose g is a linear map of z (se_kernels.excitation's Fc and ChannelConv) 
 nothing between the passes but that map and its transpose, so a backend can run each
 direction as one op instead of two stream ops with PyTorch between them: at batch 1 those
 small operations and their Python cost as much as the passes, and a backend with these ops
-also walks the samples in cached groups, as the fused op does. weight and bias are in the
+also walks the samples in cached groups, as the fused op does. A call autograd does not
+record runs linear_form_forward, which has no autograd (its three more outputs would cost
+a batch-1 call a few microseconds); one it records runs linear_form_forward_saved. weight
+and bias are in the
 accumulation dtype (fp32, fp64 for fp64 x), as are z, zmax, g and the weight gradients;
 x-sized outputs have x's dtype and the kernels' layout. Kernels: CPU in se_kernels._C.
 """
@@ -34,8 +38,10 @@ from ._stream_ops import check_grad_inputs, check_residual, check_vectors, check
 from .options import AVG, OUT_RELU, check_choice
 
 FORMS = ("fc", "conv", "circular_conv")
-SCHEMA = ("(Tensor x, str form, Tensor weight, Tensor? bias, str gate, str pool, Tensor? residual, "
-          "str out_activation) -> (Tensor out, Tensor z, Tensor zmax, Tensor g)")
+ARGUMENTS = ("(Tensor x, str form, Tensor weight, Tensor? bias, str gate, str pool, "
+             "Tensor? residual, str out_activation)")
+SCHEMA = ARGUMENTS + " -> Tensor"
+SAVED_SCHEMA = ARGUMENTS + " -> (Tensor out, Tensor z, Tensor zmax, Tensor g)"
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor? out, Tensor x, str form, Tensor weight, Tensor? bias, Tensor z, "
     "Tensor? zmax, Tensor g, str gate, str pool, str out_activation, bool residual_grad) "
@@ -43,6 +49,7 @@ BACKWARD_SCHEMA = (
 
 _lib = torch.library.Library("se_kernels", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's life
 _lib.define("linear_form_forward" + SCHEMA)
+_lib.define("linear_form_forward_saved" + SAVED_SCHEMA)
 _lib.define("linear_form_backward" + BACKWARD_SCHEMA)
 
 
@@ -92,7 +99,12 @@ def _vector(x: torch.Tensor, wanted: bool = True) -> torch.Tensor:
 @torch.library.register_fake("se_kernels::linear_form_forward")
 def _fake(x, form, weight, bias, gate, pool, residual, out_activation):
     check_args(x, form, weight, bias, gate, pool, residual, out_activation)
-    return (torch.empty_like(x, memory_format=kernel_memory_format(x)), _vector(x),
+    return torch.empty_like(x, memory_format=kernel_memory_format(x))
+
+
+@torch.library.register_fake("se_kernels::linear_form_forward_saved")
+def _saved_fake(x, form, weight, bias, gate, pool, residual, out_activation):
+    return (_fake(x, form, weight, bias, gate, pool, residual, out_activation), _vector(x),
             _vector(x, pool != AVG), _vector(x))
 
 
@@ -112,7 +124,8 @@ def _macs(n: int, c: int, form: str, weight_shape) -> int:
     return n * (c * c if form == "fc" else c * weight_shape[0])
 
 
-@register_flop_formula(_op_packet("se_kernels::linear_form_forward"))
+@register_flop_formula([_op_packet("se_kernels::linear_form_forward"),
+                        _op_packet("se_kernels::linear_form_forward_saved")])
 def _flops(x_shape, form, weight_shape, bias_shape, gate, pool, residual_shape, *args,
            out_shape=None, **kwargs) -> int:
     """The two passes (an add per element, then a multiply and the residual's add) and the
@@ -132,7 +145,9 @@ def _backward_flops(grad_out_shape, out_shape_, x_shape, form, weight_shape, *ar
 
 
 linear_form_forward = _op_packet("se_kernels::linear_form_forward").default
+linear_form_forward_saved = _op_packet("se_kernels::linear_form_forward_saved").default
 linear_form_backward = _op_packet("se_kernels::linear_form_backward").default
+LINEAR_FORM_OPS = {"forward": linear_form_forward, "saved": linear_form_forward_saved}
 
 
 def _setup_context(ctx, inputs, output):
@@ -157,7 +172,7 @@ def _backward(ctx, grad_out, *_):
             dresidual if residual_grad else None, None)
 
 
-torch.library.register_autograd("se_kernels::linear_form_forward", _backward,
+torch.library.register_autograd("se_kernels::linear_form_forward_saved", _backward,
                                 setup_context=_setup_context)
 
 

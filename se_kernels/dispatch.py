@@ -89,10 +89,11 @@ class Backend(abc.ABC):
         there."""
         return None
 
-    def linear_form_op(self, device_type: str):
-        """This backend's se_kernels::linear_form_forward (se_kernels._form_ops), whose
-        autograd formula is its linear_form_backward, for tensors of `device_type`, or None:
-        the staged path of a linear form in one op each way."""
+    def linear_form_ops(self, device_type: str) -> dict | None:
+        """This backend's se_kernels::linear_form_forward and linear_form_forward_saved
+        (se_kernels._form_ops: whose autograd formula is linear_form_backward) as
+        {"forward": op, "saved": op} for tensors of `device_type`, or None: the staged path
+        of a linear form in one op each way."""
         return None
 
     def staged_refusals(self, call) -> list[str]:

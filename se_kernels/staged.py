@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _compat, dispatch
+from . import dispatch
 from ._ops import accumulate_dtype
 from ._stream_ops import check_residual, check_x
 from .backends.torch_backend import (GATE_GRADIENTS, GATE_VALUES, GATES, POOL_WEIGHTS, POOLS,
@@ -174,30 +174,29 @@ def torch_composition(call: StagedCall):
 
 
 def _linear_form(backend: dispatch.Backend, call: StagedCall):
-    """(op, form, weight, bias) where the form is a linear map of z and the backend has
-    the linear-form op (se_kernels._form_ops) for x's device; else None."""
-    op = backend.linear_form_op(call.x.device.type)
-    if op is None:
+    """(ops, form, weight, bias) where the form is a linear map of z and the backend has
+    the linear-form ops (se_kernels._form_ops) for x's device; else None."""
+    ops = backend.linear_form_ops(call.x.device.type)
+    if ops is None:
         return None
     acc = accumulate_dtype(call.x.dtype)
     linear = call.form.linear_form(tuple(t if t is None or t.dtype == acc else t.to(acc)
                                          for t in call.params))
-    return None if linear is None else (op, *linear)
+    return None if linear is None else (ops, *linear)
 
 
 def run_stream_ops(backend: dispatch.Backend, call: StagedCall):
     """(out, stats) of `call` on `backend`'s stream ops: through the autograd.Function, or
     its forward alone (forward_alone); a linear form's as one op each way where the
-    backend has the linear-form op."""
+    backend has the linear-form ops."""
     linear = _linear_form(backend, call)
     if linear is not None:
-        op, form, weight, bias = linear
+        ops, form, weight, bias = linear
         args = (call.x, form, weight, bias, call.gate, call.pool, call.residual,
                 call.out_activation)
-        if forward_alone(call):  # below the op's autograd wrapper, as _ops.run_forward
-            with _compat.below_autograd():
-                return op(*args)[0], None
-        return op(*args)[0], None
+        if forward_alone(call):
+            return ops["forward"](*args), None
+        return ops["saved"](*args)[0], None
     if forward_alone(call):
         out, stats, _ = forward_passes(backend.stream_ops(call.x.device.type), call.form,
                                        call.gate, call.pool, call.out_activation, call.x,

@@ -21,6 +21,7 @@ from helpers import covering_cases
 from test_stream_cpu import DTYPES, LAYOUTS, SHAPES, Inputs
 
 OP = torch.ops.se_kernels.linear_form_forward.default
+SAVED = torch.ops.se_kernels.linear_form_forward_saved.default
 BACKWARD = torch.ops.se_kernels.linear_form_backward.default
 FORMS = (("fc", 0), ("conv", 3), ("conv", 1), ("circular_conv", 5), ("circular_conv", 7))
 EPILOGUES = ((False, "none"), (True, "none"), (True, "relu"), (False, "relu"))
@@ -60,7 +61,8 @@ def test_matches_reference(shape, layout, dtype, options, seed):
     w, b = weights(t, form, kernel, shape[1], with_bias=seed % 2 == 0)
     residual = t.x_sized(LAYOUTS[(seed + 1) % len(LAYOUTS)]) if with_residual else None
     args = (x, form, w, b, gate, pool, residual, out_activation)
-    got, z, zmax, g = OP(*args)
+    got, z, zmax, g = SAVED(*args)
+    assert torch.equal(OP(*args), got)  # the inference op: the same out alone
     expected = _form_ops.reference(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
     assert got.dtype == dtype and got.shape == x.shape
     assert got.is_contiguous(memory_format=kernel_memory_format(x))
@@ -86,7 +88,7 @@ def test_backward_matches_reference(shape, layout, dtype, options, seed):
     w, b = weights(t, form, kernel, shape[1], with_bias=seed % 2 == 1)
     residual = t.x_sized() if with_residual else None
     grad_out = t.x_sized(LAYOUTS[(seed + 2) % len(LAYOUTS)])
-    out, z, zmax, g = OP(x, form, w, b, gate, pool, residual, out_activation)
+    out, z, zmax, g = SAVED(x, form, w, b, gate, pool, residual, out_activation)
     residual_grad = with_residual and seed % 3 != 0
     dx, dresidual, dw, db = BACKWARD(grad_out, out if out_activation == "relu" else None, x, form,
                                      w, b, z, zmax if pool != "avg" else None, g, gate, pool,
@@ -115,7 +117,7 @@ def test_backward_sums_over_sample_groups():
     x, grad_out = t.x_sized(), t.x_sized()
     for form, kernel in (("fc", 0), ("circular_conv", 5)):
         w, b = weights(t, form, kernel, 64, with_bias=True)
-        out, z, zmax, g = OP(x, form, w, b, "sigmoid", "avg", None, "none")
+        out, z, zmax, g = SAVED(x, form, w, b, "sigmoid", "avg", None, "none")
         dx, _, dw, db = BACKWARD(grad_out, None, x, form, w, b, z, None, g, "sigmoid", "avg", "none",
                                  False)
         expected = _form_ops.reference_backward(grad_out.double(), x.double(), form, w.double(),
@@ -130,13 +132,14 @@ def test_opcheck():
     x = t.x_sized("channels_last")
     for form, kernel in (("fc", 0), ("circular_conv", 3)):
         w, b = weights(t, form, kernel, 6, with_bias=True)
-        torch.library.opcheck(OP, (x, form, w, b, "hardsigmoid", "avgmax", t.x_sized(), "relu"))
+        for op in (OP, SAVED):
+            torch.library.opcheck(op, (x, form, w, b, "hardsigmoid", "avgmax", t.x_sized(), "relu"))
         # With gradients: the autograd formula (the backward op) against itself under
         # AOTAutograd.
         leaves = [v.detach().requires_grad_() for v in (x, w, b, t.x_sized())]
-        torch.library.opcheck(OP, (leaves[0], form, leaves[1], leaves[2], "hardsigmoid", "avgmax",
-                                   leaves[3], "relu"))
-        out, z, zmax, g = OP(x, form, w, b, "hardsigmoid", "avgmax", t.x_sized(), "relu")
+        torch.library.opcheck(SAVED, (leaves[0], form, leaves[1], leaves[2], "hardsigmoid",
+                                      "avgmax", leaves[3], "relu"))
+        out, z, zmax, g = SAVED(x, form, w, b, "hardsigmoid", "avgmax", t.x_sized(), "relu")
         torch.library.opcheck(BACKWARD, (t.x_sized(), out, x, form, w, b, z, zmax, g, "hardsigmoid",
                                          "avgmax", "relu", True))
 
@@ -162,8 +165,9 @@ def test_direct_calls_check_their_arguments():
         (r"out_activation must be one of 'none', 'relu', got 'gelu'", (x, "conv", k, kb, "sigmoid", "avg", None, "gelu")),
     ]
     for message, args in bad:
-        with pytest.raises(RuntimeError, match=message):
-            OP(*args)
+        for op in (OP, SAVED):
+            with pytest.raises(RuntimeError, match=message):
+                op(*args)
         with pytest.raises((ValueError, TypeError), match=message):
             _form_ops.check_args(*args)
 
@@ -172,7 +176,7 @@ def test_backward_calls_check_their_arguments():
     t = Inputs((2, 3, 4, 5), torch.float32, 1)
     x, dy = t.x_sized(), t.x_sized()
     k, kb = weights(t, "conv", 3, 3, with_bias=True)
-    out, z, zmax, g = OP(x, "conv", k, kb, "sigmoid", "max", None, "relu")
+    out, z, zmax, g = SAVED(x, "conv", k, kb, "sigmoid", "max", None, "relu")
 
     def args(**changed):
         named = dict(grad_out=dy, out=out, x=x, form="conv", weight=k, bias=kb, z=z, zmax=zmax,
@@ -236,12 +240,14 @@ def test_staged_calls_run_one_op_each_way(form, params):
         results[backend] = (y, *grads)
         if backend == "cpu":
             ops = [n for n in calls.names if n.startswith("se_kernels::")]
-            assert ops == ["se_kernels::linear_form_forward", "se_kernels::linear_form_backward"]
+            assert ops == ["se_kernels::linear_form_forward_saved",
+                           "se_kernels::linear_form_backward"]
     for got, expected in zip(results["cpu"], results["torch"]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_fused_backend_declares_the_op():
-    assert se_kernels.dispatch.get_backend("cpu").linear_form_op("cpu") is OP
-    assert se_kernels.dispatch.get_backend("cpu").linear_form_op("cuda") is None
-    assert se_kernels.dispatch.get_backend("torch").linear_form_op("cpu") is None
+def test_the_fused_backend_declares_the_ops():
+    assert se_kernels.dispatch.get_backend("cpu").linear_form_ops("cpu") == {"forward": OP,
+                                                                             "saved": SAVED}
+    assert se_kernels.dispatch.get_backend("cpu").linear_form_ops("cuda") is None
+    assert se_kernels.dispatch.get_backend("torch").linear_form_ops("cpu") is None

@@ -1,4 +1,4 @@
-// se_kernels::linear_form_forward and linear_form_backward on CPU tensors
+// se_kernels::linear_form_forward(_saved) and linear_form_backward on CPU tensors
 // (se_kernels/_form_ops.py): the staged path of a linear excitation form in one call each
 // way. The arguments are checked and the outputs allocated by se_common's prepare_linear_form*;
 // the samples go through the kernels in groups sized to stay in cache, as se_cpu's do.
@@ -18,10 +18,11 @@ namespace {
 
 using cpu::at_sample;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_form_forward_cpu(
-    const at::Tensor& x, c10::string_view form, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, c10::string_view gate, c10::string_view pool,
-    const std::optional<at::Tensor>& residual, c10::string_view out_activation) {
+LinearFormTensors run_linear_form(const at::Tensor& x, c10::string_view form,
+                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  c10::string_view gate, c10::string_view pool,
+                                  const std::optional<at::Tensor>& residual,
+                                  c10::string_view out_activation) {
   LinearFormTensors t =
       prepare_linear_form(x, form, weight, bias, gate, pool, residual, out_activation);
   const Geometry& geo = t.geo;
@@ -45,6 +46,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_form_forward_c
     args.g = at_sample(t.g, n0);
     cpu::kernels().linear_form(args);
   }
+  return t;
+}
+
+at::Tensor linear_form_forward_cpu(const at::Tensor& x, c10::string_view form,
+                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                   c10::string_view gate, c10::string_view pool,
+                                   const std::optional<at::Tensor>& residual,
+                                   c10::string_view out_activation) {
+  return run_linear_form(x, form, weight, bias, gate, pool, residual, out_activation).out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_form_forward_saved_cpu(
+    const at::Tensor& x, c10::string_view form, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, c10::string_view gate, c10::string_view pool,
+    const std::optional<at::Tensor>& residual, c10::string_view out_activation) {
+  LinearFormTensors t =
+      run_linear_form(x, form, weight, bias, gate, pool, residual, out_activation);
   return {t.out, t.z, t.zmax, t.g};
 }
 
@@ -90,6 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_form_backward_
 
 TORCH_LIBRARY_IMPL(se_kernels, CPU, m) {
   m.impl("linear_form_forward", &linear_form_forward_cpu);
+  m.impl("linear_form_forward_saved", &linear_form_forward_saved_cpu);
   m.impl("linear_form_backward", &linear_form_backward_cpu);
 }
 

@@ -74,6 +74,9 @@ def has_act_stream_kernel(device_type: str) -> bool:
 
 
 _WITH_ACT = {**_stream_ops.NATIVE, **_stream_ops.NATIVE_ACT}
+# The linear forms' ops (se_kernels._form_ops), each of which a backend declaring them has.
+_LINEAR_FORM_NAMES = ("se_kernels::linear_form_forward", "se_kernels::linear_form_forward_saved",
+                      "se_kernels::linear_form_backward")
 
 
 @dispatch.constant_under_compile
@@ -198,13 +201,14 @@ class NativeBackend(dispatch.Backend):
         # The act tail's ops (DESIGN.md §1.5), where the extension registered them.
         return _WITH_ACT if has_act_stream_kernel(device_type) else _stream_ops.NATIVE
 
-    def linear_form_op(self, device_type: str):
+    def linear_form_ops(self, device_type: str) -> dict | None:
         # The extension has these ops' kernels on CPU only; on a GPU the stream ops serve.
-        if device_type != self.name or device_type != "cpu" or not all(
-                _kernel_registered(f"se_kernels::linear_form_{way}", device_type)
-                for way in ("forward", "backward")):
+        if device_type != self.name or device_type != "cpu" or not (
+                _kernel_registered(_LINEAR_FORM_NAMES[0], "cpu")
+                and _kernel_registered(_LINEAR_FORM_NAMES[1], "cpu")
+                and _kernel_registered(_LINEAR_FORM_NAMES[2], "cpu")):
             return None
-        return _form_ops.linear_form_forward
+        return _form_ops.LINEAR_FORM_OPS
 
     def schedule_trace(self, call, gpu, backward: bool) -> list:
         """The cuda kernels' plan (csrc/cuda/se_plan.h; for the stream ops of a staged or
