@@ -23,9 +23,9 @@ small operations and their Python cost as much as the passes, and a backend with
 also walks the samples in cached groups, as the fused op does. A call autograd does not
 record runs linear_form_forward, which has no autograd (its three more outputs would cost
 a batch-1 call a few microseconds); one it records runs linear_form_forward_saved. weight
-and bias are in the
-accumulation dtype (fp32, fp64 for fp64 x), as are z, zmax, g and the weight gradients;
-x-sized outputs have x's dtype and the kernels' layout. Kernels: CPU in se_kernels._C.
+and bias are in the accumulation dtype (fp32, fp64 for fp64 x), as are z, zmax, g and the
+weight gradients; x-sized outputs have x's dtype and the kernels' layout. Kernels: CPU in
+se_kernels._C.
 """
 
 from __future__ import annotations
