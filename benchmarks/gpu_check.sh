@@ -30,7 +30,8 @@
 #   small-batch (90)  N = 1 and 32 on all four networks against eager, where host overhead decides
 #   tests-slow (240)  the GPU tests the first call leaves out: Triton on every option, dtype and
 #                     odd shape (a fresh compile each), tied maxima, the Triton ops, AOTInductor,
-#                     more than 2^31 elements
+#                     more than 2^31 elements, the stream ops and the act tail on the GPU's
+#                     Triton and CUDA kernels
 #   memcheck (120), racecheck (150), synccheck (90), initcheck (120)
 #                     compute-sanitizer on tests/test_cuda.py's short workload
 #
@@ -336,6 +337,9 @@ tests_slow() {
     -m cuda || status=1
   run_pytest tests-slow tests/test_cuda.py tests/test_triton_gpu.py -m "cuda and slow" \
     --deselect tests/test_cuda.py::test_compute_sanitizer || status=1
+  # The stream ops and the act tail (BatchNorm -> activation -> SE) on the GPU's kernels.
+  run_pytest tests-slow tests/test_triton_stream.py || status=1
+  run_pytest tests-slow tests/test_act_tail.py -k "gpu_kernels and not emulator" || status=1
   return $status
 }
 

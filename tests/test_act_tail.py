@@ -261,13 +261,13 @@ def test_tail_matches_the_modules(backend, activation, train, dtype, layout):
     check_against_modules(backend, activation, train, dtype, layout)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda-emulator"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "cuda-emulator"])
 @pytest.mark.parametrize("activation,train,dtype,layout", [
     ("silu", True, torch.float32, "nchw"), ("hardswish", False, torch.float64, "channels_last"),
     ("gelu", True, torch.bfloat16, "channels_last"), ("relu", False, torch.float32, "nchw")])
 def test_tail_on_the_gpu_kernels_matches_the_modules(backend, activation, train, dtype, layout):
-    """The act tail on the Triton kernels (interpreted without a GPU) and on the CUDA kernels
-    on the emulator, as on the CPU's."""
+    """The act tail on the Triton kernels (interpreted without a GPU), on the CUDA kernels
+    (on a GPU) and on the CUDA kernels on the emulator, as on the CPU's."""
     device = "cpu"
     if backend == "cuda-emulator":
         backend = emulator_backend()
