@@ -105,7 +105,11 @@ class EagerTail(nn.Module):
 def eager_tail(shape: SEShape, device: torch.device, dtype: torch.dtype) -> EagerTail:
     """The eager tail of `shape`, its BatchNorm's affine parameters and running statistics
     drawn at random: a fresh BatchNorm's (1, 0, 0, 1) would hide a peer that misuses them."""
-    tail = EagerTail(shape.channels, shape.squeeze, shape.activation, shape.gate)
+    return _randomized_norm(EagerTail(shape.channels, shape.squeeze, shape.activation,
+                                      shape.gate), device, dtype)
+
+
+def _randomized_norm(tail: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     with torch.no_grad():
         tail.bn.weight.uniform_(0.5, 1.5)
         tail.bn.bias.normal_(0.0, 0.1)
@@ -115,27 +119,28 @@ def eager_tail(shape: SEShape, device: torch.device, dtype: torch.dtype) -> Eage
 
 
 class SEOnlyTail(nn.Module):
-    """The eager tail's BatchNorm, then the fused SE op on its output with the shortcut as
-    residual and ReLU as output activation."""
+    """The eager tail's BatchNorm (an act tail's BatchNormAct2d), then the fused SE op on its
+    output, with the shortcut, where there is one, as residual and ReLU as output
+    activation."""
 
-    def __init__(self, eager: EagerTail, backend: str = "auto") -> None:
+    def __init__(self, eager: nn.Module, backend: str = "auto") -> None:
         super().__init__()
         self.bn, self.se = eager.bn, eager.se
         self.spec = inspect_se_module(eager.se, "se").spec
         self.backend = backend
 
-    def _arguments(self, u: torch.Tensor, shortcut: torch.Tensor) -> tuple[tuple, dict]:
+    def _arguments(self, u: torch.Tensor, shortcut: torch.Tensor | None) -> tuple[tuple, dict]:
         spec = self.spec
         reduce, expand = self.se.get_submodule(spec.reduce), self.se.get_submodule(spec.expand)
+        epilogue = {} if shortcut is None else dict(residual=shortcut, out_activation=OUT_RELU)
         return ((u, reduce.weight, reduce.bias, expand.weight, expand.bias),
-                dict(activation=spec.activation, gate=spec.gate, pool=spec.pool,
-                     residual=shortcut, out_activation=OUT_RELU))
+                dict(activation=spec.activation, gate=spec.gate, pool=spec.pool, **epilogue))
 
-    def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         arguments, options = self._arguments(self.bn(x), shortcut)
         return squeeze_excitation(*arguments, **options, backend=self.backend)
 
-    def runs(self, x: torch.Tensor, shortcut: torch.Tensor) -> str:
+    def runs(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> str:
         """The backend the SE op runs on (x stands for the BatchNorm's output: the same
         shape, dtype and layout)."""
         arguments, options = self._arguments(x, shortcut)
@@ -184,30 +189,6 @@ class EagerActTail(nn.Module):
         return self.se(self.bn(x))
 
 
-class SEOnlyActTail(nn.Module):
-    """The eager act tail's BatchNormAct2d, then the fused SE op on its output."""
-
-    def __init__(self, eager: EagerActTail, backend: str = "auto") -> None:
-        super().__init__()
-        self.bn, self.se = eager.bn, eager.se
-        self.spec = inspect_se_module(eager.se, "se").spec
-        self.backend = backend
-
-    def _arguments(self, u: torch.Tensor) -> tuple[tuple, dict]:
-        spec = self.spec
-        reduce, expand = self.se.get_submodule(spec.reduce), self.se.get_submodule(spec.expand)
-        return ((u, reduce.weight, reduce.bias, expand.weight, expand.bias),
-                dict(activation=spec.activation, gate=spec.gate, pool=spec.pool))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        arguments, options = self._arguments(self.bn(x))
-        return squeeze_excitation(*arguments, **options, backend=self.backend)
-
-    def runs(self, x: torch.Tensor) -> str:
-        arguments, options = self._arguments(x)
-        return dispatch.select(make_call(*arguments, **options), self.backend).name
-
-
 class FusedActTail(nn.Module):
     """The act tail a converted block runs (FusedActBlock.act_tail) on the eager act tail's
     own modules."""
@@ -234,7 +215,7 @@ class FusedActTail(nn.Module):
 
 
 OURS = {SE_ONLY: SEOnlyTail, FUSED: FusedTail}
-ACT_OURS = {SE_ONLY: SEOnlyActTail, FUSED: FusedActTail}
+ACT_OURS = {SE_ONLY: SEOnlyTail, FUSED: FusedActTail}
 
 
 def floor_bytes(case: block.Case) -> int:
@@ -255,13 +236,7 @@ def floor_bytes(case: block.Case) -> int:
 def eager_act_tail(shape: SEShape, device: torch.device, dtype: torch.dtype) -> EagerActTail:
     """The eager act tail of `shape`, its BatchNorm's affine parameters and running
     statistics drawn at random, as eager_tail's."""
-    tail = EagerActTail(shape)
-    with torch.no_grad():
-        tail.bn.weight.uniform_(0.5, 1.5)
-        tail.bn.bias.normal_(0.0, 0.1)
-        tail.bn.running_mean.normal_(0.0, 0.1)
-        tail.bn.running_var.uniform_(0.5, 1.5)
-    return tail.to(device=device, dtype=dtype)
+    return _randomized_norm(EagerActTail(shape), device, dtype)
 
 
 def _ours(name: str, eager: nn.Module, shape: SEShape) -> nn.Module:
