@@ -433,3 +433,15 @@ def assert_compiled_matches_eager(module: torch.nn.Module, x: torch.Tensor, obse
         results.append((out.detach(), xs.grad, observed(m)))
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def forward_backward(model, x, seed):
+    """(outputs, state) of a forward and backward of `model` on a copy of x with a fixed
+    gradient: out, x's gradient and every parameter's; then the state_dict. `seed` fixes
+    the model's own draws (drop path, stochastic depth, dropout)."""
+    torch.manual_seed(seed)
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype))
+    return ({"out": out.detach(), "x": x.grad} | {n: p.grad for n, p in model.named_parameters()},
+            {k: v.clone() for k, v in model.state_dict().items()})

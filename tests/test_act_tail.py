@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 from helpers import (assert_compiled_matches_eager, backend_device, covering_cases,
-                     randomize_norms, require_backend)
+                     forward_backward, randomize_norms, require_backend)
 from se_kernels import _stream_ops, convert_se_modules, dispatch, restore_se_modules, tail
 from se_kernels._ops import accumulate_dtype, kernel_memory_format
 from se_kernels.backends import native
@@ -374,15 +374,6 @@ def build_model(library, name):
     model = model.double()
     randomize_norms(model, seed=0)
     return model
-
-
-def forward_backward(model, x, seed):
-    torch.manual_seed(seed)  # the stochastic depth's and dropout's draws
-    x = x.detach().clone().requires_grad_()
-    out = model(x)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype))
-    return ({"out": out.detach(), "x": x.grad} | {n: p.grad for n, p in model.named_parameters()},
-            {k: v.clone() for k, v in model.state_dict().items()})
 
 
 @pytest.mark.parametrize("library,name,fused", ACT_MODELS, ids=[f"{lib}-{m}" for lib, m, _ in ACT_MODELS])

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import assert_compiled_matches_eager, needs_gloo, randomize_norms, run_on_gloo
+from helpers import (assert_compiled_matches_eager, forward_backward, needs_gloo, randomize_norms,
+                     run_on_gloo)
 from se_kernels import convert_se_modules, restore_se_modules, tail
 from se_kernels.blocks import FusedBlock
 from se_kernels.convert import ConvertedSqueezeExcitation
@@ -230,15 +231,6 @@ def build(name: str, **kwargs) -> nn.Module:
     model = timm.create_model(name, pretrained=False, **kwargs).double()
     randomize_norms(model, seed=0)  # timm zero-initialises bn3's scale
     return model
-
-
-def forward_backward(model, x, seed):
-    torch.manual_seed(seed)  # the drop path's draws
-    x = x.detach().clone().requires_grad_()
-    out = model(x)
-    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype))
-    return ({"out": out.detach(), "x": x.grad} | {n: p.grad for n, p in model.named_parameters()},
-            {k: v.clone() for k, v in model.state_dict().items()})
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

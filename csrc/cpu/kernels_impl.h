@@ -297,11 +297,24 @@ struct PoolTerms {
   }
 };
 
+// The plain sums of reduce_spatial's quantities.
+template <typename scalar_t>
+struct SumQuantities {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static acc_t init(int) { return acc_t(0); }
+  static acc_t combine(int, acc_t a, acc_t b) { return a + b; }
+  static Vec combine(int, const Vec& a, const Vec& b) { return a + b; }
+  static acc_t reduce_lanes(int, const Vec& lo, const Vec& hi) {
+    return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
+  }
+};
+
 // Backward reduction: [0] = sum of dy * x and, each when its flag is set, how many x equal
 // the channel's peak, and the sum of dy, in that order. dy = grad_out, masked by out > 0
 // when the output went through a ReLU; it is also stored to dresidual when one is given.
 template <typename scalar_t, bool kCount, bool kSumDy = false>
-struct GradTerms {
+struct GradTerms : SumQuantities<scalar_t> {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
@@ -312,13 +325,6 @@ struct GradTerms {
   const scalar_t* x;
   const acc_t* peak;    // read with kCount
   scalar_t* dresidual = nullptr;
-
-  static acc_t init(int) { return acc_t(0); }
-  static acc_t combine(int, acc_t a, acc_t b) { return a + b; }
-  static Vec combine(int, const Vec& a, const Vec& b) { return a + b; }
-  static acc_t reduce_lanes(int, const Vec& lo, const Vec& hi) {
-    return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
-  }
 
   template <bool kPerLane>
   void fold(Vec (&acc)[kQ][2], int64_t off, int64_t chan) const {
@@ -496,19 +502,6 @@ void grad_input_pass(const Geometry& geo, const scalar_t* grad_out, const scalar
 // Each reads x through the prologue u = in_scale * x + in_shift, v = act(u), d = act'(u),
 // in the accumulation type; in_scale and in_shift are [N, C] here, read like any
 // per-channel value.
-
-// The plain sums of reduce_spatial's quantities.
-template <typename scalar_t>
-struct SumQuantities {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  static acc_t init(int) { return acc_t(0); }
-  static acc_t combine(int, acc_t a, acc_t b) { return a + b; }
-  static Vec combine(int, const Vec& a, const Vec& b) { return a + b; }
-  static acc_t reduce_lanes(int, const Vec& lo, const Vec& hi) {
-    return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), lo + hi);
-  }
-};
 
 // [0] = sum of v.
 template <typename scalar_t>
@@ -732,8 +725,8 @@ void backward_through(const Geometry& geo, Pool pool, const scalar_t* grad_out,
   const auto acc = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   const at::Tensor sums =
-      zmax ? reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, true>{grad_out, out, x, zmax}, acc)
-           : reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, false>{grad_out, out, x, zmax}, acc);
+      zmax ? reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, true>{{}, grad_out, out, x, zmax}, acc)
+           : reduce_spatial<scalar_t>(geo, GradTerms<scalar_t, false>{{}, grad_out, out, x, zmax}, acc);
   const acc_t* ds = sums.const_data_ptr<acc_t>();
   const acc_t* count = zmax ? ds + NC : nullptr;
 

@@ -64,7 +64,7 @@ void stream_grad_reduce_typed(const StreamGradReduceArgs& p) {
   with_flag(p.peak != nullptr, [&](auto count) {
     with_flag(p.sdy != nullptr, [&](auto sum_dy) {
       using Terms = GradTerms<scalar_t, decltype(count)::value, decltype(sum_dy)::value>;
-      const Terms terms{static_cast<const scalar_t*>(p.grad_out),
+      const Terms terms{{}, static_cast<const scalar_t*>(p.grad_out),
                         static_cast<const scalar_t*>(p.out), static_cast<const scalar_t*>(p.x),
                         static_cast<const acc_t*>(p.peak), static_cast<scalar_t*>(p.dresidual)};
       const at::Tensor sums = reduce_spatial<scalar_t>(p.geo, terms, acc);
