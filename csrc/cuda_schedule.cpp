@@ -105,6 +105,26 @@ cuda::StreamGradMapArgs stream_args(Given& g, cuda::StreamGradMapArgs) {
           g.pointer("peak_shift"), g.pointer("dx"), nullptr};
 }
 
+// The act tail's ops: the plan and the trace do not depend on the activation.
+cuda::StreamActReduceArgs stream_args(Given& g, cuda::StreamActReduceArgs) {
+  return {g.pointer("x"), g.pointer("in_scale"), g.pointer("in_shift"), Activation::ReLU,
+          g.pointer("sum"), nullptr};
+}
+cuda::StreamActMapArgs stream_args(Given& g, cuda::StreamActMapArgs) {
+  return {g.pointer("x"), g.pointer("in_scale"), g.pointer("in_shift"), Activation::ReLU,
+          g.pointer("scale"), g.pointer("out"), nullptr};
+}
+cuda::StreamActGradReduceArgs stream_args(Given& g, cuda::StreamActGradReduceArgs) {
+  return {g.pointer("grad_out"), g.pointer("x"), g.pointer("in_scale"), g.pointer("in_shift"),
+          Activation::ReLU, g.pointer("sdyv"), g.pointer("sdyd"), g.pointer("sdydx"),
+          g.pointer("sd"), g.pointer("sdx"), nullptr};
+}
+cuda::StreamActGradMapArgs stream_args(Given& g, cuda::StreamActGradMapArgs) {
+  return {g.pointer("grad_out"), g.pointer("x"), g.pointer("in_scale"), g.pointer("in_shift"),
+          Activation::ReLU, g.pointer("dy_scale"), g.pointer("act_shift"), g.pointer("x_scale"),
+          g.pointer("shift"), g.pointer("dx"), nullptr};
+}
+
 template <typename Args>
 std::vector<int64_t> stream_trace(const cuda::Problem& problem, int width, int64_t sm_count,
                                   Given& given) {
@@ -133,9 +153,19 @@ std::vector<int64_t> cuda_stream_schedule(c10::string_view op_name, int64_t N, i
     return stream_trace<cuda::StreamMapArgs>(problem, layout.width, sm_count, g);
   if (op == "stream_grad_reduce")
     return stream_trace<cuda::StreamGradReduceArgs>(problem, layout.width, sm_count, g);
-  TORCH_CHECK(op == "stream_grad_map", "se_kernels: cuda_stream_schedule's op is stream_reduce, "
-              "stream_map, stream_grad_reduce or stream_grad_map, got '", op, "'");
-  return stream_trace<cuda::StreamGradMapArgs>(problem, layout.width, sm_count, g);
+  if (op == "stream_grad_map")
+    return stream_trace<cuda::StreamGradMapArgs>(problem, layout.width, sm_count, g);
+  if (op == "stream_act_reduce")
+    return stream_trace<cuda::StreamActReduceArgs>(problem, layout.width, sm_count, g);
+  if (op == "stream_act_map")
+    return stream_trace<cuda::StreamActMapArgs>(problem, layout.width, sm_count, g);
+  if (op == "stream_act_grad_reduce")
+    return stream_trace<cuda::StreamActGradReduceArgs>(problem, layout.width, sm_count, g);
+  TORCH_CHECK(op == "stream_act_grad_map", "se_kernels: cuda_stream_schedule's op is one of "
+              "the stream ops (stream_reduce, stream_map, stream_grad_reduce, stream_grad_map, "
+              "stream_act_reduce, stream_act_map, stream_act_grad_reduce, stream_act_grad_map), "
+              "got '", op, "'");
+  return stream_trace<cuda::StreamActGradMapArgs>(problem, layout.width, sm_count, g);
 }
 
 }  // namespace

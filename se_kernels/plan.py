@@ -26,6 +26,10 @@ before any dx), the two passes' bytes:
   forward:  read x twice (+ the shortcut), write out;
   backward: read dy twice (under the output ReLU: grad_out and out, then the written
             dshortcut, or without a shortcut grad_out and out again) and x twice, write dx.
+With an activation between the norm and the SE (the act tail), the squeeze needs act(u), so
+it waits for the statistics:
+  forward:  read x three times (statistics, squeeze, map), write out;
+  backward: read grad_out and x twice, write dx.
 
 The traces come from the backends themselves (their `schedule_trace`; for staged and tail
 calls, of the stream ops the path calls, se_kernels.stream_schedule); their data types are
@@ -44,13 +48,14 @@ import torch
 from . import dispatch
 from .schedule import (FUSED, GPUS, PATHS, STAGED, STREAMS, TAIL, GpuProfile, Launch, PlanCall,
                        PlanUnavailable)
-from .options import AVG, POOLS
+from .options import ACTIVATIONS, AVG, NONE, POOLS
 
 CURRENT = "current"  # --gpu: the GPU torch sees (current_gpu)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "nchw")
 PATH_NAMES = {FUSED: "SE op", STAGED: "staged SE",
               TAIL: "block tail (BatchNorm in training -> SE)"}
+ACT_TAIL_NAME = "block tail (BatchNorm in training -> {} -> SE)"
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ def dram_bytes_by_tensor(trace: list[Launch], l2_bytes: int) -> dict[str, int]:
 
 def floor_bytes(call: PlanCall, backward: bool) -> int:
     x = call.x_bytes
+    if call.path == TAIL and call.activation != NONE:
+        return x * (5 if backward else 4)
     if call.path == TAIL:
         return x * (5 + 2 * call.out_relu if backward else 3 + call.residual)
     if not backward:
@@ -141,7 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fused (default): the SE op of the plain two-FC excitation; staged: "
                              "an SE on the stream ops, as every other excitation form runs; "
                              "tail: the block tail BatchNorm -> SE -> drop path -> + shortcut "
-                             "(--residual) -> ReLU (--out-activation relu), in training")
+                             "(--residual) -> ReLU (--out-activation relu), in training; "
+                             "with --activation, BatchNorm -> activation -> SE")
     parser.add_argument("--shape", required=True, type=parse_shape, metavar="N,C,H,W")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--layout", default="channels_last", choices=LAYOUTS)
@@ -152,6 +160,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a residual (the tail's shortcut) is added before the output "
                              "activation")
     parser.add_argument("--out-activation", default="none", choices=["none", "relu"])
+    parser.add_argument("--activation", default=NONE, choices=[NONE, *ACTIVATIONS],
+                        help="with --path tail: the activation between the BatchNorm and the "
+                             "SE (the act tail of MBConv and RegNetY blocks; no --residual or "
+                             "--out-activation)")
     parser.add_argument("--gpu", default="h200", choices=[*sorted(GPUS), CURRENT],
                         help="the GPU profile (default h200); current: the GPU torch sees, "
                              "with its own SM count and L2 size")
@@ -164,7 +176,8 @@ def call_from_args(args: argparse.Namespace) -> PlanCall:
     if squeeze < 1:
         raise ValueError(f"--squeeze must be a positive integer, got {squeeze}")
     return PlanCall(n, c, h, w, squeeze, DTYPES[args.dtype], args.layout == "channels_last",
-                    args.residual, args.out_activation == "relu", args.pool, args.path)
+                    args.residual, args.out_activation == "relu", args.pool, args.path,
+                    args.activation)
 
 
 def table(plans: dict[str, PassCost]) -> str:
@@ -213,7 +226,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({name: asdict(p) for name, p in plans.items()}))
     else:
         n, c, h, w = args.shape
-        print(f"{args.backend} schedule of the {PATH_NAMES[call.path]} for x "
+        name = (ACT_TAIL_NAME.format(call.activation) if call.activation != NONE
+                else PATH_NAMES[call.path])
+        print(f"{args.backend} schedule of the {name} for x "
               f"{n}x{c}x{h}x{w} {args.dtype} {args.layout}, "
               f"squeeze {call.squeeze}, pool {call.pool}"
               f"{', residual' if call.residual else ''}"

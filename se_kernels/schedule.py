@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .options import AVG
+from .options import AVG, NONE
 
 # The x-sized tensors: the floor's (DESIGN.md §2) and the streams a pass walks sample by sample.
 STREAMS = ("x", "residual", "out", "grad_out", "dx", "dresidual")
@@ -88,12 +88,20 @@ class PlanCall:
     out_relu: bool = False
     pool: str = AVG
     path: str = FUSED
+    activation: str = NONE  # the tail's activation between the norm and the SE (the act tail)
 
     def __post_init__(self):
         if self.path not in PATHS:
             raise ValueError(f"a plan's path is one of {', '.join(PATHS)}, got {self.path!r}")
         if self.path == TAIL and self.pool != AVG:
             raise ValueError(f"the block tail squeezes with the mean, not pool {self.pool!r}")
+        if self.activation != NONE:
+            if self.path != TAIL:
+                raise ValueError(f"an activation before the SE (got {self.activation!r}) "
+                                 f"belongs to the block tail's path, not the {self.path!r} one")
+            if self.residual or self.out_relu:
+                raise ValueError(f"the act tail (activation {self.activation!r}) takes no "
+                                 "residual and no output activation")
 
     @property
     def p(self) -> int:

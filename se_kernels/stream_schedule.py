@@ -64,7 +64,7 @@ def run_passes(call: PlanCall, forward_ops: Ops, backward_ops: Ops) -> Names:
             if t is not None:
                 names[storage(t)] = name
         if call.path == TAIL:
-            static = (True, 1e-5, form, SIGMOID, out_activation, None, NONE)
+            static = (True, 1e-5, form, SIGMOID, out_activation, None, call.activation)
             norm = tuple(torch.empty(call.c, **like) for _ in range(4))
             out, _, _, saved = tail.forward_passes(forward_ops, static, x, residual, None, *norm,
                                                    params)

@@ -183,6 +183,30 @@ def test_plan_command_for_the_tail(capsys, backend):
     assert "schedule of the staged SE" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_plan_command_for_the_act_tail(capsys, backend):
+    """`--path tail --activation silu`: the act tail in training, x read three times forward;
+    a residual is refused."""
+    if backend == "cuda" and native.EXTENSION_ERROR is not None:
+        pytest.skip(f"no compiled extension: {native.EXTENSION_ERROR}")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    shape = ["--shape", "8,240,28,28"]
+    assert cli.main(["plan", "--backend", backend, "--path", "tail", *shape, "--activation",
+                     "silu", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{backend} schedule of the block tail (BatchNorm in training -> silu "
+                          "-> SE) for x 8x240x28x28")
+    assert cli.main(["plan", "--backend", backend, "--path", "tail", *shape, "--activation",
+                     "silu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    x = 8 * 240 * 28 * 28 * 2
+    assert (result["forward"]["floor_bytes"], result["backward"]["floor_bytes"]) == (4 * x, 5 * x)
+    assert cli.main(["plan", "--backend", backend, "--path", "tail", *shape, "--activation",
+                     "silu", "--residual"]) == 2
+    assert "takes no residual and no output activation" in capsys.readouterr().err
+
+
 def test_plan_command_refuses_a_tail_that_pools_max(capsys):
     assert cli.main(["plan", "--backend", "triton", "--path", "tail", "--shape", "2,8,4,4",
                      "--pool", "max"]) == 2

@@ -81,3 +81,41 @@ def test_tail_launches_do_not_depend_on_the_batch(backend):
                 if len(set(map(tuple, counts.values()))) > 1:
                     differing.append((dtype, channels_last, c, counts))
     assert not differing
+
+
+# EfficientNet-B0's act tails (BatchNorm -> SiLU -> SE, after the depthwise convolution): C, H = W.
+ACT_STAGES = ((96, 112), (144, 56), (240, 28), (480, 14), (1152, 7))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_act_tail_plans_meet_the_targets(backend, dtype, channels_last):
+    """The act tail in training: three passes forward (statistics, squeeze of act(u), map),
+    two backward, the other launches combines only; DRAM bytes of the floor's tensors within
+    the target of its floor (plan.floor_bytes: 4 and 5 x-sized tensors), and below it by no
+    more than half the L2 per re-reading pass (forward two, backward one)."""
+    requires(backend)
+    for c, hw in ACT_STAGES:
+        for n in BATCHES:
+            call = plan.PlanCall(n, c, hw, hw, max(1, c // 24), dtype, channels_last,
+                                 path=plan.TAIL, activation="silu")
+            for backward, passes in ((False, 3), (True, 2)):
+                where = f"{backend} C={c} {hw}x{hw} N={n} backward={backward}"
+                trace = plan.trace(backend, call, GPU, backward)
+                cost = plan.pass_cost(trace, plan.floor_bytes(call, backward), GPU)
+                assert cost.floor_bytes == call.x_bytes * (5 if backward else 4), where
+                assert sum(map(is_pass, trace)) == passes, where
+                others = {launch.kernel for launch in trace if not is_pass(launch)}
+                assert others <= {COMBINES[backend]}, where
+                assert cost.dram_bytes <= TARGET[backend] * cost.floor_bytes, where
+                assert cost.dram_bytes >= cost.floor_bytes - (passes - 1) * GPU.l2_bytes // 2, where
+
+
+def test_act_tail_plan_call_is_checked():
+    """An activation belongs to the tail's path, with no residual or output activation."""
+    with pytest.raises(ValueError, match="block tail's path"):
+        plan.PlanCall(8, 64, 7, 7, 4, torch.float32, False, activation="silu")
+    with pytest.raises(ValueError, match="no residual and no output activation"):
+        plan.PlanCall(8, 64, 7, 7, 4, torch.float32, False, residual=True, path=plan.TAIL,
+                      activation="silu")

@@ -159,6 +159,42 @@ inline StreamAccesses stream_accesses(const StreamGradMapArgs& a) {
   return s;
 }
 
+// The act tail's ops read x through their [C] or [N, C] prologue vectors (counted as [N, C]).
+inline StreamAccesses stream_accesses(const StreamActReduceArgs& a) {
+  StreamAccesses s;
+  s.vectors_read = count_given({a.in_scale, a.in_shift});
+  s.streams.add(TraceTensor::X, false);
+  s.vectors_written = count_given({a.sum});
+  return s;
+}
+
+inline StreamAccesses stream_accesses(const StreamActMapArgs& a) {
+  StreamAccesses s;
+  s.vectors_read = count_given({a.in_scale, a.in_shift, a.scale});
+  s.streams.add(TraceTensor::X, false);
+  s.streams.add(TraceTensor::Out, true);
+  return s;
+}
+
+inline StreamAccesses stream_accesses(const StreamActGradReduceArgs& a) {
+  StreamAccesses s;
+  s.vectors_read = count_given({a.in_scale, a.in_shift});
+  s.streams.add(TraceTensor::GradOut, false);
+  s.streams.add(TraceTensor::X, false);
+  s.vectors_written = count_given({a.sdyv, a.sdyd, a.sdydx, a.sd, a.sdx});
+  return s;
+}
+
+inline StreamAccesses stream_accesses(const StreamActGradMapArgs& a) {
+  StreamAccesses s;
+  s.vectors_read = count_given({a.in_scale, a.in_shift, a.dy_scale, a.act_shift, a.x_scale,
+                                a.shift});
+  s.streams.add(TraceTensor::GradOut, false);
+  s.streams.add(TraceTensor::X, false);
+  s.streams.add(TraceTensor::Dx, true);
+  return s;
+}
+
 // The launches of a planned stream pass (se_stream.cu: a reduce kernel, then the combine
 // kernel when rows are split, or a map kernel) and what each touches. The pass walks the
 // whole batch once, so each x-sized tensor is one access. Scratch holds the partial sums,

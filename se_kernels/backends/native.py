@@ -129,7 +129,7 @@ def _recording_stream_ops(calls: list) -> dict:
             calls.append((name, _stream_ops.named(name, args, outputs)))
             return outputs
         return record
-    return {name: recording(name) for name in _stream_ops.SCHEMAS}
+    return {name: recording(name) for name in (*_stream_ops.SCHEMAS, *_stream_ops.ACT_SCHEMAS)}
 
 
 def plan_stream_call(name: str, call: dict, sm_count: int) -> list:
