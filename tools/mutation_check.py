@@ -57,6 +57,8 @@ CATALOGUE = [
     # ---- CPU kernels ----------------------------------------------------------------
     Bug("cpu/ties-not-divided", "cpu", CPU_KERNELS, (
         ("dx_max[i] = dz[i] * max_share / count[i];", "dx_max[i] = dz[i] * max_share;"),)),
+    Bug("cpu/split-reduce-writes-every-piece-to-the-first", "cpu", CPU_KERNELS, (
+        ("const int64_t k = pieces == 1 ? 0 : item % pieces;", "const int64_t k = 0;"),)),
     Bug("cpu/split-combine-drops-first-piece", "cpu", CPU_KERNELS, (
         ("for (int64_t k = 0; k < pieces; ++k) v = Terms::combine(",
          "for (int64_t k = 1; k < pieces; ++k) v = Terms::combine("),)),

@@ -148,34 +148,36 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, piece_len * elems_per_pixel));
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item % pieces;
-      const int64_t nb = item / pieces;
-      const int64_t n = nb / blocks, b = nb % blocks;
+      // Small rows leave no room for integer divisions: one piece needs none, and an NCHW
+      // row's [N, C] index is its block index.
+      const int64_t k = pieces == 1 ? 0 : item % pieces;
+      const int64_t nb = pieces == 1 ? item : item / pieces;
       const int64_t p0 = k * piece_len, p1 = std::min(P, p0 + piece_len);
       if (!geo.channels_last) {
         // One NCHW row: vector lanes accumulate, then fold into one value per quantity.
         // Two sets of accumulators alternate so consecutive adds do not wait on each other.
-        const int64_t c = b, base = (n * C + c) * P;
+        const int64_t row = nb, base = row * P;
         Vec acc[2][kQ][2];
         for (auto& set : acc)
           for (int q = 0; q < kQ; ++q) set[q][0] = set[q][1] = Vec(Terms::init(q));
         int64_t p = p0;
         for (; p + 2 * kWidth <= p1; p += 2 * kWidth) {
-          terms.template fold<false>(acc[0], base + p, n * C + c);
-          terms.template fold<false>(acc[1], base + p + kWidth, n * C + c);
+          terms.template fold<false>(acc[0], base + p, row);
+          terms.template fold<false>(acc[1], base + p + kWidth, row);
         }
         if (p + kWidth <= p1) {
-          terms.template fold<false>(acc[0], base + p, n * C + c);
+          terms.template fold<false>(acc[0], base + p, row);
           p += kWidth;
         }
         acc_t total[kQ];
         for (int q = 0; q < kQ; ++q)
           total[q] = Terms::reduce_lanes(q, Terms::combine(q, acc[0][q][0], acc[1][q][0]),
                                          Terms::combine(q, acc[0][q][1], acc[1][q][1]));
-        for (; p < p1; ++p) terms.fold_scalar(total, base + p, n * C + c);
-        for (int q = 0; q < kQ; ++q) part_at(q, n, c, k) = total[q];
+        for (; p < p1; ++p) terms.fold_scalar(total, base + p, row);
+        for (int q = 0; q < kQ; ++q) part[(q * N * C + row) * pieces + k] = total[q];
       } else {
         // A channels-last block: per-channel accumulators, walked pixel by pixel.
+        const int64_t n = nb / blocks, b = nb % blocks;
         const int64_t c0 = b * kBlockC, c1 = std::min(C, c0 + kBlockC), width = c1 - c0;
         acc_t total[kQ][kBlockC];
         for (int q = 0; q < kQ; ++q) std::fill_n(total[q], width, Terms::init(q));
@@ -360,11 +362,13 @@ struct GradTerms : SumQuantities<scalar_t> {
   }
 };
 
-// out = out_act(scale * x + shift + residual) over one span.
+// out = out_act(scale * x + shift + residual) over one span. Inlined into the pass: a 7x7
+// NCHW row is a few vectors, and a call per row cost as much as its arithmetic.
 template <typename scalar_t, bool kPerLane>
-void scale_span(const scalar_t* x, const scalar_t* residual, scalar_t* out, int64_t len,
-                ChannelValue<at::opmath_type<scalar_t>, kPerLane> scale,
-                ChannelValue<at::opmath_type<scalar_t>, kPerLane> shift, bool relu) {
+C10_ALWAYS_INLINE void scale_span(const scalar_t* x, const scalar_t* residual, scalar_t* out,
+                                  int64_t len, ChannelValue<at::opmath_type<scalar_t>, kPerLane> scale,
+                                  ChannelValue<at::opmath_type<scalar_t>, kPerLane> shift,
+                                  bool relu) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
