@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .call import make_call
+from .call import SECall, make_call
 from .excitation import ChannelConv, ChannelConvMlp, Fc, Mlp
 from .functional import squeeze_excitation
 from .modules import SqueezeExcitation
@@ -121,7 +122,66 @@ class ConvertedSqueezeExcitation(nn.Module):
         self.spec = spec
         self.backend = backend
 
+    # What calls remember (_fused_weights, forward): tensors and a backend object, which a
+    # copy or a pickle of the module does not take.
+    _CACHES = ("_fused_cache", "_call_cache")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in self._CACHES:
+            state.pop(name, None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = self._reuse_key(x)
+        if key is None:
+            return self._forward(x)
+        cached = self.__dict__.get("_call_cache")
+        if cached is not None and _same_key(cached[0], key):
+            backend, call = cached[1]
+            return self._run(backend, call._replace(x=x))
+        call = self.se_call(x)
+        backend = dispatch.select(call, self.backend)
+        self.__dict__["_call_cache"] = (key, (backend, call))
+        return self._run(backend, call)
+
+    def _reuse_key(self, x: torch.Tensor):
+        """What the last call's validated arguments and chosen backend hold for, or None
+        where calls are not reused: when autograd may record the call, under tracing,
+        compiling or export, and for anything but a plain tensor. The checks and the
+        backend choice cost as much as a batch-1 kernel; a call that differs from the last
+        only in x's values reuses them. Everything they depend on is in the key: x's shape,
+        strides, dtype and device; the backend asked for (attribute and environment) and
+        the registered backends; the modes; the spec; and every parameter and buffer the
+        call reads, by identity, version and address."""
+        if (torch.is_grad_enabled() or type(x) is not torch.Tensor or torch.jit.is_tracing()
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            return None
+        spec = self.spec
+        if isinstance(spec, StagedSpec):
+            tensors = [_attribute(self, path) for path in spec.params if path is not None]
+            norm = self._modules[spec.norm].training if spec.norm is not None else None
+        else:
+            reduce, expand = self._modules[spec.reduce], self._modules[spec.expand]
+            tensors = [reduce.weight, reduce.bias, expand.weight, expand.bias]
+            norm = None
+        try:
+            return ((x.shape, x.stride(), x.dtype, x.device, self.backend,
+                     os.environ.get(dispatch.BACKEND_ENV), dispatch.generation(), norm),
+                    (spec,), *((t, t._version, t.data_ptr()) for t in tensors if t is not None))
+        except RuntimeError:  # an inference tensor has no version counter
+            return None
+
+    def _run(self, backend: dispatch.Backend, call):
+        """The output of `call` (an SECall, or a staged call) on `backend`."""
+        if isinstance(call, SECall):
+            return backend.run(call)
+        out, stats = backend.run_staged(call)
+        if self.spec.norm is not None:
+            update_running_stats(self._modules[self.spec.norm], stats, call.x.shape[0])
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if isinstance(spec, StagedSpec):
             return self._staged_forward(x, spec)
@@ -166,8 +226,8 @@ class ConvertedSqueezeExcitation(nn.Module):
         if isinstance(spec, StagedSpec):
             form, params = staged_arguments(self, spec)
             if form.fuses:
-                return make_call(x, *form.fused_weights(params), activation=form.activation,
-                                 gate=spec.gate, pool=spec.pool)
+                return make_call(x, *self._fused_weights(form, params),
+                                 activation=form.activation, gate=spec.gate, pool=spec.pool)
             return make_staged_call(x, form, params, gate=spec.gate, pool=spec.pool)
         reduce, expand = self._modules[spec.reduce], self._modules[spec.expand]
         return make_call(x, reduce.weight, reduce.bias, expand.weight, expand.bias,

@@ -157,9 +157,20 @@ def not_supported_reasons(backend: Backend, call: SECall) -> list[str]:
 _REGISTRY: dict[str, Backend] = {}
 
 
+_registrations = 0
+
+
 def register(backend: Backend) -> Backend:
+    global _registrations
     _REGISTRY[backend.name] = backend
+    _registrations += 1
     return backend
+
+
+def generation() -> int:
+    """How many registrations have been made: a choice of backend made under an earlier
+    count may no longer be auto's."""
+    return _registrations
 
 
 def backend_names() -> list[str]:

@@ -479,3 +479,54 @@ def test_import_does_not_load_timm_or_torchvision():
             "if m.split('.')[0] in ('timm', 'torchvision')); print(loaded); assert not loaded")
     result = run_python("-c", code)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_calls_reuse_their_checks_and_backend_until_something_they_depend_on_changes(monkeypatch):
+    """A call autograd does not record reuses the last call's validated arguments and
+    backend while x differs only in its values; a new shape or layout, another backend (the
+    attribute or SE_KERNELS_BACKEND), a registration, a mode change or a parameter replaced
+    makes them anew. Copies and pickles take no cache."""
+    from timm.layers.eca import EcaModule
+    from se_kernels import dispatch
+    torch.manual_seed(0)
+    original = nn.Sequential(torchvision.ops.SqueezeExcitation(16, 4), EcaModule(16)).double().eval()
+    model = convert_se_modules(copy.deepcopy(original))
+    picked = []
+    select = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda call, backend="auto": picked.append(
+        (type(call).__name__, backend)) or select(call, backend))
+
+    def check(x):
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
+
+    x = torch.randn(2, 16, 5, 3, dtype=torch.float64)
+    check(x)
+    assert picked == [("SECall", "auto"), ("StagedCall", "auto")]
+    check(torch.randn_like(x))
+    assert len(picked) == 2
+    for change in (lambda: check(torch.randn(1, 16, 5, 3, dtype=torch.float64)),
+                   lambda: check(x.contiguous(memory_format=torch.channels_last)),
+                   lambda: setattr(model[0], "backend", "torch") or check(x),
+                   lambda: monkeypatch.setenv(dispatch.BACKEND_ENV, "cpu") or check(x),
+                   lambda: dispatch.register(dispatch.get_backend("torch")) and check(x),
+                   lambda: setattr(model[1].conv, "weight", nn.Parameter(
+                       original[1].conv.weight.detach().clone())) or check(x)):
+        before = len(picked)
+        change()
+        assert len(picked) > before
+    assert picked[-1] == ("StagedCall", "auto") and model[0].backend == "torch"
+    with torch.no_grad():
+        original[1].conv.weight.mul_(2.0)
+        model[1].conv.weight.mul_(2.0)
+    check(x)  # an in-place update: the call reads the same tensor, anew
+    assert "_call_cache" in vars(model[1])
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert "_call_cache" not in vars(clone[1]) and "_call_cache" not in vars(clone[0])
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), original(x), rtol=1e-12, atol=1e-12)
+    before = len(picked)
+    check(x.requires_grad_())  # grad mode is off: still no recording, still reused
+    assert len(picked) == before
+    model(x).sum().backward()  # recorded calls are made anew each time
+    assert len(picked) == before + 2
