@@ -308,7 +308,8 @@ FLOPS = {"stream_reduce": _reduce_flops, "stream_map": _map_flops,
 # exported training program: export traces through the staged path's and the tail's
 # autograd.Functions, whose written-out backwards it cannot keep). Such a backward is the
 # reference's own, recomputed: correct, not fast; the paths' Functions never reach it,
-# since they call the ops where autograd records nothing.
+# since they call the ops where autograd records nothing (and in eager beneath autograd:
+# as_called_now).
 DIFFERENTIABLE = ("stream_reduce", "stream_map", "stream_act_reduce", "stream_act_map")
 
 
@@ -367,6 +368,34 @@ stream_act_reduce = NATIVE_ACT["stream_act_reduce"]
 stream_act_map = NATIVE_ACT["stream_act_map"]
 stream_act_grad_reduce = NATIVE_ACT["stream_act_grad_reduce"]
 stream_act_grad_map = NATIVE_ACT["stream_act_grad_map"]
+
+
+# Beneath autograd, a call skips the forward ops' autograd formula, a Python check that
+# costs as much as a small call's kernel (about 10 us a call on CPU) even where nothing
+# can be recorded.
+_BENEATH_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+_UNRECORDED: dict[int, tuple[dict, dict]] = {}
+
+
+def _beneath_autograd(op):
+    def run(*args):
+        with _BENEATH_AUTOGRAD():
+            return op(*args)
+    return run
+
+
+def as_called_now(ops: dict) -> dict:
+    """`ops` (a backend's stream ops by name) as a path should call them at this moment: in
+    eager with grad mode off, where autograd records nothing, beneath autograd; else (grad
+    mode on, or tracing or compiling, which must see the ops whole) as they are."""
+    if (_BENEATH_AUTOGRAD is None or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
+        return ops
+    entry = _UNRECORDED.get(id(ops))
+    if entry is None or entry[0] is not ops:
+        entry = _UNRECORDED[id(ops)] = (ops, {name: _beneath_autograd(op)
+                                              for name, op in ops.items()})
+    return entry[1]
 
 
 def named(name: str, args: tuple, outputs) -> dict:

@@ -225,3 +225,34 @@ def test_converted_staged_module_compiles_whole_graph():
     converted = convert_se_modules(EcaModule(32).double())
     assert_compiled_matches_eager(converted, torch.randn(4, 32, 6, 6, dtype=torch.float64),
                                   lambda m: m.conv.weight.grad)
+
+
+def test_stream_ops_run_beneath_autograd_where_nothing_is_recorded(monkeypatch):
+    """With grad mode off, a backend's stream ops skip the forward ops' autograd formula (a
+    Python check per call) and give the same bits; with grad mode on, or under tracing, they
+    are the ops themselves."""
+    from se_kernels import _stream_ops
+    cpu = dispatch.get_backend("cpu")
+    if cpu.stream_ops("cpu") is None:
+        pytest.skip("no CPU stream kernels in this build")
+    ops = cpu.stream_ops("cpu")
+    assert all(op is getattr(torch.ops.se_kernels, name).default for name, op in ops.items())
+    x = torch.randn(2, 5, 3, 4)
+    scale = torch.rand(2, 5)
+    with torch.no_grad():
+        beneath = cpu.stream_ops("cpu")
+        assert beneath is not ops and set(beneath) == set(ops)
+        assert cpu.stream_ops("cpu") is beneath  # made once per ops table
+        formula = []
+        real = torch._C._AutoDispatchBelowAutograd
+        monkeypatch.setattr(_stream_ops, "_BENEATH_AUTOGRAD",
+                            lambda: formula.append(1) or real())
+        assert torch.equal(beneath["stream_map"](x, scale, None, None, "none"),
+                           ops["stream_map"](x, scale, None, None, "none"))
+        assert formula == [1]
+        for a, b in zip(beneath["stream_reduce"](x, True, True, False),
+                        ops["stream_reduce"](x, True, True, False)):
+            assert torch.equal(a, b)
+    with torch.no_grad():
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+        assert cpu.stream_ops("cpu") is ops

@@ -199,7 +199,8 @@ class NativeBackend(dispatch.Backend):
         if device_type != self.name or not has_stream_kernel(device_type):
             return None
         # The act tail's ops (DESIGN.md §1.5), where the extension registered them.
-        return _WITH_ACT if has_act_stream_kernel(device_type) else _stream_ops.NATIVE
+        return _stream_ops.as_called_now(
+            _WITH_ACT if has_act_stream_kernel(device_type) else _stream_ops.NATIVE)
 
     def linear_form_ops(self, device_type: str) -> dict | None:
         # The extension has these ops' kernels on CPU only; on a GPU the stream ops serve.

@@ -18,7 +18,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from ... import _ops, dispatch
+from ... import _ops, _stream_ops, dispatch
 from ...call import SECall
 from ...options import (AVG, AVGMAX, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, LEAKY_RELU,
                         MAX, NONE, OUT_RELU, RELU, SIGMOID, SILU, TANH)
@@ -138,7 +138,7 @@ class TritonBackend(dispatch.Backend):
 
     def stream_ops(self, device_type: str) -> dict | None:
         from . import stream
-        return stream.OPS
+        return _stream_ops.as_called_now(stream.OPS)
 
     def schedule_trace(self, call, gpu, backward: bool) -> list:
         """The drivers' own launches for `call`, recorded on fake tensors (trace.py)."""
