@@ -8,9 +8,11 @@ layers up to the tail's BatchNorm as they are, then the tail. Recognition is by 
 class and by the tail's parts: an exact nn.BatchNorm2d or SyncBatchNorm, an SE module that
 convert_se_modules serves with average pooling, timm's DropPath (or none), an nn.ReLU,
 and no hooks on any of them. Anything else keeps the SE-only conversion, with the reason
-reported. The act tails are recognised likewise (ACT_BLOCKS): an exact nn.BatchNorm2d with
-an activation module after it, or timm's BatchNormAct2d without drop, whose activation is
-one of options.ACTIVATIONS, feeding an SE served with average pooling.
+reported. The act tails are recognised likewise (ACT_BLOCKS): an exact nn.BatchNorm2d or
+SyncBatchNorm with an activation module after it, or timm's BatchNormAct2d (or the
+SyncBatchNormAct its convert_sync_batchnorm makes of one) without drop, whose activation is
+one of options.ACTIVATIONS, feeding an SE served with average pooling. A SyncBatchNorm's
+statistics are all-reduced on its process group (process_group).
 """
 
 from __future__ import annotations
@@ -118,6 +120,17 @@ def inspect_block(module: nn.Module) -> tuple[BlockSpec | ActBlockSpec | None, s
                      se_spec), None
 
 
+def process_group(norm: nn.Module, batch_stats: bool):
+    """The process group a tail's batch statistics are all-reduced on: a SyncBatchNorm's
+    (timm's SyncBatchNormAct is one), in training, once torch.distributed is set up; else
+    None, this process's batch alone (as a SyncBatchNorm computes it outside a process
+    group)."""
+    if (isinstance(norm, nn.SyncBatchNorm) and batch_stats and dist.is_available()
+            and dist.is_initialized()):
+        return norm.process_group or dist.group.WORLD
+    return None
+
+
 class FusedBlock(nn.Module):
     """A residual block of another class whose tail runs fused (se_kernels.tail). It holds
     the original's children under their names, and the original itself outside the module
@@ -178,9 +191,7 @@ class FusedBlock(nn.Module):
         norm = self._modules[spec.norm]
         se = self._modules[spec.se]
         batch_stats = norm.training or norm.running_mean is None
-        group = None
-        if type(norm) is nn.SyncBatchNorm and batch_stats and dist.is_available() and dist.is_initialized():
-            group = norm.process_group or dist.group.WORLD
+        group = process_group(norm, batch_stats)
         form, params = se_form(se, spec.se_spec)
         out, stats = block_tail(x, (norm.weight, norm.bias, norm.running_mean, norm.running_var),
                                 form, params, gate=spec.se_spec.gate, batch_stats=batch_stats,
@@ -203,6 +214,7 @@ TV_MBCONV = "torchvision.models.efficientnet.MBConv"
 TV_INVERTED_RESIDUAL = "torchvision.models.mobilenetv3.InvertedResidual"
 TV_RES_BOTTLENECK = "torchvision.models.regnet.ResBottleneckBlock"
 TIMM_BN_ACT = "timm.layers.norm_act.BatchNormAct2d"
+TIMM_SYNC_BN_ACT = "timm.layers.norm_act.SyncBatchNormAct"  # timm's convert_sync_batchnorm
 TIMM_CONV_NORM_ACT = "timm.layers.conv_bn_act.ConvNormAct"
 TV_CONV_NORM_ACT = "torchvision.ops.misc.Conv2dNormActivation"
 TV_BOTTLENECK_TRANSFORM = "torchvision.models.regnet.BottleneckTransform"
@@ -255,10 +267,14 @@ def _act_parts(module: nn.Module, kind: str):
         if se_module is None or type(se_module) is nn.Identity:
             return None, None
         bn = module.get_submodule(norm)
-        if qualified_name(type(bn)) != TIMM_BN_ACT:
-            return None, f"{norm} is {type(bn).__name__}, not timm's BatchNormAct2d"
-        if type(bn.drop) is not nn.Identity:
-            return None, f"{norm} has a drop layer ({type(bn.drop).__name__}) before its activation"
+        if qualified_name(type(bn)) not in (TIMM_BN_ACT, TIMM_SYNC_BN_ACT):
+            return None, (f"{norm} is {type(bn).__name__}, not timm's BatchNormAct2d or "
+                          f"SyncBatchNormAct")
+        drop = getattr(bn, "drop", nn.Identity())  # a SyncBatchNormAct may lack either
+        if type(drop) is not nn.Identity:
+            return None, f"{norm} has a drop layer ({type(drop).__name__}) before its activation"
+        if not hasattr(bn, "act"):
+            return None, f"{norm} has no activation"
         return (conv, norm, f"{norm}.act", se, None, -1), None
     sequence = parts[0]
     seq = module.get_submodule(sequence)
@@ -272,8 +288,9 @@ def _act_parts(module: nn.Module, kind: str):
             if qualified_name(type(before)) != TV_CONV_NORM_ACT or len(before) != 3:
                 return None, (f"{prefix} before the SE is not a Conv2dNormActivation with an "
                               f"activation")
-            if type(before[1]) is not nn.BatchNorm2d:
-                return None, f"{prefix}.1 is {type(before[1]).__name__}, not an nn.BatchNorm2d"
+            if type(before[1]) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+                return None, (f"{prefix}.1 is {type(before[1]).__name__}, not an nn.BatchNorm2d "
+                              f"or SyncBatchNorm")
             return (f"{prefix}.0", f"{prefix}.1", f"{prefix}.2", f"{sequence}.{name}", sequence,
                     i - 1), None
     return None, None  # no SE: not an SE block
@@ -379,7 +396,8 @@ class FusedActBlock(FusedBlock):
         call = traced_quietly(
             make_tail_call, x, (norm.weight, norm.bias, norm.running_mean, norm.running_var), form,
             params, gate=spec.se_spec.gate, batch_stats=batch_stats, eps=norm.eps,
-            out_activation=None, activation=spec.activation)
+            out_activation=None, group=process_group(norm, batch_stats),
+            activation=spec.activation)
         backend = dispatch.select(call, self.backend)
         if self.backend == "auto" and (backend.name == "torch" or (
                 backend.name == "cpu" and x.shape[2] * x.shape[3] < ACT_TAIL_MIN_PIXELS_CPU)):

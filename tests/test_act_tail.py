@@ -435,6 +435,31 @@ def test_an_act_block_that_cannot_fuse_keeps_the_se_only_conversion(spoil, reaso
             f"{reason}") in caplog.text
 
 
+@pytest.mark.parametrize("library,name,fused", [ACT_MODELS[1], ACT_MODELS[3]],
+                         ids=["timm-SyncBatchNormAct", "torchvision-SyncBatchNorm"])
+def test_sync_batch_norm_act_blocks_fuse(library, name, fused, caplog):
+    """Models whose norms were made SyncBatchNorm (timm's convert_sync_batchnorm: its
+    SyncBatchNormAct; torch's in a Conv2dNormActivation) keep every act tail fused and, in
+    eval, match eager (training across processes: tests/test_tail_distributed.py). A
+    SyncBatchNormAct without its activation keeps the SE-only conversion."""
+    from timm.layers import convert_sync_batchnorm
+    make_sync = convert_sync_batchnorm if library == "timm" else nn.SyncBatchNorm.convert_sync_batchnorm
+    original = make_sync(build_model(library, name)).eval()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in original.modules())
+    converted = convert_se_modules(copy.deepcopy(original), backend="cpu")
+    assert sum(isinstance(m, FusedActBlock) for m in converted.modules()) == fused
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), rtol=1e-10, atol=1e-12)
+    if library == "timm":  # the first InvertedResidual with an SE
+        block = next(m for m in original.modules() if type(m).__name__ == "InvertedResidual"
+                     and not isinstance(m.se, nn.Identity))
+        del block.bn2.act
+        with caplog.at_level(logging.INFO, logger="se_kernels.convert"):
+            convert_se_modules(original)
+        assert "InvertedResidual: bn2 has no activation" in caplog.text
+
+
 def test_act_blocks_take_the_se_only_path_where_no_backend_has_the_act_ops(monkeypatch):
     """Where no kernel backend has the act ops, auto would give the act tail to the torch
     backend, so the block runs its norm and activation as they are and the SE on the SE

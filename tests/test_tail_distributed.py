@@ -15,7 +15,7 @@ from torch import nn
 
 from helpers import GLOO_WORLD_SIZE, needs_gloo, randomize_norms, run_on_gloo
 from se_kernels import convert_se_modules
-from se_kernels.blocks import FusedBlock
+from se_kernels.blocks import FusedActBlock, FusedBlock
 
 timm = pytest.importorskip("timm", reason="timm is a test extra: pip install .[test]")
 pytestmark = needs_gloo
@@ -48,6 +48,37 @@ def small_se_resnet(other_norms: str = "batch", drop_path: float = 0.2) -> nn.Mo
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
     randomize_norms(model, seed=0)  # timm zero-initialises bn2's scale
     return model.double()
+
+
+def small_act_net(sync: bool) -> nn.Module:
+    """A stem and two timm DepthwiseSeparableConv blocks with an SE, whose BatchNormAct2d ->
+    SiLU -> SE are act tails, in float64; the other norms GroupNorm. With `sync`, timm's
+    convert_sync_batchnorm makes the tails' norms SyncBatchNormAct."""
+    from timm.layers import convert_sync_batchnorm
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, SqueezeExcite
+
+    torch.manual_seed(0)
+
+    def block(c, stride):
+        b = DepthwiseSeparableConv(c, c, stride=stride, act_layer=nn.SiLU, se_layer=SqueezeExcite,
+                                   noskip=stride > 1)
+        b.bn2 = nn.GroupNorm(4, c)
+        return b
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.GroupNorm(4, 16),
+                          nn.SiLU(), block(16, 1), block(16, 2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    randomize_norms(model, seed=0)
+    model = model.double()
+    return convert_sync_batchnorm(model) if sync else model
+
+
+def converted_act(model: nn.Module) -> nn.Module:
+    """The act tails at every size (auto keeps small ones SE-only on CPU, and an eager
+    SyncBatchNorm runs on GPUs only)."""
+    model = convert_se_modules(copy.deepcopy(model), backend="cpu")
+    assert [isinstance(model[i], FusedActBlock) for i in (3, 4)] == [True, True]
+    return model
 
 
 def converted(model: nn.Module) -> nn.Module:
@@ -133,7 +164,8 @@ def worker(rank: int) -> dict:
     results["fsdp2"] = problem or {
         kind: train(sharded(make(model), fully_shard, mesh), x, y, seed=10 * rank)
         for kind, make, model in (("original", copy.deepcopy, original),
-                                  ("converted", converted, original), ("sync", converted, sync))}
+                                  ("converted", converted, original), ("sync", converted, sync),
+                                  ("act sync", converted_act, small_act_net(sync=True)))}
     return results
 
 
@@ -190,17 +222,20 @@ def test_fsdp2_of_a_converted_model_matches_the_original(trained):
                                            rtol=1e-10, atol=1e-12)
 
 
-def test_sync_batch_norm_tails_under_fsdp2_train_as_one_process(trained):
-    """SyncBatchNorm converted before the SE: the tails' statistics span the processes. The
-    reference: one process, the whole batch, plain BatchNorm2d, eager SE; FSDP2 averages the
-    processes' gradients of their mean losses, which is the whole batch's. (Under DDP this
-    cannot run on CPU: DDP refuses any SyncBatchNorm in a CPU module.)"""
+@pytest.mark.parametrize("kind", ["sync", "act sync"])
+def test_sync_batch_norm_tails_under_fsdp2_train_as_one_process(trained, kind):
+    """SyncBatchNorm converted before the SE (the SE-ResNet tail), or timm's SyncBatchNormAct
+    before it (the act tail): the tails' statistics span the processes. The reference: one
+    process, the whole batch, plain BatchNorm2d (BatchNormAct2d), eager SE; FSDP2 averages
+    the processes' gradients of their mean losses, which is the whole batch's. (Under DDP
+    this cannot run on CPU: DDP refuses any SyncBatchNorm in a CPU module.)"""
     runs = fsdp2_runs(trained)
-    reference = train(small_se_resnet("group", drop_path=0.0), *global_batch(), seed=0)
+    model = small_se_resnet("group", drop_path=0.0) if kind == "sync" else small_act_net(False)
+    reference = train(model, *global_batch(), seed=0)
     half = BATCH // GLOO_WORLD_SIZE
     for rank, run in enumerate(runs):
         expected = [r | {"out": r["out"][rank * half:(rank + 1) * half]} for r in reference]
-        got = [dict(r) for r in run["sync"]]
+        got = [dict(r) for r in run[kind]]
         for step, record in enumerate(got):  # the whole batch's loss is the ranks' mean
-            record["loss"] = sum(r["sync"][step]["loss"] for r in runs) / GLOO_WORLD_SIZE
+            record["loss"] = sum(r[kind][step]["loss"] for r in runs) / GLOO_WORLD_SIZE
         assert_records_close(got, expected, 1e-10, rank)
