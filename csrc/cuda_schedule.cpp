@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -135,6 +137,28 @@ std::vector<int64_t> stream_trace(const cuda::Problem& problem, int width, int64
   return cuda::detail::trace_stream(plan, args);
 }
 
+// Each stream op's trace, by the op's name.
+using StreamTrace = std::vector<int64_t> (*)(const cuda::Problem&, int, int64_t, Given&);
+constexpr std::pair<std::string_view, StreamTrace> kStreamTraces[] = {
+    {"stream_reduce", &stream_trace<cuda::StreamReduceArgs>},
+    {"stream_map", &stream_trace<cuda::StreamMapArgs>},
+    {"stream_grad_reduce", &stream_trace<cuda::StreamGradReduceArgs>},
+    {"stream_grad_map", &stream_trace<cuda::StreamGradMapArgs>},
+    {"stream_act_reduce", &stream_trace<cuda::StreamActReduceArgs>},
+    {"stream_act_map", &stream_trace<cuda::StreamActMapArgs>},
+    {"stream_act_grad_reduce", &stream_trace<cuda::StreamActGradReduceArgs>},
+    {"stream_act_grad_map", &stream_trace<cuda::StreamActGradMapArgs>},
+};
+
+std::string stream_op_names() {
+  std::string names;
+  for (const auto& entry : kStreamTraces) {
+    if (!names.empty()) names += ", ";
+    names += entry.first;
+  }
+  return names;
+}
+
 std::vector<int64_t> cuda_stream_schedule(c10::string_view op_name, int64_t N, int64_t C,
                                           int64_t P, int64_t element_size, bool channels_last,
                                           std::vector<std::string> given, int64_t sm_count) {
@@ -147,25 +171,11 @@ std::vector<int64_t> cuda_stream_schedule(c10::string_view op_name, int64_t N, i
   const cuda::Problem problem{layout.dtype, N, C, P, 0, channels_last, Options{}};
   const std::string op(op_name.data(), op_name.size());
   Given g(std::move(given), op);
-  if (op == "stream_reduce")
-    return stream_trace<cuda::StreamReduceArgs>(problem, layout.width, sm_count, g);
-  if (op == "stream_map")
-    return stream_trace<cuda::StreamMapArgs>(problem, layout.width, sm_count, g);
-  if (op == "stream_grad_reduce")
-    return stream_trace<cuda::StreamGradReduceArgs>(problem, layout.width, sm_count, g);
-  if (op == "stream_grad_map")
-    return stream_trace<cuda::StreamGradMapArgs>(problem, layout.width, sm_count, g);
-  if (op == "stream_act_reduce")
-    return stream_trace<cuda::StreamActReduceArgs>(problem, layout.width, sm_count, g);
-  if (op == "stream_act_map")
-    return stream_trace<cuda::StreamActMapArgs>(problem, layout.width, sm_count, g);
-  if (op == "stream_act_grad_reduce")
-    return stream_trace<cuda::StreamActGradReduceArgs>(problem, layout.width, sm_count, g);
-  TORCH_CHECK(op == "stream_act_grad_map", "se_kernels: cuda_stream_schedule's op is one of "
-              "the stream ops (stream_reduce, stream_map, stream_grad_reduce, stream_grad_map, "
-              "stream_act_reduce, stream_act_map, stream_act_grad_reduce, stream_act_grad_map), "
-              "got '", op, "'");
-  return stream_trace<cuda::StreamActGradMapArgs>(problem, layout.width, sm_count, g);
+  const auto* found = std::find_if(std::begin(kStreamTraces), std::end(kStreamTraces),
+                                   [&](const auto& entry) { return op == entry.first; });
+  TORCH_CHECK(found != std::end(kStreamTraces), "se_kernels: cuda_stream_schedule's op is one "
+              "of the stream ops (", stream_op_names(), "), got '", op, "'");
+  return found->second(problem, layout.width, sm_count, g);
 }
 
 }  // namespace

@@ -312,3 +312,16 @@ def test_plan_for_the_current_gpu_needs_one(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["plan", "--backend", "triton", "--shape", "2,8,4,4", "--gpu", "current"]) == 2
     assert capsys.readouterr().err == "se-kernels plan: --gpu current: no CUDA GPU is visible to torch\n"
+
+
+def test_cuda_stream_schedule_names_the_stream_ops_it_plans():
+    """Every stream op has a cuda plan; another name is refused with the list."""
+    if native.EXTENSION_ERROR is not None:
+        pytest.skip(f"no compiled extension: {native.EXTENSION_ERROR}")
+    from se_kernels import _stream_ops
+    names = [*_stream_ops.SCHEMAS, *_stream_ops.ACT_SCHEMAS]
+    for name in names:
+        assert torch.ops.se_kernels.cuda_stream_schedule(name, 2, 8, 9, 2, False, ["x"], 132)
+    with pytest.raises(RuntimeError, match=r"cuda_stream_schedule's op is one of the stream ops "
+                       rf"\({', '.join(names)}\), got 'stream_nope'"):
+        torch.ops.se_kernels.cuda_stream_schedule("stream_nope", 2, 8, 9, 2, False, ["x"], 132)
