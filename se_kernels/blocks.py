@@ -328,11 +328,14 @@ def inspect_act_block(module: nn.Module) -> tuple[ActBlockSpec | None, str | Non
 
 
 # On CPU the act tail computes the activation in each of its passes, where eager computes
-# it once, and its staged excitation costs Python between them: below 56 x 56 pixels that
-# outweighs the norm's output it does not write (EfficientNet-B0's tails at batch 8, one
-# thread: 0.5-0.7x eager in inference at 28 x 28 and below, no better than the SE-only
-# conversion in training; 1.3-1.6x at 56 x 56 and above, where the SE-only conversion is
-# 1.2-1.3x), so there backend="auto" keeps the SE-only conversion.
+# it once: with an exp-bound activation (SiLU) that costs more than the norm's output it does
+# not write, and only training, whose backward reads x instead of a saved output, gains.
+# EfficientNet-B0's act tails, batch 8 and 32, one thread
+# (benchmarks/results/cpu-amd-epyc-2026-12-06-tail.md): 0.98-1.06x the SE-only conversion in
+# training at 56 x 56 pixels and above, 0.71-0.74x in inference. So backend="auto" runs the
+# act tail on CPU only on batch statistics from 56 x 56 pixels, the SE-only conversion
+# otherwise (below 56 x 56 the earlier run had it at 0.5-0.7x eager in inference and no
+# better than the SE-only conversion in training).
 ACT_TAIL_MIN_PIXELS_CPU = 56 * 56
 
 
@@ -340,7 +343,8 @@ class FusedActBlock(FusedBlock):
     """A block of another class whose BatchNorm -> activation -> SE runs as one act tail
     (se_kernels.tail); the rest of its forward is the original's, on the same children.
     Where backend="auto" finds no backend with the act tail's kernels for the tensors, or
-    the cpu backend for fewer than ACT_TAIL_MIN_PIXELS_CPU pixels, it runs the SE-only
+    the cpu backend outside training or for fewer than ACT_TAIL_MIN_PIXELS_CPU pixels (the
+    rule's measurements are beside it), it runs the SE-only
     conversion instead: the norm and the activation as they are, the SE on its own fused or
     staged op."""
 
@@ -399,8 +403,8 @@ class FusedActBlock(FusedBlock):
             out_activation=None, group=process_group(norm, batch_stats),
             activation=spec.activation)
         backend = dispatch.select(call, self.backend)
-        if self.backend == "auto" and (backend.name == "torch" or (
-                backend.name == "cpu" and x.shape[2] * x.shape[3] < ACT_TAIL_MIN_PIXELS_CPU)):
+        if self.backend == "auto" and (backend.name == "torch" or (backend.name == "cpu" and not (
+                batch_stats and x.shape[2] * x.shape[3] >= ACT_TAIL_MIN_PIXELS_CPU))):
             return self._se_only(x, norm, se)
         out, stats = backend.run_staged(call)
         if stats is not None:
