@@ -142,7 +142,8 @@ class ConvertedSqueezeExcitation(nn.Module):
             return self._run(backend, call._replace(x=x))
         call = self.se_call(x)
         backend = dispatch.select(call, self.backend)
-        self.__dict__["_call_cache"] = (key, (backend, call))
+        # Without x: the cache must not keep an input alive.
+        self.__dict__["_call_cache"] = (key, (backend, call._replace(x=None)))
         return self._run(backend, call)
 
     def _reuse_key(self, x: torch.Tensor):

@@ -5,6 +5,7 @@ import copy
 import functools
 import logging
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -500,9 +501,15 @@ def test_calls_reuse_their_checks_and_backend_until_something_they_depend_on_cha
         with torch.no_grad():
             torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
 
+    first = torch.randn(2, 16, 5, 3, dtype=torch.float64)
+    check(first)
+    assert picked == [("SECall", "auto"), ("StagedCall", "auto")]
+    gone = weakref.ref(first)
+    del first
+    assert gone() is None  # the cache keeps no input alive
     x = torch.randn(2, 16, 5, 3, dtype=torch.float64)
     check(x)
-    assert picked == [("SECall", "auto"), ("StagedCall", "auto")]
+    assert len(picked) == 2
     check(torch.randn_like(x))
     assert len(picked) == 2
     for change in (lambda: check(torch.randn(1, 16, 5, 3, dtype=torch.float64)),
