@@ -334,8 +334,8 @@ def inspect_act_block(module: nn.Module) -> tuple[ActBlockSpec | None, str | Non
 # (benchmarks/results/cpu-amd-epyc-2026-12-06-tail.md): 0.98-1.06x the SE-only conversion in
 # training at 56 x 56 pixels and above, 0.71-0.74x in inference. So backend="auto" runs the
 # act tail on CPU only on batch statistics from 56 x 56 pixels, the SE-only conversion
-# otherwise (below 56 x 56 the earlier run had it at 0.5-0.7x eager in inference and no
-# better than the SE-only conversion in training).
+# otherwise (below 56 x 56, where less of x streams from memory, a rougher measurement had
+# it no better than the SE-only conversion in training either).
 ACT_TAIL_MIN_PIXELS_CPU = 56 * 56
 
 
