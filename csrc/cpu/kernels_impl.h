@@ -137,11 +137,11 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
                  std::max<int64_t>(1, P * elems_per_pixel / kMinPieceElems));
   const int64_t piece_len = ceil_div(P, pieces);
 
-  // partial[q][n][c][piece]
+  // partial[q][n][c][piece], indexed by q, the [N, C] index n * C + c, and the piece
   auto partial = at::empty({kQ, N, C, pieces}, acc);
   acc_t* part = partial.data_ptr<acc_t>();
-  auto part_at = [&](int q, int64_t n, int64_t c, int64_t k) -> acc_t& {
-    return part[((q * N + n) * C + c) * pieces + k];
+  auto part_at = [&](int q, int64_t nc, int64_t k) -> acc_t& {
+    return part[(q * N * C + nc) * pieces + k];
   };
 
   const int64_t items = N * blocks * pieces;
@@ -174,7 +174,7 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
           total[q] = Terms::reduce_lanes(q, Terms::combine(q, acc[0][q][0], acc[1][q][0]),
                                          Terms::combine(q, acc[0][q][1], acc[1][q][1]));
         for (; p < p1; ++p) terms.fold_scalar(total, base + p, row);
-        for (int q = 0; q < kQ; ++q) part[(q * N * C + row) * pieces + k] = total[q];
+        for (int q = 0; q < kQ; ++q) part_at(q, row, k) = total[q];
       } else {
         // A channels-last block: per-channel accumulators, walked pixel by pixel.
         const int64_t n = nb / blocks, b = nb % blocks;
@@ -204,7 +204,7 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
           }
         }
         for (int q = 0; q < kQ; ++q)
-          for (int64_t i = 0; i < width; ++i) part_at(q, n, c0 + i, k) = total[q][i];
+          for (int64_t i = 0; i < width; ++i) part_at(q, n * C + c0 + i, k) = total[q][i];
       }
     }
   });
@@ -217,7 +217,7 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
     for (int64_t nc = begin; nc < end; ++nc)
       for (int q = 0; q < kQ; ++q) {
         acc_t v = Terms::init(q);
-        for (int64_t k = 0; k < pieces; ++k) v = Terms::combine(q, v, part[(q * N * C + nc) * pieces + k]);
+        for (int64_t k = 0; k < pieces; ++k) v = Terms::combine(q, v, part_at(q, nc, k));
         res[q * N * C + nc] = v;
       }
   });
