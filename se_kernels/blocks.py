@@ -391,21 +391,31 @@ class FusedActBlock(FusedBlock):
                 x = child(x)
         return x
 
-    def act_tail(self, x: torch.Tensor) -> torch.Tensor:
+    def act_tail_call(self, x: torch.Tensor):
+        """(the act tail's call on x, the backend dispatch picks for it)."""
         spec = self.spec
         norm = self.get_submodule(spec.norm)
-        se = self.get_submodule(spec.se)
         batch_stats = norm.training or norm.running_mean is None
-        form, params = se_form(se, spec.se_spec)
+        form, params = se_form(self.get_submodule(spec.se), spec.se_spec)
         call = traced_quietly(
             make_tail_call, x, (norm.weight, norm.bias, norm.running_mean, norm.running_var), form,
             params, gate=spec.se_spec.gate, batch_stats=batch_stats, eps=norm.eps,
             out_activation=None, group=process_group(norm, batch_stats),
             activation=spec.activation)
-        backend = dispatch.select(call, self.backend)
-        if self.backend == "auto" and (backend.name == "torch" or (backend.name == "cpu" and not (
-                batch_stats and x.shape[2] * x.shape[3] >= ACT_TAIL_MIN_PIXELS_CPU))):
-            return self._se_only(x, norm, se)
+        return call, dispatch.select(call, self.backend)
+
+    def _runs_se_only(self, call, backend: dispatch.Backend) -> bool:
+        """Whether backend="auto" runs the SE-only conversion instead of `call` (the class
+        docstring's rule)."""
+        return self.backend == "auto" and (backend.name == "torch" or (
+            backend.name == "cpu" and not (call.batch_stats and call.x.shape[2] * call.x.shape[3]
+                                           >= ACT_TAIL_MIN_PIXELS_CPU)))
+
+    def act_tail(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.get_submodule(self.spec.norm)
+        call, backend = self.act_tail_call(x)
+        if self._runs_se_only(call, backend):
+            return self._se_only(x, norm, self.get_submodule(self.spec.se))
         out, stats = backend.run_staged(call)
         if stats is not None:
             update_running_stats(norm, stats, stats[2])

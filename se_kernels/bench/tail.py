@@ -205,13 +205,7 @@ class FusedActTail(nn.Module):
 
     def runs(self, x: torch.Tensor) -> str:
         """dispatch's choice for the call FusedActBlock.act_tail makes."""
-        block, spec = self.block, self.block.spec
-        norm = block.bn
-        form, params = se_form(block.se, spec.se_spec)
-        call = make_tail_call(x, (norm.weight, norm.bias, norm.running_mean, norm.running_var),
-                              form, params, gate=spec.se_spec.gate, batch_stats=norm.training,
-                              eps=norm.eps, out_activation=None, activation=spec.activation)
-        return dispatch.select(call, block.backend).name
+        return self.block.act_tail_call(x)[1].name
 
 
 OURS = {SE_ONLY: SEOnlyTail, FUSED: FusedTail}
