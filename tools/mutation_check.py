@@ -62,13 +62,19 @@ CATALOGUE = [
     Bug("cpu/split-combine-drops-first-piece", "cpu", CPU_KERNELS, (
         ("for (int64_t k = 0; k < pieces; ++k) v = Terms::combine(",
          "for (int64_t k = 1; k < pieces; ++k) v = Terms::combine("),)),
+    # A span's last window overlaps the one before (for_windows, reduce_spatial): its lanes
+    # already done must not be summed again.
+    Bug("cpu/last-window-sums-its-overlap-twice", "cpu", CPU_KERNELS, (
+        ("LanesFrom<acc_t>(p - (p1 - kWidth))", "LanesFrom<acc_t>(0)"),
+        ("LanesFrom<at::opmath_type<scalar_t>>(i - (len - kWidth))",
+         "LanesFrom<at::opmath_type<scalar_t>>(0)"))),
     Bug("cpu/bf16-dx-5-percent-off", "cpu", CPU_KERNELS, (
-        ("      L::store(dx + i, res[0], res[1]);",
-         "      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) { res[0] = res[0] * Vec(1.05f);"
-         " res[1] = res[1] * Vec(1.05f); }\n      L::store(dx + i, res[0], res[1]);"),
-        ("      dx[i] = static_cast<scalar_t>(v);",
-         "      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) v *= acc_t(1.05);\n"
-         "      dx[i] = static_cast<scalar_t>(v);"))),
+        ("L::store(dx + i, res[0], res[1], keep);",
+         "if constexpr (std::is_same_v<scalar_t, at::BFloat16>) { res[0] = res[0] * Vec(1.05f);"
+         " res[1] = res[1] * Vec(1.05f); }\n          L::store(dx + i, res[0], res[1], keep);"),
+        ("dx[i] = static_cast<scalar_t>(v);",
+         "if constexpr (std::is_same_v<scalar_t, at::BFloat16>) v *= acc_t(1.05);\n"
+         "          dx[i] = static_cast<scalar_t>(v);"))),
     Bug("cpu/bias-dropped", "cpu", CPU_MLP, (
         ("y[n * ldy + r] = bias ? total[n * kRows + r] + bias[r] : total[n * kRows + r];",
          "y[n * ldy + r] = total[n * kRows + r];"),)),
@@ -84,9 +90,9 @@ CATALOGUE = [
     Bug("cpu/tanh-gate-derivative", "cpu", CPU_MLP, (
         ("dgate = Vec(1) - sv * sv;", "dgate = Vec(1) - sv;"),)),
     Bug("cpu/residual-grad-not-masked", "cpu", CPU_KERNELS, (
-        ("if (dresidual) L::store(dresidual + i, dy[0], dy[1]);",
+        ("if (dresidual) L::store(dresidual + i, dy[0], dy[1], keep);",
          "if (dresidual) { Vec raw[2]; L::load(grad_out + i, raw[0], raw[1]); "
-         "L::store(dresidual + i, raw[0], raw[1]); }"),
+         "L::store(dresidual + i, raw[0], raw[1], keep); }"),
         ("if (dresidual) dresidual[i] = static_cast<scalar_t>(dy);",
          "if (dresidual) dresidual[i] = grad_out[i];"))),
     Bug("cpu/relu-mask-ge", "cpu", CPU_KERNELS, (

@@ -34,6 +34,37 @@ using at::vec::Vectorized;
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Which lanes of a kWidth-element window (two vectors, lo and hi) a pass takes. A span of
+// kWidth elements or more ends with a window that ends where the span does and overlaps
+// the window before it, whose lanes are done: a 5x5 NCHW row then costs two windows, where
+// a scalar loop over its last nine values cost as much as the rest of the row. The last
+// window takes only the lanes from `first` on: a sum must not count the overlap twice, and
+// a map stores only those lanes, so it stays right where its output is one of its inputs.
+// (A reduction's own stores, the masked dy for dresidual, rewrite the overlap with the
+// values it holds: they are recomputed from inputs the pass does not write.)
+struct AllLanes {
+  template <typename Vec>
+  C10_ALWAYS_INLINE Vec operator()(int /*half*/, const Vec& v, const Vec& /*elsewhere*/) const {
+    return v;
+  }
+};
+
+template <typename acc_t>
+struct LanesFrom {
+  using Vec = Vectorized<acc_t>;
+  Vec taken[2];  // all-ones in the lanes taken
+
+  explicit LanesFrom(int64_t first) {
+    const Vec from(static_cast<acc_t>(first));
+    taken[0] = Vec::arange(acc_t(0), acc_t(1)) >= from;
+    taken[1] = Vec::arange(static_cast<acc_t>(Vec::size()), acc_t(1)) >= from;
+  }
+  // v in the lanes taken, `elsewhere` in the others, of half h of the window.
+  C10_ALWAYS_INLINE Vec operator()(int h, const Vec& v, const Vec& elsewhere) const {
+    return Vec::blendv(elsewhere, v, taken[h]);
+  }
+};
+
 // Loads and stores kWidth scalars as two vectors of the accumulation type, so fp16/bf16
 // are widened once per load and each pass below is written once for every dtype.
 template <typename scalar_t>
@@ -58,6 +89,13 @@ struct Lanes {
     } else {
       at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
     }
+  }
+  // Stores the lanes `keep` takes; the others keep what the memory holds.
+  static void store(scalar_t* p, const Vec& lo, const Vec& hi, AllLanes) { store(p, lo, hi); }
+  static void store(scalar_t* p, const Vec& lo, const Vec& hi, const LanesFrom<acc_t>& keep) {
+    Vec old[2];
+    load(p, old[0], old[1]);
+    store(p, keep(0, lo, old[0]), keep(1, hi, old[1]));
   }
   // Vec::size() scalars as one vector (half a load above).
   static Vec load_one(const scalar_t* p) {
@@ -91,6 +129,22 @@ acc_t nan_max(acc_t a, acc_t b) {  // torch.amax propagates NaN
 template <typename acc_t>
 acc_t nan_min(acc_t a, acc_t b) {  // as torch.amin
   return (a < b || std::isnan(a)) ? a : b;
+}
+
+// Runs window(i, keep) over the kWidth-element windows of a span of `len` elements, the
+// last one overlapping the one before where len is not a multiple of kWidth (keep says
+// which lanes each takes), and scalar(i) over the elements of a span shorter than kWidth.
+template <typename scalar_t, typename Window, typename Scalar>
+C10_ALWAYS_INLINE void for_windows(int64_t len, Window&& window, Scalar&& scalar) {
+  constexpr int64_t kWidth = Lanes<scalar_t>::kWidth;
+  int64_t i = 0;
+  for (; i + kWidth <= len; i += kWidth) window(i, AllLanes{});
+  if (i == len) return;
+  if (len >= kWidth) {
+    window(len - kWidth, LanesFrom<at::opmath_type<scalar_t>>(i - (len - kWidth)));
+    return;
+  }
+  for (; i < len; ++i) scalar(i);
 }
 
 // Calls fn(per_lane_tag, offset, length, channel_offset) for every dense span of x, in
@@ -144,6 +198,22 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
     return part[(q * N * C + nc) * pieces + k];
   };
 
+  // Folds the window at `off` into acc, in the lanes `keep` takes.
+  auto fold_window = [&](auto per_lane, Vec (&acc)[kQ][2], int64_t off, int64_t chan,
+                         const auto& keep) {
+    constexpr bool kPerLane = decltype(per_lane)::value;
+    if constexpr (std::is_same_v<std::decay_t<decltype(keep)>, AllLanes>) {
+      terms.template fold<kPerLane>(acc, off, chan);
+    } else {
+      Vec own[kQ][2];  // the window's own terms, then those of the lanes taken
+      for (int q = 0; q < kQ; ++q) own[q][0] = own[q][1] = Vec(Terms::init(q));
+      terms.template fold<kPerLane>(own, off, chan);
+      for (int q = 0; q < kQ; ++q)
+        for (int h = 0; h < 2; ++h)
+          acc[q][h] = Terms::combine(q, acc[q][h], keep(h, own[q][h], Vec(Terms::init(q))));
+    }
+  };
+
   const int64_t items = N * blocks * pieces;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, piece_len * elems_per_pixel));
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
@@ -169,6 +239,11 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
           terms.template fold<false>(acc[0], base + p, row);
           p += kWidth;
         }
+        if (p < p1 && p1 - p0 >= kWidth) {  // the last window, within this piece
+          fold_window(std::false_type{}, acc[1], base + p1 - kWidth, row,
+                      LanesFrom<acc_t>(p - (p1 - kWidth)));
+          p = p1;
+        }
         acc_t total[kQ];
         for (int q = 0; q < kQ; ++q)
           total[q] = Terms::reduce_lanes(q, Terms::combine(q, acc[0][q][0], acc[1][q][0]),
@@ -181,27 +256,28 @@ at::Tensor reduce_spatial(const Geometry& geo, const Terms& terms, const at::Ten
         const int64_t c0 = b * kBlockC, c1 = std::min(C, c0 + kBlockC), width = c1 - c0;
         acc_t total[kQ][kBlockC];
         for (int q = 0; q < kQ; ++q) std::fill_n(total[q], width, Terms::init(q));
-        const int64_t vec_width = width - width % kWidth;
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t base = (n * P + p) * C + c0;
-          for (int64_t i = 0; i < vec_width; i += kWidth) {
-            Vec acc[kQ][2];
-            for (int q = 0; q < kQ; ++q) {
-              acc[q][0] = Vec::loadu(total[q] + i);
-              acc[q][1] = Vec::loadu(total[q] + i + Vec::size());
-            }
-            terms.template fold<true>(acc, base + i, n * C + c0 + i);
-            for (int q = 0; q < kQ; ++q) {
-              acc[q][0].store(total[q] + i);
-              acc[q][1].store(total[q] + i + Vec::size());
-            }
-          }
-          for (int64_t i = vec_width; i < width; ++i) {
-            acc_t one[kQ];
-            for (int q = 0; q < kQ; ++q) one[q] = total[q][i];
-            terms.fold_scalar(one, base + i, n * C + c0 + i);
-            for (int q = 0; q < kQ; ++q) total[q][i] = one[q];
-          }
+          for_windows<scalar_t>(
+              width,
+              [&](int64_t i, const auto& keep) {
+                Vec acc[kQ][2];
+                for (int q = 0; q < kQ; ++q) {
+                  acc[q][0] = Vec::loadu(total[q] + i);
+                  acc[q][1] = Vec::loadu(total[q] + i + Vec::size());
+                }
+                fold_window(std::true_type{}, acc, base + i, n * C + c0 + i, keep);
+                for (int q = 0; q < kQ; ++q) {
+                  acc[q][0].store(total[q] + i);
+                  acc[q][1].store(total[q] + i + Vec::size());
+                }
+              },
+              [&](int64_t i) {
+                acc_t one[kQ];
+                for (int q = 0; q < kQ; ++q) one[q] = total[q][i];
+                terms.fold_scalar(one, base + i, n * C + c0 + i);
+                for (int q = 0; q < kQ; ++q) total[q][i] = one[q];
+              });
         }
         for (int q = 0; q < kQ; ++q)
           for (int64_t i = 0; i < width; ++i) part_at(q, n * C + c0 + i, k) = total[q][i];
@@ -372,35 +448,36 @@ C10_ALWAYS_INLINE void scale_span(const scalar_t* x, const scalar_t* residual, s
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
-  int64_t i = 0;
-  for (; i + L::kWidth <= len; i += L::kWidth) {
-    Vec y[2];
-    L::load(x + i, y[0], y[1]);
-    y[0] = y[0] * scale.lo(i);
-    y[1] = y[1] * scale.hi(i);
-    if (shift) {
-      y[0] = y[0] + shift.lo(i);
-      y[1] = y[1] + shift.hi(i);
-    }
-    if (residual) {
-      Vec r[2];
-      L::load(residual + i, r[0], r[1]);
-      y[0] = y[0] + r[0];
-      y[1] = y[1] + r[1];
-    }
-    if (relu) {  // maximum() keeps NaN, as torch.relu does
-      y[0] = at::vec::maximum(y[0], Vec(0));
-      y[1] = at::vec::maximum(y[1], Vec(0));
-    }
-    L::store(out + i, y[0], y[1]);
-  }
-  for (; i < len; ++i) {
-    acc_t y = static_cast<acc_t>(x[i]) * scale.at(i);
-    if (shift) y += shift.at(i);
-    if (residual) y += static_cast<acc_t>(residual[i]);
-    if (relu && y < 0) y = 0;
-    out[i] = static_cast<scalar_t>(y);
-  }
+  for_windows<scalar_t>(
+      len,
+      [&](int64_t i, const auto& keep) {
+        Vec y[2];
+        L::load(x + i, y[0], y[1]);
+        y[0] = y[0] * scale.lo(i);
+        y[1] = y[1] * scale.hi(i);
+        if (shift) {
+          y[0] = y[0] + shift.lo(i);
+          y[1] = y[1] + shift.hi(i);
+        }
+        if (residual) {
+          Vec r[2];
+          L::load(residual + i, r[0], r[1]);
+          y[0] = y[0] + r[0];
+          y[1] = y[1] + r[1];
+        }
+        if (relu) {  // maximum() keeps NaN, as torch.relu does
+          y[0] = at::vec::maximum(y[0], Vec(0));
+          y[1] = at::vec::maximum(y[1], Vec(0));
+        }
+        L::store(out + i, y[0], y[1], keep);
+      },
+      [&](int64_t i) {
+        acc_t y = static_cast<acc_t>(x[i]) * scale.at(i);
+        if (shift) y += shift.at(i);
+        if (residual) y += static_cast<acc_t>(residual[i]);
+        if (relu && y < 0) y = 0;
+        out[i] = static_cast<scalar_t>(y);
+      });
 }
 
 // The scale pass over all of x: out = out_act(scale * x + shift + residual), scale and
@@ -445,43 +522,44 @@ struct GradInputSpan {
   Chan dy_scale, x_scale, shift, peak, peak_shift;
 
   void operator()(int64_t len) const {
-    int64_t i = 0;
-    for (; i + L::kWidth <= len; i += L::kWidth) {
-      Vec dy[2], res[2], xv[2];
-      L::load(grad_out + i, dy[0], dy[1]);
-      if (out) {
-        Vec o[2];
-        L::load(out + i, o[0], o[1]);
-        for (int h = 0; h < 2; ++h) dy[h] = Vec::blendv(Vec(0), dy[h], o[h] > Vec(0));
-      }
-      res[0] = dy[0] * dy_scale.lo(i);
-      res[1] = dy[1] * dy_scale.hi(i);
-      if (x_scale || peak) L::load(x + i, xv[0], xv[1]);
-      if (x_scale) {
-        res[0] = res[0] + x_scale.lo(i) * xv[0];
-        res[1] = res[1] + x_scale.hi(i) * xv[1];
-      }
-      if (shift) {
-        res[0] = res[0] + shift.lo(i);
-        res[1] = res[1] + shift.hi(i);
-      }
-      if (peak) {
-        res[0] = res[0] + Vec::blendv(Vec(0), peak_shift.lo(i), xv[0] == peak.lo(i));
-        res[1] = res[1] + Vec::blendv(Vec(0), peak_shift.hi(i), xv[1] == peak.hi(i));
-      }
-      L::store(dx + i, res[0], res[1]);
-      if (dresidual) L::store(dresidual + i, dy[0], dy[1]);
-    }
-    for (; i < len; ++i) {
-      acc_t dy = static_cast<acc_t>(grad_out[i]);
-      if (out && !(static_cast<acc_t>(out[i]) > 0)) dy = 0;
-      acc_t v = dy * dy_scale.at(i);
-      if (x_scale) v += x_scale.at(i) * static_cast<acc_t>(x[i]);
-      if (shift) v += shift.at(i);
-      if (peak && static_cast<acc_t>(x[i]) == peak.at(i)) v += peak_shift.at(i);
-      dx[i] = static_cast<scalar_t>(v);
-      if (dresidual) dresidual[i] = static_cast<scalar_t>(dy);
-    }
+    for_windows<scalar_t>(
+        len,
+        [&](int64_t i, const auto& keep) {
+          Vec dy[2], res[2], xv[2];
+          L::load(grad_out + i, dy[0], dy[1]);
+          if (out) {
+            Vec o[2];
+            L::load(out + i, o[0], o[1]);
+            for (int h = 0; h < 2; ++h) dy[h] = Vec::blendv(Vec(0), dy[h], o[h] > Vec(0));
+          }
+          res[0] = dy[0] * dy_scale.lo(i);
+          res[1] = dy[1] * dy_scale.hi(i);
+          if (x_scale || peak) L::load(x + i, xv[0], xv[1]);
+          if (x_scale) {
+            res[0] = res[0] + x_scale.lo(i) * xv[0];
+            res[1] = res[1] + x_scale.hi(i) * xv[1];
+          }
+          if (shift) {
+            res[0] = res[0] + shift.lo(i);
+            res[1] = res[1] + shift.hi(i);
+          }
+          if (peak) {
+            res[0] = res[0] + Vec::blendv(Vec(0), peak_shift.lo(i), xv[0] == peak.lo(i));
+            res[1] = res[1] + Vec::blendv(Vec(0), peak_shift.hi(i), xv[1] == peak.hi(i));
+          }
+          L::store(dx + i, res[0], res[1], keep);
+          if (dresidual) L::store(dresidual + i, dy[0], dy[1], keep);
+        },
+        [&](int64_t i) {
+          acc_t dy = static_cast<acc_t>(grad_out[i]);
+          if (out && !(static_cast<acc_t>(out[i]) > 0)) dy = 0;
+          acc_t v = dy * dy_scale.at(i);
+          if (x_scale) v += x_scale.at(i) * static_cast<acc_t>(x[i]);
+          if (shift) v += shift.at(i);
+          if (peak && static_cast<acc_t>(x[i]) == peak.at(i)) v += peak_shift.at(i);
+          dx[i] = static_cast<scalar_t>(v);
+          if (dresidual) dresidual[i] = static_cast<scalar_t>(dy);
+        });
   }
 };
 
@@ -610,41 +688,42 @@ struct ActMapSpan {
   Chan a, b, scale, act_shift, x_scale, shift;
 
   void operator()(int64_t len) const {
-    int64_t i = 0;
-    for (; i + L::kWidth <= len; i += L::kWidth) {
-      Vec xv[2], dy[2], res[2];
-      L::load(x + i, xv[0], xv[1]);
-      if (grad_out) L::load(grad_out + i, dy[0], dy[1]);
-      for (int h = 0; h < 2; ++h) {
-        const int64_t j = i + h * Vec::size();
-        const Vec u = at::vec::fmadd(xv[h], a.lo(j), b.lo(j));
-        if (!grad_out) {
-          res[h] = M::activation_at(kind, u, nullptr) * scale.lo(j);
-          continue;
-        }
-        Vec d;
-        M::activation_at(kind, u, &d);
-        res[h] = d * at::vec::fmadd(dy[h], scale.lo(j), act_shift.lo(j));
-        if (x_scale) res[h] = at::vec::fmadd(x_scale.lo(j), xv[h], res[h]);
-        if (shift) res[h] = res[h] + shift.lo(j);
-      }
-      L::store(out + i, res[0], res[1]);
-    }
-    for (; i < len; ++i) {
-      const acc_t xv = static_cast<acc_t>(x[i]);
-      const acc_t u = xv * a.at(i) + b.at(i);
-      acc_t v;
-      if (!grad_out) {
-        v = M::activation_scalar(kind, u, nullptr) * scale.at(i);
-      } else {
-        acc_t d;
-        M::activation_scalar(kind, u, &d);
-        v = d * (static_cast<acc_t>(grad_out[i]) * scale.at(i) + act_shift.at(i));
-        if (x_scale) v += x_scale.at(i) * xv;
-        if (shift) v += shift.at(i);
-      }
-      out[i] = static_cast<scalar_t>(v);
-    }
+    for_windows<scalar_t>(
+        len,
+        [&](int64_t i, const auto& keep) {
+          Vec xv[2], dy[2], res[2];
+          L::load(x + i, xv[0], xv[1]);
+          if (grad_out) L::load(grad_out + i, dy[0], dy[1]);
+          for (int h = 0; h < 2; ++h) {
+            const int64_t j = i + h * Vec::size();
+            const Vec u = at::vec::fmadd(xv[h], a.lo(j), b.lo(j));
+            if (!grad_out) {
+              res[h] = M::activation_at(kind, u, nullptr) * scale.lo(j);
+              continue;
+            }
+            Vec d;
+            M::activation_at(kind, u, &d);
+            res[h] = d * at::vec::fmadd(dy[h], scale.lo(j), act_shift.lo(j));
+            if (x_scale) res[h] = at::vec::fmadd(x_scale.lo(j), xv[h], res[h]);
+            if (shift) res[h] = res[h] + shift.lo(j);
+          }
+          L::store(out + i, res[0], res[1], keep);
+        },
+        [&](int64_t i) {
+          const acc_t xv = static_cast<acc_t>(x[i]);
+          const acc_t u = xv * a.at(i) + b.at(i);
+          acc_t v;
+          if (!grad_out) {
+            v = M::activation_scalar(kind, u, nullptr) * scale.at(i);
+          } else {
+            acc_t d;
+            M::activation_scalar(kind, u, &d);
+            v = d * (static_cast<acc_t>(grad_out[i]) * scale.at(i) + act_shift.at(i));
+            if (x_scale) v += x_scale.at(i) * xv;
+            if (shift) v += shift.at(i);
+          }
+          out[i] = static_cast<scalar_t>(v);
+        });
   }
 };
 
