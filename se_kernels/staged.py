@@ -24,6 +24,11 @@ from .backends.torch_backend import (GATE_GRADIENTS, GATE_VALUES, GATES, POOL_WE
 from .options import AVG, NONE, OUT_RELU, check_choice, normalize_out_activation
 
 
+def to_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t in dtype (None stays None), without a call where it already is."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def records_gradient(tensors) -> bool:
     """Whether autograd will record a call on `tensors`: grad mode is on and one of them
     requires grad."""
@@ -158,7 +163,7 @@ class _StagedFunction(torch.autograd.Function):
         dx, dresidual, grads = backward_passes(_stream_ops(backend, x), form, gate, pool,
                                                out_activation, residual_grad, grad_out, x, out,
                                                z, xmax, g, cast, saved)
-        grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes))
+        grads = tuple(to_dtype(d, dtype) for d, dtype in zip(grads, dtypes))
         return (None, None, None, None, None, dx, dresidual if residual_grad else None, *grads)
 
 
@@ -228,6 +233,5 @@ def update_running_stats(norm: torch.nn.modules.batchnorm._BatchNorm, stats, n) 
     with torch.no_grad():
         norm.num_batches_tracked.add_(1)
         momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-        norm.running_mean.copy_(momentum * mean + (1 - momentum) * norm.running_mean)
-        unbiased = var * (n / (n - 1))
-        norm.running_var.copy_(momentum * unbiased + (1 - momentum) * norm.running_var)
+        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+        norm.running_var.lerp_((var * (n / (n - 1))).to(norm.running_var.dtype), momentum)

@@ -29,7 +29,7 @@ from ._stream_ops import check_residual, check_x
 from .backends.torch_backend import (GATE_GRADIENTS, GATE_VALUES, GATES, activation_function,
                                       scale_epilogue)
 from .options import NONE, OUT_RELU, check_choice, normalize_out_activation
-from .staged import check_form_params, forward_alone, records_gradient
+from .staged import check_form_params, forward_alone, records_gradient, to_dtype
 
 # The act tail's stream ops, which not every backend has (dispatch refuses it there).
 ACT_OPS = ("stream_act_reduce", "stream_act_map", "stream_act_grad_reduce",
@@ -144,22 +144,21 @@ def _batch_statistics(sums, sumsq, p: int, group):
     E[x²] - E[x]² in the accumulation dtype: the squeeze's own pass gives the sums, and no
     second pass over x is made for a centred one."""
     n, c = sums.shape
-    totals = torch.cat([sums.sum(0), sumsq.sum(0), sums.new_full((1,), n * p)])
-    totals = _all_reduce(totals, group)
-    count = totals[-1]
-    mean = totals[:c] / count
-    return mean, (totals[c:2 * c] / count - mean * mean).clamp_min(0), count
+    count = sums.new_full((1,), n * p)
+    totals = torch.cat([sums, sumsq], 1).sum(0)  # [Σx | Σx²] per channel
+    if group is not None:
+        totals = _all_reduce(torch.cat([totals, count]), group)
+        totals, count = totals[:2 * c], totals[2 * c:]
+    moments = totals / count
+    mean = moments[:c]
+    return mean, torch.addcmul(moments[c:], mean, mean, value=-1).clamp_min_(0), count[0]
 
 
 def _affine(weight, bias, mean, rstd):
     """a, b of u = a·x + b for the norm."""
     a = rstd if weight is None else weight * rstd
-    b = -a * mean if bias is None else bias - a * mean
+    b = -(a * mean) if bias is None else torch.addcmul(bias, a, mean, value=-1)
     return a, b
-
-
-def _to(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, running_var,
@@ -172,17 +171,17 @@ def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, r
         return _act_forward_passes(ops, static, x, weight, bias, running_mean, running_var,
                                    params)
     acc = accumulate_dtype(x.dtype)
-    cast = tuple(_to(t, acc) for t in params)
-    weight_a, bias_a = _to(weight, acc), _to(bias, acc)
+    cast = tuple(to_dtype(t, acc) for t in params)
+    weight_a, bias_a = to_dtype(weight, acc), to_dtype(bias, acc)
     p = x.shape[2] * x.shape[3]
     sums, sumsq, _, _ = ops["stream_reduce"](x, batch_stats, False, False)
     if batch_stats:
         mean, var, count = _batch_statistics(sums, sumsq, p, group)
     else:
-        mean, var, count = _to(running_mean, acc), _to(running_var, acc), None
+        mean, var, count = to_dtype(running_mean, acc), to_dtype(running_var, acc), None
     rstd = torch.rsqrt(var + eps)
     a, b = _affine(weight_a, bias_a, mean, rstd)
-    z = a * (sums / p) + b
+    z = torch.addcmul(b, a, sums, value=1 / p)
     g, form_saved, _ = form.forward(z, cast)
     s = GATE_VALUES[gate](g)
     k = s if keep is None else s * keep.to(acc)[:, None]
@@ -190,7 +189,7 @@ def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, r
     stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
     total = count if count is not None else mean.new_empty((0,))
     saved = (x, out if out_activation == OUT_RELU else None, keep, weight_a, bias_a, sums, z, g,
-             mean, rstd, *cast, *form_saved)
+             s, a, b, mean, rstd, *cast, *form_saved)
     return out, stats, total, saved
 
 
@@ -201,38 +200,41 @@ def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
     batch_stats, eps, form, gate, out_activation, group, activation = static
     if activation != NONE:
         return _act_backward_passes(ops, static, n_params, grad_out, saved)
-    x, out, keep, weight_a, bias_a, sums, z, g, mean, rstd, *rest = saved
+    x, out, keep, weight_a, bias_a, sums, z, g, s, a, b, mean, rstd, *rest = saved
     cast, form_saved = tuple(rest[:n_params]), tuple(rest[n_params:])
     acc = mean.dtype
     n, c, h, w = x.shape
     p = h * w
     sdy, sdyx, _, dresidual = ops["stream_grad_reduce"](
         grad_out, out, x, None, out_activation, True, residual_grad)
-    a, b = _affine(weight_a, bias_a, mean, rstd)
-    s = GATE_VALUES[gate](g)
     keep_a = None if keep is None else keep.to(acc)[:, None]
-    ds = a * sdyx + b * sdy  # Σ_p dy·u
+    ds = torch.addcmul(b * sdy, a, sdyx)  # Σ_p dy·u
     if keep_a is not None:
         ds = ds * keep_a
     dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, ds), z, cast, form_saved)
     k = s if keep_a is None else s * keep_a
     e = dz / p                        # du = k·dy + e, per (n, c)
-    sdu = k * sdy + p * e             # Σ_p du
-    sdux = k * sdyx + e * sums        # Σ_p du·x
-    local = torch.cat([sdu.sum(0), sdux.sum(0)])
+    # [Σ_p du | Σ_p du·x] per channel, this process's batch
+    local = torch.cat([torch.addcmul(dz, k, sdy), torch.addcmul(e * sums, k, sdyx)], 1).sum(0)
     # dγ = Σ du·x̂ and dβ = Σ du from this process's batch, as SyncBatchNorm's are (DDP
     # then averages them); the input's gradient needs the whole batch's.
-    dweight = rstd * (local[c:] - mean * local[:c]) if weight_a is not None else None
+    dweight = (torch.addcmul(local[c:], mean, local[:c], value=-1).mul_(rstd)
+               if weight_a is not None else None)
     dbias = local[:c] if bias_a is not None else None
-    gamma = weight_a if weight_a is not None else torch.ones_like(mean)
     if batch_stats:
-        totals = _all_reduce(torch.cat([local, local.new_full((1,), n * p)]), group)
-        count = totals[-1]
-        mean_du = totals[:c] / count
-        mean_duxhat = rstd * (totals[c:2 * c] / count - mean * mean_du)
-        dy_scale = gamma * rstd * k
-        x_scale = (-gamma * rstd * rstd * mean_duxhat).expand(n, c)
-        shift = gamma * rstd * (e - mean_du + rstd * mean * mean_duxhat)
+        gr = rstd if weight_a is None else weight_a * rstd
+        totals, count = local, n * p
+        if group is not None:
+            totals = _all_reduce(torch.cat([local, local.new_full((1,), count)]), group)
+            totals, count = totals[:2 * c], totals[2 * c:]
+        moments = totals / count
+        mean_du = moments[:c]
+        mean_duxhat = torch.addcmul(moments[c:], mean, mean_du, value=-1).mul_(rstd)
+        dy_scale = gr * k
+        x_scale = (gr * rstd).mul_(mean_duxhat).neg_()
+        # gr·(e - mean(du) + rstd·mean·mean(du·x̂)), the last term -x_scale·mean
+        shift = torch.addcmul(gr * (e - mean_du), x_scale, mean, value=-1)
+        x_scale = x_scale.expand(n, c)
     else:
         dy_scale, x_scale, shift = a * k, None, a * e
     if dresidual.numel():  # the masked dy, written by the reduce pass
@@ -248,14 +250,14 @@ def _act_forward_passes(ops, static, x, weight, bias, running_mean, running_var,
     """forward_passes of the act tail: out = s·act(a·x + b), s = gate(form(mean_p v))."""
     batch_stats, eps, form, gate, _, group, activation = static
     acc = accumulate_dtype(x.dtype)
-    cast = tuple(_to(t, acc) for t in params)
-    weight_a, bias_a = _to(weight, acc), _to(bias, acc)
+    cast = tuple(to_dtype(t, acc) for t in params)
+    weight_a, bias_a = to_dtype(weight, acc), to_dtype(bias, acc)
     p = x.shape[2] * x.shape[3]
     if batch_stats:
         sums, sumsq, _, _ = ops["stream_reduce"](x, True, False, False)
         mean, var, count = _batch_statistics(sums, sumsq, p, group)
     else:
-        mean, var, count = _to(running_mean, acc), _to(running_var, acc), None
+        mean, var, count = to_dtype(running_mean, acc), to_dtype(running_var, acc), None
     rstd = torch.rsqrt(var + eps)
     a, b = _affine(weight_a, bias_a, mean, rstd)
     z = ops["stream_act_reduce"](x, a, b, activation) / p
@@ -333,7 +335,7 @@ class _TailFunction(torch.autograd.Function):
         else:
             dx, dresidual, grads = backward_passes(ops, static, n_params, residual_grad,
                                                    grad_out, saved)
-        grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes))
+        grads = tuple(to_dtype(d, dtype) for d, dtype in zip(grads, dtypes))
         return (None, None, dx, dresidual if residual_grad else None, None, *grads[:2], None,
                 None, *grads[2:])
 
@@ -350,7 +352,16 @@ def _run(backend: str, call: TailCall):
     else:
         out, stats, total = _TailFunction.apply(backend, static, call.x, call.residual, call.keep,
                                                 *call.norm, *call.params)
-    return out, ((stats[0], stats[1], total) if stats.numel() else None)
+    if not stats.numel():
+        return out, None
+    return out, (stats[0], stats[1], _count(call, total))
+
+
+def _count(call: TailCall, total: torch.Tensor):
+    """The values per channel the batch statistics are over: the all-reduced count under a
+    process group, else x's own, as a number (the running variance's update then takes no
+    tensor op for it)."""
+    return total if call.group is not None else call.x.numel() // call.x.shape[1]
 
 
 def torch_composition(call: TailCall):
@@ -374,7 +385,7 @@ def torch_composition(call: TailCall):
             u = u * weight[:, None, None]
         if bias is not None:
             u = u + bias[:, None, None]
-        stats = (mean.detach(), var.detach(), count.detach())
+        stats = (mean.detach(), var.detach(), _count(call, count.detach()))
     else:
         u = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, call.eps)
     if call.activation != NONE:  # the act tail: BatchNorm -> act -> SE

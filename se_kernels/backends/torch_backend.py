@@ -74,7 +74,7 @@ def _silu_gradient(a, dh):
 
 
 ACTIVATION_GRADIENTS = {
-    RELU: lambda a, dh, slope: dh * (a > 0),
+    RELU: lambda a, dh, slope: torch.ops.aten.threshold_backward(dh, a, 0),  # relu's own
     SILU: lambda a, dh, slope: _silu_gradient(a, dh),
     GELU: lambda a, dh, slope: _gelu_gradient(a, dh),
     GELU_TANH: lambda a, dh, slope: _gelu_tanh_gradient(a, dh),
@@ -82,9 +82,9 @@ ACTIVATION_GRADIENTS = {
     LEAKY_RELU: lambda a, dh, slope: torch.where(a > 0, dh, dh * slope),
 }
 GATE_GRADIENTS = {  # (g, s, ds) -> dg
-    SIGMOID: lambda g, s, ds: ds * s * (1 - s),
+    SIGMOID: lambda g, s, ds: torch.ops.aten.sigmoid_backward(ds, s),  # ds·s·(1 - s), one op
     HARDSIGMOID: lambda g, s, ds: ds * ((g > -3) & (g < 3)) / 6,
-    TANH: lambda g, s, ds: ds * (1 - s * s),
+    TANH: lambda g, s, ds: torch.ops.aten.tanh_backward(ds, s),  # ds·(1 - s²)
     RELU: lambda g, s, ds: ds * (g > 0),
 }
 assert ACTIVATION_GRADIENTS.keys() == ACTIVATIONS.keys() and GATE_GRADIENTS.keys() == GATES.keys()
