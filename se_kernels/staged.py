@@ -233,5 +233,5 @@ def update_running_stats(norm: torch.nn.modules.batchnorm._BatchNorm, stats, n) 
     with torch.no_grad():
         norm.num_batches_tracked.add_(1)
         momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
-        norm.running_var.lerp_((var * (n / (n - 1))).to(norm.running_var.dtype), momentum)
+        norm.running_mean.lerp_(to_dtype(mean, norm.running_mean.dtype), momentum)
+        norm.running_var.lerp_(to_dtype(var * (n / (n - 1)), norm.running_var.dtype), momentum)

@@ -144,14 +144,36 @@ def _batch_statistics(sums, sumsq, p: int, group):
     E[x²] - E[x]² in the accumulation dtype: the squeeze's own pass gives the sums, and no
     second pass over x is made for a centred one."""
     n, c = sums.shape
-    count = sums.new_full((1,), n * p)
-    totals = torch.cat([sums, sumsq], 1).sum(0)  # [Σx | Σx²] per channel
+    moments, count = _batch_means(torch.cat([sums, sumsq], 1).sum(0), n * p, group)
+    mean = moments[:c]  # moments: [E x | E x²] per channel
+    return mean, torch.addcmul(moments[c:], mean, mean, value=-1).clamp_min_(0), count
+
+
+def _batch_means(totals: torch.Tensor, count: int, group):
+    """(totals / count, count): per-channel sums over this process's `count` values each,
+    as means over the whole batch. Under a process group both are all-reduced first, in
+    one call, and the count comes back as a tensor; without one it stays the number."""
     if group is not None:
-        totals = _all_reduce(torch.cat([totals, count]), group)
-        totals, count = totals[:2 * c], totals[2 * c:]
-    moments = totals / count
-    mean = moments[:c]
-    return mean, torch.addcmul(moments[c:], mean, mean, value=-1).clamp_min_(0), count[0]
+        both = _all_reduce(torch.cat([totals, totals.new_full((1,), count)]), group)
+        totals, count = both[:-1], both[-1]
+    return totals / count, count
+
+
+def _norm_gradients(local, mean, rstd, weight_a, bias_a):
+    """dγ = Σ du·x̂ and dβ = Σ du (None where the norm has no weight or bias) from `local`,
+    [Σ du | Σ du·x] per channel of this process's batch, as SyncBatchNorm's are (DDP then
+    averages them); the input's gradient needs the whole batch's (_du_means)."""
+    c = mean.shape[0]
+    dweight = (torch.addcmul(local[c:], mean, local[:c], value=-1).mul_(rstd)
+               if weight_a is not None else None)
+    return dweight, local[:c] if bias_a is not None else None
+
+
+def _du_means(local, mean, rstd, count: int, group):
+    """mean(du) and mean(du·x̂) over the whole batch, from `local` as in _norm_gradients."""
+    moments, _ = _batch_means(local, count, group)
+    mean_du = moments[:mean.shape[0]]
+    return mean_du, torch.addcmul(moments[mean.shape[0]:], mean, mean_du, value=-1).mul_(rstd)
 
 
 def _affine(weight, bias, mean, rstd):
@@ -187,7 +209,7 @@ def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, r
     k = s if keep is None else s * keep.to(acc)[:, None]
     out = ops["stream_map"](x, k * a, k * b, residual, out_activation)
     stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
-    total = count if count is not None else mean.new_empty((0,))
+    total = count if torch.is_tensor(count) else mean.new_empty((0,))
     saved = (x, out if out_activation == OUT_RELU else None, keep, weight_a, bias_a, sums, z, g,
              s, a, b, mean, rstd, *cast, *form_saved)
     return out, stats, total, saved
@@ -216,20 +238,10 @@ def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
     e = dz / p                        # du = k·dy + e, per (n, c)
     # [Σ_p du | Σ_p du·x] per channel, this process's batch
     local = torch.cat([torch.addcmul(dz, k, sdy), torch.addcmul(e * sums, k, sdyx)], 1).sum(0)
-    # dγ = Σ du·x̂ and dβ = Σ du from this process's batch, as SyncBatchNorm's are (DDP
-    # then averages them); the input's gradient needs the whole batch's.
-    dweight = (torch.addcmul(local[c:], mean, local[:c], value=-1).mul_(rstd)
-               if weight_a is not None else None)
-    dbias = local[:c] if bias_a is not None else None
+    dweight, dbias = _norm_gradients(local, mean, rstd, weight_a, bias_a)
     if batch_stats:
         gr = rstd if weight_a is None else weight_a * rstd
-        totals, count = local, n * p
-        if group is not None:
-            totals = _all_reduce(torch.cat([local, local.new_full((1,), count)]), group)
-            totals, count = totals[:2 * c], totals[2 * c:]
-        moments = totals / count
-        mean_du = moments[:c]
-        mean_duxhat = torch.addcmul(moments[c:], mean, mean_du, value=-1).mul_(rstd)
+        mean_du, mean_duxhat = _du_means(local, mean, rstd, n * p, group)
         dy_scale = gr * k
         x_scale = (gr * rstd).mul_(mean_duxhat).neg_()
         # gr·(e - mean(du) + rstd·mean·mean(du·x̂)), the last term -x_scale·mean
@@ -262,10 +274,11 @@ def _act_forward_passes(ops, static, x, weight, bias, running_mean, running_var,
     a, b = _affine(weight_a, bias_a, mean, rstd)
     z = ops["stream_act_reduce"](x, a, b, activation) / p
     g, form_saved, _ = form.forward(z, cast)
-    out = ops["stream_act_map"](x, a, b, activation, GATE_VALUES[gate](g))
+    s = GATE_VALUES[gate](g)
+    out = ops["stream_act_map"](x, a, b, activation, s)
     stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
-    total = count if count is not None else mean.new_empty((0,))
-    saved = (x, weight_a, bias_a, z, g, mean, rstd, *cast, *form_saved)
+    total = count if torch.is_tensor(count) else mean.new_empty((0,))
+    saved = (x, weight_a, bias_a, z, g, s, a, b, mean, rstd, *cast, *form_saved)
     return out, stats, total, saved
 
 
@@ -274,32 +287,23 @@ def _act_backward_passes(ops, static, n_params, grad_out, saved, norm_grad=True)
     weight and bias (None where it has none, or where `norm_grad` is false in eval) and of
     the form's parameters."""
     batch_stats, eps, form, gate, _, group, activation = static
-    x, weight_a, bias_a, z, g, mean, rstd, *rest = saved
+    x, weight_a, bias_a, z, g, s, a, b, mean, rstd, *rest = saved
     cast, form_saved = tuple(rest[:n_params]), tuple(rest[n_params:])
     n, c, h, w = x.shape
     p = h * w
-    a, b = _affine(weight_a, bias_a, mean, rstd)
     # Σdu and Σdu·x: for the batch's statistics, or for dγ and dβ alone in eval.
     statistics = batch_stats or (norm_grad and (weight_a is not None or bias_a is not None))
     sdyv, sdyd, sdydx, sd, sdx = ops["stream_act_grad_reduce"](grad_out, x, a, b, activation,
                                                                statistics)
-    s = GATE_VALUES[gate](g)
     dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyv), z, cast, form_saved)
     e = dz / p                        # du = act'(u)·(s·dy + e), per (n, c)
     dweight = dbias = None
     if statistics:
         local = torch.cat([(s * sdyd + e * sd).sum(0), (s * sdydx + e * sdx).sum(0)])
-        if weight_a is not None:
-            dweight = rstd * (local[c:] - mean * local[:c])
-        if bias_a is not None:
-            dbias = local[:c]
+        dweight, dbias = _norm_gradients(local, mean, rstd, weight_a, bias_a)
     if batch_stats:
-        gamma = weight_a if weight_a is not None else torch.ones_like(mean)
-        totals = _all_reduce(torch.cat([local, local.new_full((1,), n * p)]), group)
-        count = totals[-1]
-        mean_du = totals[:c] / count
-        mean_duxhat = rstd * (totals[c:2 * c] / count - mean * mean_du)
-        gr = gamma * rstd
+        gr = rstd if weight_a is None else weight_a * rstd
+        mean_du, mean_duxhat = _du_means(local, mean, rstd, n * p, group)
         dx = ops["stream_act_grad_map"](
             grad_out, x, a, b, activation, gr * s, gr * e,
             (-gr * rstd * mean_duxhat).expand(n, c),
