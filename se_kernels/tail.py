@@ -1,11 +1,11 @@
 """The block tail: BatchNorm -> SE -> drop path -> + residual -> ReLU as one function whose
 x-sized work is two passes each way (DESIGN.md §1.5).
 
-The passes are the stream ops (se_kernels._stream_ops), as on the staged path; what lies
-between them, the batch statistics, the excitation and the tail's backward algebra, is
-PyTorch code on [N, C] and [C] vectors. The normalized tensor u = a·x + b is never
-written: the squeeze of u is a·mean(x) + b, its scale folds into the map pass's
-coefficients, and the backward's sums of du and du·x̂ follow from Σdy and Σdy·x.
+The passes are the stream ops (se_kernels._stream_ops), as on the staged path; between
+them lie the excitation, in PyTorch on [N, C] vectors, and the norm's per-channel
+algebra, the tail ops (se_kernels._tail_ops, one loop each on CPU). The normalized tensor
+u = a·x + b is never written: the squeeze of u is a·mean(x) + b, its scale folds into the
+map pass's coefficients, and the backward's sums of du and du·x̂ follow from Σdy and Σdy·x.
 Under a SyncBatchNorm the per-channel sums are all-reduced between the passes (forward: Σx,
 Σx², the count; backward: Σdu, Σdu·x), on the norm's process group.
 
@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import _tail_ops as tail_ops
 from . import dispatch
 from ._ops import DTYPES, accumulate_dtype
 from ._stream_ops import check_residual, check_x
@@ -138,15 +139,16 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def _batch_statistics(sums, sumsq, p: int, group):
-    """Per-channel mean, biased variance and count from the per-(n, c) sums of x and x² over
-    p positions, and over the process group's batches in one all-reduce. The variance is
-    E[x²] - E[x]² in the accumulation dtype: the squeeze's own pass gives the sums, and no
-    second pass over x is made for a centred one."""
-    n, c = sums.shape
-    moments, count = _batch_means(torch.cat([sums, sumsq], 1).sum(0), n * p, group)
-    mean = moments[:c]  # moments: [E x | E x²] per channel
-    return mean, torch.addcmul(moments[c:], mean, mean, value=-1).clamp_min_(0), count
+def _moments(sums, sumsq, p: int, group, batch_stats, running_mean, running_var, acc):
+    """(moments, count) for tail_norm_forward: the per-channel [E x | E x²] over the whole
+    batch (one all-reduce under a process group) from the per-(n, c) sums of x and x² over
+    p positions, and the count of values they are over; or, without batch statistics, the
+    running [mean | var] and None. The variance is then E x² - (E x)² in the accumulation
+    dtype: the squeeze's own pass gives the sums, and no second pass over x is made for a
+    centred one."""
+    if not batch_stats:
+        return torch.cat([to_dtype(running_mean, acc), to_dtype(running_var, acc)]), None
+    return _batch_means(torch.cat([sums, sumsq], 1).sum(0), sums.shape[0] * p, group)
 
 
 def _batch_means(totals: torch.Tensor, count: int, group):
@@ -159,28 +161,16 @@ def _batch_means(totals: torch.Tensor, count: int, group):
     return totals / count, count
 
 
-def _norm_gradients(local, mean, rstd, weight_a, bias_a):
-    """dγ = Σ du·x̂ and dβ = Σ du (None where the norm has no weight or bias) from `local`,
-    [Σ du | Σ du·x] per channel of this process's batch, as SyncBatchNorm's are (DDP then
-    averages them); the input's gradient needs the whole batch's (_du_means)."""
-    c = mean.shape[0]
-    dweight = (torch.addcmul(local[c:], mean, local[:c], value=-1).mul_(rstd)
-               if weight_a is not None else None)
-    return dweight, local[:c] if bias_a is not None else None
-
-
-def _du_means(local, mean, rstd, count: int, group):
-    """mean(du) and mean(du·x̂) over the whole batch, from `local` as in _norm_gradients."""
-    moments, _ = _batch_means(local, count, group)
-    mean_du = moments[:mean.shape[0]]
-    return mean_du, torch.addcmul(moments[mean.shape[0]:], mean, mean_du, value=-1).mul_(rstd)
-
-
-def _affine(weight, bias, mean, rstd):
-    """a, b of u = a·x + b for the norm."""
-    a = rstd if weight is None else weight * rstd
-    b = -(a * mean) if bias is None else torch.addcmul(bias, a, mean, value=-1)
-    return a, b
+def _norm_backward(algebra, static, local, stats, rstd, weight_a, bias_a, k, dz, p):
+    """(dweight, dbias, dy_scale, e_scale, x_scale, shift) of tail_norm_backward from this
+    process's Σdu and Σdu·x (`local`), dweight and dbias None where the norm has none; the
+    batch's means of them come from one all-reduce under a process group."""
+    batch_stats, group = static[0], static[5]
+    means = _batch_means(local, k.shape[0] * p, group)[0] if batch_stats else local
+    dweight, dbias, *coefficients = algebra["tail_norm_backward"](
+        local, means, stats, rstd, weight_a, bias_a, k, dz, p, batch_stats)
+    return (dweight if weight_a is not None else None, dbias if bias_a is not None else None,
+            *coefficients)
 
 
 def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, running_var,
@@ -197,22 +187,23 @@ def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, r
     weight_a, bias_a = to_dtype(weight, acc), to_dtype(bias, acc)
     p = x.shape[2] * x.shape[3]
     sums, sumsq, _, _ = ops["stream_reduce"](x, batch_stats, False, False)
-    if batch_stats:
-        mean, var, count = _batch_statistics(sums, sumsq, p, group)
-    else:
-        mean, var, count = to_dtype(running_mean, acc), to_dtype(running_var, acc), None
-    rstd = torch.rsqrt(var + eps)
-    a, b = _affine(weight_a, bias_a, mean, rstd)
-    z = torch.addcmul(b, a, sums, value=1 / p)
+    moments, count = _moments(sums, sumsq, p, group, batch_stats, running_mean, running_var, acc)
+    stats, rstd, a, b, z = tail_ops.for_device(x.device)["tail_norm_forward"](
+        moments, sums, weight_a, bias_a, eps, p, batch_stats)
     g, form_saved, _ = form.forward(z, cast)
     s = GATE_VALUES[gate](g)
     k = s if keep is None else s * keep.to(acc)[:, None]
     out = ops["stream_map"](x, k * a, k * b, residual, out_activation)
-    stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
-    total = count if torch.is_tensor(count) else mean.new_empty((0,))
     saved = (x, out if out_activation == OUT_RELU else None, keep, weight_a, bias_a, sums, z, g,
-             s, a, b, mean, rstd, *cast, *form_saved)
-    return out, stats, total, saved
+             s, a, b, stats, rstd, *cast, *form_saved)
+    return out, *_stats_and_total(batch_stats, stats, count), saved
+
+
+def _stats_and_total(batch_stats, stats, count):
+    """What the tail's forward returns beside out: the batch's [mean; var] and, under a
+    process group, the all-reduced count (each an empty tensor where there is none)."""
+    empty = stats.new_empty((0,))
+    return stats if batch_stats else empty, count if torch.is_tensor(count) else empty
 
 
 def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
@@ -222,33 +213,27 @@ def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
     batch_stats, eps, form, gate, out_activation, group, activation = static
     if activation != NONE:
         return _act_backward_passes(ops, static, n_params, grad_out, saved)
-    x, out, keep, weight_a, bias_a, sums, z, g, s, a, b, mean, rstd, *rest = saved
+    x, out, keep, weight_a, bias_a, sums, z, g, s, a, b, stats, rstd, *rest = saved
     cast, form_saved = tuple(rest[:n_params]), tuple(rest[n_params:])
-    acc = mean.dtype
     n, c, h, w = x.shape
     p = h * w
     sdy, sdyx, _, dresidual = ops["stream_grad_reduce"](
         grad_out, out, x, None, out_activation, True, residual_grad)
-    keep_a = None if keep is None else keep.to(acc)[:, None]
+    keep_a = None if keep is None else keep.to(rstd.dtype)[:, None]
     ds = torch.addcmul(b * sdy, a, sdyx)  # Σ_p dy·u
     if keep_a is not None:
         ds = ds * keep_a
     dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, ds), z, cast, form_saved)
     k = s if keep_a is None else s * keep_a
-    e = dz / p                        # du = k·dy + e, per (n, c)
-    # [Σ_p du | Σ_p du·x] per channel, this process's batch
-    local = torch.cat([torch.addcmul(dz, k, sdy), torch.addcmul(e * sums, k, sdyx)], 1).sum(0)
-    dweight, dbias = _norm_gradients(local, mean, rstd, weight_a, bias_a)
+    algebra = tail_ops.for_device(x.device)
+    # du = k·dy + dz/p, per (n, c); Σ du and Σ du·x per channel of this process's batch
+    local = algebra["tail_du_sums"](dz, k, sdy, None, sdyx, sums, p)
+    dweight, dbias, dy_scale, shift, x_scale, shift_c = _norm_backward(
+        algebra, static, local, stats, rstd, weight_a, bias_a, k, dz, p)
     if batch_stats:
-        gr = rstd if weight_a is None else weight_a * rstd
-        mean_du, mean_duxhat = _du_means(local, mean, rstd, n * p, group)
-        dy_scale = gr * k
-        x_scale = (gr * rstd).mul_(mean_duxhat).neg_()
-        # gr·(e - mean(du) + rstd·mean·mean(du·x̂)), the last term -x_scale·mean
-        shift = torch.addcmul(gr * (e - mean_du), x_scale, mean, value=-1)
-        x_scale = x_scale.expand(n, c)
+        shift, x_scale = shift + shift_c, x_scale.expand(n, c)
     else:
-        dy_scale, x_scale, shift = a * k, None, a * e
+        x_scale = None
     if dresidual.numel():  # the masked dy, written by the reduce pass
         dx = ops["stream_grad_map"](dresidual, None, x, dy_scale, x_scale, shift, None, None, NONE)
     else:
@@ -265,21 +250,18 @@ def _act_forward_passes(ops, static, x, weight, bias, running_mean, running_var,
     cast = tuple(to_dtype(t, acc) for t in params)
     weight_a, bias_a = to_dtype(weight, acc), to_dtype(bias, acc)
     p = x.shape[2] * x.shape[3]
+    sums = sumsq = None
     if batch_stats:
         sums, sumsq, _, _ = ops["stream_reduce"](x, True, False, False)
-        mean, var, count = _batch_statistics(sums, sumsq, p, group)
-    else:
-        mean, var, count = to_dtype(running_mean, acc), to_dtype(running_var, acc), None
-    rstd = torch.rsqrt(var + eps)
-    a, b = _affine(weight_a, bias_a, mean, rstd)
+    moments, count = _moments(sums, sumsq, p, group, batch_stats, running_mean, running_var, acc)
+    stats, rstd, a, b, _ = tail_ops.for_device(x.device)["tail_norm_forward"](
+        moments, None, weight_a, bias_a, eps, p, batch_stats)
     z = ops["stream_act_reduce"](x, a, b, activation) / p
     g, form_saved, _ = form.forward(z, cast)
     s = GATE_VALUES[gate](g)
     out = ops["stream_act_map"](x, a, b, activation, s)
-    stats = torch.stack([mean, var]) if batch_stats else mean.new_empty((0,))
-    total = count if torch.is_tensor(count) else mean.new_empty((0,))
-    saved = (x, weight_a, bias_a, z, g, s, a, b, mean, rstd, *cast, *form_saved)
-    return out, stats, total, saved
+    saved = (x, weight_a, bias_a, z, g, s, a, b, stats, rstd, *cast, *form_saved)
+    return out, *_stats_and_total(batch_stats, stats, count), saved
 
 
 def _act_backward_passes(ops, static, n_params, grad_out, saved, norm_grad=True):
@@ -287,7 +269,7 @@ def _act_backward_passes(ops, static, n_params, grad_out, saved, norm_grad=True)
     weight and bias (None where it has none, or where `norm_grad` is false in eval) and of
     the form's parameters."""
     batch_stats, eps, form, gate, _, group, activation = static
-    x, weight_a, bias_a, z, g, s, a, b, mean, rstd, *rest = saved
+    x, weight_a, bias_a, z, g, s, a, b, stats, rstd, *rest = saved
     cast, form_saved = tuple(rest[:n_params]), tuple(rest[n_params:])
     n, c, h, w = x.shape
     p = h * w
@@ -296,20 +278,21 @@ def _act_backward_passes(ops, static, n_params, grad_out, saved, norm_grad=True)
     sdyv, sdyd, sdydx, sd, sdx = ops["stream_act_grad_reduce"](grad_out, x, a, b, activation,
                                                                statistics)
     dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyv), z, cast, form_saved)
-    e = dz / p                        # du = act'(u)·(s·dy + e), per (n, c)
-    dweight = dbias = None
-    if statistics:
-        local = torch.cat([(s * sdyd + e * sd).sum(0), (s * sdydx + e * sdx).sum(0)])
-        dweight, dbias = _norm_gradients(local, mean, rstd, weight_a, bias_a)
+    if not statistics:  # eval, no norm gradient: dx = d·(a·s·dy + a·dz/p)
+        dx = ops["stream_act_grad_map"](grad_out, x, a, b, activation, a * s, a * (dz / p),
+                                        None, None)
+        return dx, None, (None, None, *grads)
+    algebra = tail_ops.for_device(x.device)
+    # du = act'(u)·(s·dy + dz/p), per (n, c)
+    local = algebra["tail_du_sums"](dz, s, sdyd, sd, sdydx, sdx, p)
+    dweight, dbias, dy_scale, act_shift, x_scale, shift = _norm_backward(
+        algebra, static, local, stats, rstd, weight_a, bias_a, s, dz, p)
     if batch_stats:
-        gr = rstd if weight_a is None else weight_a * rstd
-        mean_du, mean_duxhat = _du_means(local, mean, rstd, n * p, group)
-        dx = ops["stream_act_grad_map"](
-            grad_out, x, a, b, activation, gr * s, gr * e,
-            (-gr * rstd * mean_duxhat).expand(n, c),
-            (gr * (rstd * mean * mean_duxhat - mean_du)).expand(n, c))
+        x_scale, shift = x_scale.expand(n, c), shift.expand(n, c)
     else:
-        dx = ops["stream_act_grad_map"](grad_out, x, a, b, activation, a * s, a * e, None, None)
+        x_scale = shift = None
+    dx = ops["stream_act_grad_map"](grad_out, x, a, b, activation, dy_scale, act_shift,
+                                    x_scale, shift)
     return dx, None, (dweight, dbias, *grads)
 
 

@@ -56,11 +56,14 @@ def test_torch_export_keeps_the_fused_tails_stream_ops(training):
     for graph in (program, program.run_decompositions()):
         assert [sum(node.target == op for node in graph.graph.nodes) for op in STREAM_FORWARD_OPS] == [2, 2]
     exported = program.module()
-    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+    # The same formulas, not the same roundings: in eager on CPU the norm's algebra between
+    # the passes is the tail ops' C++ loops, in the program their PyTorch versions.
+    rounding = {"rtol": 1e-13, "atol": 1e-15}
+    torch.testing.assert_close(exported(x), model(x), **rounding)
     if training:  # the second call runs on the statistics the first updated
-        torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(exported(x), model(x), **rounding)
     for key, value in model.state_dict().items():
-        torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(exported.state_dict()[key], value, **rounding, msg=key)
     if training:
         xs = [x.clone().requires_grad_() for _ in range(2)]
         grad = torch.randn_like(model(x))

@@ -42,6 +42,7 @@ CUDA_BACKWARD = "csrc/cuda/se_backward.cu"
 CUDA_FORWARD = "csrc/cuda/se_forward.cu"
 CUDA_STREAM = "csrc/cuda/se_stream.cu"
 CPU_STREAM = "csrc/cpu/stream_impl.h"
+CPU_TAIL = "csrc/cpu/tail_cpu.cpp"
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,12 @@ CATALOGUE = [
         ("dzn[j] += w[i] * d;", "dzn[j] += w[k - 1 - i] * d;"),)),
     Bug("cpu/linear-form-weight-grad-last-group-only", "cpu", CPU_STREAM, (
         ("if (!accumulate) {", "if (true) {"),)),
+    # The block tail's algebra between its passes (tail_cpu.cpp): the variance's clamp at
+    # zero, and the batch mean of du·x̂ in the input gradient's x coefficient.
+    Bug("cpu/tail-variance-not-clamped", "cpu", CPU_TAIL, (
+        ("std::max<scalar_t>(m[C + c] - mu * mu, 0)", "(m[C + c] - mu * mu)"),)),
+    Bug("cpu/tail-x-scale-uncentred", "cpu", CPU_TAIL, (
+        ("(mean_dux[c] - mean[c] * mean_du[c]) * r[c]", "mean_dux[c] * r[c]"),)),
     # The act tail's passes (kernels_impl.h): the derivative and its x-weighted sum.
     Bug("cpu/act-grad-map-drops-derivative", "cpu", CPU_KERNELS, (
         ("res[h] = d * at::vec::fmadd(dy[h], scale.lo(j), act_shift.lo(j));",
@@ -235,7 +242,8 @@ CATALOGUE = [
 # The tests each family's bugs must fail, cheapest first (pytest stops at the first failure).
 FAMILY_TESTS = {
     "cpu": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_low_precision.py",
-             "tests/test_stream_cpu.py", "tests/test_form_ops_cpu.py", "tests/test_act_tail.py"],
+             "tests/test_stream_cpu.py", "tests/test_form_ops_cpu.py", "tests/test_act_tail.py",
+             "tests/test_tail_ops.py"],
             "cpu or low_precision"),
     "triton": (["tests/test_ties.py", "tests/test_backends.py", "tests/test_triton_kernels.py",
                 "tests/test_triton_stream.py"],
