@@ -3,7 +3,7 @@
 Between the tail's stream passes lies arithmetic on [C] and [N, C] vectors: the norm's
 affine map and the squeeze from the reduce pass's sums, and in the backward the sums of
 du and du·x, the norm's gradients and the input gradient's coefficients. As PyTorch code it
-is twenty-odd small operations a direction, which on CPU cost more than a small map's
+is twenty-odd small operations a direction, which on CPU cost as much as a small map's
 passes; these ops do each stretch in one call. The all-reduce of a SyncBatchNorm falls
 between them (`moments` below are batch means, all-reduced where there is a group).
 

@@ -1,7 +1,8 @@
 // The block tail's per-channel algebra (se_kernels/_tail_ops.py) on CPU tensors: each op
 // one loop over the channels (and the samples), where the PyTorch version is twenty-odd
-// small operations whose dispatch costs more than their arithmetic. The formulas, and the
-// order each sum is taken in, are those of the PyTorch version.
+// small operations whose dispatch costs more than their arithmetic. The formulas are the
+// PyTorch version's and each sum over the samples is taken in sample order, as its sum(0);
+// within an element the products may associate otherwise, so the two agree to roundings.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
