@@ -228,12 +228,12 @@ def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
     algebra = tail_ops.for_device(x.device)
     # du = k·dy + dz/p, per (n, c); Σ du and Σ du·x per channel of this process's batch
     local = algebra["tail_du_sums"](dz, k, sdy, None, sdyx, sums, p)
-    dweight, dbias, dy_scale, shift, x_scale, shift_c = _norm_backward(
+    dweight, dbias, dy_scale, e_scale, x_scale, channel_shift = _norm_backward(
         algebra, static, local, stats, rstd, weight_a, bias_a, k, dz, p)
-    if batch_stats:
-        shift, x_scale = shift + shift_c, x_scale.expand(n, c)
+    if batch_stats:  # dx = dy_scale·dy + x_scale·x + (e_scale + channel_shift)
+        shift, x_scale = e_scale + channel_shift, x_scale.expand(n, c)
     else:
-        x_scale = None
+        shift, x_scale = e_scale, None
     if dresidual.numel():  # the masked dy, written by the reduce pass
         dx = ops["stream_grad_map"](dresidual, None, x, dy_scale, x_scale, shift, None, None, NONE)
     else:
