@@ -161,11 +161,11 @@ def _batch_means(totals: torch.Tensor, count: int, group):
     return totals / count, count
 
 
-def _norm_backward(algebra, static, local, stats, rstd, weight_a, bias_a, k, dz, p):
+def _norm_backward(algebra, batch_stats, group, local, stats, rstd, weight_a, bias_a, k, dz,
+                   p):
     """(dweight, dbias, dy_scale, e_scale, x_scale, shift) of tail_norm_backward from this
     process's Σdu and Σdu·x (`local`), dweight and dbias None where the norm has none; the
     batch's means of them come from one all-reduce under a process group."""
-    batch_stats, group = static[0], static[5]
     means = _batch_means(local, k.shape[0] * p, group)[0] if batch_stats else local
     dweight, dbias, *coefficients = algebra["tail_norm_backward"](
         local, means, stats, rstd, weight_a, bias_a, k, dz, p, batch_stats)
@@ -229,7 +229,7 @@ def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
     # du = k·dy + dz/p, per (n, c); Σ du and Σ du·x per channel of this process's batch
     local = algebra["tail_du_sums"](dz, k, sdy, None, sdyx, sums, p)
     dweight, dbias, dy_scale, e_scale, x_scale, channel_shift = _norm_backward(
-        algebra, static, local, stats, rstd, weight_a, bias_a, k, dz, p)
+        algebra, batch_stats, group, local, stats, rstd, weight_a, bias_a, k, dz, p)
     if batch_stats:  # dx = dy_scale·dy + x_scale·x + (e_scale + channel_shift)
         shift, x_scale = e_scale + channel_shift, x_scale.expand(n, c)
     else:
@@ -286,7 +286,7 @@ def _act_backward_passes(ops, static, n_params, grad_out, saved, norm_grad=True)
     # du = act'(u)·(s·dy + dz/p), per (n, c)
     local = algebra["tail_du_sums"](dz, s, sdyd, sd, sdydx, sdx, p)
     dweight, dbias, dy_scale, act_shift, x_scale, shift = _norm_backward(
-        algebra, static, local, stats, rstd, weight_a, bias_a, s, dz, p)
+        algebra, batch_stats, group, local, stats, rstd, weight_a, bias_a, s, dz, p)
     if batch_stats:
         x_scale, shift = x_scale.expand(n, c), shift.expand(n, c)
     else:
