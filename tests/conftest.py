@@ -10,6 +10,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# `pytest -n auto` (pytest-xdist): one worker per core the process may run on, at most 8.
+# Past that, workers wait on the suite's longest tests instead of each other, and on a GPU
+# machine every worker holds a CUDA context of its own on the one device.
+MAX_AUTO_WORKERS = 8
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tests on one thread: with the 2 cores shared (CI, other jobs), OpenMP
