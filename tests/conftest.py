@@ -11,8 +11,9 @@ if not torch.cuda.is_available():
 
 
 # `pytest -n auto` (pytest-xdist): one worker per core the process may run on, at most 8.
-# Past that, workers wait on the suite's longest tests instead of each other, and on a GPU
-# machine every worker holds a CUDA context of its own on the one device.
+# More would gain little, the suite's few long tests (the CMake build, the ONNX exports)
+# bounding its time, and on a GPU machine each worker opens a CUDA context of its own on
+# the one device.
 MAX_AUTO_WORKERS = 8
 
 
