@@ -19,7 +19,10 @@ MAX_AUTO_WORKERS = 8
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+    # sched_getaffinity: the cores a taskset or a container leaves us (Linux only)
+    usable = getattr(os, "sched_getaffinity", None)
+    cores = len(usable(0)) if usable else os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
 @pytest.fixture(scope="module")
