@@ -164,7 +164,8 @@ def extensions():
 
     sources = ["csrc/module.cpp", "csrc/se_common.cpp", "csrc/cuda_schedule.cpp",
                "csrc/cpu/se_cpu.cpp", "csrc/cpu/stream_cpu.cpp", "csrc/cpu/form_cpu.cpp",
-               "csrc/cpu/tail_cpu.cpp", "csrc/cpu/kernels_default.cpp"]
+               "csrc/cpu/tail_cpu.cpp", "csrc/cpu/fc_layer_cpu.cpp",
+               "csrc/cpu/kernels_default.cpp"]
     libraries = cpu_avx2_library(torch)
     # at::parallel_for is an inline OpenMP region: without -fopenmp it runs on one thread.
     # The OpenMP runtime linked is torch's own (its libgomp.so.1 is loaded first).

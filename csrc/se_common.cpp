@@ -485,4 +485,66 @@ StreamActTensors prepare_stream_act_grad_map(
   return t;
 }
 
+// ---- a fully connected layer's products ---------------------------------------------
+
+namespace {
+
+// t has x's dtype and device, and `shape` (_fc_ops._check_like: TypeError, ValueError).
+void check_fc_like(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                   const at::Tensor& x) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "se_kernels: ", name,
+                   " must have dtype ", x.scalar_type(), " like x, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.device() == x.device(), "se_kernels: ", name, " must be on ", x.device(),
+                   " like x, got ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == shape, "se_kernels: ", name, " must have shape ", shape,
+                    ", got ", t.sizes());
+}
+
+// x and weight of a layer y = x weight^T + b: 2-D, one accumulation dtype, one device.
+void check_fc_operands(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "se_kernels: x must be float32 or float64 (the accumulation dtype), got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "se_kernels: x must be a 2-D tensor [N, K], got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2,
+                    "se_kernels: weight must be a 2-D tensor [R, K], got shape ",
+                    weight.sizes());
+  check_fc_like(weight, "weight", {weight.size(0), x.size(1)}, x);
+}
+
+}  // namespace
+
+FcLayerTensors prepare_fc_layer(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias) {
+  check_fc_operands(x, weight);
+  FcLayerTensors t;
+  t.N = x.size(0);
+  t.K = x.size(1);
+  t.R = weight.size(0);
+  if (bias) check_fc_like(*bias, "bias", {t.R}, x);
+  t.x = x.contiguous();
+  t.weight = weight.contiguous();
+  t.bias = dense(bias);
+  t.y = at::empty({t.N, t.R}, x.options());
+  return t;
+}
+
+FcLayerGradTensors prepare_fc_layer_backward(const at::Tensor& grad, const at::Tensor& x,
+                                             const at::Tensor& weight, bool bias) {
+  check_fc_operands(x, weight);
+  FcLayerGradTensors t;
+  t.N = x.size(0);
+  t.K = x.size(1);
+  t.R = weight.size(0);
+  check_fc_like(grad, "grad", {t.N, t.R}, x);
+  t.grad = grad.contiguous();
+  t.x = x.contiguous();
+  t.weight = weight.contiguous();
+  t.dx = at::empty({t.N, t.K}, x.options());
+  t.dweight = at::empty({t.R, t.K}, x.options());
+  t.dbias = at::empty({bias ? t.R : 0}, x.options());
+  return t;
+}
+
 }  // namespace se_kernels

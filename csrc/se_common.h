@@ -154,6 +154,26 @@ LinearFormGradTensors prepare_linear_form_backward(
     c10::string_view gate, c10::string_view pool, c10::string_view out_activation,
     bool residual_grad);
 
+// A fully connected layer's products (se_kernels/_fc_ops.py, whose check_* these mirror):
+// y [N, R] = x [N, K] weight[R, K]^T + bias [R], and the gradients of x, weight and bias
+// from grad [N, R]. Every tensor 2-D (bias 1-D), in one accumulation dtype (fp32 or fp64),
+// contiguous (undefined bias where absent); outputs allocated, dbias [0] without a bias.
+struct FcLayerTensors {
+  int64_t N, K, R;
+  at::Tensor x, weight, bias;
+  at::Tensor y;
+};
+FcLayerTensors prepare_fc_layer(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias);
+
+struct FcLayerGradTensors {
+  int64_t N, K, R;
+  at::Tensor grad, x, weight;
+  at::Tensor dx, dweight, dbias;
+};
+FcLayerGradTensors prepare_fc_layer_backward(const at::Tensor& grad, const at::Tensor& x,
+                                             const at::Tensor& weight, bool bias);
+
 struct StreamGradReduceTensors {
   Geometry geo;
   at::Tensor grad_out, out, x, peak;

@@ -6,6 +6,7 @@ from . import _ops  # noqa: F401 - defines the se_kernels:: ops
 from . import _stream_ops  # noqa: F401 - defines the staged path's stream ops
 from . import _form_ops  # noqa: F401 - defines the linear forms' inference op
 from . import _tail_ops  # noqa: F401 - defines the block tail's algebra ops
+from . import _fc_ops  # noqa: F401 - defines the staged MLPs' layer products
 from . import backends  # noqa: F401 - registers the backends
 from . import models  # noqa: F401 - SE-ResNet builders (torchvision imported on use)
 from .convert import convert_se_modules, restore_se_modules

@@ -167,6 +167,15 @@ def _backward_flops(grad_out_shape, x_shape, saved_out_shape, w1_shape, *args, o
     return 2 * n * c * h * w + 2 * 2 * 2 * n * c * w1_shape[0] + 2 * n * c * h * w
 
 
+def runs_cpu_kernels_as_ops(device: torch.device) -> bool:
+    """Whether the vector ops between the passes (_tail_ops, _fc_ops) run as ops on
+    `device` now: in eager on CPU, where the extension's kernels do each in one call. A
+    trace, torch.compile or export takes their PyTorch versions instead, to see through
+    and differentiate; other devices run those versions as the kernels the ops would."""
+    return device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                                         or torch.compiler.is_exporting())
+
+
 def _op_packet(qualname: str) -> torch._ops.OpOverloadPacket:
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name)

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from ._ops import runs_cpu_kernels_as_ops
+
 _lib = torch.library.Library("se_kernels", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's life
 SCHEMAS = {
     "tail_norm_forward": (
@@ -204,7 +206,4 @@ def for_device(device: torch.device) -> dict:
     themselves, which a GPU runs as the same kernels the op would, and which tracing,
     torch.compile and torch.export see through and differentiate (the ops have no
     autograd: the tail's autograd.Function is their backward in eager)."""
-    if (device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.compiler.is_exporting()):
-        return REFERENCES
-    return OPS
+    return OPS if runs_cpu_kernels_as_ops(device) else REFERENCES

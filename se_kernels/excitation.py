@@ -3,11 +3,11 @@
 A form is a frozen description (hashable, a constant to torch.compile) of how g follows
 from z and the form's parameters, with
 
-  forward(z, params) -> (g, saved, stats)
+  forward(z, params, fc=TORCH_FC) -> (g, saved, stats)
       in differentiable PyTorch operations: the staged path calls it with autograd off and
       keeps `saved`; the torch backend calls it with autograd on and lets autograd
       differentiate it (and ONNX export emit it);
-  backward(dg, z, params, saved) -> (dz, grads)
+  backward(dg, z, params, saved, fc=TORCH_FC) -> (dz, grads)
       the same function's vector-Jacobian product written out, one gradient per parameter
       (None where a parameter is None);
   fuses, fused_weights(params) -> (w1, b1, w2, b2)
@@ -19,6 +19,9 @@ from z and the form's parameters, with
 
 `params` are the module's own tensors in their own shapes (a conv weight [C, C, 1, 1],
 ECA's [1, 1, k]) cast to the accumulation dtype; the gradients come back in those shapes.
+`fc` is how the fully connected layers run (se_kernels._fc_ops.FcLayer): the staged path
+passes the extension's ops on CPU, where they multiply without packing the weights; the
+default is F.linear and its products, which autograd records.
 `stats` is the batch mean and biased variance of a normalization that ran on batch
 statistics (the caller updates the running ones), else None.
 """
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._fc_ops import TORCH as TORCH_FC
 from .backends.torch_backend import activation_function, activation_gradient
 from .options import LEAKY_RELU, LEAKY_RELU_SLOPE
 
@@ -56,12 +60,12 @@ def _sum0(t: torch.Tensor) -> torch.Tensor:
     return t.sum(0)
 
 
-def _linear_backward(dout: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor,
+def _linear_backward(fc, dout: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor,
                      has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """d(input), d(weight) (weight's shape) and d(bias) of out = inp @ W.T + b, W the
-    weight viewed as a matrix."""
-    w = weight.reshape(dout.shape[1], inp.shape[1])
-    return dout @ w, (dout.t() @ inp).reshape(weight.shape), _sum0(dout) if has_bias else None
+    weight viewed as a matrix, through `fc`."""
+    dinp, dw, db = fc.backward(dout, inp, weight.reshape(dout.shape[1], inp.shape[1]), has_bias)
+    return dinp, dw.reshape(weight.shape), db if has_bias else None
 
 
 @dataclass(frozen=True)
@@ -135,16 +139,16 @@ class Mlp:
             u = u + bias
         return u, (mean, var)
 
-    def forward(self, z, params):
+    def forward(self, z, params, fc=TORCH_FC):
         w1, b1, w2, b2, nw, nb, rm, rv = params
         s = w1.shape[0]
-        a = F.linear(z, w1.reshape(s, -1), b1)
+        a = fc.forward(z, w1.reshape(s, -1), b1)
         u, stats = self._norm_forward(a, nw, nb, rm, rv) if self.norm else (a, None)
         h = activation_function(self.activation, self.negative_slope)(u)
-        g = F.linear(h, w2.reshape(-1, s), b2)
+        g = fc.forward(h, w2.reshape(-1, s), b2)
         return g, (a,), stats
 
-    def backward(self, dg, z, params, saved):
+    def backward(self, dg, z, params, saved, fc=TORCH_FC):
         w1, b1, w2, b2, nw, nb, rm, rv = params
         (a,) = saved
         n = a.shape[0]
@@ -162,7 +166,7 @@ class Mlp:
         else:
             u = a
         h = activation_function(self.activation, self.negative_slope)(u)
-        dh, dw2, db2 = _linear_backward(dg, h, w2, b2 is not None)
+        dh, dw2, db2 = _linear_backward(fc, dg, h, w2, b2 is not None)
         du = activation_gradient(self.activation, self.negative_slope)(u, dh)
         dnw = dnb = None
         if self.norm:
@@ -175,7 +179,7 @@ class Mlp:
                 da = dxhat * rstd
         else:
             da = du
-        dz, dw1, db1 = _linear_backward(da, z, w1, b1 is not None)
+        dz, dw1, db1 = _linear_backward(fc, da, z, w1, b1 is not None)
         return dz, (dw1, db1, dw2, db2, dnw, dnb, None, None)
 
 
@@ -194,13 +198,13 @@ class Fc:
         _expect("Fc", "w", w, _matrix(c, c))
         _expect("Fc", "b", b, ((c,),), optional=True)
 
-    def forward(self, z, params):
+    def forward(self, z, params, fc=TORCH_FC):
         w, b = params
-        return F.linear(z, w.reshape(z.shape[1], z.shape[1]), b), (), None
+        return fc.forward(z, w.reshape(z.shape[1], z.shape[1]), b), (), None
 
-    def backward(self, dg, z, params, saved):
+    def backward(self, dg, z, params, saved, fc=TORCH_FC):
         w, b = params
-        dz, dw, db = _linear_backward(dg, z, w, b is not None)
+        dz, dw, db = _linear_backward(fc, dg, z, w, b is not None)
         return dz, (dw, db)
 
 
@@ -211,7 +215,8 @@ def _circular_indices(c: int, pad: int, device) -> torch.Tensor:
 @dataclass(frozen=True)
 class ChannelConv:
     """ECA: g = conv1d over the channels with an odd kernel, zero or circular padding, and
-    an optional bias. params: (w [1, 1, k] or [k], b [1] or None)."""
+    an optional bias. params: (w [1, 1, k] or [k], b [1] or None). No FC layer: `fc` is
+    unused."""
 
     kernel: int
     circular: bool = False
@@ -241,13 +246,13 @@ class ChannelConv:
             return z3
         return z3.index_select(2, _circular_indices(z.shape[1], self.pad, z.device))
 
-    def forward(self, z, params):
+    def forward(self, z, params, fc=TORCH_FC):
         w, b = params
         g = F.conv1d(self._padded(z), w.view(1, 1, self.kernel), b,
                      padding=0 if self.circular else self.pad)
         return g.squeeze(1), (), None
 
-    def backward(self, dg, z, params, saved):
+    def backward(self, dg, z, params, saved, fc=TORCH_FC):
         w, b = params
         zp = self._padded(z)
         dzp, dw, db = torch.ops.aten.convolution_backward(
@@ -270,7 +275,7 @@ class ChannelConv:
 class ChannelConvMlp:
     """ECA's MLP form: h[n, j, c] = act(w1[j]·z[n, c] + b1[j]) for j < R, then g = conv1d
     of h (R channels -> 1, odd kernel, zero padding) + b2. params: (w1 [R, 1, 1], b1 [R],
-    w2 [1, R, k], b2 [1])."""
+    w2 [1, R, k], b2 [1]). No FC layer: `fc` is unused."""
 
     kernel: int
     activation: str
@@ -291,14 +296,14 @@ class ChannelConvMlp:
         _expect("ChannelConvMlp", "w2", w2, ((1, r, self.kernel),))
         _expect("ChannelConvMlp", "b2", b2, ((1,),), optional=True)
 
-    def forward(self, z, params):
+    def forward(self, z, params, fc=TORCH_FC):
         w1, b1, w2, b2 = params
         a = F.conv1d(z[:, None, :], w1, b1)
         h = activation_function(self.activation, self.negative_slope)(a)
         g = F.conv1d(h, w2, b2, padding=(self.kernel - 1) // 2)
         return g[:, 0, :], (a,), None
 
-    def backward(self, dg, z, params, saved):
+    def backward(self, dg, z, params, saved, fc=TORCH_FC):
         w1, b1, w2, b2 = params
         (a,) = saved
         h = activation_function(self.activation, self.negative_slope)(a)

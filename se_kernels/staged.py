@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _fc_ops as fc_ops
 from . import dispatch
 from ._ops import accumulate_dtype
 from ._stream_ops import check_residual, check_x
@@ -110,7 +111,7 @@ def forward_passes(ops, form, gate: str, pool: str, out_activation: str, x, resi
     cast = tuple(t if t is None or t.dtype == acc else t.to(acc) for t in params)
     sums, _, xmax, _ = ops["stream_reduce"](x, False, pool != AVG, False)
     z = _pooled(sums, xmax, pool, x.shape[2] * x.shape[3])
-    g, saved, stats = form.forward(z, cast)
+    g, saved, stats = form.forward(z, cast, fc_ops.for_device(x.device))
     out = ops["stream_map"](x, GATE_VALUES[gate](g), None, residual, out_activation)
     return out, stats, (z, xmax if pool != AVG else None, g, cast, saved)
 
@@ -123,7 +124,8 @@ def backward_passes(ops, form, gate: str, pool: str, out_activation: str, residu
     _, sdyx, count, dresidual = ops["stream_grad_reduce"](
         grad_out, out, x, xmax, out_activation, False, residual_grad)
     s = GATE_VALUES[gate](g)
-    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyx), z, cast, saved)
+    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyx), z, cast, saved,
+                              fc_ops.for_device(x.device))
     w_avg, w_max = POOL_WEIGHTS[pool]
     shift = dz * (w_avg / (x.shape[2] * x.shape[3])) if w_avg else None
     # count is 0 only where the max is NaN: no x equals it, and nothing is added.

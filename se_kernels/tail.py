@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import _fc_ops as fc_ops
 from . import _tail_ops as tail_ops
 from . import dispatch
 from ._ops import DTYPES, accumulate_dtype
@@ -190,7 +191,7 @@ def forward_passes(ops, static, x, residual, keep, weight, bias, running_mean, r
     moments, count = _moments(sums, sumsq, p, group, batch_stats, running_mean, running_var, acc)
     stats, rstd, a, b, z = tail_ops.for_device(x.device)["tail_norm_forward"](
         moments, sums, weight_a, bias_a, eps, p, batch_stats)
-    g, form_saved, _ = form.forward(z, cast)
+    g, form_saved, _ = form.forward(z, cast, fc_ops.for_device(x.device))
     s = GATE_VALUES[gate](g)
     k = s if keep is None else s * keep.to(acc)[:, None]
     out = ops["stream_map"](x, k * a, k * b, residual, out_activation)
@@ -223,7 +224,8 @@ def backward_passes(ops, static, n_params, residual_grad, grad_out, saved):
     ds = torch.addcmul(b * sdy, a, sdyx)  # Σ_p dy·u
     if keep_a is not None:
         ds = ds * keep_a
-    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, ds), z, cast, form_saved)
+    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, ds), z, cast, form_saved,
+                              fc_ops.for_device(x.device))
     k = s if keep_a is None else s * keep_a
     algebra = tail_ops.for_device(x.device)
     # du = k·dy + dz/p, per (n, c); Σ du and Σ du·x per channel of this process's batch
@@ -257,7 +259,7 @@ def _act_forward_passes(ops, static, x, weight, bias, running_mean, running_var,
     stats, rstd, a, b, _ = tail_ops.for_device(x.device)["tail_norm_forward"](
         moments, None, weight_a, bias_a, eps, p, batch_stats)
     z = ops["stream_act_reduce"](x, a, b, activation) / p
-    g, form_saved, _ = form.forward(z, cast)
+    g, form_saved, _ = form.forward(z, cast, fc_ops.for_device(x.device))
     s = GATE_VALUES[gate](g)
     out = ops["stream_act_map"](x, a, b, activation, s)
     saved = (x, weight_a, bias_a, z, g, s, a, b, stats, rstd, *cast, *form_saved)
@@ -277,7 +279,8 @@ def _act_backward_passes(ops, static, n_params, grad_out, saved, norm_grad=True)
     statistics = batch_stats or (norm_grad and (weight_a is not None or bias_a is not None))
     sdyv, sdyd, sdydx, sd, sdx = ops["stream_act_grad_reduce"](grad_out, x, a, b, activation,
                                                                statistics)
-    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyv), z, cast, form_saved)
+    dz, grads = form.backward(GATE_GRADIENTS[gate](g, s, sdyv), z, cast, form_saved,
+                              fc_ops.for_device(x.device))
     if not statistics:  # eval, no norm gradient: dx = d·(a·s·dy + a·dz/p)
         dx = ops["stream_act_grad_map"](grad_out, x, a, b, activation, a * s, a * (dz / p),
                                         None, None)

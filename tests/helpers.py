@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import se_kernels
-from se_kernels import _tail_ops
+from se_kernels import _fc_ops, _tail_ops
 from se_kernels.call import make_call
 from se_kernels.options import ACTIVATIONS, GATES, NONE, OUT_ACTIVATIONS, POOLS
 from oracle import GRAD_NAMES, OracleResult, decision_variants, se_oracle
@@ -351,16 +351,20 @@ def randomize_norms(model: torch.nn.Module, seed: int) -> None:
                         t.copy_(value)
 
 
+VECTOR_OPS = (*_tail_ops.SCHEMAS, *_fc_ops.SCHEMAS)
+
+
 class SEOpCalls(TorchDispatchMode):
     """Counts the se_kernels ops over x run under it: the fused ops and the passes, not the
-    block tail's per-channel algebra between its passes (se_kernels._tail_ops)."""
+    vector work between the passes (the block tail's per-channel algebra,
+    se_kernels._tail_ops, and the MLPs' layer products, se_kernels._fc_ops)."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func.namespace == "se_kernels" and func._opname not in _tail_ops.SCHEMAS
+        self.calls += func.namespace == "se_kernels" and func._opname not in VECTOR_OPS
         return func(*args, **(kwargs or {}))
 
 

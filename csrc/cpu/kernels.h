@@ -191,6 +191,31 @@ struct LinearFormGradArgs {
   bool accumulate;
 };
 
+// A fully connected layer's products (se_kernels/_fc_ops.py): y [N, R] = x [N, K]
+// weight[R, K]^T + bias [R]; its backward dx [N, K] = grad [N, R] weight, dweight [R, K] =
+// grad^T x and dbias [R] = the sum of grad over n. Contiguous rows, all in one accumulation
+// dtype (fp32, or fp64), which `dtype` names.
+struct FcLayerOperands {
+  c10::ScalarType dtype;
+  int64_t N, K, R;
+  const void* x;
+  const void* weight;
+};
+
+struct FcLayerArgs {
+  FcLayerOperands in;
+  const void* bias;  // nullptr: none
+  void* y;
+};
+
+struct FcLayerGradArgs {
+  FcLayerOperands in;
+  const void* grad;
+  void* dx;
+  void* dweight;
+  void* dbias;  // nullptr: no bias
+};
+
 struct KernelTable {
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
@@ -203,6 +228,8 @@ struct KernelTable {
   void (*stream_act_reduce)(const StreamActReduceArgs&);
   void (*stream_act_map)(const StreamActMapArgs&);
   void (*stream_act_grad_reduce)(const StreamActGradReduceArgs&);
+  void (*fc_layer)(const FcLayerArgs&);
+  void (*fc_layer_backward)(const FcLayerGradArgs&);
 };
 
 namespace DEFAULT {

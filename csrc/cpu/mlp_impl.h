@@ -1,5 +1,7 @@
 // The excitation MLP on the [N, C] / [N, S] vectors, in the accumulation type (fp32, or
-// fp64 for fp64). Included by kernels_impl.h, so it is compiled once per CPU capability.
+// fp64 for fp64): the fused op's, and the fc_layer ops' (se_kernels/_fc_ops.py) that the
+// staged path's MLPs run on. Included by kernels_impl.h, so it is compiled once per CPU
+// capability.
 //
 // Two products cover the forward and the backward:
 //   dot_rows   y[n, r] = b[r] + sum_k x[n, k] w[r, k]        the FCs (both operands along k)
@@ -40,6 +42,10 @@ struct Mlp {
   static int64_t grain(int64_t macs_per_item) {
     return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, macs_per_item));
   }
+
+  // A v larger than this goes strip major through sum_rows: a quarter of a 1 MiB L2, so that
+  // it would not stay cached between row tiles.
+  static constexpr int64_t kStripMajorBytes = int64_t{1} << 18;
 
   // ---- dot_rows -------------------------------------------------------------------------
 
@@ -160,65 +166,68 @@ struct Mlp {
   // ---- sum_rows -------------------------------------------------------------------------
 
   // kRows output rows x kStrips vectors of columns; u at its row m0, v and y at column k0.
-  // u(m, r) = u[m * um + r * ur].
+  // u(m, r) = u[m * um + r * ur]. The last strip is `last` columns wide (< kLanes: masked
+  // loads, zeros past them, and stores of those columns only).
   template <int kRows, int kStrips>
   static void sum_tile(const acc_t* u, int64_t um, int64_t ur, int64_t R, const acc_t* v,
-                       int64_t K, acc_t* y, bool accumulate) {
+                       int64_t K, acc_t* y, bool accumulate, int64_t last) {
+    const bool partial = last < kLanes;
+    auto masked = [&](const acc_t* p, int j) {
+      return j == kStrips - 1 ? load_first(p, last) : Vec::loadu(p);
+    };
+    auto load = [&](const acc_t* p, int j) { return partial ? masked(p, j) : Vec::loadu(p); };
     Vec acc[kRows][kStrips];
     for (int m = 0; m < kRows; ++m)
       for (int j = 0; j < kStrips; ++j)
-        acc[m][j] = accumulate ? Vec::loadu(y + m * K + j * kLanes) : Vec(acc_t(0));
-    for (int64_t r = 0; r < R; ++r) {
-      Vec vv[kStrips];
-      for (int j = 0; j < kStrips; ++j) vv[j] = Vec::loadu(v + r * K + j * kLanes);
-      for (int m = 0; m < kRows; ++m) {
-        const Vec um_r(u[m * um + r * ur]);
-        for (int j = 0; j < kStrips; ++j) acc[m][j] = at::vec::fmadd(um_r, vv[j], acc[m][j]);
+        acc[m][j] = accumulate ? load(y + m * K + j * kLanes, j) : Vec(acc_t(0));
+    auto terms = [&](auto load_strip) {
+      for (int64_t r = 0; r < R; ++r) {
+        Vec vv[kStrips];
+        for (int j = 0; j < kStrips; ++j) vv[j] = load_strip(v + r * K + j * kLanes, j);
+        for (int m = 0; m < kRows; ++m) {
+          const Vec um_r(u[m * um + r * ur]);
+          for (int j = 0; j < kStrips; ++j) acc[m][j] = at::vec::fmadd(um_r, vv[j], acc[m][j]);
+        }
       }
-    }
+    };
+    if (partial)
+      terms(masked);
+    else
+      terms([](const acc_t* p, int) { return Vec::loadu(p); });
     for (int m = 0; m < kRows; ++m)
-      for (int j = 0; j < kStrips; ++j) acc[m][j].store(y + m * K + j * kLanes);
-  }
-
-  // The columns past the last full vector, for rows [m0, m1).
-  static void sum_tail(const acc_t* u, int64_t um, int64_t ur, int64_t R, const acc_t* v,
-                       int64_t K, int64_t k0, int64_t m0, int64_t m1, acc_t* y, bool accumulate) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t k = k0; k < K; ++k) {
-        acc_t total = accumulate ? y[m * K + k] : acc_t(0);
-        for (int64_t r = 0; r < R; ++r) total += u[m * um + r * ur] * v[r * K + k];
-        y[m * K + k] = total;
+      for (int j = 0; j < kStrips; ++j) {
+        if (partial && j == kStrips - 1)
+          acc[m][j].store(y + m * K + j * kLanes, last);
+        else
+          acc[m][j].store(y + m * K + j * kLanes);
       }
   }
 
+  // Tiles of kRows rows x kStrips vector strips of columns (fewer at the edges), the last
+  // strip masked where K is not a multiple of the vector width. Strip tile major
+  // (`strip_major`): a tile's strip of v, R x kStrips vectors, comes from memory once and
+  // from cache for the row tiles after it; row tile major: y is written in order.
   template <int kRows, int kStrips>
   static void sum_rows_tiled(const acc_t* u, int64_t um, int64_t ur, int64_t M, int64_t R,
-                             const acc_t* v, int64_t K, acc_t* y, bool accumulate) {
-    const int64_t strips = K / kLanes;
+                             const acc_t* v, int64_t K, acc_t* y, bool accumulate,
+                             bool strip_major) {
+    const int64_t strips = ceil_div(K, kLanes);
     const int64_t row_tiles = ceil_div(M, kRows), strip_tiles = ceil_div(strips, kStrips);
-    const int64_t kv = strips * kLanes;
-    // One extra item per row tile for the columns past the last full vector.
-    const int64_t per_row_tile = strip_tiles + (kv < K ? 1 : 0);
-    at::parallel_for(0, row_tiles * per_row_tile, grain(kRows * kStrips * kLanes * R),
+    at::parallel_for(0, row_tiles * strip_tiles, grain(kRows * kStrips * kLanes * R),
                      [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t m0 = (item / per_row_tile) * kRows, t = item % per_row_tile;
-        const int64_t rows = std::min<int64_t>(kRows, M - m0);
-        if (t == strip_tiles) {
-          sum_tail(u, um, ur, R, v, K, kv, m0, m0 + rows, y, accumulate);
-          continue;
-        }
-        const int64_t s0 = t * kStrips, k0 = s0 * kLanes;
-        const int strips_here = static_cast<int>(std::min<int64_t>(kStrips, strips - s0));
-        const int64_t row_step = rows == kRows ? kRows : 1;
-        for (int64_t m = m0; m < m0 + rows; m += row_step)
+        const int64_t t = strip_major ? item / row_tiles : item % strip_tiles;
+        const int64_t m0 = (strip_major ? item % row_tiles : item / strip_tiles) * kRows;
+        const int64_t k0 = t * kStrips * kLanes;
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+        const int strips_here = static_cast<int>(std::min<int64_t>(kStrips, strips - t * kStrips));
+        const int64_t last = std::min<int64_t>(kLanes, K - k0 - (strips_here - 1) * kLanes);
+        with_count<kRows>(rows, [&](auto row_count) {
           with_count<kStrips>(strips_here, [&](auto count) {
-            constexpr int kCount = decltype(count)::value;
-            if (rows == kRows)
-              sum_tile<kRows, kCount>(u + m * um, um, ur, R, v + k0, K, y + m * K + k0, accumulate);
-            else
-              sum_tile<1, kCount>(u + m * um, um, ur, R, v + k0, K, y + m * K + k0, accumulate);
+            sum_tile<decltype(row_count)::value, decltype(count)::value>(
+                u + m0 * um, um, ur, R, v + k0, K, y + m0 * K + k0, accumulate, last);
           });
+        });
       }
     });
   }
@@ -227,9 +236,16 @@ struct Mlp {
   // row-major u; um = 1, ur = M for the transpose of a row-major [R, M]).
   static void sum_rows(const acc_t* u, int64_t um, int64_t ur, int64_t M, int64_t R,
                        const acc_t* v, int64_t K, acc_t* y, bool accumulate) {
-    if (M == 1) return sum_rows_tiled<1, 8>(u, um, ur, M, R, v, K, y, accumulate);
-    if (M == 2) return sum_rows_tiled<2, 4>(u, um, ur, M, R, v, K, y, accumulate);
-    sum_rows_tiled<3, 4>(u, um, ur, M, R, v, K, y, accumulate);
+    if (M == 1) return sum_rows_tiled<1, 8>(u, um, ur, M, R, v, K, y, accumulate, false);
+    if (M == 2) return sum_rows_tiled<2, 4>(u, um, ur, M, R, v, K, y, accumulate, false);
+    // A transposed u is a weight gradient: R is the batch, each output a few terms, and the
+    // stores of the many outputs take the time; in row order they are sequential.
+    if (um == 1 && ur != 1)
+      return sum_rows_tiled<3, 4>(u, um, ur, M, R, v, K, y, accumulate, false);
+    // An input gradient (M the batch): rows in fours (batch 8 is two full tiles), strip
+    // major once v is too large to stay in L2 between row tiles.
+    sum_rows_tiled<4, 3>(u, um, ur, M, R, v, K, y, accumulate,
+                         R * K * static_cast<int64_t>(sizeof(acc_t)) > kStripMajorBytes);
   }
 
   // db[r] (+)= sum_n u[n, r] over u [N, R].

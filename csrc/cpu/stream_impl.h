@@ -1,6 +1,7 @@
 // The stream ops' CPU kernels (se_kernels/_stream_ops.py, DESIGN.md §1.4) and the linear
 // excitation forms' kernels (se_kernels/_form_ops.py), built from the passes of
-// kernels_impl.h, and this capability's KernelTable. Included, after
+// kernels_impl.h; a fully connected layer's products (se_kernels/_fc_ops.py), from the
+// MLP's (mlp_impl.h); and this capability's KernelTable. Included, after
 // kernels_impl.h, by exactly one source per CPU capability.
 //
 // Each op is one pass over the whole batch. The reductions run through reduce_spatial, so
@@ -287,11 +288,45 @@ void stream_act_grad_reduce(const StreamActGradReduceArgs& p) {
   dispatch_dtype(p.dtype, [&](auto t) { stream_act_grad_reduce_typed<decltype(t)>(p); });
 }
 
+// fn(acc_t{}) for the accumulation dtype `dtype` (float or double; prepare_fc_layer checked).
+template <typename F>
+void dispatch_accumulate(c10::ScalarType dtype, F&& fn) {
+  if (dtype == at::kDouble)
+    fn(double{});
+  else
+    fn(float{});
+}
+
+void fc_layer(const FcLayerArgs& p) {
+  const FcLayerOperands& in = p.in;
+  dispatch_accumulate(in.dtype, [&](auto t) {
+    using acc_t = decltype(t);
+    Mlp<acc_t>::dot_rows(static_cast<const acc_t*>(in.x), in.N,
+                         static_cast<const acc_t*>(in.weight), in.R, in.K,
+                         static_cast<const acc_t*>(p.bias), static_cast<acc_t*>(p.y));
+  });
+}
+
+void fc_layer_backward(const FcLayerGradArgs& p) {
+  const FcLayerOperands& in = p.in;
+  dispatch_accumulate(in.dtype, [&](auto t) {
+    using acc_t = decltype(t);
+    const auto* grad = static_cast<const acc_t*>(p.grad);
+    // dx = grad weight; dweight = grad^T x, grad read transposed (u(r, n) = grad[n * R + r]).
+    Mlp<acc_t>::sum_rows(grad, in.R, 1, in.N, in.R, static_cast<const acc_t*>(in.weight), in.K,
+                         static_cast<acc_t*>(p.dx), false);
+    Mlp<acc_t>::sum_rows(grad, 1, in.R, in.R, in.N, static_cast<const acc_t*>(in.x), in.K,
+                         static_cast<acc_t*>(p.dweight), false);
+    if (p.dbias) Mlp<acc_t>::column_sums(grad, in.N, in.R, static_cast<acc_t*>(p.dbias), false);
+  });
+}
+
 }  // namespace
 
 extern const KernelTable kKernels = {&forward, &backward, &stream_reduce, &stream_map,
                                      &stream_grad_reduce, &stream_grad_map, &linear_form,
                                      &linear_form_backward, &stream_act_reduce,
-                                     &stream_act_map, &stream_act_grad_reduce};
+                                     &stream_act_map, &stream_act_grad_reduce, &fc_layer,
+                                     &fc_layer_backward};
 
 }  // namespace se_kernels::cpu::SE_CPU_CAPABILITY
