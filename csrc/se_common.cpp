@@ -489,15 +489,16 @@ StreamActTensors prepare_stream_act_grad_map(
 
 namespace {
 
-// t has x's dtype and device, and `shape` (_fc_ops._check_like: TypeError, ValueError).
+// t has `shape`, x's dtype and x's device: _ops._check_like's checks, in its order, with
+// its error types (ValueError, TypeError), which the fc ops' callers see from both.
 void check_fc_like(const at::Tensor& t, const char* name, at::IntArrayRef shape,
                    const at::Tensor& x) {
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "se_kernels: ", name,
-                   " must have dtype ", x.scalar_type(), " like x, got ", t.scalar_type());
-  TORCH_CHECK_TYPE(t.device() == x.device(), "se_kernels: ", name, " must be on ", x.device(),
-                   " like x, got ", t.device());
   TORCH_CHECK_VALUE(t.sizes() == shape, "se_kernels: ", name, " must have shape ", shape,
                     ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "se_kernels: ", name,
+                   " must have dtype ", x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.device() == x.device(), "se_kernels: ", name, " must be on device ",
+                   x.device(), " like x, got ", t.device());
 }
 
 // x and weight of a layer y = x weight^T + b: 2-D, one accumulation dtype, one device.

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from ._ops import _op_packet, runs_cpu_kernels_as_ops
+from ._ops import _check_like, _op_packet, runs_cpu_kernels_as_ops
 
 _lib = torch.library.Library("se_kernels", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's life
 SCHEMAS = {
@@ -44,15 +44,6 @@ def _check_operands(x, weight) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor [R, K], got shape {list(weight.shape)}")
     _check_like("weight", weight, (weight.shape[0], x.shape[1]), x)
-
-
-def _check_like(name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor) -> None:
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name} must have dtype {x.dtype} like x, got {t.dtype}")
-    if t.device != x.device:
-        raise TypeError(f"{name} must be on {x.device} like x, got {t.device}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
 def check_forward(x, weight, bias) -> None:

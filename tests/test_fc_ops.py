@@ -118,14 +118,14 @@ def _bad():
         (ValueError, r"x must be a 2-D tensor \[N, K\]", "fc_layer", (x[None], weight, None)),
         (ValueError, r"weight must be a 2-D tensor \[R, K\]", "fc_layer", (x, weight[0], None)),
         (ValueError, r"weight must have shape \[5, 8\]", "fc_layer", (x, weight[:, :7], None)),
-        (TypeError, r"weight must have dtype (torch\.float32|Float) like x", "fc_layer",
+        (TypeError, r"weight must have dtype (torch\.float32|Float), got", "fc_layer",
          (x, weight.double(), None)),
         (ValueError, r"bias must have shape \[5\]", "fc_layer", (x, weight, b[:4])),
-        (TypeError, r"bias must have dtype (torch\.float32|Float) like x", "fc_layer",
+        (TypeError, r"bias must have dtype (torch\.float32|Float), got", "fc_layer",
          (x, weight, b.double())),
         (ValueError, r"grad must have shape \[3, 5\]", "fc_layer_backward",
          (grad.t(), x, weight, True)),
-        (TypeError, r"grad must have dtype (torch\.float32|Float) like x", "fc_layer_backward",
+        (TypeError, r"grad must have dtype (torch\.float32|Float), got", "fc_layer_backward",
          (grad.double(), x, weight, True)),
     ]
 
